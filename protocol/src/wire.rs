@@ -1,0 +1,331 @@
+//! Node-to-node wire messages: serde + postcard, versioned, size-bounded.
+//!
+//! A frame on the wire is `[length u32 LE][body]` where the body is a postcard-encoded
+//! [`RequestFrame`] or [`ResponseFrame`], each starting with the wire version. The length
+//! prefix is checked against [`FRAME_BYTES_MAX`] before any allocation, and decoding
+//! arbitrary bytes returns an error, never a panic (property-tested).
+
+use serde::{Deserialize, Serialize};
+
+use crate::admission::AdmissionProof;
+use crate::erasure::STRIPE_LENGTH_BYTES_MAX;
+use crate::ids::{StripeId, ZoneName};
+use crate::layout::Layout;
+
+/// Version of the request/response schema below. Bump on any incompatible change.
+pub const WIRE_VERSION: u16 = 1;
+/// The libp2p request-response protocol name; carries the major wire version.
+pub const RPC_PROTOCOL_NAME: &str = "/bdr/rpc/1";
+/// Largest frame body: one shard of the largest stripe (k = 1) plus headers and slack.
+pub const FRAME_BYTES_MAX: u64 = STRIPE_LENGTH_BYTES_MAX + 64 * 1024;
+/// Longest error message carried in a response.
+pub const ERROR_MESSAGE_BYTES_MAX: usize = 1024;
+
+/// The metadata tables. Each is one sled tree on every node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Table {
+    Buckets,
+    BucketGrants,
+    AccessKeys,
+    Objects,
+    MultipartUploads,
+    MultipartParts,
+}
+
+impl Table {
+    pub const ALL: [Table; 6] = [
+        Table::Buckets,
+        Table::BucketGrants,
+        Table::AccessKeys,
+        Table::Objects,
+        Table::MultipartUploads,
+        Table::MultipartParts,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Table::Buckets => "buckets",
+            Table::BucketGrants => "bucket_grants",
+            Table::AccessKeys => "access_keys",
+            Table::Objects => "objects",
+            Table::MultipartUploads => "multipart_uploads",
+            Table::MultipartParts => "multipart_parts",
+        }
+    }
+}
+
+/// What a node tells peers about itself when it is admitted and in gossip.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeAnnouncement {
+    pub zone: ZoneName,
+    pub capacity_bytes: u64,
+    pub used_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// Sent first on every new connection. Until it is verified, the peer gets no answer.
+    Admit {
+        proof: AdmissionProof,
+    },
+    /// Push-pull gossip: the sender's layout; the answer is the receiver's merged layout.
+    Gossip {
+        layout: Layout,
+        sender: NodeAnnouncement,
+    },
+    /// Stores a shard (its [`crate::erasure::Shard::to_bytes`] form). Answered only after fsync.
+    PutShard {
+        #[serde(with = "serde_bytes")]
+        shard: Vec<u8>,
+    },
+    GetShard {
+        stripe_id: StripeId,
+        index: u8,
+    },
+    DeleteShard {
+        stripe_id: StripeId,
+        index: u8,
+    },
+    /// Merges a stored value (see [`crate::records::encode_stored_value`]) into a table.
+    MetaMerge {
+        table: Table,
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        #[serde(with = "serde_bytes")]
+        value: Vec<u8>,
+    },
+    MetaGet {
+        table: Table,
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+    },
+}
+
+/// Error kinds a peer reports; the message is for humans and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RemoteErrorKind {
+    NotFound,
+    Corrupt,
+    DiskFull,
+    BadRequest,
+    Unavailable,
+    Internal,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    Admitted {
+        proof: AdmissionProof,
+    },
+    Gossip {
+        layout: Layout,
+        sender: NodeAnnouncement,
+    },
+    ShardStored,
+    Shard {
+        #[serde(with = "serde_bytes")]
+        shard: Vec<u8>,
+    },
+    Deleted,
+    MetaMerged,
+    MetaValue {
+        #[serde(with = "serde_bytes")]
+        value: Option<Vec<u8>>,
+    },
+    Error {
+        kind: RemoteErrorKind,
+        message: String,
+    },
+}
+
+impl Response {
+    /// An error response with the message cut to [`ERROR_MESSAGE_BYTES_MAX`].
+    pub fn error(kind: RemoteErrorKind, message: impl Into<String>) -> Response {
+        let mut message = message.into();
+        if message.len() > ERROR_MESSAGE_BYTES_MAX {
+            let mut cut = ERROR_MESSAGE_BYTES_MAX;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+        }
+        Response::Error { kind, message }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestFrame {
+    pub version: u16,
+    pub request: Request,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResponseFrame {
+    pub version: u16,
+    pub response: Response,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("frame of {length_bytes} bytes exceeds the {FRAME_BYTES_MAX}-byte maximum")]
+    FrameTooLarge { length_bytes: u64 },
+    #[error("peer speaks wire version {0}, we speak {WIRE_VERSION}")]
+    UnsupportedVersion(u16),
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+}
+
+fn check_length(length_bytes: u64) -> Result<(), WireError> {
+    if length_bytes > FRAME_BYTES_MAX {
+        return Err(WireError::FrameTooLarge { length_bytes });
+    }
+    Ok(())
+}
+
+/// Reads the version first, so a peer on another version gets a clear error rather than
+/// a confusing decode failure of a schema it does not share.
+fn decode_versioned<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, WireError> {
+    check_length(body.len() as u64)?;
+    let (version, _) =
+        postcard::take_from_bytes::<u16>(body).map_err(|error| WireError::Malformed(error.to_string()))?;
+    if version != WIRE_VERSION {
+        return Err(WireError::UnsupportedVersion(version));
+    }
+    postcard::from_bytes(body).map_err(|error| WireError::Malformed(error.to_string()))
+}
+
+fn encode_bounded<T: Serialize>(frame: &T) -> Result<Vec<u8>, WireError> {
+    let body = postcard::to_allocvec(frame).map_err(|error| WireError::Malformed(error.to_string()))?;
+    check_length(body.len() as u64)?;
+    Ok(body)
+}
+
+pub fn encode_request(request: &Request) -> Result<Vec<u8>, WireError> {
+    encode_bounded(&RequestFrame {
+        version: WIRE_VERSION,
+        request: request.clone(),
+    })
+}
+
+pub fn decode_request(body: &[u8]) -> Result<Request, WireError> {
+    decode_versioned::<RequestFrame>(body).map(|frame| frame.request)
+}
+
+pub fn encode_response(response: &Response) -> Result<Vec<u8>, WireError> {
+    encode_bounded(&ResponseFrame {
+        version: WIRE_VERSION,
+        response: response.clone(),
+    })
+}
+
+pub fn decode_response(body: &[u8]) -> Result<Response, WireError> {
+    decode_versioned::<ResponseFrame>(body).map(|frame| frame.response)
+}
+
+/// Checks a frame's length prefix before the body is read or allocated.
+pub fn check_frame_length(length_prefix: [u8; 4]) -> Result<u32, WireError> {
+    let length_bytes = u32::from_le_bytes(length_prefix);
+    check_length(u64::from(length_bytes))?;
+    Ok(length_bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::admission::ClusterSecret;
+    use crate::ids::NodeId;
+    use proptest::prelude::*;
+
+    fn sample_requests() -> Vec<Request> {
+        let announcement = NodeAnnouncement {
+            zone: ZoneName::new("eu-1").unwrap(),
+            capacity_bytes: 1 << 40,
+            used_bytes: 12,
+        };
+        vec![
+            Request::Admit {
+                proof: ClusterSecret::from_bytes([1; 32]).prove(NodeId([1; 32]), NodeId([2; 32])),
+            },
+            Request::Gossip {
+                layout: Layout::new(),
+                sender: announcement,
+            },
+            Request::PutShard { shard: vec![1, 2, 3] },
+            Request::GetShard {
+                stripe_id: StripeId([4; 32]),
+                index: 5,
+            },
+            Request::MetaMerge {
+                table: Table::Objects,
+                key: b"bucket/key".to_vec(),
+                value: vec![0; 10],
+            },
+        ]
+    }
+
+    #[test]
+    fn requests_and_responses_round_trip() {
+        for request in sample_requests() {
+            assert_eq!(decode_request(&encode_request(&request).unwrap()).unwrap(), request);
+        }
+        for response in [
+            Response::ShardStored,
+            Response::MetaValue { value: None },
+            Response::MetaValue { value: Some(vec![1]) },
+            Response::error(RemoteErrorKind::DiskFull, "no space"),
+        ] {
+            assert_eq!(decode_response(&encode_response(&response).unwrap()).unwrap(), response);
+        }
+    }
+
+    #[test]
+    fn other_versions_and_oversized_frames_are_refused_clearly() {
+        let mut body = encode_request(&Request::GetShard {
+            stripe_id: StripeId([0; 32]),
+            index: 0,
+        })
+        .unwrap();
+        body[0] = 2;
+        assert_eq!(decode_request(&body), Err(WireError::UnsupportedVersion(2)));
+        assert!(matches!(
+            check_frame_length(u32::MAX.to_le_bytes()),
+            Err(WireError::FrameTooLarge { .. })
+        ));
+        let huge = Request::PutShard {
+            shard: vec![0; FRAME_BYTES_MAX as usize + 1],
+        };
+        assert!(matches!(encode_request(&huge), Err(WireError::FrameTooLarge { .. })));
+    }
+
+    #[test]
+    fn error_messages_are_bounded_on_a_char_boundary() {
+        let Response::Error { message, .. } = Response::error(RemoteErrorKind::Internal, "é".repeat(2000)) else {
+            panic!("not an error response");
+        };
+        assert!(message.len() <= ERROR_MESSAGE_BYTES_MAX);
+    }
+
+    proptest! {
+        #[test]
+        fn decoding_random_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let _ = decode_request(&bytes);
+            let _ = decode_response(&bytes);
+        }
+
+        #[test]
+        fn decoding_mutated_valid_frames_never_panics(
+            which in 0usize..5,
+            mutations in proptest::collection::vec((any::<proptest::sample::Index>(), any::<u8>()), 1..8),
+            truncate in any::<proptest::sample::Index>(),
+        ) {
+            let mut body = encode_request(&sample_requests()[which]).unwrap();
+            for (position, byte) in mutations {
+                let position = position.index(body.len());
+                body[position] = byte;
+            }
+            let _ = decode_request(&body);
+            let cut = truncate.index(body.len() + 1);
+            let _ = decode_request(&body[..cut]);
+        }
+    }
+}
