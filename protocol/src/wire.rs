@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::admission::AdmissionProof;
 use crate::erasure::STRIPE_LENGTH_BYTES_MAX;
-use crate::ids::{StripeId, ZoneName};
+use crate::ids::{NodeId, StripeId};
 use crate::layout::Layout;
 
 /// Version of the request/response schema below. Bump on any incompatible change.
@@ -54,12 +54,34 @@ impl Table {
     }
 }
 
-/// What a node tells peers about itself when it is admitted and in gossip.
+/// Heartbeats one gossip message may carry (one per layout node).
+pub const LAYOUT_HEARTBEATS_MAX: usize = crate::layout::LAYOUT_NODES_MAX;
+/// Addresses one peer may announce, and the longest one: bounds a gossip message.
+pub const ADDRESSES_PER_PEER_MAX: usize = 8;
+pub const ADDRESS_LENGTH_BYTES_MAX: usize = 256;
+
+/// A node's liveness beacon, spread by gossip. A node bumps `sequence` every gossip
+/// round; `generation` grows on every restart, so (generation, sequence) only ever grows.
+/// A node whose beacon stops advancing for `down_after` is down.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NodeAnnouncement {
-    pub zone: ZoneName,
-    pub capacity_bytes: u64,
+pub struct PeerHeartbeat {
+    pub node: NodeId,
+    pub generation: u64,
+    pub sequence: u64,
     pub used_bytes: u64,
+    /// Where the node listens (multiaddrs as text; opaque to the cluster logic).
+    pub addresses: Vec<String>,
+}
+
+impl PeerHeartbeat {
+    /// Whether the announced addresses stay within the bounds.
+    pub fn is_well_formed(&self) -> bool {
+        self.addresses.len() <= ADDRESSES_PER_PEER_MAX
+            && self
+                .addresses
+                .iter()
+                .all(|address| address.len() <= ADDRESS_LENGTH_BYTES_MAX)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -68,10 +90,11 @@ pub enum Request {
     Admit {
         proof: AdmissionProof,
     },
-    /// Push-pull gossip: the sender's layout; the answer is the receiver's merged layout.
+    /// Push-pull gossip: the sender's layout and heartbeats; the answer is the receiver's
+    /// after merging.
     Gossip {
         layout: Layout,
-        sender: NodeAnnouncement,
+        heartbeats: Vec<PeerHeartbeat>,
     },
     /// Stores a shard (its [`crate::erasure::Shard::to_bytes`] form). Answered only after fsync.
     PutShard {
@@ -119,7 +142,7 @@ pub enum Response {
     },
     Gossip {
         layout: Layout,
-        sender: NodeAnnouncement,
+        heartbeats: Vec<PeerHeartbeat>,
     },
     ShardStored,
     Shard {
@@ -233,14 +256,15 @@ pub fn check_frame_length(length_prefix: [u8; 4]) -> Result<u32, WireError> {
 mod tests {
     use super::*;
     use crate::admission::ClusterSecret;
-    use crate::ids::NodeId;
     use proptest::prelude::*;
 
     fn sample_requests() -> Vec<Request> {
-        let announcement = NodeAnnouncement {
-            zone: ZoneName::new("eu-1").unwrap(),
-            capacity_bytes: 1 << 40,
+        let heartbeat = PeerHeartbeat {
+            node: NodeId([3; 32]),
+            generation: 1,
+            sequence: 2,
             used_bytes: 12,
+            addresses: vec!["/ip4/127.0.0.1/tcp/1".into()],
         };
         vec![
             Request::Admit {
@@ -248,7 +272,7 @@ mod tests {
             },
             Request::Gossip {
                 layout: Layout::new(),
-                sender: announcement,
+                heartbeats: vec![heartbeat],
             },
             Request::PutShard { shard: vec![1, 2, 3] },
             Request::GetShard {

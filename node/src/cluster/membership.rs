@@ -1,0 +1,306 @@
+//! Membership state: the layout CRDT plus a gossip-based failure detector.
+//!
+//! Each node bumps its own heartbeat (generation, sequence) every gossip round and
+//! gossips the heartbeats it knows to a few random peers (push-pull). A peer whose
+//! heartbeat has not advanced for `down_after` is down; after half of that it is suspect.
+//! Because heartbeats travel through any peer, a node need not talk to every other node
+//! to know it is alive, and one slow link does not make a healthy node look dead.
+//!
+//! Pure state, no IO: time comes in as `now_ms`, randomness as a `u64`.
+
+use std::collections::BTreeMap;
+
+use bdr_protocol::hlc::{HlcTimestamp, HybridClock};
+use bdr_protocol::ids::NodeId;
+use bdr_protocol::layout::{Layout, LayoutError, NodeSpec, NodeStatus};
+use bdr_protocol::wire::{PeerHeartbeat, LAYOUT_HEARTBEATS_MAX};
+use serde::{Deserialize, Serialize};
+
+/// How many peers each gossip round talks to.
+pub const GOSSIP_FANOUT: usize = 3;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MembershipConfig {
+    pub down_after_ms: u64,
+    pub gossip_interval_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Liveness {
+    Up,
+    Suspect,
+    Down,
+}
+
+#[derive(Debug, Clone)]
+struct HeartbeatView {
+    heartbeat: PeerHeartbeat,
+    /// Our local time when we last saw this heartbeat advance.
+    advanced_at_ms: u64,
+}
+
+pub struct Membership {
+    me: NodeId,
+    config: MembershipConfig,
+    layout: Layout,
+    clock: HybridClock,
+    own_heartbeat: PeerHeartbeat,
+    heartbeats: BTreeMap<NodeId, HeartbeatView>,
+    /// Local time at start: peers we have not heard from yet are given until
+    /// `started_at_ms + down_after_ms` before they count as down.
+    started_at_ms: u64,
+}
+
+impl Membership {
+    /// `layout` is what was persisted before a restart (or empty); `own_spec` is this
+    /// node's entry from its config; `generation` must exceed every earlier run's.
+    pub fn new(
+        me: NodeId,
+        config: MembershipConfig,
+        layout: Layout,
+        own_spec: NodeSpec,
+        generation: u64,
+        now_ms: u64,
+    ) -> Result<Membership, LayoutError> {
+        let mut membership = Membership {
+            me,
+            config,
+            layout,
+            clock: HybridClock::new(me),
+            own_heartbeat: PeerHeartbeat {
+                node: me,
+                generation,
+                sequence: 0,
+                used_bytes: 0,
+                addresses: Vec::new(),
+            },
+            heartbeats: BTreeMap::new(),
+            started_at_ms: now_ms,
+        };
+        let stamp = membership.clock.now(now_ms);
+        membership.layout.set_node(me, own_spec, stamp)?;
+        Ok(membership)
+    }
+
+    pub fn me(&self) -> NodeId {
+        self.me
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    pub fn config(&self) -> MembershipConfig {
+        self.config
+    }
+
+    /// A fresh HLC timestamp for a local event.
+    pub fn timestamp(&mut self, now_ms: u64) -> HlcTimestamp {
+        self.clock.now(now_ms)
+    }
+
+    /// Starts a gossip round: bumps our heartbeat with current usage and addresses.
+    pub fn beat(&mut self, used_bytes: u64, addresses: Vec<String>) {
+        self.own_heartbeat.sequence += 1;
+        self.own_heartbeat.used_bytes = used_bytes;
+        self.own_heartbeat.addresses = addresses;
+    }
+
+    /// What we send in a gossip exchange: the layout and every heartbeat we know.
+    pub fn gossip_payload(&self) -> (Layout, Vec<PeerHeartbeat>) {
+        let mut heartbeats = vec![self.own_heartbeat.clone()];
+        heartbeats.extend(self.heartbeats.values().map(|view| view.heartbeat.clone()));
+        (self.layout.clone(), heartbeats)
+    }
+
+    /// Merges a peer's gossip. Returns whether our layout changed (so it must be persisted)
+    /// and the heartbeats that advanced (so their addresses can be learned).
+    pub fn absorb(&mut self, layout: &Layout, heartbeats: &[PeerHeartbeat], now_ms: u64) -> (bool, Vec<PeerHeartbeat>) {
+        let layout_changed = self.layout.merge(layout);
+        let mut advanced = Vec::new();
+        for heartbeat in heartbeats.iter().take(LAYOUT_HEARTBEATS_MAX) {
+            // Only nodes in the layout are tracked: an unknown id in a heartbeat does not
+            // make anything exist, the layout does.
+            if heartbeat.node == self.me || !heartbeat.is_well_formed() || self.layout.get(&heartbeat.node).is_none() {
+                continue;
+            }
+            let newer = match self.heartbeats.get(&heartbeat.node) {
+                Some(view) => {
+                    (heartbeat.generation, heartbeat.sequence) > (view.heartbeat.generation, view.heartbeat.sequence)
+                }
+                None => true,
+            };
+            if newer {
+                self.heartbeats.insert(
+                    heartbeat.node,
+                    HeartbeatView {
+                        heartbeat: heartbeat.clone(),
+                        advanced_at_ms: now_ms,
+                    },
+                );
+                advanced.push(heartbeat.clone());
+            }
+        }
+        (layout_changed, advanced)
+    }
+
+    /// Whether `node` is up, suspect or down as of `now_ms`.
+    pub fn liveness(&self, node: &NodeId, now_ms: u64) -> Liveness {
+        if *node == self.me {
+            return Liveness::Up;
+        }
+        let last_sign_of_life_ms = self
+            .heartbeats
+            .get(node)
+            .map_or(self.started_at_ms, |view| view.advanced_at_ms);
+        let silent_ms = now_ms.saturating_sub(last_sign_of_life_ms);
+        if silent_ms >= self.config.down_after_ms {
+            Liveness::Down
+        } else if silent_ms >= self.config.down_after_ms / 2 {
+            Liveness::Suspect
+        } else {
+            Liveness::Up
+        }
+    }
+
+    pub fn used_bytes(&self, node: &NodeId) -> Option<u64> {
+        if *node == self.me {
+            return Some(self.own_heartbeat.used_bytes);
+        }
+        self.heartbeats.get(node).map(|view| view.heartbeat.used_bytes)
+    }
+
+    /// Peers to gossip with this round: up to [`GOSSIP_FANOUT`] live ones chosen at random
+    /// plus, now and then, one that looks down, so a recovered node is noticed even if it
+    /// does not reach out itself.
+    pub fn gossip_targets(&self, now_ms: u64, mut random: impl FnMut() -> u64) -> Vec<NodeId> {
+        let (mut alive, down): (Vec<NodeId>, Vec<NodeId>) = self
+            .layout
+            .entries()
+            .filter(|entry| entry.node != self.me && entry.status != NodeStatus::Removed)
+            .map(|entry| entry.node)
+            .partition(|node| self.liveness(node, now_ms) != Liveness::Down);
+        // Partial Fisher-Yates over a deterministic (id-ordered) list.
+        let mut targets = Vec::with_capacity(GOSSIP_FANOUT + 1);
+        for slot in 0..GOSSIP_FANOUT.min(alive.len()) {
+            let pick = slot + (random() % (alive.len() - slot) as u64) as usize;
+            alive.swap(slot, pick);
+            targets.push(alive[slot]);
+        }
+        if !down.is_empty() && random().is_multiple_of(4) {
+            targets.push(down[(random() % down.len() as u64) as usize]);
+        }
+        targets
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bdr_protocol::ids::ZoneName;
+    use bdr_protocol::layout::NodeRoles;
+
+    const CONFIG: MembershipConfig = MembershipConfig {
+        down_after_ms: 1000,
+        gossip_interval_ms: 100,
+    };
+
+    fn spec(zone: &str) -> NodeSpec {
+        NodeSpec {
+            zone: ZoneName::new(zone).unwrap(),
+            capacity_bytes: 1 << 30,
+            roles: NodeRoles::STORAGE_AND_GATEWAY,
+            status: NodeStatus::Active,
+        }
+    }
+
+    fn member(index: u8, zone: &str) -> Membership {
+        Membership::new(NodeId([index; 32]), CONFIG, Layout::new(), spec(zone), 1, 0).unwrap()
+    }
+
+    fn exchange(a: &mut Membership, b: &mut Membership, now_ms: u64) {
+        let (layout, heartbeats) = a.gossip_payload();
+        b.absorb(&layout, &heartbeats, now_ms);
+        let (layout, heartbeats) = b.gossip_payload();
+        a.absorb(&layout, &heartbeats, now_ms);
+    }
+
+    #[test]
+    fn gossip_spreads_the_layout_and_heartbeats_transitively() {
+        let mut nodes = [member(1, "a"), member(2, "b"), member(3, "c")];
+        let [a, b, c] = &mut nodes;
+        exchange(a, b, 10);
+        exchange(b, c, 20);
+        // a never talked to c, yet after one more exchange through b it knows c is up.
+        exchange(a, b, 30);
+        assert_eq!(a.layout().len(), 3);
+        assert_eq!(a.liveness(&c.me(), 40), Liveness::Up);
+        assert_eq!(a.layout().digest(), b.layout().digest());
+    }
+
+    #[test]
+    fn a_silent_node_becomes_suspect_then_down_and_comes_back() {
+        let mut a = member(1, "a");
+        let mut b = member(2, "b");
+        exchange(&mut a, &mut b, 0);
+        assert_eq!(a.liveness(&b.me(), 400), Liveness::Up);
+        assert_eq!(a.liveness(&b.me(), 600), Liveness::Suspect);
+        assert_eq!(a.liveness(&b.me(), 1000), Liveness::Down);
+        // b restarts with a higher generation and gossips again.
+        let mut restarted = Membership::new(b.me(), CONFIG, b.layout().clone(), spec("b"), 2, 1100).unwrap();
+        restarted.beat(0, vec![]);
+        exchange(&mut a, &mut restarted, 1100);
+        assert_eq!(a.liveness(&b.me(), 1150), Liveness::Up);
+    }
+
+    #[test]
+    fn stale_heartbeats_do_not_revive_a_node() {
+        let mut a = member(1, "a");
+        let mut b = member(2, "b");
+        b.beat(0, vec![]);
+        let (layout, stale) = b.gossip_payload();
+        a.absorb(&layout, &stale, 0);
+        a.absorb(&layout, &stale, 900);
+        assert_eq!(a.liveness(&b.me(), 1000), Liveness::Down);
+    }
+
+    #[test]
+    fn heartbeats_of_nodes_outside_the_layout_and_oversized_ones_are_ignored() {
+        let mut a = member(1, "a");
+        let stranger = PeerHeartbeat {
+            node: NodeId([9; 32]),
+            generation: 1,
+            sequence: 1,
+            used_bytes: 0,
+            addresses: vec![],
+        };
+        let (_, advanced) = a.absorb(&Layout::new(), &[stranger], 0);
+        assert!(advanced.is_empty());
+        let b = member(2, "b");
+        let mut oversized = b.gossip_payload().1.remove(0);
+        oversized.addresses = vec!["x".repeat(10_000)];
+        let (_, advanced) = a.absorb(b.layout(), &[oversized], 0);
+        assert!(advanced.is_empty());
+    }
+
+    #[test]
+    fn gossip_targets_are_distinct_live_peers() {
+        let mut hub = member(0, "a");
+        for index in 1..=8u8 {
+            let mut other = member(index, "b");
+            exchange(&mut hub, &mut other, 0);
+        }
+        let mut state = 7u64;
+        let targets = hub.gossip_targets(10, || {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1);
+            state >> 11
+        });
+        assert!(targets.len() >= GOSSIP_FANOUT);
+        let mut distinct = targets.clone();
+        distinct.sort();
+        distinct.dedup();
+        assert_eq!(distinct.len(), targets.len());
+        assert!(!targets.contains(&hub.me()));
+    }
+}

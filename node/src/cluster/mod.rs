@@ -1,0 +1,281 @@
+//! Cluster logic: everything a node decides, written against [`Env`] only.
+//!
+//! This module must stay free of tokio, libp2p, files, sled and wall-clock reads: the
+//! simulator runs it with virtual time and in-memory stores, and its determinism depends
+//! on every decision coming from `Env` (time, randomness, messages) in a fixed order.
+
+pub mod membership;
+
+use std::sync::{Arc, Mutex};
+
+use bdr_protocol::ids::{NodeId, ZoneName};
+use bdr_protocol::layout::{Layout, LayoutError, NodeSpec, NodeStatus};
+use bdr_protocol::wire::{PeerHeartbeat, RemoteErrorKind, Request, Response};
+use serde::{Deserialize, Serialize};
+
+use crate::env::{BoxFuture, Env, InboundHandler, StoreError, Tree};
+use membership::{Liveness, Membership, MembershipConfig};
+
+const LAYOUT_KEY: &[u8] = b"layout";
+const GENERATION_KEY: &[u8] = b"generation";
+
+/// Node-local records in the system tree, versioned like every persisted record.
+#[derive(Serialize, Deserialize)]
+enum SystemRecord {
+    LayoutV1(Layout),
+    GenerationV1(u64),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("metadata store: {0}")]
+    Store(#[from] StoreError),
+    #[error("system record {0:?} is corrupt: {1}")]
+    CorruptSystemRecord(&'static str, String),
+    #[error("layout: {0}")]
+    Layout(#[from] LayoutError),
+}
+
+/// One node in `bdr-node admin status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatusView {
+    pub id: String,
+    pub zone: String,
+    pub state: Liveness,
+    /// The operator's intent: active, draining or removed.
+    pub status: String,
+    pub roles: Vec<String>,
+    pub capacity_bytes: u64,
+    /// As last announced by the node; absent until we have heard from it.
+    pub used_bytes: Option<u64>,
+}
+
+/// `GET /v1/status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    pub node_id: String,
+    pub zone: String,
+    pub layout_version: u64,
+    pub nodes: Vec<NodeStatusView>,
+}
+
+pub struct ClusterNode<E: Env> {
+    env: Arc<E>,
+    membership: Mutex<Membership>,
+    zone: ZoneName,
+}
+
+fn load_system_record(env: &impl Env, key: &'static [u8]) -> Result<Option<SystemRecord>, ClusterError> {
+    let Some(bytes) = env.meta_store().get(Tree::System, key)? else {
+        return Ok(None);
+    };
+    let name = if key == LAYOUT_KEY { "layout" } else { "generation" };
+    postcard::from_bytes(&bytes)
+        .map(Some)
+        .map_err(|error| ClusterError::CorruptSystemRecord(name, error.to_string()))
+}
+
+fn save_system_record(env: &impl Env, key: &[u8], record: &SystemRecord) -> Result<(), ClusterError> {
+    let bytes = postcard::to_allocvec(record).expect("system records encode");
+    env.meta_store().put(Tree::System, key, &bytes)?;
+    Ok(())
+}
+
+impl<E: Env> ClusterNode<E> {
+    /// Restores persisted state, joins with `own_spec` and starts gossiping.
+    pub async fn start(env: Arc<E>, config: MembershipConfig, own_spec: NodeSpec) -> Result<Arc<Self>, ClusterError> {
+        let layout = match load_system_record(env.as_ref(), LAYOUT_KEY)? {
+            Some(SystemRecord::LayoutV1(layout)) => layout,
+            Some(_) => return Err(ClusterError::CorruptSystemRecord("layout", "wrong record kind".into())),
+            None => Layout::new(),
+        };
+        let previous_generation = match load_system_record(env.as_ref(), GENERATION_KEY)? {
+            Some(SystemRecord::GenerationV1(generation)) => generation,
+            Some(_) => {
+                return Err(ClusterError::CorruptSystemRecord(
+                    "generation",
+                    "wrong record kind".into(),
+                ))
+            }
+            None => 0,
+        };
+        // Wall time keeps generations growing even if the record was lost with a disk;
+        // the persisted one keeps them growing if the clock went back.
+        let now_ms = env.now_ms();
+        let generation = (previous_generation + 1).max(now_ms);
+        save_system_record(env.as_ref(), GENERATION_KEY, &SystemRecord::GenerationV1(generation))?;
+        env.meta_store().flush().await?;
+
+        let zone = own_spec.zone.clone();
+        let membership = Membership::new(env.node_id(), config, layout, own_spec, generation, now_ms)?;
+        save_system_record(
+            env.as_ref(),
+            LAYOUT_KEY,
+            &SystemRecord::LayoutV1(membership.layout().clone()),
+        )?;
+        let node = Arc::new(ClusterNode {
+            env: Arc::clone(&env),
+            membership: Mutex::new(membership),
+            zone,
+        });
+        let gossiping = Arc::clone(&node);
+        env.spawn("gossip", Box::pin(async move { gossiping.gossip_loop().await }));
+        Ok(node)
+    }
+
+    pub fn env(&self) -> &Arc<E> {
+        &self.env
+    }
+
+    fn gossip_timeout_ms(&self) -> u64 {
+        let config = self.membership.lock().expect("not poisoned").config();
+        (config.gossip_interval_ms * 4).min(config.down_after_ms / 2).max(500)
+    }
+
+    async fn gossip_loop(self: Arc<Self>) {
+        let interval_ms = self
+            .membership
+            .lock()
+            .expect("not poisoned")
+            .config()
+            .gossip_interval_ms;
+        loop {
+            self.gossip_round().await;
+            self.env.sleep(interval_ms).await;
+        }
+    }
+
+    /// One round: bump our heartbeat and exchange state with a few peers in parallel.
+    pub async fn gossip_round(&self) {
+        let used_bytes = self.env.shard_store().usage().used_bytes;
+        let addresses = self.env.local_addresses();
+        let now_ms = self.env.now_ms();
+        let (targets, layout, heartbeats) = {
+            let mut membership = self.membership.lock().expect("not poisoned");
+            membership.beat(used_bytes, addresses);
+            let targets = membership.gossip_targets(now_ms, || self.env.random_u64());
+            let (layout, heartbeats) = membership.gossip_payload();
+            (targets, layout, heartbeats)
+        };
+        let exchanges = targets
+            .into_iter()
+            .map(|target| self.exchange(target, layout.clone(), heartbeats.clone()));
+        futures::future::join_all(exchanges).await;
+    }
+
+    async fn exchange(&self, target: NodeId, layout: Layout, heartbeats: Vec<PeerHeartbeat>) {
+        let request = Request::Gossip { layout, heartbeats };
+        match self.env.request(target, request, self.gossip_timeout_ms()).await {
+            Ok(Response::Gossip { layout, heartbeats }) => self.absorb(&layout, &heartbeats),
+            Ok(other) => tracing::warn!(peer = %target.short(), ?other, "unexpected answer to gossip"),
+            Err(error) => tracing::debug!(peer = %target.short(), %error, "gossip failed"),
+        }
+    }
+
+    fn absorb(&self, layout: &Layout, heartbeats: &[PeerHeartbeat]) {
+        let now_ms = self.env.now_ms();
+        let (changed, advanced, layout) = {
+            let mut membership = self.membership.lock().expect("not poisoned");
+            let (changed, advanced) = membership.absorb(layout, heartbeats, now_ms);
+            (changed, advanced, changed.then(|| membership.layout().clone()))
+        };
+        for heartbeat in &advanced {
+            self.env.remember_addresses(heartbeat.node, &heartbeat.addresses);
+        }
+        if let Some(layout) = layout {
+            tracing::info!(version = layout.version(), nodes = layout.len(), "layout changed");
+            debug_assert!(changed);
+            if let Err(error) = save_system_record(self.env.as_ref(), LAYOUT_KEY, &SystemRecord::LayoutV1(layout)) {
+                tracing::error!(%error, "cannot persist the layout");
+            }
+        }
+    }
+
+    /// Answers a request from an admitted peer.
+    pub async fn handle_request(&self, from: NodeId, request: Request) -> Response {
+        match request {
+            Request::Gossip { layout, heartbeats } => {
+                self.absorb(&layout, &heartbeats);
+                let (layout, heartbeats) = self.membership.lock().expect("not poisoned").gossip_payload();
+                Response::Gossip { layout, heartbeats }
+            }
+            Request::Admit { .. } => Response::error(RemoteErrorKind::BadRequest, "admission is the network's job"),
+            other => {
+                tracing::debug!(peer = %from.short(), ?other, "request not served by this node version");
+                Response::error(RemoteErrorKind::BadRequest, "request not supported by this node")
+            }
+        }
+    }
+
+    pub fn layout(&self) -> Layout {
+        self.membership.lock().expect("not poisoned").layout().clone()
+    }
+
+    pub fn liveness(&self, node: &NodeId) -> Liveness {
+        self.membership
+            .lock()
+            .expect("not poisoned")
+            .liveness(node, self.env.now_ms())
+    }
+
+    pub fn status(&self) -> ClusterStatus {
+        let now_ms = self.env.now_ms();
+        let membership = self.membership.lock().expect("not poisoned");
+        let layout = membership.layout();
+        let nodes = layout
+            .entries()
+            .map(|entry| {
+                let mut roles = Vec::new();
+                if entry.roles.storage {
+                    roles.push("storage".to_string());
+                }
+                if entry.roles.gateway {
+                    roles.push("gateway".to_string());
+                }
+                NodeStatusView {
+                    id: entry.node.to_string(),
+                    zone: entry.zone.to_string(),
+                    state: membership.liveness(&entry.node, now_ms),
+                    status: match entry.status {
+                        NodeStatus::Active => "active",
+                        NodeStatus::Draining => "draining",
+                        NodeStatus::Removed => "removed",
+                    }
+                    .to_string(),
+                    roles,
+                    capacity_bytes: entry.capacity_bytes,
+                    used_bytes: membership.used_bytes(&entry.node),
+                }
+            })
+            .collect();
+        ClusterStatus {
+            node_id: membership.me().to_string(),
+            zone: self.zone.to_string(),
+            layout_version: layout.version(),
+            nodes,
+        }
+    }
+}
+
+/// Binds a [`ClusterNode`] to the network's inbound side.
+pub struct ClusterInbound<E: Env>(pub Arc<ClusterNode<E>>);
+
+impl<E: Env> InboundHandler for ClusterInbound<E> {
+    fn handle(&self, from: NodeId, request: Request) -> BoxFuture<'static, Response> {
+        let node = Arc::clone(&self.0);
+        Box::pin(async move { node.handle_request(from, request).await })
+    }
+
+    fn peer_admitted(&self, peer: NodeId) {
+        // Gossip with a newly admitted peer at once: a joining node learns the cluster in
+        // one round trip instead of waiting for someone to pick it at random.
+        let node = Arc::clone(&self.0);
+        self.0.env.spawn(
+            "gossip-on-admit",
+            Box::pin(async move {
+                let (layout, heartbeats) = node.membership.lock().expect("not poisoned").gossip_payload();
+                node.exchange(peer, layout, heartbeats).await;
+            }),
+        );
+    }
+}

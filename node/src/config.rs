@@ -1,0 +1,395 @@
+//! `bdr-node run --config FILE`: the node's TOML configuration.
+//!
+//! ```toml
+//! data_dir = "/var/lib/bdr"                 # required
+//! zone = "office-berlin"                    # required: [a-z0-9._-], 1..=64 bytes
+//! capacity = "500 GiB"                      # required, > 0: bytes this node offers for shards
+//! roles = ["storage", "gateway"]            # default: both
+//! listen = ["/ip4/0.0.0.0/tcp/3901", "/ip4/0.0.0.0/udp/3901/quic-v1"]   # default
+//! bootstrap = ["/ip4/10.0.0.2/tcp/3901/p2p/12D3KooW..."]              # default: none
+//! cluster_secret_file = "/etc/bdr/cluster.secret"                      # required
+//! down_after = "10m"                        # default; silent this long = down
+//! gossip_interval = "1s"                    # default
+//!
+//! [s3]
+//! listen = "127.0.0.1:9000"                 # default
+//! region = "bdr"                            # default
+//!
+//! [admin]
+//! listen = "127.0.0.1:9001"                 # default
+//! token_file = "admin.token"                # default: <data_dir>/admin.token, created if missing
+//! ```
+//!
+//! Relative paths are relative to the config file's directory. Every error names its key
+//! in one line; nothing here panics on bad input.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use bdr_protocol::ids::ZoneName;
+use bdr_protocol::layout::NodeRoles;
+use libp2p::Multiaddr;
+use serde::Deserialize;
+
+pub const DEFAULT_LISTEN: [&str; 2] = ["/ip4/0.0.0.0/tcp/3901", "/ip4/0.0.0.0/udp/3901/quic-v1"];
+pub const DEFAULT_DOWN_AFTER_MS: u64 = 10 * 60 * 1000;
+pub const DEFAULT_GOSSIP_INTERVAL_MS: u64 = 1000;
+pub const DEFAULT_S3_LISTEN: &str = "127.0.0.1:9000";
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9001";
+pub const DEFAULT_REGION: &str = "bdr";
+/// Gossip more often than this would only burn CPU; less often than `down_after` / 4 would
+/// make failure detection flap.
+pub const GOSSIP_INTERVAL_MS_MIN: u64 = 50;
+pub const BOOTSTRAP_PEERS_MAX: usize = 64;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {reason}")]
+    Unreadable { path: String, reason: String },
+    #[error("config error at line {line}: {message}")]
+    Syntax { line: usize, message: String },
+    #[error("config error: `{key}` {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        message: message.into(),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    data_dir: Option<PathBuf>,
+    zone: Option<String>,
+    capacity: Option<String>,
+    roles: Option<Vec<String>>,
+    listen: Option<Vec<String>>,
+    bootstrap: Option<Vec<String>>,
+    cluster_secret_file: Option<PathBuf>,
+    down_after: Option<String>,
+    gossip_interval: Option<String>,
+    #[serde(default)]
+    s3: RawS3,
+    #[serde(default)]
+    admin: RawAdmin,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawS3 {
+    listen: Option<String>,
+    region: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: Option<String>,
+    token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeConfig {
+    pub data_dir: PathBuf,
+    pub zone: ZoneName,
+    pub capacity_bytes: u64,
+    pub roles: NodeRoles,
+    pub listen: Vec<Multiaddr>,
+    pub bootstrap: Vec<Multiaddr>,
+    pub cluster_secret_file: PathBuf,
+    pub down_after_ms: u64,
+    pub gossip_interval_ms: u64,
+    pub s3_listen: SocketAddr,
+    pub s3_region: String,
+    pub admin_listen: SocketAddr,
+    pub admin_token_file: PathBuf,
+}
+
+/// Parses "500 GiB", "1.5TB", "1048576" into bytes.
+pub fn parse_size_bytes(text: &str) -> Result<u64, String> {
+    text.trim()
+        .parse::<bytesize::ByteSize>()
+        .map(|size| size.as_u64())
+        .map_err(|error| format!("{text:?} is not a size like \"500 GiB\": {error}"))
+}
+
+/// Parses "10m", "3s", "1h 30m", "250ms" into milliseconds.
+pub fn parse_duration_ms(text: &str) -> Result<u64, String> {
+    humantime::parse_duration(text.trim())
+        .map(|duration| duration.as_millis().min(u128::from(u64::MAX)) as u64)
+        .map_err(|error| format!("{text:?} is not a duration like \"10m\" or \"3s\": {error}"))
+}
+
+fn parse_multiaddrs(key: &'static str, texts: Vec<String>) -> Result<Vec<Multiaddr>, ConfigError> {
+    texts
+        .into_iter()
+        .map(|text| {
+            text.parse::<Multiaddr>()
+                .map_err(|error| invalid(key, format!("has a bad multiaddr {text:?}: {error}")))
+        })
+        .collect()
+}
+
+fn parse_socket_address(key: &'static str, text: &str) -> Result<SocketAddr, ConfigError> {
+    text.parse()
+        .map_err(|error| invalid(key, format!("{text:?} is not an address like 127.0.0.1:9000: {error}")))
+}
+
+impl NodeConfig {
+    pub fn load(path: &Path) -> Result<NodeConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Unreadable {
+            path: path.display().to_string(),
+            reason: error.to_string(),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        NodeConfig::parse(&text, base)
+    }
+
+    /// Parses config text; relative paths are resolved against `base`.
+    pub fn parse(text: &str, base: &Path) -> Result<NodeConfig, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|error| {
+            let line = error
+                .span()
+                .map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1)
+                .unwrap_or(0);
+            ConfigError::Syntax {
+                line,
+                message: error.message().replace('\n', " "),
+            }
+        })?;
+        let resolve = |path: PathBuf| if path.is_absolute() { path } else { base.join(path) };
+
+        let data_dir = resolve(raw.data_dir.ok_or_else(|| invalid("data_dir", "is required"))?);
+        let zone_text = raw.zone.ok_or_else(|| invalid("zone", "is required"))?;
+        let zone = ZoneName::new(zone_text).map_err(|error| invalid("zone", error.to_string()))?;
+        let capacity_text = raw
+            .capacity
+            .ok_or_else(|| invalid("capacity", "is required, like \"500 GiB\""))?;
+        let capacity_bytes = parse_size_bytes(&capacity_text).map_err(|message| invalid("capacity", message))?;
+        if capacity_bytes == 0 {
+            return Err(invalid("capacity", "must be greater than zero"));
+        }
+        let roles = match raw.roles {
+            None => NodeRoles::STORAGE_AND_GATEWAY,
+            Some(names) => {
+                let mut roles = NodeRoles {
+                    storage: false,
+                    gateway: false,
+                };
+                for name in &names {
+                    match name.as_str() {
+                        "storage" => roles.storage = true,
+                        "gateway" => roles.gateway = true,
+                        other => {
+                            return Err(invalid(
+                                "roles",
+                                format!("has unknown role {other:?} (storage, gateway)"),
+                            ))
+                        }
+                    }
+                }
+                if !roles.storage && !roles.gateway {
+                    return Err(invalid("roles", "must name at least one of storage, gateway"));
+                }
+                roles
+            }
+        };
+        let listen = parse_multiaddrs(
+            "listen",
+            raw.listen
+                .unwrap_or_else(|| DEFAULT_LISTEN.iter().map(|text| text.to_string()).collect()),
+        )?;
+        if listen.is_empty() {
+            return Err(invalid("listen", "must have at least one address"));
+        }
+        let bootstrap = parse_multiaddrs("bootstrap", raw.bootstrap.unwrap_or_default())?;
+        if bootstrap.len() > BOOTSTRAP_PEERS_MAX {
+            return Err(invalid(
+                "bootstrap",
+                format!("has more than {BOOTSTRAP_PEERS_MAX} addresses"),
+            ));
+        }
+        let cluster_secret_file = resolve(raw.cluster_secret_file.ok_or_else(|| {
+            invalid(
+                "cluster_secret_file",
+                "is required (create one with `bdr-node gen-secret`)",
+            )
+        })?);
+        let down_after_ms = match raw.down_after {
+            Some(text) => parse_duration_ms(&text).map_err(|message| invalid("down_after", message))?,
+            None => DEFAULT_DOWN_AFTER_MS,
+        };
+        let gossip_interval_ms = match raw.gossip_interval {
+            Some(text) => parse_duration_ms(&text).map_err(|message| invalid("gossip_interval", message))?,
+            None => DEFAULT_GOSSIP_INTERVAL_MS
+                .min(down_after_ms / 4)
+                .max(GOSSIP_INTERVAL_MS_MIN),
+        };
+        if gossip_interval_ms < GOSSIP_INTERVAL_MS_MIN {
+            return Err(invalid(
+                "gossip_interval",
+                format!("must be at least {GOSSIP_INTERVAL_MS_MIN} ms"),
+            ));
+        }
+        if down_after_ms < gossip_interval_ms * 4 {
+            return Err(invalid(
+                "down_after",
+                format!("must be at least 4 gossip intervals ({} ms)", gossip_interval_ms * 4),
+            ));
+        }
+        let s3_listen = parse_socket_address("s3.listen", raw.s3.listen.as_deref().unwrap_or(DEFAULT_S3_LISTEN))?;
+        let s3_region = raw.s3.region.unwrap_or_else(|| DEFAULT_REGION.to_string());
+        if s3_region.is_empty() || s3_region.len() > 64 {
+            return Err(invalid("s3.region", "must be 1..=64 characters"));
+        }
+        let admin_listen = parse_socket_address(
+            "admin.listen",
+            raw.admin.listen.as_deref().unwrap_or(DEFAULT_ADMIN_LISTEN),
+        )?;
+        let admin_token_file = raw
+            .admin
+            .token_file
+            .map(resolve)
+            .unwrap_or_else(|| data_dir.join("admin.token"));
+        Ok(NodeConfig {
+            data_dir,
+            zone,
+            capacity_bytes,
+            roles,
+            listen,
+            bootstrap,
+            cluster_secret_file,
+            down_after_ms,
+            gossip_interval_ms,
+            s3_listen,
+            s3_region,
+            admin_listen,
+            admin_token_file,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+data_dir = "data"
+zone = "a"
+capacity = "500 GiB"
+cluster_secret_file = "/etc/bdr/secret"
+"#;
+
+    #[test]
+    fn minimal_config_gets_documented_defaults() {
+        let config = NodeConfig::parse(MINIMAL, Path::new("/etc/bdr")).unwrap();
+        assert_eq!(config.data_dir, PathBuf::from("/etc/bdr/data"));
+        assert_eq!(config.capacity_bytes, 500 * 1024 * 1024 * 1024);
+        assert_eq!(config.roles, NodeRoles::STORAGE_AND_GATEWAY);
+        assert_eq!(config.listen.len(), 2);
+        assert!(config.bootstrap.is_empty());
+        assert_eq!(config.down_after_ms, DEFAULT_DOWN_AFTER_MS);
+        assert_eq!(config.gossip_interval_ms, DEFAULT_GOSSIP_INTERVAL_MS);
+        assert_eq!(config.admin_token_file, PathBuf::from("/etc/bdr/data/admin.token"));
+        assert_eq!(config.s3_region, "bdr");
+    }
+
+    #[test]
+    fn full_config_parses() {
+        let text = r#"
+data_dir = "/var/lib/bdr"
+zone = "office-berlin"
+capacity = "1.5 TiB"
+roles = ["storage"]
+listen = ["/ip4/127.0.0.1/tcp/0", "/ip4/127.0.0.1/udp/0/quic-v1"]
+bootstrap = ["/ip4/127.0.0.1/tcp/4001", "/dns4/node2.example/tcp/4001/p2p/12D3KooWD3eckifWpRn9wQpMG9R9hX3sD158z7EqHWmweQAJU5SA"]
+cluster_secret_file = "secret"
+down_after = "3s"
+gossip_interval = "200ms"
+[s3]
+listen = "0.0.0.0:9000"
+region = "eu-1"
+[admin]
+listen = "127.0.0.1:9101"
+token_file = "/run/token"
+"#;
+        let config = NodeConfig::parse(text, Path::new("/cfg")).unwrap();
+        assert_eq!(config.roles, NodeRoles::STORAGE_ONLY);
+        assert_eq!(config.bootstrap.len(), 2);
+        assert_eq!(config.down_after_ms, 3000);
+        assert_eq!(config.gossip_interval_ms, 200);
+        assert_eq!(config.cluster_secret_file, PathBuf::from("/cfg/secret"));
+        assert_eq!(config.admin_token_file, PathBuf::from("/run/token"));
+    }
+
+    /// Each bad config must fail with one line naming the offending key.
+    #[test]
+    fn bad_configs_name_the_key() {
+        let cases: &[(&str, &str)] = &[
+            ("unknown_key = 1", "unknown_key"),
+            ("zone = \"Bad Zone\"", "`zone`"),
+            ("capacity = \"0 GiB\"", "`capacity`"),
+            ("capacity = \"lots\"", "`capacity`"),
+            ("listen = [\"not-a-multiaddr\"]", "`listen`"),
+            ("bootstrap = [\"/ip4/1.2.3.4/tcp/notaport\"]", "`bootstrap`"),
+            ("down_after = \"soon\"", "`down_after`"),
+            ("down_after = \"100ms\"", "`down_after`"),
+            ("roles = [\"archer\"]", "`roles`"),
+            ("[s3]\nlisten = \"nowhere\"", "`s3.listen`"),
+            ("[admin]\nsurprise = true", "surprise"),
+        ];
+        for (line, expected) in cases {
+            // Later keys override earlier ones in our test by replacing the minimal line.
+            let key = line.split([' ', '\n']).next().unwrap();
+            let mut text: String = MINIMAL
+                .lines()
+                .filter(|l| !l.starts_with(&format!("{key} ")))
+                .collect::<Vec<_>>()
+                .join("\n");
+            text.push('\n');
+            text.push_str(line);
+            let error = NodeConfig::parse(&text, Path::new("/")).unwrap_err().to_string();
+            assert!(error.contains(expected), "{line:?} gave {error:?}");
+            assert!(!error.contains('\n'), "multi-line error: {error:?}");
+        }
+        for (missing, expected) in [
+            ("zone", "`zone` is required"),
+            ("capacity", "`capacity` is required"),
+            ("cluster_secret_file", "`cluster_secret_file` is required"),
+        ] {
+            let text: String = MINIMAL
+                .lines()
+                .filter(|l| !l.starts_with(missing))
+                .collect::<Vec<_>>()
+                .join("\n");
+            let error = NodeConfig::parse(&text, Path::new("/")).unwrap_err().to_string();
+            assert!(error.contains(expected), "{error}");
+        }
+        assert!(matches!(
+            NodeConfig::load(Path::new("/nonexistent/bdr.toml")),
+            Err(ConfigError::Unreadable { .. })
+        ));
+    }
+
+    #[test]
+    fn the_example_config_in_deploy_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/node.example.toml");
+        let config = NodeConfig::load(&path).unwrap();
+        assert_eq!(config.zone.as_str(), "office-berlin");
+        assert_eq!(config.bootstrap.len(), 2);
+    }
+
+    #[test]
+    fn sizes_and_durations_parse_human_forms() {
+        assert_eq!(parse_size_bytes("500 GiB").unwrap(), 500 << 30);
+        assert_eq!(parse_size_bytes("1024").unwrap(), 1024);
+        assert_eq!(parse_size_bytes("2 MB").unwrap(), 2_000_000);
+        assert!(parse_size_bytes("-1 GiB").is_err());
+        assert_eq!(parse_duration_ms("10m").unwrap(), 600_000);
+        assert_eq!(parse_duration_ms("250ms").unwrap(), 250);
+        assert!(parse_duration_ms("ten minutes").is_err());
+    }
+}

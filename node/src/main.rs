@@ -1,0 +1,144 @@
+//! `bdr-node`: parses the command line and calls the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use bdr_node::config::NodeConfig;
+use bdr_node::identity::NodeIdentity;
+use bdr_node::runtime::{self, admin};
+use bdr_protocol::admission::ClusterSecret;
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(
+    name = "bdr-node",
+    version,
+    about = "bdr storage node: backup and disaster-recovery cluster"
+)]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create this node's identity in DIR (kept if it exists) and print its node id.
+    Init {
+        #[arg(long, value_name = "DIR")]
+        data: PathBuf,
+    },
+    /// Print a new random cluster secret (put it in every node's cluster_secret_file).
+    GenSecret,
+    /// Run one node.
+    Run {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Talk to a node's admin API.
+    Admin {
+        /// Base URL of the admin API.
+        #[arg(long, env = "BDR_ADMIN_ENDPOINT", default_value = "http://127.0.0.1:9001")]
+        endpoint: String,
+        /// File holding the admin token.
+        #[arg(long, env = "BDR_ADMIN_TOKEN_FILE", value_name = "FILE")]
+        token_file: PathBuf,
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Cluster membership as this node sees it.
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,libp2p=warn,sled=warn,yamux=error"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn run_node(config_path: PathBuf) -> anyhow::Result<()> {
+    let config = NodeConfig::load(&config_path)?;
+    let node = runtime::start_node(&config).await?;
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+    tracing::info!("shutting down");
+    use bdr_node::env::Env;
+    node.cluster.env().meta_store().flush().await?;
+    Ok(())
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Init { data } => {
+            let (identity, created) = NodeIdentity::load_or_create(&data)?;
+            println!("{}", identity.node_id);
+            eprintln!(
+                "{} identity in {}; peer id for /p2p/ addresses: {}",
+                if created { "created" } else { "kept existing" },
+                data.display(),
+                identity.peer_id
+            );
+        }
+        Command::GenSecret => println!("{}", ClusterSecret::from_bytes(rand::random()).to_hex()),
+        Command::Run { config } => {
+            init_logging(cli.log_format);
+            tokio::runtime::Runtime::new()
+                .context("cannot start the async runtime")?
+                .block_on(run_node(config))?;
+        }
+        Command::Admin {
+            endpoint,
+            token_file,
+            command,
+        } => {
+            let token = admin::read_token(&token_file).map_err(anyhow::Error::msg)?;
+            match command {
+                AdminCommand::Status { json } => {
+                    let status = admin::fetch_status(&endpoint, &token)?;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&status)?);
+                    } else {
+                        print!("{}", admin::format_status_table(&status));
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("bdr-node: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

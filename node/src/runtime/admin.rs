@@ -1,0 +1,200 @@
+//! The admin HTTP API (axum) and its client (`bdr-node admin …`).
+//!
+//! Every endpoint requires `Authorization: Bearer <token>`; the token lives in a file
+//! (mode 0600) that is created with a random token if missing.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+
+use crate::cluster::{ClusterNode, ClusterStatus};
+use crate::env::Env;
+
+/// Longest admin token accepted from a file.
+pub const TOKEN_LENGTH_BYTES_MAX: usize = 1024;
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub fn load_or_create_token(path: &Path) -> Result<String, String> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => return parse_token(path, &text),
+        Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+            return Err(format!("cannot read admin token {}: {error}", path.display()))
+        }
+        Err(_) => {}
+    }
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(|error| format!("cannot create {}: {error}", parent.display()))?;
+    }
+    let token = hex::encode(rand::random::<[u8; 32]>());
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|error| format!("cannot create admin token {}: {error}", path.display()))?;
+    file.write_all(format!("{token}\n").as_bytes())
+        .and_then(|_| file.sync_all())
+        .map_err(|error| format!("cannot write admin token {}: {error}", path.display()))?;
+    tracing::info!(path = %path.display(), "created an admin token");
+    Ok(token)
+}
+
+pub fn read_token(path: &Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|error| format!("cannot read admin token {}: {error}", path.display()))?;
+    parse_token(path, &text)
+}
+
+fn parse_token(path: &Path, text: &str) -> Result<String, String> {
+    let token = text.trim();
+    if token.is_empty() || token.len() > TOKEN_LENGTH_BYTES_MAX || !token.bytes().all(|byte| byte.is_ascii_graphic()) {
+        return Err(format!(
+            "admin token in {} must be 1..={TOKEN_LENGTH_BYTES_MAX} printable characters",
+            path.display()
+        ));
+    }
+    Ok(token.to_string())
+}
+
+struct AdminState<E: Env> {
+    token: String,
+    cluster: Arc<ClusterNode<E>>,
+}
+
+async fn require_token<E: Env>(State(state): State<Arc<AdminState<E>>>, request: Request, next: Next) -> Response {
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "));
+    // Compare hashes so the comparison time does not depend on the token's bytes.
+    let matches =
+        presented.is_some_and(|presented| blake3::hash(presented.as_bytes()) == blake3::hash(state.token.as_bytes()));
+    if !matches {
+        return (
+            StatusCode::UNAUTHORIZED,
+            Json(serde_json::json!({"error": "missing or wrong bearer token"})),
+        )
+            .into_response();
+    }
+    next.run(request).await
+}
+
+async fn status<E: Env>(State(state): State<Arc<AdminState<E>>>) -> Json<ClusterStatus> {
+    Json(state.cluster.status())
+}
+
+pub fn router<E: Env>(token: String, cluster: Arc<ClusterNode<E>>) -> Router {
+    let state = Arc::new(AdminState { token, cluster });
+    Router::new()
+        .route("/v1/status", get(status::<E>))
+        .route_layer(middleware::from_fn_with_state(Arc::clone(&state), require_token::<E>))
+        .with_state(state)
+}
+
+/// Binds the admin listener and serves in the background; returns the bound address.
+pub async fn serve<E: Env>(
+    listen: SocketAddr,
+    token: String,
+    cluster: Arc<ClusterNode<E>>,
+) -> Result<SocketAddr, String> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|error| format!("cannot listen on {listen}: {error}"))?;
+    let address = listener.local_addr().map_err(|error| error.to_string())?;
+    let app = router(token, cluster);
+    tokio::spawn(async move {
+        if let Err(error) = axum::serve(listener, app).await {
+            tracing::error!(%error, "admin API stopped");
+        }
+    });
+    Ok(address)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminClientError {
+    #[error("cannot reach the admin API at {endpoint}: {reason}")]
+    Unreachable { endpoint: String, reason: String },
+    #[error("the admin API refused the token (HTTP 401): check --token-file")]
+    Unauthorized,
+    #[error("the admin API answered HTTP {status}: {body}")]
+    Failed { status: u16, body: String },
+    #[error("the admin API sent an answer we cannot read: {0}")]
+    BadAnswer(String),
+}
+
+/// `GET {endpoint}/v1/status`.
+pub fn fetch_status(endpoint: &str, token: &str) -> Result<ClusterStatus, AdminClientError> {
+    let url = format!("{}/v1/status", endpoint.trim_end_matches('/'));
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(CLIENT_TIMEOUT))
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let unreachable = |reason: String| AdminClientError::Unreachable {
+        endpoint: endpoint.to_string(),
+        reason,
+    };
+    let mut response = agent
+        .get(&url)
+        .header("Authorization", &format!("Bearer {token}"))
+        .call()
+        .map_err(|error| unreachable(error.to_string()))?;
+    let status = response.status().as_u16();
+    let body = response
+        .body_mut()
+        .read_to_string()
+        .map_err(|error| unreachable(error.to_string()))?;
+    match status {
+        200 => serde_json::from_str(&body).map_err(|error| AdminClientError::BadAnswer(error.to_string())),
+        401 => Err(AdminClientError::Unauthorized),
+        _ => Err(AdminClientError::Failed { status, body }),
+    }
+}
+
+fn human_bytes(bytes: u64) -> String {
+    bytesize::ByteSize::b(bytes).display().iec().to_string()
+}
+
+/// The status as a table for humans.
+pub fn format_status_table(status: &ClusterStatus) -> String {
+    let mut text = format!(
+        "node {} (zone {}), layout version {}\n\n{:<16} {:<16} {:<8} {:<9} {:>12} {:>12}\n",
+        &status.node_id[..16.min(status.node_id.len())],
+        status.zone,
+        status.layout_version,
+        "NODE",
+        "ZONE",
+        "STATE",
+        "STATUS",
+        "USED",
+        "CAPACITY"
+    );
+    for node in &status.nodes {
+        let state = serde_json::to_value(node.state)
+            .ok()
+            .and_then(|value| value.as_str().map(str::to_string))
+            .unwrap_or_default();
+        let marker = if node.id == status.node_id { "*" } else { "" };
+        text.push_str(&format!(
+            "{:<16} {:<16} {:<8} {:<9} {:>12} {:>12}\n",
+            format!("{}{marker}", &node.id[..12.min(node.id.len())]),
+            node.zone,
+            state,
+            node.status,
+            node.used_bytes.map(human_bytes).unwrap_or_else(|| "?".into()),
+            human_bytes(node.capacity_bytes)
+        ));
+    }
+    text
+}

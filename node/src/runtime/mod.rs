@@ -1,0 +1,186 @@
+//! Production runtime: the real environment (libp2p, tokio, files, sled) and the code
+//! that assembles a running node from its config.
+
+pub mod admin;
+pub mod network;
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bdr_protocol::admission::ClusterSecret;
+use bdr_protocol::ids::NodeId;
+use bdr_protocol::layout::{NodeSpec, NodeStatus};
+use bdr_protocol::wire::{Request, Response};
+use rand::{RngCore, SeedableRng};
+
+use crate::cluster::membership::MembershipConfig;
+use crate::cluster::{ClusterInbound, ClusterNode};
+use crate::config::NodeConfig;
+use crate::env::{BoxFuture, Env, MetaStore, NetworkError, ShardStore};
+use crate::identity::NodeIdentity;
+use crate::stores::file_shards::FileShardStore;
+use crate::stores::sled_meta::SledMetaStore;
+use network::{NetworkHandle, NetworkSettings};
+
+pub struct ProductionEnv {
+    node_id: NodeId,
+    network: NetworkHandle,
+    shard_store: Arc<dyn ShardStore>,
+    meta_store: Arc<dyn MetaStore>,
+    rng: Mutex<rand_chacha::ChaCha12Rng>,
+}
+
+impl Env for ProductionEnv {
+    fn node_id(&self) -> NodeId {
+        self.node_id
+    }
+
+    fn now_ms(&self) -> u64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|elapsed| elapsed.as_millis() as u64)
+            .unwrap_or(0)
+    }
+
+    fn sleep(&self, duration_ms: u64) -> BoxFuture<'static, ()> {
+        Box::pin(tokio::time::sleep(std::time::Duration::from_millis(duration_ms)))
+    }
+
+    fn spawn(&self, name: &'static str, task: BoxFuture<'static, ()>) {
+        tracing::trace!(task = name, "spawn");
+        tokio::spawn(task);
+    }
+
+    fn random_u64(&self) -> u64 {
+        self.rng.lock().expect("not poisoned").next_u64()
+    }
+
+    fn request(
+        &self,
+        to: NodeId,
+        request: Request,
+        timeout_ms: u64,
+    ) -> BoxFuture<'static, Result<Response, NetworkError>> {
+        let network = self.network.clone();
+        Box::pin(async move {
+            tokio::time::timeout(
+                std::time::Duration::from_millis(timeout_ms),
+                network.request(to, request),
+            )
+            .await
+            .unwrap_or_else(|_| Err(NetworkError::Timeout(to.short())))
+        })
+    }
+
+    fn remember_addresses(&self, node: NodeId, addresses: &[String]) {
+        self.network.remember_addresses(node, addresses);
+    }
+
+    fn local_addresses(&self) -> Vec<String> {
+        self.network.local_addresses()
+    }
+
+    fn shard_store(&self) -> Arc<dyn ShardStore> {
+        Arc::clone(&self.shard_store)
+    }
+
+    fn meta_store(&self) -> Arc<dyn MetaStore> {
+        Arc::clone(&self.meta_store)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Identity(#[from] crate::identity::IdentityError),
+    #[error("cannot read the cluster secret {path}: {reason}")]
+    Secret { path: String, reason: String },
+    #[error("cannot open the {what} store: {reason}")]
+    Store { what: &'static str, reason: String },
+    #[error("{0}")]
+    Network(#[from] network::NetworkStartError),
+    #[error("cluster: {0}")]
+    Cluster(#[from] crate::cluster::ClusterError),
+    #[error("admin API: {0}")]
+    Admin(String),
+}
+
+pub fn read_cluster_secret(path: &Path) -> Result<ClusterSecret, StartError> {
+    let secret_error = |reason: String| StartError::Secret {
+        path: path.display().to_string(),
+        reason,
+    };
+    let text = std::fs::read_to_string(path).map_err(|error| secret_error(error.to_string()))?;
+    ClusterSecret::from_hex(&text).map_err(|error| secret_error(error.to_string()))
+}
+
+/// A running node: its cluster logic and the addresses it serves on.
+pub struct RunningNode {
+    pub cluster: Arc<ClusterNode<ProductionEnv>>,
+    pub admin_address: std::net::SocketAddr,
+}
+
+/// Starts a node from its config: identity, stores, network, cluster logic, admin API.
+pub async fn start_node(config: &NodeConfig) -> Result<RunningNode, StartError> {
+    let secret = read_cluster_secret(&config.cluster_secret_file)?;
+    let (identity, created) = NodeIdentity::load_or_create(&config.data_dir)?;
+    if created {
+        tracing::info!(node = %identity.node_id, "created a new node identity");
+    }
+    let shard_store =
+        FileShardStore::open(&config.data_dir.join("shards"), config.capacity_bytes).map_err(|error| {
+            StartError::Store {
+                what: "shard",
+                reason: error.to_string(),
+            }
+        })?;
+    let meta_store = SledMetaStore::open(&config.data_dir.join("meta")).map_err(|error| StartError::Store {
+        what: "metadata",
+        reason: error.to_string(),
+    })?;
+    let network = network::start(
+        &identity,
+        NetworkSettings {
+            listen: config.listen.clone(),
+            bootstrap: config.bootstrap.clone(),
+            secret,
+        },
+    )?;
+    let env = Arc::new(ProductionEnv {
+        node_id: identity.node_id,
+        network: network.clone(),
+        shard_store: Arc::new(shard_store),
+        meta_store: Arc::new(meta_store),
+        rng: Mutex::new(rand_chacha::ChaCha12Rng::from_os_rng()),
+    });
+    let cluster = ClusterNode::start(
+        env,
+        MembershipConfig {
+            down_after_ms: config.down_after_ms,
+            gossip_interval_ms: config.gossip_interval_ms,
+        },
+        NodeSpec {
+            zone: config.zone.clone(),
+            capacity_bytes: config.capacity_bytes,
+            roles: config.roles,
+            status: NodeStatus::Active,
+        },
+    )
+    .await?;
+    network
+        .bind_handler(Arc::new(ClusterInbound(Arc::clone(&cluster))))
+        .await;
+    let token = admin::load_or_create_token(&config.admin_token_file).map_err(StartError::Admin)?;
+    let admin_address = admin::serve(config.admin_listen, token, Arc::clone(&cluster))
+        .await
+        .map_err(StartError::Admin)?;
+    tracing::info!(
+        node = %identity.node_id,
+        peer = %identity.peer_id,
+        zone = %config.zone,
+        admin = %admin_address,
+        "node started"
+    );
+    Ok(RunningNode { cluster, admin_address })
+}

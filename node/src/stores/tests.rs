@@ -1,0 +1,138 @@
+//! The same contract tests for every `MetaStore` and `ShardStore` implementation.
+
+use std::sync::Arc;
+
+use bdr_protocol::erasure::{CodecId, StripeCodec};
+use bdr_protocol::ids::StripeId;
+use bdr_protocol::wire::Table;
+
+use super::file_shards::FileShardStore;
+use super::memory::{MemoryMetaStore, MemoryShardStore};
+use super::sled_meta::SledMetaStore;
+use crate::env::{MetaStore, ShardKey, ShardStore, StoreError, Tree};
+
+async fn check_meta_store_contract(store: &dyn MetaStore) {
+    let objects = Tree::Table(Table::Objects);
+    assert_eq!(store.get(objects, b"a").unwrap(), None);
+    for key in [b"b/2".as_slice(), b"a/1", b"b/1", b"b/3", b"c"] {
+        store.put(objects, key, key).unwrap();
+    }
+    // Trees are separate namespaces.
+    store.put(Tree::System, b"a/1", b"system").unwrap();
+    assert_eq!(store.get(objects, b"a/1").unwrap().as_deref(), Some(b"a/1".as_slice()));
+    assert_eq!(
+        store.get(Tree::System, b"a/1").unwrap().as_deref(),
+        Some(b"system".as_slice())
+    );
+
+    let keys = |entries: Vec<(Vec<u8>, Vec<u8>)>| entries.into_iter().map(|(key, _)| key).collect::<Vec<_>>();
+    assert_eq!(
+        keys(store.scan(objects, b"b/", None, 10).unwrap()),
+        vec![b"b/1".to_vec(), b"b/2".to_vec(), b"b/3".to_vec()]
+    );
+    assert_eq!(
+        keys(store.scan(objects, b"b/", None, 2).unwrap()),
+        vec![b"b/1".to_vec(), b"b/2".to_vec()]
+    );
+    assert_eq!(
+        keys(store.scan(objects, b"b/", Some(b"b/2"), 10).unwrap()),
+        vec![b"b/3".to_vec()]
+    );
+    assert_eq!(keys(store.scan(objects, b"", None, 100).unwrap()).len(), 5);
+
+    store.delete(objects, b"b/2").unwrap();
+    store.delete(objects, b"missing").unwrap();
+    assert_eq!(store.get(objects, b"b/2").unwrap(), None);
+    store.put(objects, b"c", b"overwritten").unwrap();
+    assert_eq!(
+        store.get(objects, b"c").unwrap().as_deref(),
+        Some(b"overwritten".as_slice())
+    );
+    store.flush().await.unwrap();
+}
+
+#[tokio::test]
+async fn memory_meta_store_meets_the_contract() {
+    check_meta_store_contract(&MemoryMetaStore::new()).await;
+}
+
+#[tokio::test]
+async fn sled_meta_store_meets_the_contract_and_persists() {
+    let directory = tempfile::tempdir().unwrap();
+    {
+        let store = SledMetaStore::open(&directory.path().join("meta")).unwrap();
+        check_meta_store_contract(&store).await;
+    }
+    let reopened = SledMetaStore::open(&directory.path().join("meta")).unwrap();
+    assert_eq!(
+        reopened.get(Tree::Table(Table::Objects), b"c").unwrap().as_deref(),
+        Some(b"overwritten".as_slice())
+    );
+}
+
+async fn check_shard_store_contract(store: Arc<dyn ShardStore>) {
+    let codec = StripeCodec::new(CodecId::DEFAULT, 2, 2).unwrap();
+    let shards = codec.encode(StripeId([8; 32]), &[5u8; 3000]).unwrap();
+    for shard in &shards {
+        store.put(shard.clone()).await.unwrap();
+    }
+    let keys: Vec<ShardKey> = shards
+        .iter()
+        .map(|shard| ShardKey {
+            stripe_id: shard.header().stripe_id,
+            index: shard.header().index,
+        })
+        .collect();
+    assert_eq!(store.list().await.unwrap(), keys);
+    for (key, shard) in keys.iter().zip(&shards) {
+        assert_eq!(&store.get(*key).await.unwrap(), shard);
+    }
+    assert!(store.delete(keys[0]).await.unwrap());
+    assert!(matches!(store.get(keys[0]).await, Err(StoreError::NotFound)));
+    let usage = store.usage();
+    assert_eq!(usage.shard_count, 3);
+    assert_eq!(
+        usage.used_bytes,
+        shards[1..]
+            .iter()
+            .map(|shard| shard.encoded_length_bytes())
+            .sum::<u64>()
+    );
+    let huge = StripeCodec::new(CodecId::DEFAULT, 1, 0)
+        .unwrap()
+        .encode(StripeId([9; 32]), &vec![1u8; 2 << 20])
+        .unwrap();
+    assert!(matches!(
+        store.put(huge[0].clone()).await,
+        Err(StoreError::DiskFull { .. })
+    ));
+}
+
+#[tokio::test]
+async fn memory_shard_store_meets_the_contract() {
+    check_shard_store_contract(Arc::new(MemoryShardStore::new(1 << 20))).await;
+}
+
+#[tokio::test]
+async fn file_shard_store_meets_the_contract() {
+    let directory = tempfile::tempdir().unwrap();
+    check_shard_store_contract(Arc::new(FileShardStore::open(directory.path(), 1 << 20).unwrap())).await;
+}
+
+#[tokio::test]
+async fn memory_shard_store_reports_injected_rot() {
+    let store = MemoryShardStore::new(1 << 20);
+    let shard = StripeCodec::new(CodecId::DEFAULT, 1, 1)
+        .unwrap()
+        .encode(StripeId([1; 32]), b"data")
+        .unwrap()
+        .remove(0);
+    store.put(shard).await.unwrap();
+    let key = ShardKey {
+        stripe_id: StripeId([1; 32]),
+        index: 0,
+    };
+    assert!(store.damage(key, |bytes| bytes[100] ^= 4));
+    assert!(matches!(store.get(key).await, Err(StoreError::Corrupt(_))));
+    assert_eq!(store.usage().corrupt_reads, 1);
+}
