@@ -8,8 +8,11 @@
 //! listen = ["/ip4/0.0.0.0/tcp/3901", "/ip4/0.0.0.0/udp/3901/quic-v1"]   # default
 //! bootstrap = ["/ip4/10.0.0.2/tcp/3901/p2p/12D3KooW..."]              # default: none
 //! cluster_secret_file = "/etc/bdr/cluster.secret"                      # required
+//! data_key_file = "/etc/bdr/data.key"       # gateways: the key that encrypts object data
 //! down_after = "10m"                        # default; silent this long = down
 //! gossip_interval = "1s"                    # default
+//! anti_entropy_interval = "60s"             # default; metadata replicas compared this often
+//! tombstone_grace = "24h"                   # default; deleted metadata kept this long
 //!
 //! [s3]
 //! listen = "127.0.0.1:9000"                 # default
@@ -34,6 +37,9 @@ use serde::Deserialize;
 pub const DEFAULT_LISTEN: [&str; 2] = ["/ip4/0.0.0.0/tcp/3901", "/ip4/0.0.0.0/udp/3901/quic-v1"];
 pub const DEFAULT_DOWN_AFTER_MS: u64 = 10 * 60 * 1000;
 pub const DEFAULT_GOSSIP_INTERVAL_MS: u64 = 1000;
+pub const DEFAULT_ANTI_ENTROPY_INTERVAL_MS: u64 = 60 * 1000;
+pub const DEFAULT_TOMBSTONE_GRACE_MS: u64 = 24 * 60 * 60 * 1000;
+pub const ANTI_ENTROPY_INTERVAL_MS_MIN: u64 = 100;
 pub const DEFAULT_S3_LISTEN: &str = "127.0.0.1:9000";
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9001";
 pub const DEFAULT_REGION: &str = "bdr";
@@ -69,8 +75,11 @@ struct RawConfig {
     listen: Option<Vec<String>>,
     bootstrap: Option<Vec<String>>,
     cluster_secret_file: Option<PathBuf>,
+    data_key_file: Option<PathBuf>,
     down_after: Option<String>,
     gossip_interval: Option<String>,
+    anti_entropy_interval: Option<String>,
+    tombstone_grace: Option<String>,
     #[serde(default)]
     s3: RawS3,
     #[serde(default)]
@@ -100,8 +109,12 @@ pub struct NodeConfig {
     pub listen: Vec<Multiaddr>,
     pub bootstrap: Vec<Multiaddr>,
     pub cluster_secret_file: PathBuf,
+    /// The root of the data key ring; gateway nodes only.
+    pub data_key_file: Option<PathBuf>,
     pub down_after_ms: u64,
     pub gossip_interval_ms: u64,
+    pub anti_entropy_interval_ms: u64,
+    pub tombstone_grace_ms: u64,
     pub s3_listen: SocketAddr,
     pub s3_region: String,
     pub admin_listen: SocketAddr,
@@ -218,6 +231,13 @@ impl NodeConfig {
                 "is required (create one with `bdr-node gen-secret`)",
             )
         })?);
+        let data_key_file = raw.data_key_file.map(resolve);
+        if data_key_file.is_some() && !roles.gateway {
+            return Err(invalid(
+                "data_key_file",
+                "must not be set on a storage-only node: storage nodes never hold data keys",
+            ));
+        }
         let down_after_ms = match raw.down_after {
             Some(text) => parse_duration_ms(&text).map_err(|message| invalid("down_after", message))?,
             None => DEFAULT_DOWN_AFTER_MS,
@@ -239,6 +259,23 @@ impl NodeConfig {
                 "down_after",
                 format!("must be at least 4 gossip intervals ({} ms)", gossip_interval_ms * 4),
             ));
+        }
+        let anti_entropy_interval_ms = match raw.anti_entropy_interval {
+            Some(text) => parse_duration_ms(&text).map_err(|message| invalid("anti_entropy_interval", message))?,
+            None => DEFAULT_ANTI_ENTROPY_INTERVAL_MS,
+        };
+        if anti_entropy_interval_ms < ANTI_ENTROPY_INTERVAL_MS_MIN {
+            return Err(invalid(
+                "anti_entropy_interval",
+                format!("must be at least {ANTI_ENTROPY_INTERVAL_MS_MIN} ms"),
+            ));
+        }
+        let tombstone_grace_ms = match raw.tombstone_grace {
+            Some(text) => parse_duration_ms(&text).map_err(|message| invalid("tombstone_grace", message))?,
+            None => DEFAULT_TOMBSTONE_GRACE_MS,
+        };
+        if tombstone_grace_ms < down_after_ms {
+            return Err(invalid("tombstone_grace", "must be at least down_after"));
         }
         let s3_listen = parse_socket_address("s3.listen", raw.s3.listen.as_deref().unwrap_or(DEFAULT_S3_LISTEN))?;
         let s3_region = raw.s3.region.unwrap_or_else(|| DEFAULT_REGION.to_string());
@@ -262,8 +299,11 @@ impl NodeConfig {
             listen,
             bootstrap,
             cluster_secret_file,
+            data_key_file,
             down_after_ms,
             gossip_interval_ms,
+            anti_entropy_interval_ms,
+            tombstone_grace_ms,
             s3_listen,
             s3_region,
             admin_listen,
@@ -338,6 +378,7 @@ token_file = "/run/token"
             ("down_after = \"soon\"", "`down_after`"),
             ("down_after = \"100ms\"", "`down_after`"),
             ("roles = [\"archer\"]", "`roles`"),
+            ("roles = [\"storage\"]\ndata_key_file = \"k\"", "`data_key_file`"),
             ("[s3]\nlisten = \"nowhere\"", "`s3.listen`"),
             ("[admin]\nsurprise = true", "surprise"),
         ];

@@ -95,6 +95,13 @@ impl std::fmt::Debug for DerivedKey {
 }
 
 impl RootKey {
+    /// Parses 64 hex characters (surrounding whitespace allowed), the form key files use.
+    pub fn from_hex(text: &str) -> Option<RootKey> {
+        let mut bytes = [0u8; 32];
+        hex::decode_to_slice(text.trim(), &mut bytes).ok()?;
+        Some(RootKey(bytes))
+    }
+
     pub fn derive(&self, purpose: KeyPurpose, epoch: u32) -> DerivedKey {
         let mut material = [0u8; 36];
         material[..32].copy_from_slice(&self.0);

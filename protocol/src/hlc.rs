@@ -77,6 +77,18 @@ impl HybridClock {
         }
     }
 
+    /// A timestamp for a local write that must order after `floor` (the newest value the
+    /// writer read). Unlike [`HybridClock::observe`] this accepts a floor far in the
+    /// future: refusing would leave the key unwritable until our clock caught up, while
+    /// "a later acknowledged write wins" must hold whatever the clocks say.
+    pub fn now_after(&mut self, physical_ms: u64, floor: &HlcTimestamp) -> HlcTimestamp {
+        if (floor.wall_ms, floor.logical) > (self.last_wall_ms, self.last_logical) {
+            self.last_wall_ms = floor.wall_ms;
+            self.last_logical = floor.logical;
+        }
+        self.now(physical_ms)
+    }
+
     /// Takes a remote timestamp into account, so that later local timestamps exceed it.
     pub fn observe(&mut self, remote: &HlcTimestamp, physical_ms: u64) -> Result<(), ClockError> {
         let ahead_ms = remote.wall_ms.saturating_sub(physical_ms);
@@ -127,6 +139,19 @@ mod tests {
         };
         assert!(clock.observe(&remote, 1_000).is_err());
         assert_eq!(clock.now(1_000).wall_ms, 1_000);
+    }
+
+    #[test]
+    fn now_after_orders_after_a_floor_from_a_clock_far_ahead() {
+        let mut clock = HybridClock::new(NodeId([1; 32]));
+        let floor = HlcTimestamp {
+            wall_ms: 1_000 + 3 * REMOTE_CLOCK_AHEAD_MS_MAX,
+            logical: 7,
+            node: NodeId([2; 32]),
+        };
+        let stamp = clock.now_after(1_000, &floor);
+        assert!(stamp > floor);
+        assert!(clock.now(1_000) > stamp);
     }
 
     #[test]

@@ -182,21 +182,21 @@ pub fn place_with(
         counts
     });
     Ok(Placement {
-        zone_failures_tolerated: failures_tolerated(shards_per_zone, parity_shards),
-        node_failures_tolerated: failures_tolerated(shards_per_node.into_values().collect(), parity_shards),
+        zone_failures_tolerated: failures_tolerated(shards_per_zone, data_shards),
+        node_failures_tolerated: failures_tolerated(shards_per_node.into_values().collect(), data_shards),
         holders,
     })
 }
 
-/// How many of the groups holding `shard_counts` may be lost, worst case, while at most
-/// `parity_shards` shards are lost.
-fn failures_tolerated(mut shard_counts: Vec<usize>, parity_shards: u8) -> u32 {
+/// How many of the groups (zones or nodes) holding `shard_counts` may be lost, worst case
+/// (largest groups first), while at least `data_shards` shards remain.
+pub fn failures_tolerated(mut shard_counts: Vec<usize>, data_shards: u8) -> u32 {
     shard_counts.sort_unstable_by(|a, b| b.cmp(a));
-    let mut lost = 0usize;
+    let mut remaining: usize = shard_counts.iter().sum();
     let mut tolerated = 0u32;
     for count in shard_counts.into_iter().filter(|count| *count > 0) {
-        lost += count;
-        if lost > usize::from(parity_shards) {
+        remaining -= count;
+        if remaining < usize::from(data_shards) {
             break;
         }
         tolerated += 1;

@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 
 use crate::erasure::StripeCodec;
 use crate::hlc::HlcTimestamp;
-use crate::ids::StripeId;
+use crate::ids::{NodeId, StripeId};
 
 /// Largest encoded metadata value accepted from disk or the wire. Inline objects are the
 /// largest values (64 KiB by default, at most [`INLINE_OBJECT_BYTES_MAX`]); manifests of
@@ -131,6 +131,10 @@ pub struct StripeRef {
     pub plaintext_length_bytes: u64,
     /// Bytes that were erasure-coded (the sealed envelope).
     pub sealed_length_bytes: u64,
+    /// Where each shard (by index) was written. Usually the placement's holders; a
+    /// fallback node when a holder was down. Readers also try the current placement,
+    /// since repair and rebalance move shards after the manifest was written.
+    pub holders: Vec<NodeId>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -213,6 +217,101 @@ pub enum Record {
     MultipartPart(MultipartPartRecord),
 }
 
+/// Longest partition key (a bucket name, an access key id, an upload id).
+pub const PARTITION_KEY_BYTES_MAX: usize = 1024;
+/// Longest full row key: S3 allows 1024-byte object keys, plus bucket and version id.
+pub const ROW_KEY_BYTES_MAX: usize = 4096;
+/// Metadata partitions; each is replicated on 3 nodes chosen by placement.
+pub const METADATA_PARTITIONS: u32 = 256;
+
+/// A metadata row's key: which partition it lives in and its sort key within it.
+/// Encoded as `[partition u16 BE][partition key length u16 BE][partition key][sort key]`:
+/// the rows of one partition are contiguous in the stores (for anti-entropy), and within
+/// it the rows of one partition key are contiguous and ordered by sort key (for listing).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct RowKey {
+    pub partition_key: Vec<u8>,
+    pub sort_key: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RowKeyError {
+    #[error("row key too long or malformed")]
+    Malformed,
+}
+
+const ROW_KEY_HEADER_BYTES: usize = 4;
+
+impl RowKey {
+    pub fn new(partition_key: impl Into<Vec<u8>>, sort_key: impl Into<Vec<u8>>) -> RowKey {
+        RowKey {
+            partition_key: partition_key.into(),
+            sort_key: sort_key.into(),
+        }
+    }
+
+    pub fn partition(&self) -> u32 {
+        RowKey::partition_of(&self.partition_key)
+    }
+
+    pub fn encode(&self) -> Result<Vec<u8>, RowKeyError> {
+        if self.partition_key.len() > PARTITION_KEY_BYTES_MAX
+            || ROW_KEY_HEADER_BYTES + self.partition_key.len() + self.sort_key.len() > ROW_KEY_BYTES_MAX
+        {
+            return Err(RowKeyError::Malformed);
+        }
+        let mut bytes = Vec::with_capacity(ROW_KEY_HEADER_BYTES + self.partition_key.len() + self.sort_key.len());
+        bytes.extend_from_slice(&(self.partition() as u16).to_be_bytes());
+        bytes.extend_from_slice(&(self.partition_key.len() as u16).to_be_bytes());
+        bytes.extend_from_slice(&self.partition_key);
+        bytes.extend_from_slice(&self.sort_key);
+        Ok(bytes)
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<RowKey, RowKeyError> {
+        if bytes.len() < ROW_KEY_HEADER_BYTES || bytes.len() > ROW_KEY_BYTES_MAX {
+            return Err(RowKeyError::Malformed);
+        }
+        let length = usize::from(u16::from_be_bytes([bytes[2], bytes[3]]));
+        if length > PARTITION_KEY_BYTES_MAX || bytes.len() < ROW_KEY_HEADER_BYTES + length {
+            return Err(RowKeyError::Malformed);
+        }
+        let row = RowKey::new(
+            &bytes[ROW_KEY_HEADER_BYTES..ROW_KEY_HEADER_BYTES + length],
+            &bytes[ROW_KEY_HEADER_BYTES + length..],
+        );
+        if u32::from(u16::from_be_bytes([bytes[0], bytes[1]])) != row.partition() {
+            return Err(RowKeyError::Malformed);
+        }
+        Ok(row)
+    }
+
+    /// The encoded prefix shared by every row of `partition_key` whose sort key starts
+    /// with `sort_prefix`.
+    pub fn prefix(partition_key: &[u8], sort_prefix: &[u8]) -> Result<Vec<u8>, RowKeyError> {
+        RowKey::new(partition_key, sort_prefix).encode()
+    }
+
+    /// The encoded prefix of every row in `partition`.
+    pub fn partition_prefix(partition: u32) -> [u8; 2] {
+        (partition as u16).to_be_bytes()
+    }
+
+    /// The partition (0..METADATA_PARTITIONS) of a partition key.
+    pub fn partition_of(partition_key: &[u8]) -> u32 {
+        let digest = blake3::hash(partition_key);
+        u32::from_le_bytes(digest.as_bytes()[..4].try_into().expect("4 bytes")) % METADATA_PARTITIONS
+    }
+
+    /// The pseudo stripe id whose placement (k=1, m=2) gives a partition's replicas.
+    pub fn partition_placement_id(partition: u32) -> StripeId {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(b"bdr metadata partition v1");
+        hasher.update(&partition.to_le_bytes());
+        StripeId(*hasher.finalize().as_bytes())
+    }
+}
+
 /// The persisted envelope: the enum variant is the format version.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 enum StoredValue<T> {
@@ -247,7 +346,6 @@ pub fn decode_stored_value<T: DeserializeOwned>(bytes: &[u8]) -> Result<Lww<T>, 
 mod tests {
     use super::*;
     use crate::erasure::CodecId;
-    use crate::ids::NodeId;
     use proptest::prelude::*;
 
     fn stamp(wall_ms: u64, logical: u32, node: u8) -> HlcTimestamp {
@@ -276,6 +374,7 @@ mod tests {
                     stripe_id: StripeId([7; 32]),
                     plaintext_length_bytes: size_bytes,
                     sealed_length_bytes: size_bytes + 46,
+                    holders: vec![NodeId([1; 32]); 6],
                 }],
             }),
             retention: None,
@@ -297,6 +396,28 @@ mod tests {
             decode_stored_value::<Record>(&encode_stored_value(&tombstone)).unwrap(),
             tombstone
         );
+    }
+
+    #[test]
+    fn row_keys_round_trip_and_sort_by_partition_then_sort_key() {
+        let a = RowKey::new(b"bucket".to_vec(), b"a/1".to_vec());
+        assert_eq!(RowKey::decode(&a.encode().unwrap()).unwrap(), a);
+        let b = RowKey::new(b"bucket".to_vec(), b"b".to_vec());
+        assert!(a.encode().unwrap() < b.encode().unwrap());
+        assert!(a
+            .encode()
+            .unwrap()
+            .starts_with(&RowKey::prefix(b"bucket", b"a/").unwrap()));
+        assert!(RowKey::decode(&[0, 0, 0, 9, 1]).is_err());
+        let mut wrong_partition = a.encode().unwrap();
+        wrong_partition[1] ^= 1;
+        assert!(RowKey::decode(&wrong_partition).is_err());
+        assert!(a
+            .encode()
+            .unwrap()
+            .starts_with(&RowKey::partition_prefix(a.partition())));
+        assert!(RowKey::new(vec![0; 2000], b"x".to_vec()).encode().is_err());
+        assert!(RowKey::partition_of(b"bucket") < METADATA_PARTITIONS);
     }
 
     #[test]

@@ -122,6 +122,51 @@ pub enum Request {
         #[serde(with = "serde_bytes")]
         key: Vec<u8>,
     },
+    /// Anti-entropy: hashes of the rows of one metadata partition, per table and bucket.
+    MetaDigest {
+        partition: u32,
+    },
+    /// Anti-entropy: rows of one digest bucket, in key order, after `after`.
+    MetaBucketRows {
+        table: Table,
+        partition: u32,
+        bucket: u8,
+        #[serde(with = "serde_bytes")]
+        after: Option<Vec<u8>>,
+        limit: u32,
+    },
+    /// Up to `limit` rows (at most [`SCAN_ROWS_MAX`]) whose keys start with `prefix`,
+    /// after `after` if given, in key order.
+    MetaScan {
+        table: Table,
+        #[serde(with = "serde_bytes")]
+        prefix: Vec<u8>,
+        #[serde(with = "serde_bytes")]
+        after: Option<Vec<u8>>,
+        limit: u32,
+    },
+}
+
+/// Rows one scan answer may carry.
+pub const SCAN_ROWS_MAX: u32 = 1000;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetaRow {
+    #[serde(with = "serde_bytes")]
+    pub key: Vec<u8>,
+    #[serde(with = "serde_bytes")]
+    pub value: Vec<u8>,
+}
+
+/// Buckets per table in a partition digest: a two-level hash tree (root and buckets).
+pub const DIGEST_BUCKETS: usize = 16;
+
+/// The bucket hashes of one table's rows in one partition; a row falls in bucket
+/// `blake3(key)[0] >> 4`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableDigest {
+    pub table: Table,
+    pub buckets: Vec<[u8; 32]>,
 }
 
 /// Error kinds a peer reports; the message is for humans and logs.
@@ -154,6 +199,12 @@ pub enum Response {
     MetaValue {
         #[serde(with = "serde_bytes")]
         value: Option<Vec<u8>>,
+    },
+    MetaRows {
+        rows: Vec<MetaRow>,
+    },
+    MetaDigest {
+        tables: Vec<TableDigest>,
     },
     Error {
         kind: RemoteErrorKind,

@@ -23,6 +23,10 @@ pub const GOSSIP_FANOUT: usize = 3;
 pub struct MembershipConfig {
     pub down_after_ms: u64,
     pub gossip_interval_ms: u64,
+    /// How often each metadata partition is compared with another replica.
+    pub anti_entropy_interval_ms: u64,
+    /// How long metadata tombstones are kept before removal.
+    pub tombstone_grace_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -98,6 +102,11 @@ impl Membership {
     /// A fresh HLC timestamp for a local event.
     pub fn timestamp(&mut self, now_ms: u64) -> HlcTimestamp {
         self.clock.now(now_ms)
+    }
+
+    /// A fresh HLC timestamp above `floor` (see [`HybridClock::now_after`]).
+    pub fn timestamp_after(&mut self, now_ms: u64, floor: &HlcTimestamp) -> HlcTimestamp {
+        self.clock.now_after(now_ms, floor)
     }
 
     /// Starts a gossip round: bumps our heartbeat with current usage and addresses.
@@ -204,6 +213,8 @@ mod tests {
     const CONFIG: MembershipConfig = MembershipConfig {
         down_after_ms: 1000,
         gossip_interval_ms: 100,
+        anti_entropy_interval_ms: 1000,
+        tombstone_grace_ms: 10_000,
     };
 
     fn spec(zone: &str) -> NodeSpec {

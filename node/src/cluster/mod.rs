@@ -4,7 +4,13 @@
 //! simulator runs it with virtual time and in-memory stores, and its determinism depends
 //! on every decision coming from `Env` (time, randomness, messages) in a fixed order.
 
+pub mod anti_entropy;
+pub mod data;
 pub mod membership;
+pub mod metadata;
+
+#[cfg(test)]
+mod tests;
 
 use std::sync::{Arc, Mutex};
 
@@ -63,6 +69,8 @@ pub struct ClusterNode<E: Env> {
     env: Arc<E>,
     membership: Mutex<Membership>,
     zone: ZoneName,
+    /// Present on gateway nodes only: storage-only nodes never hold data keys.
+    data_keys: Option<data::DataKeys>,
 }
 
 fn load_system_record(env: &impl Env, key: &'static [u8]) -> Result<Option<SystemRecord>, ClusterError> {
@@ -83,7 +91,12 @@ fn save_system_record(env: &impl Env, key: &[u8], record: &SystemRecord) -> Resu
 
 impl<E: Env> ClusterNode<E> {
     /// Restores persisted state, joins with `own_spec` and starts gossiping.
-    pub async fn start(env: Arc<E>, config: MembershipConfig, own_spec: NodeSpec) -> Result<Arc<Self>, ClusterError> {
+    pub async fn start(
+        env: Arc<E>,
+        config: MembershipConfig,
+        own_spec: NodeSpec,
+        data_keys: Option<data::DataKeys>,
+    ) -> Result<Arc<Self>, ClusterError> {
         let layout = match load_system_record(env.as_ref(), LAYOUT_KEY)? {
             Some(SystemRecord::LayoutV1(layout)) => layout,
             Some(_) => return Err(ClusterError::CorruptSystemRecord("layout", "wrong record kind".into())),
@@ -117,9 +130,15 @@ impl<E: Env> ClusterNode<E> {
             env: Arc::clone(&env),
             membership: Mutex::new(membership),
             zone,
+            data_keys,
         });
         let gossiping = Arc::clone(&node);
         env.spawn("gossip", Box::pin(async move { gossiping.gossip_loop().await }));
+        let syncing = Arc::clone(&node);
+        env.spawn(
+            "anti-entropy",
+            Box::pin(async move { syncing.anti_entropy_loop().await }),
+        );
         Ok(node)
     }
 
@@ -200,9 +219,19 @@ impl<E: Env> ClusterNode<E> {
                 Response::Gossip { layout, heartbeats }
             }
             Request::Admit { .. } => Response::error(RemoteErrorKind::BadRequest, "admission is the network's job"),
-            other => {
-                tracing::debug!(peer = %from.short(), ?other, "request not served by this node version");
-                Response::error(RemoteErrorKind::BadRequest, "request not supported by this node")
+            Request::MetaMerge { table, key, value } => match self.apply_meta_merge(table, &key, &value).await {
+                Ok(()) => Response::MetaMerged,
+                Err(error) => {
+                    tracing::warn!(peer = %from.short(), %error, "refused a metadata write");
+                    Response::error(RemoteErrorKind::BadRequest, error.to_string())
+                }
+            },
+            request @ (Request::MetaGet { .. } | Request::MetaScan { .. }) => self.serve_meta_read(&request),
+            request @ (Request::MetaDigest { .. } | Request::MetaBucketRows { .. }) => {
+                self.serve_anti_entropy(&request)
+            }
+            request @ (Request::PutShard { .. } | Request::GetShard { .. } | Request::DeleteShard { .. }) => {
+                self.serve_shard_request(request).await
             }
         }
     }

@@ -14,6 +14,7 @@ use bdr_protocol::layout::{NodeSpec, NodeStatus};
 use bdr_protocol::wire::{Request, Response};
 use rand::{RngCore, SeedableRng};
 
+use crate::cluster::data::DataKeys;
 use crate::cluster::membership::MembershipConfig;
 use crate::cluster::{ClusterInbound, ClusterNode};
 use crate::config::NodeConfig;
@@ -21,6 +22,7 @@ use crate::env::{BoxFuture, Env, MetaStore, NetworkError, ShardStore};
 use crate::identity::NodeIdentity;
 use crate::stores::file_shards::FileShardStore;
 use crate::stores::sled_meta::SledMetaStore;
+use bdr_protocol::envelope::RootKey;
 use network::{NetworkHandle, NetworkSettings};
 
 pub struct ProductionEnv {
@@ -94,7 +96,7 @@ impl Env for ProductionEnv {
 pub enum StartError {
     #[error("{0}")]
     Identity(#[from] crate::identity::IdentityError),
-    #[error("cannot read the cluster secret {path}: {reason}")]
+    #[error("cannot read the key file {path}: {reason}")]
     Secret { path: String, reason: String },
     #[error("cannot open the {what} store: {reason}")]
     Store { what: &'static str, reason: String },
@@ -139,6 +141,25 @@ pub async fn start_node(config: &NodeConfig) -> Result<RunningNode, StartError> 
         what: "metadata",
         reason: error.to_string(),
     })?;
+    let data_keys = match &config.data_key_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|error| StartError::Secret {
+                path: path.display().to_string(),
+                reason: error.to_string(),
+            })?;
+            let root = RootKey::from_hex(&text).ok_or_else(|| StartError::Secret {
+                path: path.display().to_string(),
+                reason: "must hold 64 hex characters (make one with `bdr-node gen-secret`)".into(),
+            })?;
+            Some(DataKeys::from_root(&root))
+        }
+        None => {
+            if config.roles.gateway {
+                tracing::warn!("no data_key_file: this gateway cannot read or write object data");
+            }
+            None
+        }
+    };
     let network = network::start(
         &identity,
         NetworkSettings {
@@ -159,6 +180,8 @@ pub async fn start_node(config: &NodeConfig) -> Result<RunningNode, StartError> 
         MembershipConfig {
             down_after_ms: config.down_after_ms,
             gossip_interval_ms: config.gossip_interval_ms,
+            anti_entropy_interval_ms: config.anti_entropy_interval_ms,
+            tombstone_grace_ms: config.tombstone_grace_ms,
         },
         NodeSpec {
             zone: config.zone.clone(),
@@ -166,6 +189,7 @@ pub async fn start_node(config: &NodeConfig) -> Result<RunningNode, StartError> 
             roles: config.roles,
             status: NodeStatus::Active,
         },
+        data_keys,
     )
     .await?;
     network

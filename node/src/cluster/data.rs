@@ -1,0 +1,809 @@
+//! The object data path: buckets, and objects written as encrypted, erasure-coded stripes
+//! (or sealed inline in metadata when small), read back from any k shards per stripe.
+//!
+//! Write: the body is read stripe by stripe (never whole); each stripe is named by a keyed
+//! hash, sealed, encoded into k+m shards and sent to its placement holders in parallel,
+//! with at most [`STRIPES_IN_FLIGHT_MAX`] stripes in flight. A shard whose holder fails is
+//! retried on the next placement candidate in the same zone. A stripe counts as written
+//! only when the shards that are durable survive the loss of a zone (and of a node) as
+//! far as the layout allows; the object is acknowledged only after its manifest is
+//! committed to a metadata quorum.
+//!
+//! Read: the manifest comes from a metadata quorum; per stripe, shards are fetched from
+//! the nearest candidates first and the next candidate is tried on any failure, until k
+//! verified shards decode. The AEAD then authenticates the whole stripe, and its keyed
+//! hash must match the stripe id, so wrong bytes are never returned.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Range;
+use std::sync::Arc;
+
+use bdr_protocol::envelope::{self, DerivedKey, KeyPurpose, RootKey, NONCE_LENGTH_BYTES};
+use bdr_protocol::erasure::{CodecId, Shard, StripeCodec};
+use bdr_protocol::ids::{NodeId, StripeId, ZoneName};
+use bdr_protocol::layout::Layout;
+use bdr_protocol::placement::{failures_tolerated, place, place_with};
+use bdr_protocol::records::{
+    BucketRecord, Lww, Manifest, ObjectData, ObjectVersionRecord, Record, RowKey, StripeRef, VersioningState,
+};
+use bdr_protocol::wire::{RemoteErrorKind, Request, Response, Table};
+use futures::channel::oneshot;
+use futures::stream::FuturesUnordered;
+use futures::{AsyncRead, AsyncReadExt, Stream, StreamExt};
+use md5::{Digest, Md5};
+
+use super::membership::Liveness;
+use super::metadata::MetaError;
+use super::ClusterNode;
+use crate::env::{Env, ShardKey, StoreError, Tree};
+
+/// Objects up to this size are sealed inline in metadata instead of erasure-coded.
+pub const INLINE_OBJECT_BYTES_DEFAULT: u32 = 64 * 1024;
+pub const STRIPE_LENGTH_BYTES_DEFAULT: u32 = 4 * 1024 * 1024;
+pub const DATA_SHARDS_DEFAULT: u8 = 4;
+pub const PARITY_SHARDS_DEFAULT: u8 = 2;
+/// Stripes being encoded and sent at once during one put: bounds a put's memory to about
+/// this many times (stripe + sealed stripe + shards).
+pub const STRIPES_IN_FLIGHT_MAX: usize = 2;
+pub const SHARD_WRITE_TIMEOUT_MS: u64 = 30_000;
+pub const SHARD_READ_TIMEOUT_MS: u64 = 15_000;
+/// Holders tried per shard index before the index counts as failed.
+pub const SHARD_WRITE_ATTEMPTS_MAX: usize = 3;
+/// Longest object key (S3's limit) and bucket name.
+pub const OBJECT_KEY_BYTES_MAX: usize = 1024;
+pub const BUCKET_NAME_BYTES_MAX: usize = 63;
+/// The version id of objects written while versioning is off.
+pub const NULL_VERSION: &str = "null";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error("this node holds no data key (storage-only): it cannot serve object data")]
+    NoDataKeys,
+    #[error("invalid bucket name {0:?}")]
+    InvalidBucketName(String),
+    #[error("invalid object key: {0}")]
+    InvalidKey(String),
+    #[error("no such bucket {0:?}")]
+    NoSuchBucket(String),
+    #[error("bucket {0:?} already exists")]
+    BucketExists(String),
+    #[error("no such key")]
+    NoSuchKey,
+    #[error("range {start}..{end} is not satisfiable for an object of {size} bytes")]
+    InvalidRange { start: u64, end: u64, size: u64 },
+    #[error("reading the request body failed: {0}")]
+    Body(String),
+    #[error("write not durable: {0}")]
+    NotDurable(String),
+    #[error("stripe {stripe} cannot be read: {reason}")]
+    StripeUnreadable { stripe: String, reason: String },
+    #[error("object data failed verification: {0}")]
+    Corrupt(String),
+    #[error("metadata: {0}")]
+    Meta(#[from] MetaError),
+}
+
+/// The keys a gateway node holds. Storage-only nodes have none.
+#[derive(Clone)]
+pub struct DataKeys {
+    stripe_data: DerivedKey,
+    inline_data: DerivedKey,
+    stripe_naming: [u8; 32],
+}
+
+impl DataKeys {
+    pub fn from_root(root: &RootKey) -> DataKeys {
+        DataKeys {
+            stripe_data: root.derive(KeyPurpose::StripeData, 0),
+            inline_data: root.derive(KeyPurpose::InlineData, 0),
+            stripe_naming: root.derive(KeyPurpose::StripeNaming, 0).bytes,
+        }
+    }
+}
+
+enum FetchError {
+    /// The shard exists but failed verification: skip it and have it repaired.
+    Corrupt(String),
+    /// The shard could not be had from that node (down, missing, timeout).
+    Unavailable(String),
+}
+
+/// What a put writes besides the bytes.
+#[derive(Debug, Clone, Default)]
+pub struct ObjectWrite {
+    pub bucket: String,
+    pub key: String,
+    pub content_type: Option<String>,
+    pub user_metadata: BTreeMap<String, String>,
+}
+
+pub fn validate_bucket_name(name: &str) -> Result<(), DataError> {
+    let valid = (3..=BUCKET_NAME_BYTES_MAX).contains(&name.len())
+        && name
+            .bytes()
+            .all(|byte| byte.is_ascii_lowercase() || byte.is_ascii_digit() || byte == b'-' || byte == b'.')
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+        && name.as_bytes()[name.len() - 1].is_ascii_alphanumeric();
+    if !valid {
+        return Err(DataError::InvalidBucketName(name.to_string()));
+    }
+    Ok(())
+}
+
+fn validate_key(key: &str) -> Result<(), DataError> {
+    if key.is_empty() || key.len() > OBJECT_KEY_BYTES_MAX {
+        return Err(DataError::InvalidKey(format!(
+            "must be 1..={OBJECT_KEY_BYTES_MAX} bytes"
+        )));
+    }
+    if key.contains('\0') {
+        return Err(DataError::InvalidKey("must not contain NUL".into()));
+    }
+    Ok(())
+}
+
+fn object_row(bucket: &str, key: &str, version_id: &str) -> RowKey {
+    let mut sort_key = key.as_bytes().to_vec();
+    sort_key.push(0);
+    sort_key.extend_from_slice(version_id.as_bytes());
+    RowKey::new(bucket.as_bytes(), sort_key)
+}
+
+fn bucket_row(bucket: &str) -> RowKey {
+    RowKey::new(bucket.as_bytes(), Vec::new())
+}
+
+fn inline_binding(bucket: &str, key: &str, version_id: &str) -> Vec<u8> {
+    let mut binding = b"I".to_vec();
+    for part in [bucket, key, version_id] {
+        binding.extend_from_slice(&(part.len() as u32).to_le_bytes());
+        binding.extend_from_slice(part.as_bytes());
+    }
+    binding
+}
+
+/// Reads until `buffer` holds `length` bytes or the body ends; returns bytes read.
+async fn fill<R: AsyncRead + Unpin>(body: &mut R, buffer: &mut Vec<u8>, length: usize) -> Result<usize, DataError> {
+    let start = buffer.len();
+    buffer.resize(length, 0);
+    let mut filled = start;
+    while filled < length {
+        let read = body
+            .read(&mut buffer[filled..])
+            .await
+            .map_err(|error| DataError::Body(error.to_string()))?;
+        if read == 0 {
+            break;
+        }
+        filled += read;
+    }
+    buffer.truncate(filled);
+    Ok(filled - start)
+}
+
+impl<E: Env> ClusterNode<E> {
+    fn data_keys(&self) -> Result<&DataKeys, DataError> {
+        self.data_keys.as_ref().ok_or(DataError::NoDataKeys)
+    }
+
+    fn random_nonce(&self) -> [u8; NONCE_LENGTH_BYTES] {
+        let mut nonce = [0u8; NONCE_LENGTH_BYTES];
+        for chunk in nonce.chunks_mut(8) {
+            chunk.copy_from_slice(&self.env.random_u64().to_le_bytes()[..chunk.len()]);
+        }
+        nonce
+    }
+
+    pub async fn create_bucket(self: &Arc<Self>, name: &str, owner_key_id: &str) -> Result<BucketRecord, DataError> {
+        validate_bucket_name(name)?;
+        if self.bucket(name).await?.is_some() {
+            return Err(DataError::BucketExists(name.to_string()));
+        }
+        let record = BucketRecord {
+            name: name.to_string(),
+            owner_key_id: owner_key_id.to_string(),
+            created_at_ms: self.env.now_ms(),
+            versioning: VersioningState::Unversioned,
+            object_lock_enabled: false,
+            default_retention: None,
+            codec: StripeCodec::new(CodecId::DEFAULT, DATA_SHARDS_DEFAULT, PARITY_SHARDS_DEFAULT)
+                .expect("default code is valid"),
+            stripe_length_bytes: STRIPE_LENGTH_BYTES_DEFAULT,
+        };
+        self.meta_put(Table::Buckets, &bucket_row(name), Some(Record::Bucket(record.clone())))
+            .await?;
+        Ok(record)
+    }
+
+    pub async fn bucket(self: &Arc<Self>, name: &str) -> Result<Option<BucketRecord>, DataError> {
+        validate_bucket_name(name)?;
+        match self.meta_get(Table::Buckets, &bucket_row(name)).await? {
+            Some(Lww {
+                value: Some(Record::Bucket(bucket)),
+                ..
+            }) => Ok(Some(bucket)),
+            _ => Ok(None),
+        }
+    }
+
+    /// Stores an object read from `body`; returns its record once it is durable.
+    pub async fn put_object<R: AsyncRead + Unpin + Send>(
+        self: &Arc<Self>,
+        write: ObjectWrite,
+        mut body: R,
+    ) -> Result<ObjectVersionRecord, DataError> {
+        validate_key(&write.key)?;
+        let keys = self.data_keys()?.clone();
+        let bucket = self
+            .bucket(&write.bucket)
+            .await?
+            .ok_or_else(|| DataError::NoSuchBucket(write.bucket.clone()))?;
+        let version_id = NULL_VERSION.to_string();
+        let mut md5 = Md5::new();
+
+        // Small objects: read one byte past the inline limit to know which path to take.
+        let inline_limit = INLINE_OBJECT_BYTES_DEFAULT as usize;
+        let mut first = Vec::with_capacity(inline_limit + 1);
+        fill(&mut body, &mut first, inline_limit + 1).await?;
+        let (data, size_bytes) = if first.len() <= inline_limit {
+            md5.update(&first);
+            let binding = inline_binding(&write.bucket, &write.key, &version_id);
+            let sealed = envelope::seal(&keys.inline_data, self.random_nonce(), &binding, &first);
+            (ObjectData::Inline { sealed }, first.len() as u64)
+        } else {
+            let (manifest, size_bytes) = self.write_stripes(&bucket, &mut body, first, &mut md5).await?;
+            (ObjectData::Striped(manifest), size_bytes)
+        };
+        let record = ObjectVersionRecord {
+            bucket: write.bucket.clone(),
+            key: write.key.clone(),
+            version_id: version_id.clone(),
+            created_at_ms: self.env.now_ms(),
+            size_bytes,
+            etag: format!("\"{}\"", hex::encode(md5.finalize())),
+            content_type: write.content_type,
+            user_metadata: write.user_metadata,
+            checksums: BTreeMap::new(),
+            data,
+            retention: None,
+            legal_hold: false,
+        };
+        self.meta_put(
+            Table::Objects,
+            &object_row(&write.bucket, &write.key, &version_id),
+            Some(Record::ObjectVersion(record.clone())),
+        )
+        .await?;
+        Ok(record)
+    }
+
+    /// Reads the body stripe by stripe, with a bounded number of stripes in flight.
+    async fn write_stripes<R: AsyncRead + Unpin + Send>(
+        self: &Arc<Self>,
+        bucket: &BucketRecord,
+        body: &mut R,
+        first: Vec<u8>,
+        md5: &mut Md5,
+    ) -> Result<(Manifest, u64), DataError> {
+        let stripe_length = bucket.stripe_length_bytes as usize;
+        let codec = bucket.codec;
+        let mut in_flight: std::collections::VecDeque<oneshot::Receiver<Result<StripeRef, DataError>>> =
+            std::collections::VecDeque::new();
+        let mut stripes = Vec::new();
+        let mut size_bytes = 0u64;
+        let mut carry = first;
+        loop {
+            let mut plaintext = std::mem::take(&mut carry);
+            fill(body, &mut plaintext, stripe_length).await?;
+            if plaintext.is_empty() {
+                break;
+            }
+            md5.update(&plaintext);
+            size_bytes += plaintext.len() as u64;
+            let end_of_body = plaintext.len() < stripe_length;
+            if in_flight.len() >= STRIPES_IN_FLIGHT_MAX {
+                stripes.push(Self::stripe_result(in_flight.pop_front().expect("non-empty")).await?);
+            }
+            let (sender, receiver) = oneshot::channel();
+            let node = Arc::clone(self);
+            self.env.spawn(
+                "write-stripe",
+                Box::pin(async move {
+                    let _ = sender.send(node.write_stripe(codec, plaintext).await);
+                }),
+            );
+            in_flight.push_back(receiver);
+            if end_of_body {
+                break;
+            }
+        }
+        while let Some(receiver) = in_flight.pop_front() {
+            stripes.push(Self::stripe_result(receiver).await?);
+        }
+        let keys_epoch = 0;
+        Ok((
+            Manifest {
+                codec,
+                key_epoch: keys_epoch,
+                stripes,
+            },
+            size_bytes,
+        ))
+    }
+
+    async fn stripe_result(receiver: oneshot::Receiver<Result<StripeRef, DataError>>) -> Result<StripeRef, DataError> {
+        receiver
+            .await
+            .unwrap_or_else(|_| Err(DataError::NotDurable("stripe writer stopped".into())))
+    }
+
+    fn zone_of(layout: &Layout, node: &NodeId) -> Option<ZoneName> {
+        layout.get(node).map(|entry| entry.zone.clone())
+    }
+
+    /// Hashes, seals, encodes and stores one stripe durably.
+    async fn write_stripe(self: Arc<Self>, codec: StripeCodec, plaintext: Vec<u8>) -> Result<StripeRef, DataError> {
+        let keys = self.data_keys()?;
+        let stripe_id = StripeId::for_plaintext(&keys.stripe_naming, &plaintext);
+        let sealed = envelope::seal(
+            &keys.stripe_data,
+            self.random_nonce(),
+            &envelope::stripe_binding(&stripe_id),
+            &plaintext,
+        );
+        let shards = codec
+            .encode(stripe_id, &sealed)
+            .map_err(|error| DataError::NotDurable(error.to_string()))?;
+        let layout = self.layout();
+        let (k, m) = (codec.data_shards, codec.parity_shards);
+        let canonical = place(&layout, &stripe_id, k, m).map_err(|error| DataError::NotDurable(error.to_string()))?;
+
+        let attempts = shards.into_iter().map(|shard| {
+            let node = Arc::clone(&self);
+            let layout = layout.clone();
+            async move { node.store_shard_with_fallback(&layout, shard).await }
+        });
+        let results: Vec<Result<NodeId, String>> = futures::future::join_all(attempts).await;
+        let failures: Vec<String> = results
+            .iter()
+            .enumerate()
+            .filter_map(|(index, result)| result.as_ref().err().map(|reason| format!("shard {index}: {reason}")))
+            .collect();
+        let durable: Vec<(usize, NodeId)> = results
+            .iter()
+            .enumerate()
+            .filter_map(|(index, result)| result.as_ref().ok().map(|node| (index, *node)))
+            .collect();
+        // Failed indexes are recorded at their canonical holder, where repair puts them.
+        let holders: Vec<NodeId> = results
+            .iter()
+            .enumerate()
+            .map(|(index, result)| *result.as_ref().unwrap_or(&canonical.holders[index]))
+            .collect();
+        let mut per_zone: BTreeMap<ZoneName, usize> = BTreeMap::new();
+        let mut per_node: BTreeMap<NodeId, usize> = BTreeMap::new();
+        for (_, node) in &durable {
+            if let Some(zone) = Self::zone_of(&layout, node) {
+                *per_zone.entry(zone).or_default() += 1;
+            }
+            *per_node.entry(*node).or_default() += 1;
+        }
+        let zones_tolerated = failures_tolerated(per_zone.into_values().collect(), k);
+        let nodes_tolerated = failures_tolerated(per_node.into_values().collect(), k);
+        let zones_required = canonical.zone_failures_tolerated.min(1);
+        let nodes_required = canonical.node_failures_tolerated.min(1);
+        let enough =
+            durable.len() >= usize::from(k) && zones_tolerated >= zones_required && nodes_tolerated >= nodes_required;
+        if !enough {
+            return Err(DataError::NotDurable(format!(
+                "stripe {}: {} of {} shards stored, surviving {zones_tolerated} zone and {nodes_tolerated} node losses \
+                 where {zones_required} and {nodes_required} are required ({})",
+                stripe_id.short(),
+                durable.len(),
+                k + m,
+                failures.join("; ")
+            )));
+        }
+        if !failures.is_empty() {
+            tracing::warn!(stripe = %stripe_id.short(), failures = %failures.join("; "), "stripe written degraded");
+            self.record_repair_hint(&stripe_id);
+        }
+        Ok(StripeRef {
+            stripe_id,
+            plaintext_length_bytes: plaintext.len() as u64,
+            sealed_length_bytes: sealed.len() as u64,
+            holders,
+        })
+    }
+
+    /// Notes a stripe that needs repair (consumed by the repair loop).
+    fn record_repair_hint(&self, stripe_id: &StripeId) {
+        let key = format!("repair/{stripe_id}");
+        if let Err(error) = self.env.meta_store().put(Tree::System, key.as_bytes(), &[1]) {
+            tracing::error!(%error, "cannot record a repair hint");
+        }
+    }
+
+    /// Stores one shard on its placement holder, falling back to the next candidates
+    /// (same zone first, by placement) when holders fail. Returns the node that has it.
+    async fn store_shard_with_fallback(self: &Arc<Self>, layout: &Layout, shard: Shard) -> Result<NodeId, String> {
+        let header = shard.header().clone();
+        let index = usize::from(header.index);
+        let now_ms = self.env.now_ms();
+        let mut failed: BTreeSet<NodeId> = BTreeSet::new();
+        let mut last_error = String::from("no attempt made");
+        for _ in 0..SHARD_WRITE_ATTEMPTS_MAX {
+            let placement = {
+                let membership = self.membership.lock().expect("not poisoned");
+                place_with(
+                    layout,
+                    &header.stripe_id,
+                    header.data_shards,
+                    header.parity_shards,
+                    |node| !failed.contains(node) && membership.liveness(node, now_ms) != Liveness::Down,
+                )
+            };
+            let Ok(placement) = placement else { break };
+            let target = placement.holders[index];
+            match self.put_shard_on(target, &shard).await {
+                Ok(()) => return Ok(target),
+                Err(error) => {
+                    last_error = format!("{}: {error}", target.short());
+                    failed.insert(target);
+                }
+            }
+        }
+        Err(last_error)
+    }
+
+    async fn put_shard_on(&self, target: NodeId, shard: &Shard) -> Result<(), String> {
+        if target == self.env.node_id() {
+            return self
+                .env
+                .shard_store()
+                .put(shard.clone())
+                .await
+                .map_err(|error| error.to_string());
+        }
+        let request = Request::PutShard {
+            shard: shard.to_bytes(),
+        };
+        match self.env.request(target, request, SHARD_WRITE_TIMEOUT_MS).await {
+            Ok(Response::ShardStored) => Ok(()),
+            Ok(Response::Error { message, .. }) => Err(message),
+            Ok(other) => Err(format!("unexpected answer {other:?}")),
+            Err(error) => Err(error.to_string()),
+        }
+    }
+
+    /// Storage side of PutShard / GetShard / DeleteShard.
+    pub(crate) async fn serve_shard_request(&self, request: Request) -> Response {
+        let store = self.env.shard_store();
+        let store_error = |error: StoreError| match error {
+            StoreError::NotFound => Response::error(RemoteErrorKind::NotFound, "no such shard"),
+            StoreError::Corrupt(reason) => Response::error(RemoteErrorKind::Corrupt, reason),
+            StoreError::DiskFull { .. } => Response::error(RemoteErrorKind::DiskFull, error.to_string()),
+            StoreError::Io(reason) => Response::error(RemoteErrorKind::Internal, reason),
+        };
+        match request {
+            Request::PutShard { shard } => match Shard::from_bytes(&shard) {
+                Ok(shard) => match store.put(shard).await {
+                    Ok(()) => Response::ShardStored,
+                    Err(error) => store_error(error),
+                },
+                Err(error) => Response::error(RemoteErrorKind::BadRequest, error.to_string()),
+            },
+            Request::GetShard { stripe_id, index } => match store.get(ShardKey { stripe_id, index }).await {
+                Ok(shard) => Response::Shard {
+                    shard: shard.to_bytes(),
+                },
+                Err(error) => store_error(error),
+            },
+            Request::DeleteShard { stripe_id, index } => match store.delete(ShardKey { stripe_id, index }).await {
+                Ok(_) => Response::Deleted,
+                Err(error) => store_error(error),
+            },
+            _ => Response::error(RemoteErrorKind::BadRequest, "not a shard request"),
+        }
+    }
+
+    /// The current record of an object (latest write of its "null" version).
+    pub async fn head_object(self: &Arc<Self>, bucket: &str, key: &str) -> Result<ObjectVersionRecord, DataError> {
+        validate_key(key)?;
+        match self
+            .meta_get(Table::Objects, &object_row(bucket, key, NULL_VERSION))
+            .await?
+        {
+            Some(Lww {
+                value: Some(Record::ObjectVersion(record)),
+                ..
+            }) => Ok(record),
+            _ => Err(DataError::NoSuchKey),
+        }
+    }
+
+    /// Deletes an object (a tombstone; its shards are collected later).
+    pub async fn delete_object(self: &Arc<Self>, bucket: &str, key: &str) -> Result<(), DataError> {
+        validate_key(key)?;
+        self.meta_put(Table::Objects, &object_row(bucket, key, NULL_VERSION), None)
+            .await?;
+        Ok(())
+    }
+
+    /// Lists live object keys of a bucket in order, up to `limit`, after `after`.
+    pub async fn list_objects(
+        self: &Arc<Self>,
+        bucket: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<ObjectVersionRecord>, DataError> {
+        let after_sort_key = after.map(|key| {
+            let mut sort_key = key.as_bytes().to_vec();
+            sort_key.push(0xff);
+            sort_key
+        });
+        let rows = self
+            .meta_scan(
+                Table::Objects,
+                bucket.as_bytes(),
+                prefix.as_bytes(),
+                after_sort_key.as_deref(),
+                limit,
+            )
+            .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(_, register)| match register.value {
+                Some(Record::ObjectVersion(record)) => Some(record),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// Streams `range` of an object's bytes, verified, with one stripe of read-ahead.
+    pub fn read_object(
+        self: &Arc<Self>,
+        record: ObjectVersionRecord,
+        range: Range<u64>,
+    ) -> Result<impl Stream<Item = Result<Vec<u8>, DataError>> + Send + 'static, DataError> {
+        if range.start > range.end || range.end > record.size_bytes {
+            return Err(DataError::InvalidRange {
+                start: range.start,
+                end: range.end,
+                size: record.size_bytes,
+            });
+        }
+        let keys = self.data_keys()?.clone();
+        // Pieces to produce: (stripe to read, or the inline object) and the slice of it.
+        let mut pieces: Vec<(Option<StripeRef>, Range<usize>)> = Vec::new();
+        let mut codec = None;
+        match &record.data {
+            ObjectData::Inline { .. } => pieces.push((None, range.start as usize..range.end as usize)),
+            ObjectData::Striped(manifest) => {
+                codec = Some(manifest.codec);
+                let mut offset = 0u64;
+                for stripe in &manifest.stripes {
+                    let stripe_range = offset..offset + stripe.plaintext_length_bytes;
+                    offset = stripe_range.end;
+                    let start = range.start.max(stripe_range.start);
+                    let end = range.end.min(stripe_range.end);
+                    if start < end {
+                        let slice = (start - stripe_range.start) as usize..(end - stripe_range.start) as usize;
+                        pieces.push((Some(stripe.clone()), slice));
+                    }
+                }
+            }
+            ObjectData::DeleteMarker => return Err(DataError::NoSuchKey),
+        }
+        let node = Arc::clone(self);
+        let record = Arc::new(record);
+        let fetch = move |piece: (Option<StripeRef>, Range<usize>)| {
+            let (node, keys, record) = (Arc::clone(&node), keys.clone(), Arc::clone(&record));
+            let (sender, receiver) = oneshot::channel();
+            let env = Arc::clone(node.env());
+            env.spawn(
+                "read-stripe",
+                Box::pin(async move {
+                    let bytes = match (&piece.0, &record.data, codec) {
+                        (None, ObjectData::Inline { sealed }, _) => {
+                            let binding = inline_binding(&record.bucket, &record.key, &record.version_id);
+                            envelope::open(&keys.inline_data, &binding, sealed)
+                                .map_err(|error| DataError::Corrupt(error.to_string()))
+                        }
+                        (Some(stripe), _, Some(codec)) => node.read_stripe(&keys, codec, stripe).await,
+                        _ => Err(DataError::Corrupt("manifest and piece disagree".into())),
+                    };
+                    let sliced = bytes.and_then(|bytes| {
+                        bytes
+                            .get(piece.1.clone())
+                            .map(<[u8]>::to_vec)
+                            .ok_or_else(|| DataError::Corrupt("stripe shorter than its manifest says".into()))
+                    });
+                    let _ = sender.send(sliced);
+                }),
+            );
+            receiver
+        };
+        let mut pieces = pieces.into_iter();
+        let first = pieces.next().map(&fetch);
+        let state = (first, pieces, fetch);
+        Ok(futures::stream::unfold(
+            state,
+            |(current, mut pieces, fetch)| async move {
+                let current = current?;
+                // Start the next stripe before waiting for this one: one stripe of read-ahead.
+                let next = pieces.next().map(&fetch);
+                let result = current
+                    .await
+                    .unwrap_or_else(|_| Err(DataError::Corrupt("stripe reader stopped".into())));
+                Some((result, (next, pieces, fetch)))
+            },
+        ))
+    }
+
+    /// Where shard `index` of `stripe` may be, best first: where it was written, where
+    /// placement puts it now, and where placement puts it with down nodes excluded.
+    fn shard_candidates(
+        &self,
+        layout: &Layout,
+        codec: StripeCodec,
+        stripe: &StripeRef,
+        now_ms: u64,
+    ) -> Vec<Vec<NodeId>> {
+        let (k, m) = (codec.data_shards, codec.parity_shards);
+        let canonical = place(layout, &stripe.stripe_id, k, m).ok();
+        let available = {
+            let membership = self.membership.lock().expect("not poisoned");
+            place_with(layout, &stripe.stripe_id, k, m, |node| {
+                membership.liveness(node, now_ms) != Liveness::Down
+            })
+            .ok()
+        };
+        (0..usize::from(k + m))
+            .map(|index| {
+                let mut candidates = Vec::new();
+                let sources = [
+                    stripe.holders.get(index).copied(),
+                    canonical.as_ref().map(|placement| placement.holders[index]),
+                    available.as_ref().map(|placement| placement.holders[index]),
+                ];
+                for node in sources.into_iter().flatten() {
+                    if !candidates.contains(&node) {
+                        candidates.push(node);
+                    }
+                }
+                candidates
+            })
+            .collect()
+    }
+
+    async fn fetch_shard(&self, node: NodeId, stripe_id: StripeId, index: u8) -> Result<Shard, FetchError> {
+        if node == self.env.node_id() {
+            return match self.env.shard_store().get(ShardKey { stripe_id, index }).await {
+                Ok(shard) => Ok(shard),
+                Err(StoreError::Corrupt(reason)) => Err(FetchError::Corrupt(reason)),
+                Err(error) => Err(FetchError::Unavailable(error.to_string())),
+            };
+        }
+        match self
+            .env
+            .request(node, Request::GetShard { stripe_id, index }, SHARD_READ_TIMEOUT_MS)
+            .await
+        {
+            // A shard damaged in transit is as bad as one damaged on disk.
+            Ok(Response::Shard { shard }) => {
+                Shard::from_bytes(&shard).map_err(|error| FetchError::Corrupt(error.to_string()))
+            }
+            Ok(Response::Error {
+                kind: RemoteErrorKind::Corrupt,
+                message,
+            }) => Err(FetchError::Corrupt(message)),
+            Ok(Response::Error { kind, message }) => Err(FetchError::Unavailable(format!("{kind:?}: {message}"))),
+            Ok(other) => Err(FetchError::Unavailable(format!("unexpected answer {other:?}"))),
+            Err(error) => Err(FetchError::Unavailable(error.to_string())),
+        }
+    }
+
+    /// Reads one stripe from any k verified shards, nearest first.
+    async fn read_stripe(&self, keys: &DataKeys, codec: StripeCodec, stripe: &StripeRef) -> Result<Vec<u8>, DataError> {
+        let layout = self.layout();
+        let now_ms = self.env.now_ms();
+        let me = self.env.node_id();
+        let my_zone = Self::zone_of(&layout, &me);
+        let candidates = self.shard_candidates(&layout, codec, stripe, now_ms);
+        let rank = |node: &NodeId| -> u8 {
+            let liveness = self.liveness(node);
+            match () {
+                _ if *node == me => 0,
+                _ if liveness == Liveness::Down => 3,
+                _ if Self::zone_of(&layout, node) == my_zone => 1,
+                _ => 2,
+            }
+        };
+        // Attempts in order: indexes by their best candidate's rank (data shards first on
+        // ties: decoding from data shards alone is a copy), then the other candidates.
+        let mut order: Vec<(u8, u8, usize, NodeId)> = Vec::new();
+        for (index, nodes) in candidates.iter().enumerate() {
+            for (position, node) in nodes.iter().enumerate() {
+                order.push((rank(node), position as u8, index, *node));
+            }
+        }
+        order.sort_by_key(|(rank, position, index, _)| (*position, *rank, *index));
+        let mut queue: std::collections::VecDeque<(usize, NodeId)> =
+            order.into_iter().map(|(_, _, index, node)| (index, node)).collect();
+
+        let needed = usize::from(codec.data_shards);
+        let mut obtained: BTreeMap<usize, Shard> = BTreeMap::new();
+        let mut pending_indexes: BTreeSet<usize> = BTreeSet::new();
+        let mut in_flight = FuturesUnordered::new();
+        let mut errors = Vec::new();
+        loop {
+            while obtained.len() + in_flight.len() < needed {
+                let Some((index, node)) = queue.pop_front() else { break };
+                if obtained.contains_key(&index) || pending_indexes.contains(&index) {
+                    continue;
+                }
+                pending_indexes.insert(index);
+                let stripe_id = stripe.stripe_id;
+                in_flight.push(async move { (index, node, self.fetch_shard(node, stripe_id, index as u8).await) });
+            }
+            let Some((index, node, result)) = in_flight.next().await else {
+                break;
+            };
+            pending_indexes.remove(&index);
+            match result {
+                Ok(shard)
+                    if shard.header().stripe_id == stripe.stripe_id
+                        && usize::from(shard.header().index) == index
+                        && shard.header().codec == codec.codec =>
+                {
+                    obtained.insert(index, shard);
+                    if obtained.len() >= needed {
+                        break;
+                    }
+                }
+                Ok(_) => errors.push(format!("{}: shard {index} is not the one asked for", node.short())),
+                Err(FetchError::Corrupt(reason)) => {
+                    tracing::warn!(stripe = %stripe.stripe_id.short(), index, node = %node.short(), %reason, "corrupt shard skipped");
+                    self.record_repair_hint(&stripe.stripe_id);
+                    errors.push(format!("{} shard {index} corrupt: {reason}", node.short()));
+                }
+                Err(FetchError::Unavailable(reason)) => {
+                    errors.push(format!("{} shard {index}: {reason}", node.short()))
+                }
+            }
+        }
+        if obtained.len() < needed {
+            return Err(DataError::StripeUnreadable {
+                stripe: stripe.stripe_id.to_string(),
+                reason: format!(
+                    "{} of {needed} shards available ({})",
+                    obtained.len(),
+                    errors.join("; ")
+                ),
+            });
+        }
+        if !errors.is_empty() {
+            self.record_repair_hint(&stripe.stripe_id);
+        }
+        let shards: Vec<Shard> = obtained.into_values().collect();
+        let sealed = codec
+            .decode(stripe.stripe_id, &shards)
+            .map_err(|error| DataError::StripeUnreadable {
+                stripe: stripe.stripe_id.to_string(),
+                reason: error.to_string(),
+            })?;
+        let plaintext = envelope::open(&keys.stripe_data, &envelope::stripe_binding(&stripe.stripe_id), &sealed)
+            .map_err(|error| DataError::Corrupt(format!("stripe {}: {error}", stripe.stripe_id.short())))?;
+        if StripeId::for_plaintext(&keys.stripe_naming, &plaintext) != stripe.stripe_id
+            || plaintext.len() as u64 != stripe.plaintext_length_bytes
+        {
+            return Err(DataError::Corrupt(format!(
+                "stripe {} does not match its id",
+                stripe.stripe_id.short()
+            )));
+        }
+        Ok(plaintext)
+    }
+}

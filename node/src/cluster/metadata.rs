@@ -1,0 +1,387 @@
+//! Replicated metadata: quorum writes and reads of LWW registers over 3 replicas.
+//!
+//! A row's partition (a hash of its partition key, e.g. the bucket name) is placed like a
+//! stripe with k=1, m=2, so its 3 replicas sit in distinct zones whenever the cluster has
+//! 3 zones. Writes read first (a quorum), then write with a hybrid timestamp above what
+//! they read, so a later acknowledged write wins even when writers' clocks disagree by
+//! minutes. Reads merge a quorum of answers and repair stale replicas in the background.
+//! A replica merges every incoming value with what it holds (never blind overwrite) and
+//! flushes before acknowledging.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use bdr_protocol::hlc::HlcTimestamp;
+use bdr_protocol::ids::NodeId;
+use bdr_protocol::placement::place;
+use bdr_protocol::records::{
+    decode_stored_value, encode_stored_value, Lww, Record, RecordDecodeError, RowKey, RowKeyError,
+};
+use bdr_protocol::wire::{MetaRow, RemoteErrorKind, Request, Response, Table, SCAN_ROWS_MAX};
+use futures::channel::mpsc;
+use futures::StreamExt;
+
+use super::ClusterNode;
+use crate::env::{Env, StoreError, Tree};
+
+/// Replicas per metadata partition.
+pub const METADATA_REPLICAS: u8 = 3;
+/// How long a coordinator waits for replicas before giving up on a quorum.
+pub const METADATA_TIMEOUT_MS: u64 = 10_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetaError {
+    #[error("no storage node is available to hold metadata")]
+    NoReplicas,
+    #[error("metadata quorum not reached: {reached} of {needed} replicas answered ({errors})")]
+    QuorumUnavailable {
+        needed: usize,
+        reached: usize,
+        errors: String,
+    },
+    #[error("metadata row key: {0}")]
+    RowKey(#[from] RowKeyError),
+    #[error("metadata record is corrupt: {0}")]
+    Corrupt(#[from] RecordDecodeError),
+    #[error("local metadata store: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// One replica's answer to a read or scan: rows by encoded key.
+type ReplicaRows = BTreeMap<Vec<u8>, Lww<Record>>;
+
+fn quorum_of(replica_count: usize) -> usize {
+    replica_count / 2 + 1
+}
+
+impl<E: Env> ClusterNode<E> {
+    /// The distinct replicas of the partition holding `partition_key`.
+    pub fn metadata_replicas(&self, partition_key: &[u8]) -> Result<Vec<NodeId>, MetaError> {
+        let layout = self.layout();
+        let partition = RowKey::partition_of(partition_key);
+        let placement = place(
+            &layout,
+            &RowKey::partition_placement_id(partition),
+            1,
+            METADATA_REPLICAS - 1,
+        )
+        .map_err(|_| MetaError::NoReplicas)?;
+        let mut replicas = placement.holders;
+        let mut seen = std::collections::BTreeSet::new();
+        replicas.retain(|node| seen.insert(*node));
+        Ok(replicas)
+    }
+
+    /// Merges `value` into the local row; returns whether the row changed. Not durable
+    /// until the store is flushed.
+    pub(crate) fn merge_local(&self, table: Table, key: &[u8], value: &[u8]) -> Result<bool, MetaError> {
+        RowKey::decode(key)?;
+        let incoming: Lww<Record> = decode_stored_value(value)?;
+        let store = self.env.meta_store();
+        let tree = Tree::Table(table);
+        let changed = match store.get(tree, key)? {
+            Some(existing) => {
+                let mut merged: Lww<Record> = decode_stored_value(&existing)?;
+                merged.merge(&incoming).then_some(merged)
+            }
+            None => Some(incoming),
+        };
+        match changed {
+            Some(merged) => {
+                store.put(tree, key, &encode_stored_value(&merged))?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// Replica side of a write: merges `value` into the local row and makes it durable.
+    pub(crate) async fn apply_meta_merge(&self, table: Table, key: &[u8], value: &[u8]) -> Result<(), MetaError> {
+        if self.merge_local(table, key, value)? {
+            self.env.meta_store().flush().await?;
+        }
+        Ok(())
+    }
+
+    fn local_rows(&self, request: &Request) -> Result<ReplicaRows, MetaError> {
+        let store = self.env.meta_store();
+        let mut rows = ReplicaRows::new();
+        match request {
+            Request::MetaGet { table, key } => {
+                if let Some(bytes) = store.get(Tree::Table(*table), key)? {
+                    rows.insert(key.clone(), decode_stored_value(&bytes)?);
+                }
+            }
+            Request::MetaScan {
+                table,
+                prefix,
+                after,
+                limit,
+            } => {
+                let limit = (*limit).min(SCAN_ROWS_MAX) as usize;
+                for (key, bytes) in store.scan(Tree::Table(*table), prefix, after.as_deref(), limit)? {
+                    rows.insert(key, decode_stored_value(&bytes)?);
+                }
+            }
+            _ => {}
+        }
+        Ok(rows)
+    }
+
+    /// Replica side of MetaGet / MetaScan.
+    pub(crate) fn serve_meta_read(&self, request: &Request) -> Response {
+        let rows = match self.local_rows(request) {
+            Ok(rows) => rows,
+            Err(error) => return Response::error(RemoteErrorKind::Internal, error.to_string()),
+        };
+        match request {
+            Request::MetaGet { .. } => Response::MetaValue {
+                value: rows.values().next().map(encode_stored_value),
+            },
+            _ => Response::MetaRows {
+                rows: rows
+                    .into_iter()
+                    .map(|(key, value)| MetaRow {
+                        key,
+                        value: encode_stored_value(&value),
+                    })
+                    .collect(),
+            },
+        }
+    }
+
+    /// Sends `request` to one replica (or serves it locally) and returns its rows.
+    async fn read_replica(self: Arc<Self>, replica: NodeId, request: Request) -> Result<ReplicaRows, String> {
+        if replica == self.env.node_id() {
+            return self.local_rows(&request).map_err(|error| error.to_string());
+        }
+        let key = match &request {
+            Request::MetaGet { key, .. } => Some(key.clone()),
+            _ => None,
+        };
+        match self.env.request(replica, request, METADATA_TIMEOUT_MS).await {
+            Ok(Response::MetaValue { value }) => {
+                let mut rows = ReplicaRows::new();
+                if let (Some(key), Some(value)) = (key, value) {
+                    rows.insert(key, decode_stored_value(&value).map_err(|error| error.to_string())?);
+                }
+                Ok(rows)
+            }
+            Ok(Response::MetaRows { rows }) => rows
+                .into_iter()
+                .map(|row| {
+                    Ok((
+                        row.key,
+                        decode_stored_value(&row.value).map_err(|error| error.to_string())?,
+                    ))
+                })
+                .collect(),
+            Ok(Response::Error { message, .. }) => Err(format!("{}: {message}", replica.short())),
+            Ok(other) => Err(format!("{}: unexpected answer {other:?}", replica.short())),
+            Err(error) => Err(error.to_string()),
+        }
+    }
+
+    /// Asks every replica, waits for a quorum of answers, merges them and repairs replicas
+    /// that answered with stale or missing rows.
+    async fn quorum_read(self: &Arc<Self>, partition_key: &[u8], request: Request) -> Result<ReplicaRows, MetaError> {
+        let replicas = self.metadata_replicas(partition_key)?;
+        let needed = quorum_of(replicas.len());
+        let (sender, mut answers) = mpsc::unbounded();
+        for replica in &replicas {
+            let node = Arc::clone(self);
+            let sender = sender.clone();
+            let (replica, request) = (*replica, request.clone());
+            self.env.spawn(
+                "meta-read",
+                Box::pin(async move {
+                    let answer = node.read_replica(replica, request).await;
+                    let _ = sender.unbounded_send((replica, answer));
+                }),
+            );
+        }
+        drop(sender);
+        let mut answered: Vec<(NodeId, ReplicaRows)> = Vec::new();
+        let mut errors = Vec::new();
+        while answered.len() < needed {
+            match answers.next().await {
+                Some((replica, Ok(rows))) => answered.push((replica, rows)),
+                Some((_, Err(error))) => errors.push(error),
+                None => break,
+            }
+        }
+        if answered.len() < needed {
+            return Err(MetaError::QuorumUnavailable {
+                needed,
+                reached: answered.len(),
+                errors: errors.join("; "),
+            });
+        }
+        let mut merged = ReplicaRows::new();
+        for (_, rows) in &answered {
+            for (key, value) in rows {
+                match merged.get_mut(key) {
+                    Some(existing) => {
+                        existing.merge(value);
+                    }
+                    None => {
+                        merged.insert(key.clone(), value.clone());
+                    }
+                }
+            }
+        }
+        let table = match &request {
+            Request::MetaGet { table, .. } | Request::MetaScan { table, .. } => *table,
+            _ => unreachable!("quorum_read takes reads only"),
+        };
+        // Read repair: replicas that answered but lack the merged value get it now.
+        for (replica, rows) in answered {
+            for (key, value) in &merged {
+                if rows.get(key) != Some(value) {
+                    self.spawn_replica_write(replica, table, key.clone(), encode_stored_value(value), None);
+                }
+            }
+        }
+        Ok(merged)
+    }
+
+    fn spawn_replica_write(
+        self: &Arc<Self>,
+        replica: NodeId,
+        table: Table,
+        key: Vec<u8>,
+        value: Vec<u8>,
+        done: Option<mpsc::UnboundedSender<Result<(), String>>>,
+    ) {
+        let node = Arc::clone(self);
+        self.env.spawn(
+            "meta-write",
+            Box::pin(async move {
+                let result = if replica == node.env.node_id() {
+                    node.apply_meta_merge(table, &key, &value)
+                        .await
+                        .map_err(|error| error.to_string())
+                } else {
+                    match node
+                        .env
+                        .request(replica, Request::MetaMerge { table, key, value }, METADATA_TIMEOUT_MS)
+                        .await
+                    {
+                        Ok(Response::MetaMerged) => Ok(()),
+                        Ok(Response::Error { message, .. }) => Err(format!("{}: {message}", replica.short())),
+                        Ok(other) => Err(format!("{}: unexpected answer {other:?}", replica.short())),
+                        Err(error) => Err(error.to_string()),
+                    }
+                };
+                if let Some(done) = done {
+                    let _ = done.unbounded_send(result);
+                }
+            }),
+        );
+    }
+
+    /// Reads one row: the quorum-merged register (possibly a tombstone), or None.
+    pub async fn meta_get(self: &Arc<Self>, table: Table, row: &RowKey) -> Result<Option<Lww<Record>>, MetaError> {
+        let key = row.encode()?;
+        let mut rows = self
+            .quorum_read(
+                &row.partition_key,
+                Request::MetaGet {
+                    table,
+                    key: key.clone(),
+                },
+            )
+            .await?;
+        Ok(rows.remove(&key))
+    }
+
+    /// Reads up to `limit` live rows of one partition whose sort keys start with
+    /// `sort_prefix`, after `after_sort_key`, in order. Tombstones are skipped but count
+    /// towards the page, so a caller pages on with the last key it saw.
+    pub async fn meta_scan(
+        self: &Arc<Self>,
+        table: Table,
+        partition_key: &[u8],
+        sort_prefix: &[u8],
+        after_sort_key: Option<&[u8]>,
+        limit: u32,
+    ) -> Result<Vec<(RowKey, Lww<Record>)>, MetaError> {
+        let prefix = RowKey::prefix(partition_key, sort_prefix)?;
+        let after = after_sort_key
+            .map(|sort_key| RowKey::new(partition_key, sort_key).encode())
+            .transpose()?;
+        let rows = self
+            .quorum_read(
+                partition_key,
+                Request::MetaScan {
+                    table,
+                    prefix,
+                    after,
+                    limit: limit.min(SCAN_ROWS_MAX),
+                },
+            )
+            .await?;
+        rows.into_iter()
+            .take(limit as usize)
+            .map(|(key, value)| Ok((RowKey::decode(&key)?, value)))
+            .collect()
+    }
+
+    /// Writes a row (`None` writes a tombstone) with a timestamp above every value a
+    /// quorum holds, and returns once a quorum of replicas made it durable.
+    pub async fn meta_put(
+        self: &Arc<Self>,
+        table: Table,
+        row: &RowKey,
+        value: Option<Record>,
+    ) -> Result<HlcTimestamp, MetaError> {
+        let current = self.meta_get(table, row).await?;
+        let timestamp = {
+            let now_ms = self.env.now_ms();
+            let mut membership = self.membership.lock().expect("not poisoned");
+            match &current {
+                Some(current) => membership.timestamp_after(now_ms, &current.timestamp),
+                None => membership.timestamp(now_ms),
+            }
+        };
+        debug_assert!(current.as_ref().is_none_or(|current| current.timestamp < timestamp));
+        let register = Lww { timestamp, value };
+        self.meta_write_register(table, row, &register).await?;
+        Ok(timestamp)
+    }
+
+    /// Replicates an already-stamped register to a quorum.
+    pub(crate) async fn meta_write_register(
+        self: &Arc<Self>,
+        table: Table,
+        row: &RowKey,
+        register: &Lww<Record>,
+    ) -> Result<(), MetaError> {
+        let key = row.encode()?;
+        let value = encode_stored_value(register);
+        let replicas = self.metadata_replicas(&row.partition_key)?;
+        let needed = quorum_of(replicas.len());
+        let (sender, mut results) = mpsc::unbounded();
+        for replica in &replicas {
+            // Every replica gets the write, even after the quorum answered.
+            self.spawn_replica_write(*replica, table, key.clone(), value.clone(), Some(sender.clone()));
+        }
+        drop(sender);
+        let (mut succeeded, mut errors) = (0usize, Vec::new());
+        while succeeded < needed {
+            match results.next().await {
+                Some(Ok(())) => succeeded += 1,
+                Some(Err(error)) => errors.push(error),
+                None => break,
+            }
+        }
+        if succeeded < needed {
+            return Err(MetaError::QuorumUnavailable {
+                needed,
+                reached: succeeded,
+                errors: errors.join("; "),
+            });
+        }
+        Ok(())
+    }
+}

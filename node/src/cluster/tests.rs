@@ -1,0 +1,505 @@
+//! The cluster logic end to end on an in-memory network: several real `ClusterNode`s
+//! wired through a hub that encodes every message as the wire would, with nodes that can
+//! be cut off and clocks that can be skewed.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bdr_protocol::envelope::RootKey;
+use bdr_protocol::ids::{NodeId, ZoneName};
+use bdr_protocol::layout::{NodeRoles, NodeSpec, NodeStatus};
+use bdr_protocol::wire::{self, Request, Response, Table};
+use futures::StreamExt;
+
+use super::data::{DataError, DataKeys, ObjectWrite};
+use super::membership::MembershipConfig;
+use super::{ClusterInbound, ClusterNode};
+use crate::env::{BoxFuture, Env, InboundHandler, MetaStore, NetworkError, ShardKey, ShardStore};
+use crate::stores::memory::{MemoryMetaStore, MemoryShardStore};
+
+#[derive(Default)]
+struct Hub {
+    handlers: Mutex<BTreeMap<NodeId, Arc<dyn InboundHandler>>>,
+    down: Mutex<BTreeSet<NodeId>>,
+}
+
+struct TestEnv {
+    id: NodeId,
+    hub: Arc<Hub>,
+    shards: Arc<MemoryShardStore>,
+    meta: Arc<MemoryMetaStore>,
+    clock_skew_ms: AtomicI64,
+    rng_state: AtomicU64,
+}
+
+impl Env for TestEnv {
+    fn node_id(&self) -> NodeId {
+        self.id
+    }
+
+    fn now_ms(&self) -> u64 {
+        let real = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        (real + self.clock_skew_ms.load(Ordering::Relaxed)) as u64
+    }
+
+    fn sleep(&self, duration_ms: u64) -> BoxFuture<'static, ()> {
+        Box::pin(tokio::time::sleep(Duration::from_millis(duration_ms)))
+    }
+
+    fn spawn(&self, _name: &'static str, task: BoxFuture<'static, ()>) {
+        tokio::spawn(task);
+    }
+
+    fn random_u64(&self) -> u64 {
+        let mut state = self.rng_state.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed);
+        state = (state ^ (state >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        state = (state ^ (state >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        state ^ (state >> 31)
+    }
+
+    fn request(
+        &self,
+        to: NodeId,
+        request: Request,
+        _timeout_ms: u64,
+    ) -> BoxFuture<'static, Result<Response, NetworkError>> {
+        let hub = Arc::clone(&self.hub);
+        let from = self.id;
+        Box::pin(async move {
+            let unreachable = || NetworkError::Unreachable(to.short(), "down".into());
+            {
+                let down = hub.down.lock().unwrap();
+                if down.contains(&to) || down.contains(&from) {
+                    return Err(unreachable());
+                }
+            }
+            let handler = hub.handlers.lock().unwrap().get(&to).cloned().ok_or_else(unreachable)?;
+            // Through the wire encoding, as in production.
+            let request = wire::decode_request(&wire::encode_request(&request).unwrap()).unwrap();
+            let response = handler.handle(from, request).await;
+            if hub.down.lock().unwrap().contains(&to) {
+                return Err(unreachable());
+            }
+            Ok(wire::decode_response(&wire::encode_response(&response).unwrap()).unwrap())
+        })
+    }
+
+    fn remember_addresses(&self, _node: NodeId, _addresses: &[String]) {}
+
+    fn local_addresses(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    fn shard_store(&self) -> Arc<dyn ShardStore> {
+        self.shards.clone()
+    }
+
+    fn meta_store(&self) -> Arc<dyn MetaStore> {
+        self.meta.clone()
+    }
+}
+
+struct TestCluster {
+    hub: Arc<Hub>,
+    nodes: Vec<Arc<ClusterNode<TestEnv>>>,
+}
+
+const MEMBERSHIP: MembershipConfig = MembershipConfig {
+    down_after_ms: 600,
+    gossip_interval_ms: 50,
+    anti_entropy_interval_ms: 100,
+    tombstone_grace_ms: 60_000,
+};
+
+impl TestCluster {
+    /// `zones[i]` is node i's zone; all nodes are gateways with the same data key.
+    async fn start(zones: &[&str]) -> TestCluster {
+        let hub = Arc::new(Hub::default());
+        let mut nodes = Vec::new();
+        for (index, zone) in zones.iter().enumerate() {
+            let mut id = [0u8; 32];
+            id[0] = index as u8 + 1;
+            id[31] = 0x5a;
+            let env = Arc::new(TestEnv {
+                id: NodeId(id),
+                hub: Arc::clone(&hub),
+                shards: Arc::new(MemoryShardStore::new(1 << 30)),
+                meta: Arc::new(MemoryMetaStore::new()),
+                clock_skew_ms: AtomicI64::new(0),
+                rng_state: AtomicU64::new(index as u64 * 7919 + 1),
+            });
+            let spec = NodeSpec {
+                zone: ZoneName::new(*zone).unwrap(),
+                capacity_bytes: 1 << 30,
+                roles: NodeRoles::STORAGE_AND_GATEWAY,
+                status: NodeStatus::Active,
+            };
+            let keys = DataKeys::from_root(&RootKey([42; 32]));
+            let node = ClusterNode::start(env, MEMBERSHIP, spec, Some(keys)).await.unwrap();
+            hub.handlers
+                .lock()
+                .unwrap()
+                .insert(NodeId(id), Arc::new(ClusterInbound(Arc::clone(&node))));
+            nodes.push(node);
+        }
+        // Everyone meets node 0, as if it were the bootstrap peer.
+        for node in &nodes[1..] {
+            ClusterInbound(Arc::clone(node)).peer_admitted(nodes[0].env().node_id());
+        }
+        let cluster = TestCluster { hub, nodes };
+        cluster.wait_until_converged().await;
+        cluster
+    }
+
+    async fn wait_until_converged(&self) {
+        for _ in 0..200 {
+            if self.nodes.iter().all(|node| node.layout().len() == self.nodes.len()) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("in-memory cluster did not converge");
+    }
+
+    fn set_down(&self, index: usize, down: bool) {
+        let id = self.nodes[index].env().node_id();
+        let mut set = self.hub.down.lock().unwrap();
+        if down {
+            set.insert(id);
+        } else {
+            set.remove(&id);
+        }
+    }
+
+    fn node(&self, index: usize) -> &Arc<ClusterNode<TestEnv>> {
+        &self.nodes[index]
+    }
+}
+
+fn pattern(length: usize, seed: u8) -> Vec<u8> {
+    (0..length)
+        .map(|i| ((i * 131 + usize::from(seed) * 7) % 251) as u8)
+        .collect()
+}
+
+async fn put(node: &Arc<ClusterNode<TestEnv>>, bucket: &str, key: &str, data: &[u8]) -> Result<(), DataError> {
+    let write = ObjectWrite {
+        bucket: bucket.into(),
+        key: key.into(),
+        ..ObjectWrite::default()
+    };
+    node.put_object(write, futures::io::Cursor::new(data.to_vec()))
+        .await
+        .map(|_| ())
+}
+
+async fn get_range(
+    node: &Arc<ClusterNode<TestEnv>>,
+    bucket: &str,
+    key: &str,
+    range: Option<std::ops::Range<u64>>,
+) -> Result<Vec<u8>, DataError> {
+    let record = node.head_object(bucket, key).await?;
+    let range = range.unwrap_or(0..record.size_bytes);
+    let mut stream = Box::pin(node.read_object(record, range)?);
+    let mut bytes = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        bytes.extend_from_slice(&chunk?);
+    }
+    Ok(bytes)
+}
+
+async fn get(node: &Arc<ClusterNode<TestEnv>>, bucket: &str, key: &str) -> Result<Vec<u8>, DataError> {
+    get_range(node, bucket, key, None).await
+}
+
+const SIX_NODES: [&str; 6] = ["zone-a", "zone-a", "zone-b", "zone-b", "zone-c", "zone-c"];
+const SIZES: [usize; 6] = [0, 1, 64 * 1024, 64 * 1024 + 1, 4 * 1024 * 1024 + 17, 10 * 1024 * 1024];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_of_every_size_round_trip_and_survive_losing_a_zone() {
+    let cluster = TestCluster::start(&SIX_NODES).await;
+    cluster.node(0).create_bucket("backups", "owner").await.unwrap();
+    for (index, size) in SIZES.iter().enumerate() {
+        put(
+            cluster.node(index % 6),
+            "backups",
+            &format!("object-{size}"),
+            &pattern(*size, index as u8),
+        )
+        .await
+        .unwrap();
+    }
+    // Lose zone-c entirely (nodes 4 and 5): every object still reads back byte-identical
+    // through every surviving node.
+    cluster.set_down(4, true);
+    cluster.set_down(5, true);
+    for reader in 0..4 {
+        for (index, size) in SIZES.iter().enumerate() {
+            let data = get(cluster.node(reader), "backups", &format!("object-{size}"))
+                .await
+                .unwrap();
+            assert!(
+                data == pattern(*size, index as u8),
+                "object of {size} bytes read via node {reader}"
+            );
+        }
+    }
+    // Byte ranges read only what they ask for, across stripe boundaries too.
+    let big = pattern(10 * 1024 * 1024, 5);
+    for range in [
+        0..1u64,
+        4 * 1024 * 1024 - 3..4 * 1024 * 1024 + 5,
+        9_000_000..10 * 1024 * 1024,
+        17..17,
+    ] {
+        let bytes = get_range(cluster.node(1), "backups", "object-10485760", Some(range.clone()))
+            .await
+            .unwrap();
+        assert_eq!(bytes, big[range.start as usize..range.end as usize]);
+    }
+    assert!(matches!(
+        get_range(cluster.node(1), "backups", "object-1", Some(0..2)).await,
+        Err(DataError::InvalidRange { .. })
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_are_refused_when_they_could_not_survive_a_zone_loss() {
+    let cluster = TestCluster::start(&SIX_NODES).await;
+    cluster.node(0).create_bucket("backups", "owner").await.unwrap();
+    cluster.set_down(4, true);
+    cluster.set_down(5, true);
+    // Wait until the others see zone-c down, so placement falls back within 2 zones.
+    tokio::time::sleep(Duration::from_millis(MEMBERSHIP.down_after_ms + 300)).await;
+    let error = put(cluster.node(0), "backups", "big", &pattern(200_000, 1))
+        .await
+        .unwrap_err();
+    assert!(matches!(error, DataError::NotDurable(_)), "{error}");
+    // Small objects live in metadata, which a quorum (2 of 3 replicas) still serves.
+    put(cluster.node(0), "backups", "small", b"tiny").await.unwrap();
+    assert_eq!(get(cluster.node(1), "backups", "small").await.unwrap(), b"tiny");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_down_holder_is_replaced_by_a_node_in_the_same_zone() {
+    let cluster = TestCluster::start(&["a", "a", "a", "b", "b", "b", "c", "c", "c"]).await;
+    cluster.node(0).create_bucket("backups", "owner").await.unwrap();
+    cluster.set_down(8, true);
+    for index in 0..5u8 {
+        let data = pattern(300_000, index);
+        put(cluster.node(0), "backups", &format!("k{index}"), &data)
+            .await
+            .unwrap();
+        assert_eq!(
+            get(cluster.node(3), "backups", &format!("k{index}")).await.unwrap(),
+            data
+        );
+    }
+    let shards_on_dead_node = cluster.node(8).env().shard_store().usage().shard_count;
+    assert_eq!(shards_on_dead_node, 0, "nothing can be written to a node that is down");
+    // Then a second zone loses a node too: two shards of a stripe may now be gone, still
+    // within m = 2. (The node is chosen outside the bucket's metadata replicas: 3-way
+    // metadata tolerates one lost replica per partition until repair re-replicates.)
+    let replicas = cluster.node(0).metadata_replicas(b"backups").unwrap();
+    let second = (0..6)
+        .find(|index| !replicas.contains(&cluster.node(*index).env().node_id()))
+        .expect("a node in zone a or b that holds no replica of the bucket's partition");
+    cluster.set_down(second, true);
+    let reader = (0..8).find(|index| *index != second).unwrap();
+    for index in 0..5u8 {
+        assert_eq!(
+            get(cluster.node(reader), "backups", &format!("k{index}"))
+                .await
+                .unwrap(),
+            pattern(300_000, index)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotten_shards_are_skipped_reported_and_never_returned() {
+    let cluster = TestCluster::start(&SIX_NODES).await;
+    cluster.node(0).create_bucket("backups", "owner").await.unwrap();
+    let data = pattern(1_000_000, 9);
+    put(cluster.node(0), "backups", "rot", &data).await.unwrap();
+    // Flip a byte in every shard on two nodes (m = 2): reads must still be correct.
+    let mut damaged = 0;
+    for index in [1, 3] {
+        let store = cluster.node(index).env().shards.clone();
+        let keys: Vec<ShardKey> = store.list().await.unwrap();
+        for key in keys {
+            assert!(store.damage(key, |bytes| {
+                let middle = bytes.len() / 2;
+                bytes[middle] ^= 0xff;
+            }));
+            damaged += 1;
+        }
+    }
+    assert!(damaged > 0);
+    assert_eq!(get(cluster.node(2), "backups", "rot").await.unwrap(), data);
+    let corrupt_reads: u64 = [1, 3]
+        .iter()
+        .map(|index| cluster.node(*index).env().shards.usage().corrupt_reads)
+        .sum();
+    assert!(corrupt_reads > 0, "the rotten shards were not even read");
+    let hints = cluster
+        .node(2)
+        .env()
+        .meta
+        .scan(crate::env::Tree::System, b"repair/", None, 100)
+        .unwrap();
+    assert!(!hints.is_empty(), "no repair hint was recorded");
+    // Beyond the budget: damage a third node's shards and the read fails cleanly.
+    let store = cluster.node(5).env().shards.clone();
+    for key in store.list().await.unwrap() {
+        store.damage(key, |bytes| bytes[100] ^= 1);
+    }
+    let store = cluster.node(4).env().shards.clone();
+    for key in store.list().await.unwrap() {
+        store.damage(key, |bytes| bytes[100] ^= 1);
+    }
+    let error = get(cluster.node(2), "backups", "rot").await.unwrap_err();
+    assert!(matches!(error, DataError::StripeUnreadable { .. }), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overwrite_through_a_node_with_a_slow_clock_still_wins() {
+    let cluster = TestCluster::start(&SIX_NODES).await;
+    cluster.node(0).create_bucket("backups", "owner").await.unwrap();
+    // Node 1's clock runs 7 minutes ahead, node 2's 5 minutes behind.
+    cluster
+        .node(1)
+        .env()
+        .clock_skew_ms
+        .store(7 * 60 * 1000, Ordering::Relaxed);
+    cluster
+        .node(2)
+        .env()
+        .clock_skew_ms
+        .store(-5 * 60 * 1000, Ordering::Relaxed);
+    put(cluster.node(1), "backups", "doc", b"first").await.unwrap();
+    put(cluster.node(2), "backups", "doc", b"second").await.unwrap();
+    for reader in 0..6 {
+        assert_eq!(get(cluster.node(reader), "backups", "doc").await.unwrap(), b"second");
+    }
+    // And a delete through the slow node wins over the fast node's write.
+    put(cluster.node(1), "backups", "gone", b"x").await.unwrap();
+    cluster.node(2).delete_object("backups", "gone").await.unwrap();
+    assert!(matches!(
+        get(cluster.node(0), "backups", "gone").await,
+        Err(DataError::NoSuchKey)
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metadata_survives_one_replica_per_partition_and_replicas_catch_up() {
+    let cluster = TestCluster::start(&SIX_NODES).await;
+    cluster.node(0).create_bucket("backups", "owner").await.unwrap();
+    let replicas = cluster.node(0).metadata_replicas(b"backups").unwrap();
+    assert_eq!(replicas.len(), 3);
+    let zones: BTreeSet<String> = replicas
+        .iter()
+        .map(|id| cluster.node(0).layout().get(id).unwrap().zone.to_string())
+        .collect();
+    assert_eq!(zones.len(), 3, "replicas of a partition are in distinct zones");
+    let down = cluster
+        .nodes
+        .iter()
+        .position(|node| node.env().node_id() == replicas[0])
+        .unwrap();
+    cluster.set_down(down, true);
+    let writer = (down + 1) % 6;
+    for index in 0..20 {
+        put(
+            cluster.node(writer),
+            "backups",
+            &format!("small-{index}"),
+            format!("v{index}").as_bytes(),
+        )
+        .await
+        .unwrap();
+    }
+    let listed = cluster
+        .node(writer)
+        .list_objects("backups", "small-", None, 100)
+        .await
+        .unwrap();
+    assert_eq!(listed.len(), 20);
+    // The replica comes back and serves every row.
+    cluster.set_down(down, false);
+    // Anti-entropy brings every row to it within a few rounds, without any read.
+    let mut rows = 0;
+    for _ in 0..100 {
+        rows = cluster
+            .node(down)
+            .env()
+            .meta
+            .scan(crate::env::Tree::Table(Table::Objects), b"", None, 1000)
+            .unwrap()
+            .len();
+        if rows >= 20 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(rows, 20, "the returning replica did not catch up");
+    for index in 0..20 {
+        assert_eq!(
+            get(cluster.node(down), "backups", &format!("small-{index}"))
+                .await
+                .unwrap(),
+            format!("v{index}").as_bytes()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_only_nodes_hold_no_plaintext_and_no_keys() {
+    let cluster = TestCluster::start(&SIX_NODES).await;
+    cluster.node(0).create_bucket("backups", "owner").await.unwrap();
+    let marker = b"PLAINTEXT-MARKER-5c0ffee-must-never-be-stored";
+    let mut data = Vec::new();
+    while data.len() < 300_000 {
+        data.extend_from_slice(marker);
+    }
+    put(cluster.node(0), "backups", "secret", &data).await.unwrap();
+    put(cluster.node(0), "backups", "small-secret", marker).await.unwrap();
+    for node in &cluster.nodes {
+        for key in node.env().shards.list().await.unwrap() {
+            let shard = node.env().shards.get(key).await.unwrap();
+            assert!(!shard.to_bytes().windows(marker.len()).any(|window| window == marker));
+        }
+        for (_, value) in node
+            .env()
+            .meta
+            .scan(crate::env::Tree::Table(Table::Objects), b"", None, 1000)
+            .unwrap()
+        {
+            assert!(!value.windows(marker.len()).any(|window| window == marker));
+        }
+    }
+    // A node without keys refuses to handle object data.
+    let env = Arc::new(TestEnv {
+        id: NodeId([77; 32]),
+        hub: Arc::clone(&cluster.hub),
+        shards: Arc::new(MemoryShardStore::new(1 << 20)),
+        meta: Arc::new(MemoryMetaStore::new()),
+        clock_skew_ms: AtomicI64::new(0),
+        rng_state: AtomicU64::new(3),
+    });
+    let spec = NodeSpec {
+        zone: ZoneName::new("zone-a").unwrap(),
+        capacity_bytes: 1 << 20,
+        roles: NodeRoles::STORAGE_ONLY,
+        status: NodeStatus::Active,
+    };
+    let storage_only = ClusterNode::start(env, MEMBERSHIP, spec, None).await.unwrap();
+    let error = put(&storage_only, "backups", "x", b"data").await.unwrap_err();
+    assert!(matches!(error, DataError::NoDataKeys), "{error}");
+}
