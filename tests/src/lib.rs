@@ -86,6 +86,8 @@ pub struct NodeProcess {
 pub struct NodeSettings<'a> {
     pub zone: &'a str,
     pub secret_file: &'a Path,
+    /// Gateways get the data key; storage-only nodes must not.
+    pub data_key_file: Option<&'a Path>,
     pub bootstrap: Vec<String>,
     pub down_after: &'a str,
     pub gossip_interval: &'a str,
@@ -106,12 +108,16 @@ impl NodeProcess {
         let config = format!(
             "data_dir = \"data\"\nzone = \"{zone}\"\ncapacity = \"10 GiB\"\n\
              listen = [\"/ip4/127.0.0.1/tcp/{tcp_port}\", \"/ip4/127.0.0.1/udp/{quic_port}/quic-v1\"]\n\
-             bootstrap = [{bootstrap}]\ncluster_secret_file = {secret:?}\n\
+             bootstrap = [{bootstrap}]\ncluster_secret_file = {secret:?}\n{data_key}\
              down_after = \"{down_after}\"\ngossip_interval = \"{gossip_interval}\"\n\
              [admin]\nlisten = \"127.0.0.1:{admin_port}\"\n",
             zone = settings.zone,
             bootstrap = bootstrap.join(", "),
             secret = settings.secret_file.display().to_string(),
+            data_key = settings
+                .data_key_file
+                .map(|path| format!("data_key_file = {:?}\n", path.display().to_string()))
+                .unwrap_or_default(),
             down_after = settings.down_after,
             gossip_interval = settings.gossip_interval,
         );
@@ -154,6 +160,24 @@ impl NodeProcess {
         if let Some(mut child) = self.child.take() {
             child.kill().unwrap();
             child.wait().unwrap();
+        }
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.admin_port)
+    }
+
+    pub fn admin_token(&self) -> String {
+        std::fs::read_to_string(self.folder.join("data").join("admin.token"))
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        match &mut self.child {
+            Some(child) => child.try_wait().map(|status| status.is_none()).unwrap_or(false),
+            None => false,
         }
     }
 
@@ -204,4 +228,193 @@ pub fn nodes_of(status: &serde_json::Value) -> Vec<(String, String, String)> {
         .unwrap_or_default();
     nodes.sort();
     nodes
+}
+
+/// A minimal client for the admin API's internal object endpoints.
+pub struct AdminClient {
+    agent: ureq::Agent,
+    base: String,
+    token: String,
+}
+
+/// An HTTP answer: status and body.
+pub struct Answer {
+    pub status: u16,
+    pub body: Vec<u8>,
+}
+
+impl AdminClient {
+    pub fn new(node: &NodeProcess) -> AdminClient {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(Duration::from_secs(120)))
+            .http_status_as_error(false)
+            .build()
+            .into();
+        AdminClient {
+            agent,
+            base: node.admin_url(""),
+            token: node.admin_token(),
+        }
+    }
+
+    fn answer(result: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Result<Answer, String> {
+        let mut response = result.map_err(|error| error.to_string())?;
+        let status = response.status().as_u16();
+        let body = response
+            .body_mut()
+            .with_config()
+            .limit(u64::MAX)
+            .read_to_vec()
+            .map_err(|error| error.to_string())?;
+        Ok(Answer { status, body })
+    }
+
+    pub fn create_bucket(&self, bucket: &str) -> Result<Answer, String> {
+        Self::answer(
+            self.agent
+                .put(format!("{}/v1/buckets/{bucket}", self.base))
+                .header("Authorization", &format!("Bearer {}", self.token))
+                .send_empty(),
+        )
+    }
+
+    pub fn put(&self, bucket: &str, key: &str, data: &[u8]) -> Result<Answer, String> {
+        Self::answer(
+            self.agent
+                .put(format!("{}/v1/objects/{bucket}/{key}", self.base))
+                .header("Authorization", &format!("Bearer {}", self.token))
+                .send(data),
+        )
+    }
+
+    pub fn get(&self, bucket: &str, key: &str, range: Option<&str>) -> Result<Answer, String> {
+        let mut request = self
+            .agent
+            .get(format!("{}/v1/objects/{bucket}/{key}", self.base))
+            .header("Authorization", &format!("Bearer {}", self.token));
+        if let Some(range) = range {
+            request = request.header("Range", range);
+        }
+        Self::answer(request.call())
+    }
+}
+
+/// Deterministic test content for object `seed`.
+pub fn pattern(length: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..length)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
+/// Whether the long forms of the cluster suites should run (CI sets BDR_SLOW_TESTS=1).
+pub fn slow_tests() -> bool {
+    std::env::var("BDR_SLOW_TESTS").is_ok_and(|value| value == "1")
+}
+
+/// A cluster of `bdr-node run` processes: node i is in `zones[i]`; every node is a
+/// gateway holding the same data key. Returns once every node sees every node up.
+pub struct ProcessCluster {
+    pub root: tempfile::TempDir,
+    pub nodes: Vec<NodeProcess>,
+}
+
+impl ProcessCluster {
+    pub fn start(zones: &[&str], down_after: &str) -> ProcessCluster {
+        let root = tempfile::tempdir().unwrap();
+        let secret = root.path().join("cluster.secret");
+        let data_key = root.path().join("data.key");
+        for path in [&secret, &data_key] {
+            let output = run_bounded(
+                Command::new(binary("bdr-node")).arg("gen-secret"),
+                Duration::from_secs(10),
+            );
+            assert!(output.status.success());
+            std::fs::write(path, output.stdout).unwrap();
+        }
+        let mut nodes: Vec<NodeProcess> = Vec::new();
+        for (index, zone) in zones.iter().enumerate() {
+            let bootstrap: Vec<String> = nodes.iter().take(2).map(NodeProcess::tcp_address).collect();
+            let settings = NodeSettings {
+                zone,
+                secret_file: &secret,
+                data_key_file: Some(&data_key),
+                bootstrap,
+                down_after,
+                gossip_interval: "200ms",
+            };
+            nodes.push(NodeProcess::new(root.path(), &format!("node{index}"), &settings));
+        }
+        for node in &mut nodes {
+            node.start();
+        }
+        let cluster = ProcessCluster { root, nodes };
+        cluster.wait_until_all_up(Duration::from_secs(60));
+        cluster
+    }
+
+    /// Waits until every running node reports every node `up`.
+    pub fn wait_until_all_up(&self, timeout: Duration) {
+        let count = self.nodes.len();
+        let converged = wait_for(timeout, || {
+            self.nodes
+                .iter()
+                .all(|node| {
+                    node.status().is_some_and(|status| {
+                        let nodes = nodes_of(&status);
+                        nodes.len() == count && nodes.iter().all(|(_, _, state)| state == "up")
+                    })
+                })
+                .then_some(())
+        });
+        assert!(converged.is_some(), "cluster did not converge:\n{}", self.logs());
+    }
+
+    pub fn logs(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|node| {
+                let log = node.log();
+                let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                format!(
+                    "--- {} ---\n{}\n",
+                    node.name,
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                )
+            })
+            .collect()
+    }
+
+    /// Every regular file under every node's data folder.
+    pub fn data_files(&self) -> Vec<PathBuf> {
+        fn walk(path: &Path, files: &mut Vec<PathBuf>) {
+            let Ok(entries) = std::fs::read_dir(path) else { return };
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    walk(&path, files);
+                } else {
+                    files.push(path);
+                }
+            }
+        }
+        let mut files = Vec::new();
+        for node in &self.nodes {
+            walk(&node.folder.join("data"), &mut files);
+        }
+        files
+    }
+
+    /// Shard files of one node.
+    pub fn shard_files(&self, index: usize) -> Vec<PathBuf> {
+        self.data_files()
+            .into_iter()
+            .filter(|path| path.starts_with(self.nodes[index].folder.join("data").join("shards").join("shards")))
+            .collect()
+    }
 }

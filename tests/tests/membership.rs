@@ -82,6 +82,7 @@ fn six_nodes_converge_keep_an_intruder_out_and_detect_a_dead_node() {
         let settings = NodeSettings {
             zone,
             secret_file: &secret,
+            data_key_file: None,
             bootstrap,
             down_after: "3s",
             gossip_interval: "200ms",
@@ -102,6 +103,7 @@ fn six_nodes_converge_keep_an_intruder_out_and_detect_a_dead_node() {
         &NodeSettings {
             zone: "zone-a",
             secret_file: &wrong_secret,
+            data_key_file: None,
             bootstrap: vec![nodes[0].tcp_address(), nodes[1].tcp_address()],
             down_after: "3s",
             gossip_interval: "200ms",

@@ -10,13 +10,17 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Request, State};
-use axum::http::{header, StatusCode};
+use axum::body::Body;
+use axum::extract::{Path as UrlPath, Query, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, put};
 use axum::{Json, Router};
+use futures::{StreamExt, TryStreamExt};
+use serde::Deserialize;
 
+use crate::cluster::data::{DataError, ObjectWrite};
 use crate::cluster::{ClusterNode, ClusterStatus};
 use crate::env::Env;
 
@@ -94,10 +98,144 @@ async fn status<E: Env>(State(state): State<Arc<AdminState<E>>>) -> Json<Cluster
     Json(state.cluster.status())
 }
 
+fn data_error_response(error: DataError) -> Response {
+    let status = match &error {
+        DataError::NoSuchBucket(_) | DataError::NoSuchKey => StatusCode::NOT_FOUND,
+        DataError::BucketExists(_) => StatusCode::CONFLICT,
+        DataError::InvalidBucketName(_) | DataError::InvalidKey(_) | DataError::Body(_) => StatusCode::BAD_REQUEST,
+        DataError::InvalidRange { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
+        DataError::NoDataKeys | DataError::NotDurable(_) | DataError::Meta(_) => StatusCode::SERVICE_UNAVAILABLE,
+        DataError::StripeUnreadable { .. } | DataError::Corrupt(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    (status, Json(serde_json::json!({ "error": error.to_string() }))).into_response()
+}
+
+async fn create_bucket<E: Env>(State(state): State<Arc<AdminState<E>>>, UrlPath(bucket): UrlPath<String>) -> Response {
+    match state.cluster.create_bucket(&bucket, "admin").await {
+        Ok(record) => (StatusCode::CREATED, Json(serde_json::json!({ "bucket": record.name }))).into_response(),
+        Err(error) => data_error_response(error),
+    }
+}
+
+/// `PUT /v1/objects/{bucket}/{key}`: the internal data path, streamed (the S3 gateway
+/// is the public way in; this one exists for operators and tests).
+async fn put_object<E: Env>(
+    State(state): State<Arc<AdminState<E>>>,
+    UrlPath((bucket, key)): UrlPath<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let body = body.into_data_stream().map_err(std::io::Error::other).into_async_read();
+    let write = ObjectWrite {
+        bucket,
+        key,
+        content_type: headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_string),
+        ..ObjectWrite::default()
+    };
+    match state.cluster.put_object(write, body).await {
+        Ok(record) => Json(serde_json::json!({ "etag": record.etag, "size_bytes": record.size_bytes })).into_response(),
+        Err(error) => data_error_response(error),
+    }
+}
+
+/// Parses `bytes=a-b`, `bytes=a-` and `bytes=-n` against an object size.
+fn parse_range(header: &str, size: u64) -> Option<std::ops::Range<u64>> {
+    let spec = header.strip_prefix("bytes=")?;
+    let (start, end) = spec.split_once('-')?;
+    match (start.is_empty(), end.is_empty()) {
+        (false, false) => Some(start.parse().ok()?..end.parse::<u64>().ok()?.saturating_add(1).min(size)),
+        (false, true) => Some(start.parse().ok()?..size),
+        (true, false) => Some(size.saturating_sub(end.parse().ok()?)..size),
+        (true, true) => None,
+    }
+}
+
+async fn get_object<E: Env>(
+    State(state): State<Arc<AdminState<E>>>,
+    UrlPath((bucket, key)): UrlPath<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let record = match state.cluster.head_object(&bucket, &key).await {
+        Ok(record) => record,
+        Err(error) => return data_error_response(error),
+    };
+    let size = record.size_bytes;
+    let range_header = headers.get(header::RANGE).and_then(|value| value.to_str().ok());
+    let (status, range) = match range_header {
+        Some(text) => match parse_range(text, size) {
+            Some(range) if range.start < range.end => (StatusCode::PARTIAL_CONTENT, range),
+            _ => return data_error_response(DataError::InvalidRange { start: 0, end: 0, size }),
+        },
+        None => (StatusCode::OK, 0..size),
+    };
+    let length = range.end - range.start;
+    let etag = record.etag.clone();
+    match state.cluster.read_object(record, range) {
+        Ok(stream) => {
+            let body = Body::from_stream(stream.map(|chunk| chunk.map_err(std::io::Error::other)));
+            (
+                status,
+                [(header::CONTENT_LENGTH, length.to_string()), (header::ETAG, etag)],
+                body,
+            )
+                .into_response()
+        }
+        Err(error) => data_error_response(error),
+    }
+}
+
+async fn delete_object<E: Env>(
+    State(state): State<Arc<AdminState<E>>>,
+    UrlPath((bucket, key)): UrlPath<(String, String)>,
+) -> Response {
+    match state.cluster.delete_object(&bucket, &key).await {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(error) => data_error_response(error),
+    }
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    #[serde(default)]
+    prefix: String,
+    after: Option<String>,
+    limit: Option<u32>,
+}
+
+async fn list_objects<E: Env>(
+    State(state): State<Arc<AdminState<E>>>,
+    UrlPath(bucket): UrlPath<String>,
+    Query(query): Query<ListQuery>,
+) -> Response {
+    let limit = query.limit.unwrap_or(1000).min(bdr_protocol::wire::SCAN_ROWS_MAX);
+    match state
+        .cluster
+        .list_objects(&bucket, &query.prefix, query.after.as_deref(), limit)
+        .await
+    {
+        Ok(records) => Json(serde_json::json!({
+            "objects": records.iter().map(|record| serde_json::json!({
+                "key": record.key, "size_bytes": record.size_bytes, "etag": record.etag,
+            })).collect::<Vec<_>>()
+        }))
+        .into_response(),
+        Err(error) => data_error_response(error),
+    }
+}
+
 pub fn router<E: Env>(token: String, cluster: Arc<ClusterNode<E>>) -> Router {
     let state = Arc::new(AdminState { token, cluster });
     Router::new()
         .route("/v1/status", get(status::<E>))
+        .route("/v1/buckets/{bucket}", put(create_bucket::<E>).get(list_objects::<E>))
+        .route(
+            "/v1/objects/{bucket}/{*key}",
+            put(put_object::<E>).get(get_object::<E>).delete(delete_object::<E>),
+        )
+        .layer(axum::extract::DefaultBodyLimit::disable())
         .route_layer(middleware::from_fn_with_state(Arc::clone(&state), require_token::<E>))
         .with_state(state)
 }
@@ -197,4 +335,21 @@ pub fn format_status_table(status: &ClusterStatus) -> String {
         ));
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_range;
+
+    #[test]
+    fn ranges_parse_like_http() {
+        assert_eq!(parse_range("bytes=0-0", 10), Some(0..1));
+        assert_eq!(parse_range("bytes=2-4", 10), Some(2..5));
+        assert_eq!(parse_range("bytes=5-", 10), Some(5..10));
+        assert_eq!(parse_range("bytes=-3", 10), Some(7..10));
+        assert_eq!(parse_range("bytes=8-100", 10), Some(8..10));
+        assert_eq!(parse_range("bytes=-", 10), None);
+        assert_eq!(parse_range("items=1-2", 10), None);
+        assert_eq!(parse_range("bytes=x-2", 10), None);
+    }
 }
