@@ -137,11 +137,6 @@ fn sigkill_during_a_stream_of_writes_never_leaves_a_torn_object() {
     );
 
     let stop = std::sync::atomic::AtomicBool::new(false);
-    let ports: Vec<(String, String)> = cluster
-        .nodes
-        .iter()
-        .map(|node| (node.admin_url(""), node.admin_token()))
-        .collect();
     let clients: Vec<AdminClient> = cluster.nodes.iter().map(AdminClient::new).collect();
     let (acknowledged, attempted) = std::thread::scope(|scope| {
         let writer = scope.spawn(|| {
@@ -150,7 +145,7 @@ fn sigkill_during_a_stream_of_writes_never_leaves_a_torn_object() {
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let index = attempted;
                 attempted += 1;
-                let size = if index % 3 == 0 {
+                let size = if index.is_multiple_of(3) {
                     5 * 1024 * 1024 + 123
                 } else {
                     70_000 + (index as usize % 5000)
@@ -203,7 +198,7 @@ fn sigkill_during_a_stream_of_writes_never_leaves_a_torn_object() {
             }
             None => assert!(
                 answer.status == 404
-                    || (answer.status == 200 && answer.body.len() > 0 && {
+                    || (answer.status == 200 && !answer.body.is_empty() && {
                         let size = answer.body.len();
                         answer.body == pattern(size, index)
                     }),
