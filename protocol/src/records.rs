@@ -103,6 +103,8 @@ pub struct BucketRecord {
     /// How new objects in this bucket are erasure-coded.
     pub codec: StripeCodec,
     pub stripe_length_bytes: u32,
+    /// Objects up to this size are sealed inline in metadata instead of striped.
+    pub inline_threshold_bytes: u32,
 }
 
 /// One access key's rights on one bucket (keyed by bucket and key id).

@@ -122,6 +122,11 @@ pub enum Request {
         #[serde(with = "serde_bytes")]
         key: Vec<u8>,
     },
+    /// Anti-entropy, first step: one root hash per listed partition (at most
+    /// [`crate::records::METADATA_PARTITIONS`]), so a round costs one request per peer.
+    MetaPartitionRoots {
+        partitions: Vec<u32>,
+    },
     /// Anti-entropy: hashes of the rows of one metadata partition, per table and bucket.
     MetaDigest {
         partition: u32,
@@ -205,6 +210,9 @@ pub enum Response {
     },
     MetaDigest {
         tables: Vec<TableDigest>,
+    },
+    MetaPartitionRoots {
+        roots: Vec<[u8; 32]>,
     },
     Error {
         kind: RemoteErrorKind,

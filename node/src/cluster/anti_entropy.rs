@@ -1,16 +1,19 @@
 //! Anti-entropy between metadata replicas, and tombstone collection.
 //!
-//! Every round, for each partition this node replicates, it asks one other replica for
-//! a digest: per table, 16 bucket hashes over (key, blake3(value)) of the partition's
-//! rows. Buckets that differ are pulled row by row and merged (LWW, idempotent), so a
-//! replica that was down, or missed a write while a quorum went ahead without it, catches
-//! up within a few rounds. Each replica pulls, so differences heal in both directions.
+//! Every round, for each partition this node replicates, it picks one other replica and
+//! compares root hashes (one request per peer for all partitions). Where roots differ it
+//! asks for the partition's digest: per table, 16 bucket hashes over (key,
+//! blake3(value)) of the partition's rows. Buckets that differ are pulled row by row and
+//! merged (LWW, idempotent), so a replica that was down, or missed a write while a quorum
+//! went ahead without it, catches up within a few rounds. Each replica pulls, so
+//! differences heal in both directions.
 //!
 //! Tombstones older than the grace period are removed in the same round. A replica that
 //! stays away longer than the grace period could bring a deleted row back; the grace
 //! period (default a day) must exceed the longest outage after which a node may rejoin
 //! with its old disk.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use bdr_protocol::ids::NodeId;
@@ -55,7 +58,27 @@ impl<E: Env> ClusterNode<E> {
         }
     }
 
-    pub(crate) fn partition_digest(&self, partition: u32) -> Result<Vec<TableDigest>, MetaError> {
+    /// Per table, the 16 bucket hashes of this replica's rows of `partition`.
+    pub fn partition_digest(&self, partition: u32) -> Result<Vec<TableDigest>, MetaError> {
+        if let Some(cached) = self.digest_cache.lock().expect("not poisoned").get(&partition) {
+            return Ok(cached.clone());
+        }
+        let digest = self.compute_partition_digest(partition)?;
+        self.digest_cache
+            .lock()
+            .expect("not poisoned")
+            .insert(partition, digest.clone());
+        Ok(digest)
+    }
+
+    /// Forgets the cached digest of the partition holding `row_key` (after a change).
+    pub(crate) fn invalidate_digest(&self, row_key: &[u8]) {
+        if let Ok(row) = RowKey::decode(row_key) {
+            self.digest_cache.lock().expect("not poisoned").remove(&row.partition());
+        }
+    }
+
+    fn compute_partition_digest(&self, partition: u32) -> Result<Vec<TableDigest>, MetaError> {
         Table::ALL
             .iter()
             .map(|table| {
@@ -74,9 +97,30 @@ impl<E: Env> ClusterNode<E> {
             .collect()
     }
 
-    /// Replica side of MetaDigest / MetaBucketRows.
+    /// The root hash of a partition: the hash of its table digests.
+    pub fn partition_root(&self, partition: u32) -> Result<[u8; 32], MetaError> {
+        let mut hasher = blake3::Hasher::new();
+        for table in self.partition_digest(partition)? {
+            for bucket in &table.buckets {
+                hasher.update(bucket);
+            }
+        }
+        Ok(*hasher.finalize().as_bytes())
+    }
+
+    /// Replica side of MetaPartitionRoots / MetaDigest / MetaBucketRows.
     pub(crate) fn serve_anti_entropy(&self, request: &Request) -> Response {
         let result = match request {
+            Request::MetaPartitionRoots { partitions }
+                if partitions.len() <= METADATA_PARTITIONS as usize
+                    && partitions.iter().all(|partition| *partition < METADATA_PARTITIONS) =>
+            {
+                partitions
+                    .iter()
+                    .map(|partition| self.partition_root(*partition))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map(|roots| Response::MetaPartitionRoots { roots })
+            }
             Request::MetaDigest { partition } if *partition < METADATA_PARTITIONS => self
                 .partition_digest(*partition)
                 .map(|tables| Response::MetaDigest { tables }),
@@ -131,9 +175,13 @@ impl<E: Env> ClusterNode<E> {
 
     /// One pass over the partitions this node replicates.
     pub async fn anti_entropy_round(self: &Arc<Self>) {
+        if !self.is_joined() {
+            return;
+        }
         let layout = self.layout();
         let me = self.env.node_id();
-        let mut repaired_rows = 0u64;
+        // For each partition we replicate, one random live other replica to compare with.
+        let mut by_peer: BTreeMap<NodeId, Vec<u32>> = BTreeMap::new();
         for partition in 0..METADATA_PARTITIONS {
             let Ok(placement) = place(
                 &layout,
@@ -153,13 +201,42 @@ impl<E: Env> ClusterNode<E> {
                 .copied()
                 .filter(|node| *node != me && self.liveness(node) != Liveness::Down)
                 .collect();
-            if peers.is_empty() {
-                continue;
+            if !peers.is_empty() {
+                let peer = peers[(self.env.random_u64() % peers.len() as u64) as usize];
+                by_peer.entry(peer).or_default().push(partition);
             }
-            let peer = peers[(self.env.random_u64() % peers.len() as u64) as usize];
-            match self.sync_partition_from(peer, partition).await {
-                Ok(rows) => repaired_rows += rows,
-                Err(error) => tracing::debug!(partition, peer = %peer.short(), %error, "anti-entropy failed"),
+        }
+        let mut repaired_rows = 0u64;
+        for (peer, partitions) in by_peer {
+            let roots = match self
+                .env
+                .request(
+                    peer,
+                    Request::MetaPartitionRoots {
+                        partitions: partitions.clone(),
+                    },
+                    METADATA_TIMEOUT_MS,
+                )
+                .await
+            {
+                Ok(Response::MetaPartitionRoots { roots }) if roots.len() == partitions.len() => roots,
+                Ok(other) => {
+                    tracing::debug!(peer = %peer.short(), ?other, "unexpected anti-entropy answer");
+                    continue;
+                }
+                Err(error) => {
+                    tracing::debug!(peer = %peer.short(), %error, "anti-entropy failed");
+                    continue;
+                }
+            };
+            for (partition, their_root) in partitions.into_iter().zip(roots) {
+                if self.partition_root(partition).ok() == Some(their_root) {
+                    continue;
+                }
+                match self.sync_partition_from(peer, partition).await {
+                    Ok(rows) => repaired_rows += rows,
+                    Err(error) => tracing::debug!(partition, peer = %peer.short(), %error, "anti-entropy failed"),
+                }
             }
         }
         if repaired_rows > 0 {
@@ -260,6 +337,7 @@ impl<E: Env> ClusterNode<E> {
                 continue;
             }
             for key in expired {
+                self.invalidate_digest(&key);
                 if let Err(error) = store.delete(Tree::Table(table), &key) {
                     tracing::warn!(%error, "cannot remove a tombstone");
                 }

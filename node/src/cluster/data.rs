@@ -59,6 +59,8 @@ pub const NULL_VERSION: &str = "null";
 pub enum DataError {
     #[error("this node holds no data key (storage-only): it cannot serve object data")]
     NoDataKeys,
+    #[error("invalid bucket options: stripe length must be 1 byte..8 MiB, inline threshold at most 1 MiB")]
+    InvalidBucketOptions,
     #[error("invalid bucket name {0:?}")]
     InvalidBucketName(String),
     #[error("invalid object key: {0}")]
@@ -106,6 +108,25 @@ enum FetchError {
     Corrupt(String),
     /// The shard could not be had from that node (down, missing, timeout).
     Unavailable(String),
+}
+
+/// How a bucket's objects are stored.
+#[derive(Debug, Clone, Copy)]
+pub struct BucketOptions {
+    pub codec: StripeCodec,
+    pub stripe_length_bytes: u32,
+    pub inline_threshold_bytes: u32,
+}
+
+impl Default for BucketOptions {
+    fn default() -> Self {
+        BucketOptions {
+            codec: StripeCodec::new(CodecId::DEFAULT, DATA_SHARDS_DEFAULT, PARITY_SHARDS_DEFAULT)
+                .expect("default code is valid"),
+            stripe_length_bytes: STRIPE_LENGTH_BYTES_DEFAULT,
+            inline_threshold_bytes: INLINE_OBJECT_BYTES_DEFAULT,
+        }
+    }
 }
 
 /// What a put writes besides the bytes.
@@ -195,7 +216,23 @@ impl<E: Env> ClusterNode<E> {
     }
 
     pub async fn create_bucket(self: &Arc<Self>, name: &str, owner_key_id: &str) -> Result<BucketRecord, DataError> {
+        self.create_bucket_with(name, owner_key_id, BucketOptions::default())
+            .await
+    }
+
+    pub async fn create_bucket_with(
+        self: &Arc<Self>,
+        name: &str,
+        owner_key_id: &str,
+        options: BucketOptions,
+    ) -> Result<BucketRecord, DataError> {
         validate_bucket_name(name)?;
+        if options.stripe_length_bytes == 0
+            || u64::from(options.stripe_length_bytes) > bdr_protocol::erasure::STRIPE_LENGTH_BYTES_MAX / 2
+            || u64::from(options.inline_threshold_bytes) > bdr_protocol::records::INLINE_OBJECT_BYTES_MAX
+        {
+            return Err(DataError::InvalidBucketOptions);
+        }
         if self.bucket(name).await?.is_some() {
             return Err(DataError::BucketExists(name.to_string()));
         }
@@ -206,9 +243,9 @@ impl<E: Env> ClusterNode<E> {
             versioning: VersioningState::Unversioned,
             object_lock_enabled: false,
             default_retention: None,
-            codec: StripeCodec::new(CodecId::DEFAULT, DATA_SHARDS_DEFAULT, PARITY_SHARDS_DEFAULT)
-                .expect("default code is valid"),
-            stripe_length_bytes: STRIPE_LENGTH_BYTES_DEFAULT,
+            codec: options.codec,
+            stripe_length_bytes: options.stripe_length_bytes,
+            inline_threshold_bytes: options.inline_threshold_bytes,
         };
         self.meta_put(Table::Buckets, &bucket_row(name), Some(Record::Bucket(record.clone())))
             .await?;
@@ -242,7 +279,7 @@ impl<E: Env> ClusterNode<E> {
         let mut md5 = Md5::new();
 
         // Small objects: read one byte past the inline limit to know which path to take.
-        let inline_limit = INLINE_OBJECT_BYTES_DEFAULT as usize;
+        let inline_limit = bucket.inline_threshold_bytes as usize;
         let mut first = Vec::with_capacity(inline_limit + 1);
         fill(&mut body, &mut first, inline_limit + 1).await?;
         let (data, size_bytes) = if first.len() <= inline_limit {

@@ -31,6 +31,8 @@ pub const METADATA_TIMEOUT_MS: u64 = 10_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetaError {
+    #[error("this node has not heard from the cluster since it started; try again shortly")]
+    NotJoined,
     #[error("no storage node is available to hold metadata")]
     NoReplicas,
     #[error("metadata quorum not reached: {reached} of {needed} replicas answered ({errors})")]
@@ -57,6 +59,9 @@ fn quorum_of(replica_count: usize) -> usize {
 impl<E: Env> ClusterNode<E> {
     /// The distinct replicas of the partition holding `partition_key`.
     pub fn metadata_replicas(&self, partition_key: &[u8]) -> Result<Vec<NodeId>, MetaError> {
+        if !self.is_joined() {
+            return Err(MetaError::NotJoined);
+        }
         let layout = self.layout();
         let partition = RowKey::partition_of(partition_key);
         let placement = place(
@@ -88,6 +93,7 @@ impl<E: Env> ClusterNode<E> {
         };
         match changed {
             Some(merged) => {
+                self.invalidate_digest(key);
                 store.put(tree, key, &encode_stored_value(&merged))?;
                 Ok(true)
             }

@@ -12,6 +12,8 @@ pub mod metadata;
 #[cfg(test)]
 mod tests;
 
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bdr_protocol::ids::{NodeId, ZoneName};
@@ -71,6 +73,13 @@ pub struct ClusterNode<E: Env> {
     zone: ZoneName,
     /// Present on gateway nodes only: storage-only nodes never hold data keys.
     data_keys: Option<data::DataKeys>,
+    /// Whether this node has exchanged gossip with a peer since it started. Until then
+    /// its layout may be stale (a restart) and it coordinates no metadata or data
+    /// operation: a node that believed itself alone would serve from itself only.
+    joined: AtomicBool,
+    /// Anti-entropy digests of metadata partitions, dropped when a row of the partition
+    /// changes (every local metadata write goes through `merge_local` or tombstone GC).
+    digest_cache: Mutex<BTreeMap<u32, Vec<bdr_protocol::wire::TableDigest>>>,
 }
 
 fn load_system_record(env: &impl Env, key: &'static [u8]) -> Result<Option<SystemRecord>, ClusterError> {
@@ -117,7 +126,6 @@ impl<E: Env> ClusterNode<E> {
         let now_ms = env.now_ms();
         let generation = (previous_generation + 1).max(now_ms);
         save_system_record(env.as_ref(), GENERATION_KEY, &SystemRecord::GenerationV1(generation))?;
-        env.meta_store().flush().await?;
 
         let zone = own_spec.zone.clone();
         let membership = Membership::new(env.node_id(), config, layout, own_spec, generation, now_ms)?;
@@ -126,11 +134,17 @@ impl<E: Env> ClusterNode<E> {
             LAYOUT_KEY,
             &SystemRecord::LayoutV1(membership.layout().clone()),
         )?;
+        env.meta_store().flush().await?;
+        // A node that knows of no other node is a one-node cluster and may serve at once;
+        // one that knows others must hear from one first (see `joined`).
+        let alone = membership.layout().len() == 1;
         let node = Arc::new(ClusterNode {
             env: Arc::clone(&env),
             membership: Mutex::new(membership),
             zone,
             data_keys,
+            joined: AtomicBool::new(alone),
+            digest_cache: Mutex::new(BTreeMap::new()),
         });
         let gossiping = Arc::clone(&node);
         env.spawn("gossip", Box::pin(async move { gossiping.gossip_loop().await }));
@@ -185,7 +199,10 @@ impl<E: Env> ClusterNode<E> {
     async fn exchange(&self, target: NodeId, layout: Layout, heartbeats: Vec<PeerHeartbeat>) {
         let request = Request::Gossip { layout, heartbeats };
         match self.env.request(target, request, self.gossip_timeout_ms()).await {
-            Ok(Response::Gossip { layout, heartbeats }) => self.absorb(&layout, &heartbeats),
+            Ok(Response::Gossip { layout, heartbeats }) => {
+                self.absorb(&layout, &heartbeats);
+                self.mark_joined();
+            }
             Ok(other) => tracing::warn!(peer = %target.short(), ?other, "unexpected answer to gossip"),
             Err(error) => tracing::debug!(peer = %target.short(), %error, "gossip failed"),
         }
@@ -207,6 +224,16 @@ impl<E: Env> ClusterNode<E> {
             if let Err(error) = save_system_record(self.env.as_ref(), LAYOUT_KEY, &SystemRecord::LayoutV1(layout)) {
                 tracing::error!(%error, "cannot persist the layout");
             }
+            // A restart must find the layout it had: flush in the background.
+            let store = self.env.meta_store();
+            self.env.spawn(
+                "flush-layout",
+                Box::pin(async move {
+                    if let Err(error) = store.flush().await {
+                        tracing::error!(%error, "cannot flush the layout");
+                    }
+                }),
+            );
         }
     }
 
@@ -215,6 +242,7 @@ impl<E: Env> ClusterNode<E> {
         match request {
             Request::Gossip { layout, heartbeats } => {
                 self.absorb(&layout, &heartbeats);
+                self.mark_joined();
                 let (layout, heartbeats) = self.membership.lock().expect("not poisoned").gossip_payload();
                 Response::Gossip { layout, heartbeats }
             }
@@ -227,13 +255,24 @@ impl<E: Env> ClusterNode<E> {
                 }
             },
             request @ (Request::MetaGet { .. } | Request::MetaScan { .. }) => self.serve_meta_read(&request),
-            request @ (Request::MetaDigest { .. } | Request::MetaBucketRows { .. }) => {
-                self.serve_anti_entropy(&request)
-            }
+            request @ (Request::MetaDigest { .. }
+            | Request::MetaBucketRows { .. }
+            | Request::MetaPartitionRoots { .. }) => self.serve_anti_entropy(&request),
             request @ (Request::PutShard { .. } | Request::GetShard { .. } | Request::DeleteShard { .. }) => {
                 self.serve_shard_request(request).await
             }
         }
+    }
+
+    fn mark_joined(&self) {
+        if !self.joined.swap(true, Ordering::Relaxed) {
+            tracing::info!("joined the cluster");
+        }
+    }
+
+    /// Whether this node has heard from the cluster since it started.
+    pub fn is_joined(&self) -> bool {
+        self.joined.load(Ordering::Relaxed)
     }
 
     pub fn layout(&self) -> Layout {

@@ -102,7 +102,10 @@ fn data_error_response(error: DataError) -> Response {
     let status = match &error {
         DataError::NoSuchBucket(_) | DataError::NoSuchKey => StatusCode::NOT_FOUND,
         DataError::BucketExists(_) => StatusCode::CONFLICT,
-        DataError::InvalidBucketName(_) | DataError::InvalidKey(_) | DataError::Body(_) => StatusCode::BAD_REQUEST,
+        DataError::InvalidBucketName(_)
+        | DataError::InvalidBucketOptions
+        | DataError::InvalidKey(_)
+        | DataError::Body(_) => StatusCode::BAD_REQUEST,
         DataError::InvalidRange { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
         DataError::NoDataKeys | DataError::NotDurable(_) | DataError::Meta(_) => StatusCode::SERVICE_UNAVAILABLE,
         DataError::StripeUnreadable { .. } | DataError::Corrupt(_) => StatusCode::INTERNAL_SERVER_ERROR,

@@ -1,0 +1,171 @@
+//! `bdr-sim`: parses the command line and calls the simulator library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use bdr_sim::{load_scenario, run, Outcome};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "bdr-sim",
+    version,
+    about = "Deterministic fault simulation of the bdr cluster logic"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one seed; the last line is `seed=N trace=<hash> result=ok|FAIL`.
+    Run {
+        #[arg(long)]
+        seed: u64,
+        /// A built-in scenario name or a scenario TOML file.
+        #[arg(long, default_value = "swarm")]
+        scenario: String,
+        /// Write the outcome as JSON here.
+        #[arg(long)]
+        report: Option<PathBuf>,
+    },
+    /// Run many seeds; on failure print the seed and the command that replays it.
+    Explore {
+        #[arg(long, default_value_t = 100)]
+        seeds: u64,
+        #[arg(long, default_value_t = 1)]
+        first_seed: u64,
+        #[arg(long, default_value_t = 2)]
+        jobs: usize,
+        /// Stop starting new seeds after this long (e.g. "60s").
+        #[arg(long)]
+        time_budget: Option<String>,
+        #[arg(long, default_value = "swarm")]
+        scenario: String,
+    },
+}
+
+fn summary(outcome: &Outcome) -> String {
+    format!(
+        "seed={} trace={} result={}",
+        outcome.seed,
+        outcome.trace,
+        if outcome.ok() { "ok" } else { "FAIL" }
+    )
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().command {
+        Command::Run { seed, scenario, report } => {
+            let scenario = match load_scenario(&scenario) {
+                Ok(scenario) => scenario,
+                Err(error) => {
+                    eprintln!("bdr-sim: {error}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let started = Instant::now();
+            let outcome = run(seed, &scenario);
+            for failure in &outcome.failures {
+                println!("failure: {failure}");
+            }
+            println!(
+                "scenario={} operations={} acknowledged={} unavailable={} faults={} messages={} virtual={}s wall={:.2}s",
+                outcome.scenario,
+                outcome.operations,
+                outcome.acknowledged_writes,
+                outcome.unavailable_operations,
+                outcome.faults_injected.len(),
+                outcome.messages,
+                outcome.virtual_ms / 1000,
+                started.elapsed().as_secs_f64()
+            );
+            if let Some(path) = report {
+                let json = serde_json::to_string_pretty(&outcome).expect("outcome serialises");
+                if let Err(error) = std::fs::write(&path, json) {
+                    eprintln!("bdr-sim: cannot write {}: {error}", path.display());
+                    return ExitCode::FAILURE;
+                }
+            }
+            println!("{}", summary(&outcome));
+            if outcome.ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Command::Explore {
+            seeds,
+            first_seed,
+            jobs,
+            time_budget,
+            scenario: scenario_name,
+        } => {
+            let scenario = match load_scenario(&scenario_name) {
+                Ok(scenario) => scenario,
+                Err(error) => {
+                    eprintln!("bdr-sim: {error}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let budget = match time_budget.as_deref().map(humantime::parse_duration).transpose() {
+                Ok(budget) => budget,
+                Err(error) => {
+                    eprintln!("bdr-sim: --time-budget: {error}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let started = Instant::now();
+            let next = AtomicU64::new(first_seed);
+            let failed = AtomicBool::new(false);
+            let failures: Mutex<Vec<Outcome>> = Mutex::new(Vec::new());
+            let completed = AtomicU64::new(0);
+            let virtual_ms = AtomicU64::new(0);
+            std::thread::scope(|scope| {
+                for _ in 0..jobs.max(1) {
+                    scope.spawn(|| loop {
+                        if budget.is_some_and(|budget| started.elapsed() > budget) {
+                            return;
+                        }
+                        let seed = next.fetch_add(1, Ordering::Relaxed);
+                        if seed >= first_seed + seeds {
+                            return;
+                        }
+                        let outcome = run(seed, &scenario);
+                        completed.fetch_add(1, Ordering::Relaxed);
+                        virtual_ms.fetch_add(outcome.virtual_ms, Ordering::Relaxed);
+                        if !outcome.ok() {
+                            failed.store(true, Ordering::Relaxed);
+                            failures.lock().expect("not poisoned").push(outcome);
+                        }
+                    });
+                }
+            });
+            let wall = started.elapsed().as_secs_f64();
+            let completed = completed.load(Ordering::Relaxed);
+            println!(
+                "explored {completed} seeds of scenario {} in {wall:.1}s ({:.0}x real time per core)",
+                scenario.name,
+                virtual_ms.load(Ordering::Relaxed) as f64 / 1000.0 / wall / jobs.max(1) as f64
+            );
+            let mut failures = failures.into_inner().expect("not poisoned");
+            failures.sort_by_key(|outcome| outcome.seed);
+            for outcome in &failures {
+                for failure in &outcome.failures {
+                    println!("seed {}: {failure}", outcome.seed);
+                }
+                println!("{}", summary(outcome));
+                println!("replay: bdr-sim run --seed {} --scenario {scenario_name}", outcome.seed);
+            }
+            if failed.load(Ordering::Relaxed) {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+    }
+}

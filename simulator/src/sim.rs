@@ -1,0 +1,727 @@
+//! One simulation run: boot a cluster of real `ClusterNode`s in the simulated world, run a
+//! client workload while injecting faults, then heal everything and check the invariants.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use bdr_node::cluster::data::{BucketOptions, DataError, DataKeys, ObjectWrite};
+use bdr_node::cluster::membership::MembershipConfig;
+use bdr_node::cluster::{ClusterInbound, ClusterNode};
+use bdr_node::env::{Env, InboundHandler, ShardStore, Tree};
+use bdr_protocol::envelope::RootKey;
+use bdr_protocol::erasure::{CodecId, StripeCodec};
+use bdr_protocol::ids::{NodeId, ZoneName};
+use bdr_protocol::layout::{NodeRoles, NodeSpec, NodeStatus};
+use bdr_protocol::placement::place;
+use bdr_protocol::records::{RowKey, METADATA_PARTITIONS};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+
+use crate::world::{NetworkSettings, SimEnv, World};
+
+/// Virtual start time: a plausible wall clock, so HLC timestamps look real.
+const START_MS: u64 = 1_790_000_000_000;
+const BUCKET: &str = "sim";
+/// Planted in every object's content: must never be found on any node's "disk".
+pub const PLAINTEXT_MARKER: &[u8] = b"SIM-PLAINTEXT-MARKER-7d2e";
+
+/// Which faults a run may inject. With `swarm`, each is further switched off at random
+/// per seed, so different seeds stress different combinations.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    pub name: String,
+    pub nodes: u32,
+    pub zones: u32,
+    pub data_shards: u8,
+    pub parity_shards: u8,
+    pub stripe_length_bytes: u32,
+    pub inline_threshold_bytes: u32,
+    /// Length of the fault phase (virtual milliseconds).
+    pub fault_phase_ms: u64,
+    /// Length of the healed phase before the final checks.
+    pub settle_ms: u64,
+    pub operations_per_client: u32,
+    pub clients: u32,
+    pub keys_per_client: u32,
+    pub swarm: bool,
+    pub crashes: bool,
+    pub partitions: bool,
+    pub message_loss: bool,
+    pub clock_skew: bool,
+    pub bit_rot: bool,
+    pub zone_outage: bool,
+}
+
+impl Default for Scenario {
+    fn default() -> Self {
+        Scenario {
+            name: "swarm".into(),
+            nodes: 6,
+            zones: 3,
+            data_shards: 4,
+            parity_shards: 2,
+            stripe_length_bytes: 4096,
+            inline_threshold_bytes: 512,
+            fault_phase_ms: 60_000,
+            settle_ms: 30_000,
+            operations_per_client: 40,
+            clients: 2,
+            keys_per_client: 6,
+            swarm: true,
+            crashes: true,
+            partitions: true,
+            message_loss: true,
+            clock_skew: true,
+            bit_rot: true,
+            zone_outage: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Outcome {
+    pub seed: u64,
+    pub scenario: String,
+    pub trace: String,
+    pub failures: Vec<String>,
+    pub operations: u64,
+    pub acknowledged_writes: u64,
+    pub unavailable_operations: u64,
+    pub faults_injected: Vec<String>,
+    pub events: u64,
+    pub messages: u64,
+    pub virtual_ms: u64,
+}
+
+impl Outcome {
+    pub fn ok(&self) -> bool {
+        self.failures.is_empty()
+    }
+}
+
+/// The value a key holds in the model: the content hash, or None when deleted.
+type Value = Option<[u8; 32]>;
+
+#[derive(Default, Clone)]
+struct KeyModel {
+    /// What the last acknowledged operation left.
+    acknowledged: Value,
+    /// Values of operations that failed or were cut off after it: they may have landed.
+    maybe: Vec<Value>,
+}
+
+impl KeyModel {
+    fn allows(&self, value: &Value) -> bool {
+        self.acknowledged == *value || self.maybe.contains(value)
+    }
+}
+
+struct Shared {
+    world: Arc<World>,
+    scenario: Scenario,
+    envs: Vec<Arc<SimEnv>>,
+    specs: Vec<NodeSpec>,
+    nodes: Mutex<BTreeMap<NodeId, Arc<ClusterNode<SimEnv>>>>,
+    models: Mutex<BTreeMap<String, KeyModel>>,
+    failures: Mutex<Vec<String>>,
+    counters: Mutex<BTreeMap<&'static str, u64>>,
+    faults: Mutex<Vec<String>>,
+    /// The one node whose shards may rot, and at most one shard per stripe: with one
+    /// other node down a stripe then loses at most 2 = m shards.
+    rot_node: Option<usize>,
+    rotten_stripes: Mutex<std::collections::BTreeSet<bdr_protocol::ids::StripeId>>,
+}
+
+fn membership_config() -> MembershipConfig {
+    MembershipConfig {
+        down_after_ms: 4_000,
+        gossip_interval_ms: 500,
+        anti_entropy_interval_ms: 3_000,
+        tombstone_grace_ms: 3_600_000,
+    }
+}
+
+fn node_id(index: usize) -> NodeId {
+    // Distinct, stable ids; the simulator never needs real ed25519 keys.
+    let mut bytes = *blake3::hash(&(index as u64).to_le_bytes()).as_bytes();
+    bytes[0] = index as u8;
+    NodeId(bytes)
+}
+
+fn content(seed: u64, length: usize) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(length);
+    bytes.extend_from_slice(&PLAINTEXT_MARKER[..PLAINTEXT_MARKER.len().min(length)]);
+    let mut state = seed | 1;
+    while bytes.len() < length {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        bytes.push(state as u8);
+    }
+    bytes
+}
+
+impl Shared {
+    fn fail(&self, message: String) {
+        self.world.record(&[b"FAIL", message.as_bytes()]);
+        self.failures.lock().expect("not poisoned").push(message);
+    }
+
+    fn count(&self, counter: &'static str) {
+        *self.counters.lock().expect("not poisoned").entry(counter).or_default() += 1;
+    }
+
+    fn up_nodes(&self) -> Vec<(usize, Arc<ClusterNode<SimEnv>>)> {
+        let nodes = self.nodes.lock().expect("not poisoned");
+        self.envs
+            .iter()
+            .enumerate()
+            .filter_map(|(index, env)| nodes.get(&env.id).map(|node| (index, Arc::clone(node))))
+            .collect()
+    }
+
+    fn boot(self: &Arc<Self>, index: usize) {
+        let env = Arc::clone(&self.envs[index]);
+        let shared = Arc::clone(self);
+        let spec = self.specs[index].clone();
+        self.world.record(&[b"boot", env.id.as_bytes()]);
+        self.world.executor.spawn(
+            Some(env.id),
+            Box::pin(async move {
+                let keys = DataKeys::from_root(&RootKey([7; 32]));
+                let node = match ClusterNode::start(Arc::clone(&env), membership_config(), spec, Some(keys)).await {
+                    Ok(node) => node,
+                    Err(error) => {
+                        shared.fail(format!("node {index} failed to start: {error}"));
+                        return;
+                    }
+                };
+                let inbound = ClusterInbound(Arc::clone(&node));
+                shared
+                    .world
+                    .register(env.id, Arc::new(ClusterInbound(Arc::clone(&node))));
+                shared.nodes.lock().expect("not poisoned").insert(env.id, node);
+                // Meet the other nodes that are up, as bootstrap peers would.
+                for (other, _) in shared.up_nodes() {
+                    if other != index {
+                        inbound.peer_admitted(shared.envs[other].id);
+                    }
+                }
+            }),
+        );
+    }
+
+    fn crash(&self, index: usize) {
+        let env = &self.envs[index];
+        self.world.record(&[b"crash", env.id.as_bytes()]);
+        self.world.unregister(&env.id);
+        self.nodes.lock().expect("not poisoned").remove(&env.id);
+        self.world.executor.kill_node_tasks(&env.id);
+        env.meta.crash();
+    }
+
+    fn zone_of(&self, index: usize) -> u32 {
+        index as u32 % self.scenario.zones
+    }
+
+    /// Runs one client operation on `gateway` as that node's task, so a crash of the
+    /// gateway cuts it off like a dropped connection.
+    async fn operation(self: &Arc<Self>, client: u32, number: u32) {
+        let up = self.up_nodes();
+        if up.is_empty() {
+            return;
+        }
+        let (gateway_index, gateway) = up[self.world.random_below(up.len() as u64) as usize].clone();
+        let key = format!(
+            "c{client}/k{}",
+            self.world.random_below(u64::from(self.scenario.keys_per_client))
+        );
+        let roll = self.world.random_below(100);
+        let shared = Arc::clone(self);
+        let (sender, receiver) = futures::channel::oneshot::channel::<()>();
+        let max_length = u64::from(self.scenario.stripe_length_bytes) * 3;
+        let length = self.world.random_below(max_length + 1) as usize;
+        let value_seed = (u64::from(client) << 48) | (u64::from(number) << 16) | self.world.random_below(1 << 16);
+        self.world
+            .record(&[b"op", key.as_bytes(), &roll.to_le_bytes(), &[gateway_index as u8]]);
+        let gateway_id = self.envs[gateway_index].id;
+        self.world.executor.spawn(
+            Some(gateway_id),
+            Box::pin(async move {
+                if roll < 45 {
+                    shared.put(&gateway, &key, content(value_seed, length)).await;
+                } else if roll < 85 {
+                    shared.get(&gateway, &key, false).await;
+                } else {
+                    shared.delete(&gateway, &key).await;
+                }
+                let _ = sender.send(());
+            }),
+        );
+        if receiver.await.is_err() {
+            // The gateway crashed mid-operation: its effect is unknown. The model
+            // already holds the attempted value as "maybe" (put/delete register first).
+            self.count("cut_off");
+        }
+        self.count("operations");
+    }
+
+    fn note_attempt(&self, key: &str, value: Value) {
+        self.models
+            .lock()
+            .expect("not poisoned")
+            .entry(key.to_string())
+            .or_default()
+            .maybe
+            .push(value);
+    }
+
+    fn note_acknowledged(&self, key: &str, value: Value) {
+        let mut models = self.models.lock().expect("not poisoned");
+        let model = models.entry(key.to_string()).or_default();
+        model.acknowledged = value;
+        model.maybe.clear();
+    }
+
+    async fn put(&self, gateway: &Arc<ClusterNode<SimEnv>>, key: &str, data: Vec<u8>) {
+        let value = Some(*blake3::hash(&data).as_bytes());
+        self.note_attempt(key, value);
+        let write = ObjectWrite {
+            bucket: BUCKET.into(),
+            key: key.into(),
+            ..ObjectWrite::default()
+        };
+        let result = gateway.put_object(write, futures::io::Cursor::new(data)).await;
+        self.world.record(&[b"put", key.as_bytes(), &[result.is_ok() as u8]]);
+        match result {
+            Ok(_) => {
+                self.count("acknowledged_writes");
+                self.note_acknowledged(key, value);
+            }
+            Err(_) => self.count("unavailable"),
+        }
+    }
+
+    async fn delete(&self, gateway: &Arc<ClusterNode<SimEnv>>, key: &str) {
+        self.note_attempt(key, None);
+        let result = gateway.delete_object(BUCKET, key).await;
+        self.world.record(&[b"delete", key.as_bytes(), &[result.is_ok() as u8]]);
+        match result {
+            Ok(()) => {
+                self.count("acknowledged_writes");
+                self.note_acknowledged(key, None);
+            }
+            Err(_) => self.count("unavailable"),
+        }
+    }
+
+    /// Reads a key and checks the answer against the model. With `must_succeed`, an
+    /// unavailable read is a failure too (used after the faults have healed).
+    async fn get(&self, gateway: &Arc<ClusterNode<SimEnv>>, key: &str, must_succeed: bool) {
+        let model = self
+            .models
+            .lock()
+            .expect("not poisoned")
+            .get(key)
+            .cloned()
+            .unwrap_or_default();
+        let observed: Result<Value, DataError> = async {
+            let record = match gateway.head_object(BUCKET, key).await {
+                Ok(record) => record,
+                Err(DataError::NoSuchKey) => return Ok(None),
+                Err(error) => return Err(error),
+            };
+            let size = record.size_bytes;
+            let mut stream = Box::pin(gateway.read_object(record, 0..size)?);
+            let mut bytes = Vec::new();
+            while let Some(chunk) = stream.next().await {
+                bytes.extend_from_slice(&chunk?);
+            }
+            Ok(Some(*blake3::hash(&bytes).as_bytes()))
+        }
+        .await;
+        let tag: &[u8] = match &observed {
+            Ok(Some(hash)) => hash,
+            Ok(None) => b"absent",
+            Err(_) => b"unavailable",
+        };
+        self.world.record(&[b"get", key.as_bytes(), tag]);
+        match observed {
+            Ok(value) if model.allows(&value) => {}
+            Ok(value) => self.fail(format!(
+                "read of {key} returned {} but the model allows only {} (+{} unacknowledged)",
+                value
+                    .map(|hash| hex::encode(&hash[..6]))
+                    .unwrap_or_else(|| "absent".into()),
+                model
+                    .acknowledged
+                    .map(|hash| hex::encode(&hash[..6]))
+                    .unwrap_or_else(|| "absent".into()),
+                model.maybe.len()
+            )),
+            Err(error) if must_succeed => self.fail(format!("read of {key} failed after healing: {error}")),
+            Err(_) => self.count("unavailable"),
+        }
+    }
+
+    /// Issues operations until the fault phase ends (so the settle phase sees no writes).
+    async fn client_loop(self: Arc<Self>, client: u32, end_ms: u64) {
+        for number in 0..self.scenario.operations_per_client {
+            if self.world.executor.now_ms() >= end_ms {
+                return;
+            }
+            self.operation(client, number).await;
+            let pause_ms = 100
+                + self
+                    .world
+                    .random_below(self.scenario.fault_phase_ms / u64::from(self.scenario.operations_per_client.max(1)));
+            self.world.executor.sleep(pause_ms).await;
+        }
+    }
+
+    /// Injects faults until the fault phase ends; at most one node is impaired at a time
+    /// (crashed or cut off), which keeps every stripe and partition within its budget.
+    async fn fault_loop(self: Arc<Self>, enabled: Vec<&'static str>) {
+        let end_ms = self.world.executor.now_ms() + self.scenario.fault_phase_ms;
+        while !enabled.is_empty() && self.world.executor.now_ms() + 10_000 < end_ms {
+            self.world.executor.sleep(1_000 + self.world.random_below(4_000)).await;
+            let fault = enabled[self.world.random_below(enabled.len() as u64) as usize];
+            let victim = self.world.random_below(u64::from(self.scenario.nodes)) as usize;
+            let duration_ms = 1_000 + self.world.random_below(8_000);
+            self.world.record(&[b"fault", fault.as_bytes(), &[victim as u8]]);
+            self.faults
+                .lock()
+                .expect("not poisoned")
+                .push(format!("{fault} node {victim} for {duration_ms} ms"));
+            match fault {
+                "crash" => {
+                    self.crash(victim);
+                    self.world.executor.sleep(duration_ms).await;
+                    self.boot(victim);
+                }
+                "partition" => {
+                    let id = self.envs[victim].id;
+                    for other in &self.envs {
+                        if other.id != id {
+                            self.world.cut(id, other.id);
+                            self.world.cut(other.id, id);
+                        }
+                    }
+                    self.world.executor.sleep(duration_ms).await;
+                    self.world.heal_all_links();
+                }
+                "one-way-partition" => {
+                    let id = self.envs[victim].id;
+                    for other in &self.envs {
+                        if other.id != id {
+                            self.world.cut(id, other.id);
+                        }
+                    }
+                    self.world.executor.sleep(duration_ms).await;
+                    self.world.heal_all_links();
+                }
+                "zone-outage" => {
+                    let zone = self.zone_of(victim);
+                    let members: Vec<usize> = (0..self.envs.len())
+                        .filter(|index| self.zone_of(*index) == zone)
+                        .collect();
+                    for member in &members {
+                        self.crash(*member);
+                    }
+                    self.world.executor.sleep(duration_ms).await;
+                    for member in members {
+                        self.boot(member);
+                    }
+                }
+                "bit-rot" => {
+                    if let Some(rot) = self.rot_node {
+                        let store = Arc::clone(&self.envs[rot].shards);
+                        let keys = store.list().await.unwrap_or_default();
+                        if !keys.is_empty() {
+                            let key = keys[self.world.random_below(keys.len() as u64) as usize];
+                            if !self.rotten_stripes.lock().expect("not poisoned").insert(key.stripe_id) {
+                                continue;
+                            }
+                            let position = self.world.random_below(64) as usize;
+                            store.damage(key, |bytes| {
+                                let at = position % bytes.len().max(1);
+                                if let Some(byte) = bytes.get_mut(at) {
+                                    *byte ^= 0x20;
+                                }
+                            });
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// After healing: every key reads back its last acknowledged value (or a later
+    /// unacknowledged one), metadata replicas agree, and no plaintext is stored anywhere.
+    async fn final_checks(self: Arc<Self>) {
+        // Metadata replicas converge.
+        let up = self.up_nodes();
+        let layout = up[0].1.layout();
+        for partition in 0..METADATA_PARTITIONS {
+            let Ok(placement) = place(&layout, &RowKey::partition_placement_id(partition), 1, 2) else {
+                continue;
+            };
+            let digests: Vec<_> = placement
+                .holders
+                .iter()
+                .filter_map(|holder| self.nodes.lock().expect("not poisoned").get(holder).cloned())
+                .map(|node| node.partition_digest(partition).map(|digest| format!("{digest:?}")))
+                .collect();
+            if digests
+                .windows(2)
+                .any(|pair| pair[0].as_ref().ok() != pair[1].as_ref().ok())
+            {
+                // Name the first differing row, for the report.
+                let mut detail = String::new();
+                for table in bdr_protocol::wire::Table::ALL {
+                    let per_replica: Vec<Vec<(Vec<u8>, Vec<u8>)>> = placement
+                        .holders
+                        .iter()
+                        .filter_map(|holder| self.envs.iter().find(|env| env.id == *holder))
+                        .map(|env| {
+                            env.meta_store()
+                                .scan(Tree::Table(table), &RowKey::partition_prefix(partition), None, 100_000)
+                                .unwrap_or_default()
+                        })
+                        .collect();
+                    if per_replica.windows(2).any(|pair| pair[0] != pair[1]) {
+                        let keys: Vec<usize> = per_replica.iter().map(Vec::len).collect();
+                        let differing = per_replica[0]
+                            .iter()
+                            .find(|row| per_replica.iter().any(|other| !other.contains(row)))
+                            .map(|(key, value)| {
+                                let decoded =
+                                    bdr_protocol::records::decode_stored_value::<bdr_protocol::records::Record>(value)
+                                        .map(|register| {
+                                            format!("{:?} tombstone={}", register.timestamp, register.value.is_none())
+                                        })
+                                        .unwrap_or_default();
+                                format!("{} {decoded}", String::from_utf8_lossy(key))
+                            });
+                        detail = format!(
+                            "table {} rows per replica {keys:?}, first difference {differing:?}",
+                            table.name()
+                        );
+                        break;
+                    }
+                }
+                let roots: Vec<String> = placement
+                    .holders
+                    .iter()
+                    .filter_map(|holder| self.nodes.lock().expect("not poisoned").get(holder).cloned())
+                    .map(|node| {
+                        node.partition_root(partition)
+                            .map(|root| hex::encode(&root[..4]))
+                            .unwrap_or_default()
+                    })
+                    .collect();
+                self.fail(format!(
+                    "metadata replicas of partition {partition} did not converge (roots {roots:?}): {detail}"
+                ));
+            }
+        }
+        // Every key reads back what the model allows, through any node.
+        let up = self.up_nodes();
+        let keys: Vec<String> = self.models.lock().expect("not poisoned").keys().cloned().collect();
+        for (position, key) in keys.iter().enumerate() {
+            let gateway = &up[position % up.len()].1;
+            self.get(gateway, key, true).await;
+        }
+        // No plaintext on any node's disk (shards and metadata).
+        for (index, env) in self.envs.iter().enumerate() {
+            for key in env.shards.list().await.unwrap_or_default() {
+                if let Ok(shard) = env.shards.get(key).await {
+                    if shard
+                        .payload()
+                        .windows(PLAINTEXT_MARKER.len())
+                        .any(|window| window == PLAINTEXT_MARKER)
+                    {
+                        self.fail(format!("plaintext found in a shard on node {index}"));
+                    }
+                }
+            }
+            let rows = env
+                .meta_store()
+                .scan(Tree::Table(bdr_protocol::wire::Table::Objects), b"", None, 100_000);
+            for (_, value) in rows.unwrap_or_default() {
+                if value
+                    .windows(PLAINTEXT_MARKER.len())
+                    .any(|window| window == PLAINTEXT_MARKER)
+                {
+                    self.fail(format!("plaintext found in metadata on node {index}"));
+                }
+            }
+        }
+    }
+}
+
+/// Runs one seed of `scenario`.
+pub fn run(seed: u64, scenario: &Scenario) -> Outcome {
+    let world = World::new(
+        seed,
+        START_MS,
+        NetworkSettings {
+            latency_ms_min: 1,
+            latency_ms_max: 40,
+            loss_per_mille: 0,
+        },
+    );
+    // Swarm testing: each fault kind is on for this seed with probability 3/4.
+    let mut enabled: Vec<&'static str> = Vec::new();
+    let mut toggle = |on: bool, name: &'static str| {
+        let kept = !scenario.swarm || world.random_below(4) != 0;
+        if on && kept {
+            enabled.push(name);
+        }
+    };
+    toggle(scenario.crashes, "crash");
+    toggle(scenario.partitions, "partition");
+    toggle(scenario.partitions, "one-way-partition");
+    toggle(scenario.bit_rot, "bit-rot");
+    toggle(scenario.zone_outage, "zone-outage");
+    let message_loss = scenario.message_loss && (!scenario.swarm || world.random_below(4) != 0);
+    let clock_skew = scenario.clock_skew && (!scenario.swarm || world.random_below(4) != 0);
+    if message_loss {
+        world.set_network(NetworkSettings {
+            latency_ms_min: 1,
+            latency_ms_max: 200,
+            loss_per_mille: 1 + world.random_below(30) as u32,
+        });
+    }
+
+    let envs: Vec<Arc<SimEnv>> = (0..scenario.nodes as usize)
+        .map(|index| {
+            let env = SimEnv::new(
+                node_id(index),
+                Arc::clone(&world),
+                seed ^ ((index as u64 + 1) * 0x9e37),
+                1 << 40,
+            );
+            if clock_skew {
+                let skew_ms = world.random_below(10 * 60 * 1000) as i64 - 5 * 60 * 1000;
+                env.clock_skew_ms.store(skew_ms, std::sync::atomic::Ordering::Relaxed);
+            }
+            Arc::new(env)
+        })
+        .collect();
+    let specs: Vec<NodeSpec> = (0..scenario.nodes as usize)
+        .map(|index| NodeSpec {
+            zone: ZoneName::new(format!("zone-{}", index as u32 % scenario.zones)).expect("valid zone"),
+            capacity_bytes: 1 << 40,
+            roles: NodeRoles::STORAGE_AND_GATEWAY,
+            status: NodeStatus::Active,
+        })
+        .collect();
+    let rot_node = enabled
+        .contains(&"bit-rot")
+        .then(|| world.random_below(u64::from(scenario.nodes)) as usize);
+    let shared = Arc::new(Shared {
+        world: Arc::clone(&world),
+        scenario: scenario.clone(),
+        envs,
+        specs,
+        nodes: Mutex::new(BTreeMap::new()),
+        models: Mutex::new(BTreeMap::new()),
+        failures: Mutex::new(Vec::new()),
+        counters: Mutex::new(BTreeMap::new()),
+        faults: Mutex::new(Vec::new()),
+        rot_node,
+        rotten_stripes: Mutex::new(std::collections::BTreeSet::new()),
+    });
+    for index in 0..scenario.nodes as usize {
+        shared.boot(index);
+    }
+    // Let membership converge, then create the bucket.
+    world.executor.run_until(START_MS + 5_000);
+    let creator = Arc::clone(&shared);
+    let codec = StripeCodec::new(CodecId::DEFAULT, scenario.data_shards, scenario.parity_shards);
+    world.executor.spawn(
+        None,
+        Box::pin(async move {
+            let Ok(codec) = codec else {
+                creator.fail("invalid erasure code in the scenario".into());
+                return;
+            };
+            let options = BucketOptions {
+                codec,
+                stripe_length_bytes: creator.scenario.stripe_length_bytes,
+                inline_threshold_bytes: creator.scenario.inline_threshold_bytes,
+            };
+            let Some((_, node)) = creator.up_nodes().first().cloned() else {
+                return;
+            };
+            if let Err(error) = node.create_bucket_with(BUCKET, "sim", options).await {
+                creator.fail(format!("cannot create the bucket: {error}"));
+            }
+        }),
+    );
+    world.executor.run_until(START_MS + 10_000);
+
+    // Fault phase: clients and the fault injector run together.
+    let fault_end = START_MS + 10_000 + scenario.fault_phase_ms;
+    for client in 0..scenario.clients {
+        let shared = Arc::clone(&shared);
+        world.executor.spawn(
+            None,
+            Box::pin(async move { shared.client_loop(client, fault_end).await }),
+        );
+    }
+    let injector = Arc::clone(&shared);
+    world
+        .executor
+        .spawn(None, Box::pin(async move { injector.fault_loop(enabled).await }));
+    world.executor.run_until(fault_end);
+
+    // Liveness phase: heal everything, let repair and anti-entropy run, then check.
+    world.record(&[b"heal"]);
+    world.heal_all_links();
+    world.set_network(NetworkSettings {
+        latency_ms_min: 1,
+        latency_ms_max: 40,
+        loss_per_mille: 0,
+    });
+    for index in 0..scenario.nodes as usize {
+        if !world.is_up(&shared.envs[index].id)
+            && !shared
+                .nodes
+                .lock()
+                .expect("not poisoned")
+                .contains_key(&shared.envs[index].id)
+        {
+            shared.boot(index);
+        }
+    }
+    world.executor.run_until(fault_end + scenario.settle_ms);
+    let checker = Arc::clone(&shared);
+    world
+        .executor
+        .spawn(None, Box::pin(async move { checker.final_checks().await }));
+    world.executor.run_until(fault_end + scenario.settle_ms + 120_000);
+
+    let counters = shared.counters.lock().expect("not poisoned").clone();
+    let outcome = Outcome {
+        seed,
+        scenario: scenario.name.clone(),
+        trace: world.trace_hash(),
+        failures: shared.failures.lock().expect("not poisoned").clone(),
+        operations: counters.get("operations").copied().unwrap_or(0),
+        acknowledged_writes: counters.get("acknowledged_writes").copied().unwrap_or(0),
+        unavailable_operations: counters.get("unavailable").copied().unwrap_or(0),
+        faults_injected: shared.faults.lock().expect("not poisoned").clone(),
+        events: world.event_count(),
+        messages: world.message_count(),
+        virtual_ms: world.executor.now_ms() - START_MS,
+    };
+    // Stop every node so their tasks (and the Arcs they hold) are dropped.
+    for env in &shared.envs {
+        world.executor.kill_node_tasks(&env.id);
+    }
+    outcome
+}
