@@ -39,6 +39,20 @@ enum Command {
     },
     /// Print a new random cluster secret (put it in every node's cluster_secret_file).
     GenSecret,
+    /// Start a whole local cluster in this process (S3 and admin API on loopback).
+    Dev {
+        /// Folder for all data, keys and credentials; reused on restart.
+        #[arg(long, value_name = "DIR", default_value = "./bdr-dev")]
+        data: PathBuf,
+        #[arg(long, default_value_t = 6)]
+        nodes: u32,
+        #[arg(long, default_value_t = 3)]
+        zones: u32,
+        #[arg(long, default_value = "127.0.0.1:9000")]
+        s3_listen: std::net::SocketAddr,
+        #[arg(long, default_value = "127.0.0.1:9001")]
+        admin_listen: std::net::SocketAddr,
+    },
     /// Run one node.
     Run {
         #[arg(long, value_name = "FILE")]
@@ -65,6 +79,24 @@ enum AdminCommand {
         #[arg(long)]
         json: bool,
     },
+    /// S3 access keys.
+    Key {
+        #[command(subcommand)]
+        command: KeyCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Create an access key; prints its id and secret.
+    Create {
+        name: String,
+        /// Allow this key to create buckets.
+        #[arg(long)]
+        allow_create_bucket: bool,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn init_logging(format: LogFormat) {
@@ -79,15 +111,44 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-async fn run_node(config_path: PathBuf) -> anyhow::Result<()> {
-    let config = NodeConfig::load(&config_path)?;
-    let node = runtime::start_node(&config).await?;
+async fn wait_for_shutdown() -> anyhow::Result<()> {
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = terminate.recv() => {}
     }
     tracing::info!("shutting down");
+    Ok(())
+}
+
+async fn run_dev(options: bdr_node::runtime::dev::DevOptions) -> anyhow::Result<()> {
+    use bdr_node::env::Env;
+    let cluster = bdr_node::runtime::dev::start_dev(&options).await?;
+    println!(
+        "bdr dev cluster: {} nodes in {} zones, data in {}",
+        options.nodes,
+        options.zones,
+        options.data_dir.display()
+    );
+    println!("S3 endpoint:       {}", cluster.s3_endpoint);
+    println!("region:            {}", cluster.region);
+    println!("access key id:     {}", cluster.access_key_id);
+    println!("secret access key: {}", cluster.secret_access_key);
+    println!("admin endpoint:    {}", cluster.admin_endpoint);
+    println!("admin token:       {}", cluster.admin_token);
+    println!("credentials:       source {}", cluster.credentials_file.display());
+    println!("ready (Ctrl-C stops)");
+    wait_for_shutdown().await?;
+    for node in &cluster.nodes {
+        node.env().meta_store().flush().await?;
+    }
+    Ok(())
+}
+
+async fn run_node(config_path: PathBuf) -> anyhow::Result<()> {
+    let config = NodeConfig::load(&config_path)?;
+    let node = runtime::start_node(&config).await?;
+    wait_for_shutdown().await?;
     use bdr_node::env::Env;
     node.cluster.env().meta_store().flush().await?;
     Ok(())
@@ -106,6 +167,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
         Command::GenSecret => println!("{}", ClusterSecret::from_bytes(rand::random()).to_hex()),
+        Command::Dev {
+            data,
+            nodes,
+            zones,
+            s3_listen,
+            admin_listen,
+        } => {
+            init_logging(cli.log_format);
+            let options = bdr_node::runtime::dev::DevOptions {
+                data_dir: data,
+                nodes,
+                zones,
+                s3_listen,
+                admin_listen,
+            };
+            tokio::runtime::Runtime::new()
+                .context("cannot start the async runtime")?
+                .block_on(run_dev(options))?;
+        }
         Command::Run { config } => {
             init_logging(cli.log_format);
             tokio::runtime::Runtime::new()
@@ -119,6 +199,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let token = admin::read_token(&token_file).map_err(anyhow::Error::msg)?;
             match command {
+                AdminCommand::Key {
+                    command:
+                        KeyCommand::Create {
+                            name,
+                            allow_create_bucket,
+                            json,
+                        },
+                } => {
+                    let key = admin::create_key(&endpoint, &token, &name, allow_create_bucket)?;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&key)?);
+                    } else {
+                        println!("access key id:     {}", key.key_id);
+                        println!("secret access key: {}", key.secret_key);
+                    }
+                }
                 AdminCommand::Status { json } => {
                     let status = admin::fetch_status(&endpoint, &token)?;
                     if json {

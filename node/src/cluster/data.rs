@@ -24,7 +24,8 @@ use bdr_protocol::ids::{NodeId, StripeId, ZoneName};
 use bdr_protocol::layout::Layout;
 use bdr_protocol::placement::{failures_tolerated, place, place_with};
 use bdr_protocol::records::{
-    BucketRecord, Lww, Manifest, ObjectData, ObjectVersionRecord, Record, RowKey, StripeRef, VersioningState,
+    AccessKeyRecord, BucketRecord, Lww, Manifest, ObjectData, ObjectVersionRecord, Record, RowKey, StripeRef,
+    VersioningState,
 };
 use bdr_protocol::wire::{RemoteErrorKind, Request, Response, Table};
 use futures::channel::oneshot;
@@ -170,9 +171,26 @@ fn object_row(bucket: &str, key: &str, version_id: &str) -> RowKey {
     RowKey::new(bucket.as_bytes(), sort_key)
 }
 
+/// All bucket records share one partition, so listing buckets is one range scan.
 fn bucket_row(bucket: &str) -> RowKey {
-    RowKey::new(bucket.as_bytes(), Vec::new())
+    RowKey::new(b"buckets".to_vec(), bucket.as_bytes())
 }
+
+/// Access keys likewise share one partition.
+fn access_key_row(key_id: &str) -> RowKey {
+    RowKey::new(b"access-keys".to_vec(), key_id.as_bytes())
+}
+
+/// One page of object listing.
+pub struct ObjectListing {
+    /// Live objects in key order.
+    pub records: Vec<ObjectVersionRecord>,
+    /// Set when the scan filled its page: list on after this key.
+    pub next_after: Option<String>,
+}
+
+const ACCESS_KEY_ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+const SECRET_KEY_ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
 
 fn inline_binding(bucket: &str, key: &str, version_id: &str) -> Vec<u8> {
     let mut binding = b"I".to_vec();
@@ -567,17 +585,20 @@ impl<E: Env> ClusterNode<E> {
         Ok(())
     }
 
-    /// Lists live object keys of a bucket in order, up to `limit`, after `after`.
+    /// Lists live objects of a bucket in key order: up to `limit` rows scanned after the
+    /// key `after` (deleted objects count towards the page but are not returned).
     pub async fn list_objects(
         self: &Arc<Self>,
         bucket: &str,
         prefix: &str,
         after: Option<&str>,
         limit: u32,
-    ) -> Result<Vec<ObjectVersionRecord>, DataError> {
+    ) -> Result<ObjectListing, DataError> {
+        // Rows are `key NUL version`; `key NUL 0xff` sorts after every version of `key`
+        // and before any longer key (keys are UTF-8, which never contains 0xff).
         let after_sort_key = after.map(|key| {
             let mut sort_key = key.as_bytes().to_vec();
-            sort_key.push(0xff);
+            sort_key.extend_from_slice(&[0, 0xff]);
             sort_key
         });
         let rows = self
@@ -589,13 +610,82 @@ impl<E: Env> ClusterNode<E> {
                 limit,
             )
             .await?;
-        Ok(rows
+        let full_page = rows.len() as u32 >= limit;
+        let next_after = full_page
+            .then(|| rows.last())
+            .flatten()
+            .and_then(|(row, _)| row.sort_key.split(|byte| *byte == 0).next().map(<[u8]>::to_vec))
+            .and_then(|key| String::from_utf8(key).ok());
+        let records = rows
             .into_iter()
             .filter_map(|(_, register)| match register.value {
                 Some(Record::ObjectVersion(record)) => Some(record),
                 _ => None,
             })
+            .collect();
+        Ok(ObjectListing { records, next_after })
+    }
+
+    /// Every bucket, in name order.
+    pub async fn list_buckets(self: &Arc<Self>) -> Result<Vec<BucketRecord>, DataError> {
+        let rows = self
+            .meta_scan(Table::Buckets, b"buckets", b"", None, bdr_protocol::wire::SCAN_ROWS_MAX)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(_, register)| match register.value {
+                Some(Record::Bucket(bucket)) => Some(bucket),
+                _ => None,
+            })
             .collect())
+    }
+
+    /// Deletes a bucket record (the caller checks it is empty).
+    pub async fn delete_bucket(self: &Arc<Self>, name: &str) -> Result<(), DataError> {
+        validate_bucket_name(name)?;
+        self.meta_put(Table::Buckets, &bucket_row(name), None).await?;
+        Ok(())
+    }
+
+    fn random_text(&self, alphabet: &[u8], length: usize) -> String {
+        (0..length)
+            .map(|_| alphabet[(self.env.random_u64() % alphabet.len() as u64) as usize] as char)
+            .collect()
+    }
+
+    /// Creates an S3 access key (id and secret) named `name`.
+    pub async fn create_access_key(
+        self: &Arc<Self>,
+        name: &str,
+        allow_create_bucket: bool,
+    ) -> Result<AccessKeyRecord, DataError> {
+        let record = AccessKeyRecord {
+            key_id: format!("BDR{}", self.random_text(ACCESS_KEY_ALPHABET, 17)),
+            name: name.to_string(),
+            secret_key: self.random_text(SECRET_KEY_ALPHABET, 40),
+            allow_create_bucket,
+            created_at_ms: self.env.now_ms(),
+        };
+        self.meta_put(
+            Table::AccessKeys,
+            &access_key_row(&record.key_id),
+            Some(Record::AccessKey(record.clone())),
+        )
+        .await?;
+        Ok(record)
+    }
+
+    pub async fn access_key(self: &Arc<Self>, key_id: &str) -> Result<Option<AccessKeyRecord>, DataError> {
+        if key_id.is_empty() || key_id.len() > 128 {
+            return Ok(None);
+        }
+        match self.meta_get(Table::AccessKeys, &access_key_row(key_id)).await? {
+            Some(Lww {
+                value: Some(Record::AccessKey(record)),
+                ..
+            }) => Ok(Some(record)),
+            _ => Ok(None),
+        }
     }
 
     /// Streams `range` of an object's bytes, verified, with one stripe of read-ahead.

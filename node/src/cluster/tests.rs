@@ -430,7 +430,23 @@ async fn metadata_survives_one_replica_per_partition_and_replicas_catch_up() {
         .list_objects("backups", "small-", None, 100)
         .await
         .unwrap();
-    assert_eq!(listed.len(), 20);
+    assert_eq!(listed.records.len(), 20);
+    assert!(listed.next_after.is_none());
+    // Pages continue after the last key without repeating or skipping any.
+    let first = cluster
+        .node(writer)
+        .list_objects("backups", "small-", None, 7)
+        .await
+        .unwrap();
+    assert_eq!(first.records.len(), 7);
+    let after = first.next_after.clone().unwrap();
+    let second = cluster
+        .node(writer)
+        .list_objects("backups", "small-", Some(&after), 100)
+        .await
+        .unwrap();
+    assert_eq!(second.records.len(), 13);
+    assert!(second.records[0].key > after);
     // The replica comes back and serves every row.
     cluster.set_down(down, false);
     // Anti-entropy brings every row to it within a few rounds, without any read.

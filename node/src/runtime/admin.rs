@@ -219,8 +219,8 @@ async fn list_objects<E: Env>(
         .list_objects(&bucket, &query.prefix, query.after.as_deref(), limit)
         .await
     {
-        Ok(records) => Json(serde_json::json!({
-            "objects": records.iter().map(|record| serde_json::json!({
+        Ok(listing) => Json(serde_json::json!({
+            "objects": listing.records.iter().map(|record| serde_json::json!({
                 "key": record.key, "size_bytes": record.size_bytes, "etag": record.etag,
             })).collect::<Vec<_>>()
         }))
@@ -229,10 +229,59 @@ async fn list_objects<E: Env>(
     }
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
+pub struct CreatedKey {
+    pub key_id: String,
+    pub secret_key: String,
+    pub name: String,
+    pub allow_create_bucket: bool,
+}
+
+#[derive(Deserialize)]
+struct CreateKeyRequest {
+    name: String,
+    #[serde(default)]
+    allow_create_bucket: bool,
+}
+
+/// Longest access key name.
+pub const KEY_NAME_BYTES_MAX: usize = 256;
+
+async fn serve_create_key<E: Env>(
+    State(state): State<Arc<AdminState<E>>>,
+    Json(request): Json<CreateKeyRequest>,
+) -> Response {
+    if request.name.is_empty() || request.name.len() > KEY_NAME_BYTES_MAX {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(serde_json::json!({"error": format!("name must be 1..={KEY_NAME_BYTES_MAX} bytes")})),
+        )
+            .into_response();
+    }
+    match state
+        .cluster
+        .create_access_key(&request.name, request.allow_create_bucket)
+        .await
+    {
+        Ok(record) => (
+            StatusCode::CREATED,
+            Json(CreatedKey {
+                key_id: record.key_id,
+                secret_key: record.secret_key,
+                name: record.name,
+                allow_create_bucket: record.allow_create_bucket,
+            }),
+        )
+            .into_response(),
+        Err(error) => data_error_response(error),
+    }
+}
+
 pub fn router<E: Env>(token: String, cluster: Arc<ClusterNode<E>>) -> Router {
     let state = Arc::new(AdminState { token, cluster });
     Router::new()
         .route("/v1/status", get(status::<E>))
+        .route("/v1/keys", axum::routing::post(serve_create_key::<E>))
         .route("/v1/buckets/{bucket}", put(create_bucket::<E>).get(list_objects::<E>))
         .route(
             "/v1/objects/{bucket}/{*key}",
@@ -298,6 +347,43 @@ pub fn fetch_status(endpoint: &str, token: &str) -> Result<ClusterStatus, AdminC
         .map_err(|error| unreachable(error.to_string()))?;
     match status {
         200 => serde_json::from_str(&body).map_err(|error| AdminClientError::BadAnswer(error.to_string())),
+        401 => Err(AdminClientError::Unauthorized),
+        _ => Err(AdminClientError::Failed { status, body }),
+    }
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .timeout_global(Some(CLIENT_TIMEOUT))
+        .http_status_as_error(false)
+        .build()
+        .into()
+}
+
+/// `POST {endpoint}/v1/keys`.
+pub fn create_key(
+    endpoint: &str,
+    token: &str,
+    name: &str,
+    allow_create_bucket: bool,
+) -> Result<CreatedKey, AdminClientError> {
+    let url = format!("{}/v1/keys", endpoint.trim_end_matches('/'));
+    let unreachable = |reason: String| AdminClientError::Unreachable {
+        endpoint: endpoint.to_string(),
+        reason,
+    };
+    let mut response = agent()
+        .post(&url)
+        .header("Authorization", &format!("Bearer {token}"))
+        .send_json(serde_json::json!({ "name": name, "allow_create_bucket": allow_create_bucket }))
+        .map_err(|error| unreachable(error.to_string()))?;
+    let status = response.status().as_u16();
+    let body = response
+        .body_mut()
+        .read_to_string()
+        .map_err(|error| unreachable(error.to_string()))?;
+    match status {
+        201 => serde_json::from_str(&body).map_err(|error| AdminClientError::BadAnswer(error.to_string())),
         401 => Err(AdminClientError::Unauthorized),
         _ => Err(AdminClientError::Failed { status, body }),
     }

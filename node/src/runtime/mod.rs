@@ -2,7 +2,9 @@
 //! that assembles a running node from its config.
 
 pub mod admin;
+pub mod dev;
 pub mod network;
+pub mod s3;
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -121,10 +123,43 @@ pub fn read_cluster_secret(path: &Path) -> Result<ClusterSecret, StartError> {
 pub struct RunningNode {
     pub cluster: Arc<ClusterNode<ProductionEnv>>,
     pub admin_address: std::net::SocketAddr,
+    /// Where S3 is served (gateway nodes with a data key only).
+    pub s3_address: Option<std::net::SocketAddr>,
 }
 
 /// Starts a node from its config: identity, stores, network, cluster logic, admin API.
 pub async fn start_node(config: &NodeConfig) -> Result<RunningNode, StartError> {
+    let cluster = start_cluster_node(config).await?;
+    let token = admin::load_or_create_token(&config.admin_token_file).map_err(StartError::Admin)?;
+    let admin_address = admin::serve(config.admin_listen, token, Arc::clone(&cluster))
+        .await
+        .map_err(StartError::Admin)?;
+    let s3_address = if config.roles.gateway && config.data_key_file.is_some() {
+        Some(
+            s3::serve(config.s3_listen, config.s3_region.clone(), Arc::clone(&cluster))
+                .await
+                .map_err(StartError::Admin)?,
+        )
+    } else {
+        None
+    };
+    tracing::info!(
+        node = %cluster.env().node_id(),
+        zone = %config.zone,
+        admin = %admin_address,
+        s3 = ?s3_address,
+        "node started"
+    );
+    Ok(RunningNode {
+        cluster,
+        admin_address,
+        s3_address,
+    })
+}
+
+/// Starts a node's cluster side (identity, stores, network, cluster logic) without its
+/// HTTP servers.
+pub async fn start_cluster_node(config: &NodeConfig) -> Result<Arc<ClusterNode<ProductionEnv>>, StartError> {
     let secret = read_cluster_secret(&config.cluster_secret_file)?;
     let (identity, created) = NodeIdentity::load_or_create(&config.data_dir)?;
     if created {
@@ -195,16 +230,6 @@ pub async fn start_node(config: &NodeConfig) -> Result<RunningNode, StartError> 
     network
         .bind_handler(Arc::new(ClusterInbound(Arc::clone(&cluster))))
         .await;
-    let token = admin::load_or_create_token(&config.admin_token_file).map_err(StartError::Admin)?;
-    let admin_address = admin::serve(config.admin_listen, token, Arc::clone(&cluster))
-        .await
-        .map_err(StartError::Admin)?;
-    tracing::info!(
-        node = %identity.node_id,
-        peer = %identity.peer_id,
-        zone = %config.zone,
-        admin = %admin_address,
-        "node started"
-    );
-    Ok(RunningNode { cluster, admin_address })
+    tracing::info!(node = %identity.node_id, peer = %identity.peer_id, zone = %config.zone, "cluster node started");
+    Ok(cluster)
 }

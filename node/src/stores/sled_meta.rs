@@ -63,9 +63,14 @@ impl MetaStore for SledMetaStore {
     }
 
     fn flush(&self) -> BoxFuture<'static, Result<(), StoreError>> {
+        // sled's `flush_async` can hang when many flushes overlap (seen with 10 concurrent
+        // S3 uploads); the blocking flush on the blocking pool does not.
         let database = self.database.clone();
         Box::pin(async move {
-            database.flush_async().await.map_err(sled_error)?;
+            tokio::task::spawn_blocking(move || database.flush())
+                .await
+                .map_err(|error| StoreError::Io(format!("flush task failed: {error}")))?
+                .map_err(sled_error)?;
             Ok(())
         })
     }

@@ -1,0 +1,198 @@
+//! Real S3 clients against `bdr-node dev`: the aws cli creates a bucket, copies and syncs
+//! files both ways, reads ranges and deletes; anonymous and wrongly signed requests are
+//! refused; a restart with the same folder keeps data and credentials.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use bdr_tests::{binary, free_tcp_port, pattern, run_bounded};
+
+struct DevProcess {
+    child: Child,
+    credentials: BTreeMap<String, String>,
+}
+
+impl Drop for DevProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_dev(folder: &Path, s3_port: u16, admin_port: u16) -> DevProcess {
+    let mut child = Command::new(binary("bdr-node"))
+        .args(["dev", "--data"])
+        .arg(folder)
+        .args(["--s3-listen", &format!("127.0.0.1:{s3_port}")])
+        .args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("bdr-node dev starts");
+    let stdout = child.stdout.take().unwrap();
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if sender.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let mut printed = Vec::new();
+    loop {
+        match receiver.recv_timeout(Duration::from_secs(90)) {
+            Ok(line) if line.starts_with("ready") => break,
+            Ok(line) => printed.push(line),
+            Err(_) => panic!("bdr-node dev did not become ready; it printed {printed:?}"),
+        }
+    }
+    assert!(printed.iter().any(|line| line.contains("S3 endpoint")), "{printed:?}");
+    let credentials = std::fs::read_to_string(folder.join("credentials.env"))
+        .unwrap()
+        .lines()
+        .filter_map(|line| {
+            let (key, value) = line.strip_prefix("export ")?.split_once('=')?;
+            Some((key.to_string(), value.to_string()))
+        })
+        .collect();
+    DevProcess { child, credentials }
+}
+
+fn aws(dev: &DevProcess, arguments: &[&str]) -> String {
+    let mut command = Command::new("aws");
+    command
+        .args(arguments)
+        .env_remove("AWS_CA_BUNDLE")
+        .env("AWS_CONFIG_FILE", "/dev/null");
+    for (key, value) in &dev.credentials {
+        command.env(key, value);
+    }
+    let output = run_bounded(&mut command, Duration::from_secs(120));
+    assert!(
+        output.status.success(),
+        "aws {arguments:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).to_string()
+}
+
+fn aws_fails(dev: &DevProcess, arguments: &[&str], overrides: &[(&str, &str)]) -> String {
+    let mut command = Command::new("aws");
+    command
+        .args(arguments)
+        .env_remove("AWS_CA_BUNDLE")
+        .env("AWS_CONFIG_FILE", "/dev/null");
+    for (key, value) in &dev.credentials {
+        command.env(key, value);
+    }
+    for (key, value) in overrides {
+        command.env(key, value);
+    }
+    let output = run_bounded(&mut command, Duration::from_secs(120));
+    assert!(!output.status.success(), "aws {arguments:?} should have failed");
+    String::from_utf8_lossy(&output.stderr).to_string()
+}
+
+#[test]
+fn aws_cli_round_trips_through_bdr_node_dev_and_survives_a_restart() {
+    let aws_present = Command::new("aws")
+        .arg("--version")
+        .output()
+        .is_ok_and(|output| output.status.success());
+    assert!(
+        aws_present,
+        "the aws cli is required (scripts/test-all installs it with pip)"
+    );
+    let root = tempfile::tempdir().unwrap();
+    let folder = root.path().join("dev");
+    let (s3_port, admin_port) = (free_tcp_port(), free_tcp_port());
+    let dev = start_dev(&folder, s3_port, admin_port);
+
+    aws(&dev, &["s3", "mb", "s3://backups"]);
+    let file = root.path().join("five-mib");
+    let data = pattern(5 * 1024 * 1024 + 3, 11);
+    std::fs::write(&file, &data).unwrap();
+    aws(&dev, &["s3", "cp", file.to_str().unwrap(), "s3://backups/dir/five-mib"]);
+
+    // A tree both ways with sync.
+    let tree = root.path().join("tree");
+    for index in 0..12 {
+        let path = tree.join(format!("sub{}/file-{index}.bin", index % 3));
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, pattern(1000 * index + 1, index as u64)).unwrap();
+    }
+    aws(&dev, &["s3", "sync", tree.to_str().unwrap(), "s3://backups/tree"]);
+    let listing = aws(&dev, &["s3", "ls", "--recursive", "s3://backups/tree/"]);
+    assert_eq!(listing.lines().count(), 12, "{listing}");
+    let top = aws(&dev, &["s3", "ls", "s3://backups/"]);
+    assert!(top.contains("PRE dir/") && top.contains("PRE tree/"), "{top}");
+    let restored = root.path().join("restored");
+    aws(&dev, &["s3", "sync", "s3://backups/tree", restored.to_str().unwrap()]);
+    for index in 0..12 {
+        let name = format!("sub{}/file-{index}.bin", index % 3);
+        assert_eq!(
+            std::fs::read(restored.join(&name)).unwrap(),
+            std::fs::read(tree.join(&name)).unwrap()
+        );
+    }
+
+    // Ranged read and metadata through s3api.
+    let range_file = root.path().join("range");
+    aws(
+        &dev,
+        &[
+            "s3api",
+            "get-object",
+            "--bucket",
+            "backups",
+            "--key",
+            "dir/five-mib",
+            "--range",
+            "bytes=4194300-4194400",
+            range_file.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(std::fs::read(&range_file).unwrap(), data[4194300..=4194400]);
+    let head = aws(
+        &dev,
+        &["s3api", "head-object", "--bucket", "backups", "--key", "dir/five-mib"],
+    );
+    assert!(head.contains("\"ContentLength\": 5242883"), "{head}");
+
+    // Refusals: missing objects, a wrong secret, and anonymous requests.
+    let missing = aws_fails(
+        &dev,
+        &["s3api", "head-object", "--bucket", "backups", "--key", "nope"],
+        &[],
+    );
+    assert!(missing.contains("404") || missing.contains("Not Found"), "{missing}");
+    let wrong = aws_fails(
+        &dev,
+        &["s3", "ls", "s3://backups"],
+        &[("AWS_SECRET_ACCESS_KEY", "wrong-secret")],
+    );
+    assert!(wrong.contains("SignatureDoesNotMatch"), "{wrong}");
+    let anonymous = ureq::get(format!("http://127.0.0.1:{s3_port}/backups/dir/five-mib"))
+        .config()
+        .http_status_as_error(false)
+        .build()
+        .call()
+        .unwrap();
+    assert_eq!(anonymous.status().as_u16(), 403);
+
+    // Delete, then restart with the same folder: the rest is still there, same key.
+    aws(&dev, &["s3", "rm", "s3://backups/tree/sub0/file-0.bin"]);
+    let key_before = dev.credentials["AWS_ACCESS_KEY_ID"].clone();
+    drop(dev);
+    let dev = start_dev(&folder, s3_port, admin_port);
+    assert_eq!(dev.credentials["AWS_ACCESS_KEY_ID"], key_before);
+    let back = root.path().join("back");
+    aws(&dev, &["s3", "cp", "s3://backups/dir/five-mib", back.to_str().unwrap()]);
+    assert!(std::fs::read(&back).unwrap() == data);
+    let listing = aws(&dev, &["s3", "ls", "--recursive", "s3://backups/tree/"]);
+    assert_eq!(listing.lines().count(), 11, "{listing}");
+}
