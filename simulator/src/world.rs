@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bdr_node::env::{BoxFuture, Env, InboundHandler, KeyValue, MetaStore, NetworkError, ShardStore, StoreError, Tree};
-use bdr_node::stores::memory::MemoryShardStore;
+use bdr_node::stores::memory::{scan_ordered, MemoryShardStore};
 use bdr_protocol::ids::NodeId;
 use bdr_protocol::wire::{self, Request, Response};
 use rand::{Rng, RngCore, SeedableRng};
@@ -220,19 +220,10 @@ impl MetaStore for CrashableMetaStore {
 
     fn scan(&self, tree: Tree, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Vec<KeyValue>, StoreError> {
         let current = self.current.lock().expect("not poisoned");
-        let Some(rows) = current.get(&tree) else {
-            return Ok(Vec::new());
-        };
-        let start = match after {
-            Some(after) => std::ops::Bound::Excluded(after.to_vec()),
-            None => std::ops::Bound::Included(prefix.to_vec()),
-        };
-        Ok(rows
-            .range((start, std::ops::Bound::Unbounded))
-            .take_while(|(key, _)| key.starts_with(prefix))
-            .take(limit)
-            .map(|(key, value)| (key.clone(), value.clone()))
-            .collect())
+        Ok(current
+            .get(&tree)
+            .map(|rows| scan_ordered(rows, prefix, after, limit))
+            .unwrap_or_default())
     }
 
     fn flush(&self) -> BoxFuture<'static, Result<(), StoreError>> {

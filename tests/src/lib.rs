@@ -209,6 +209,22 @@ impl Drop for NodeProcess {
     }
 }
 
+/// The last lines of each node's log, for failure messages.
+pub fn log_tails(nodes: &[NodeProcess]) -> String {
+    nodes
+        .iter()
+        .map(|node| {
+            let log = node.log();
+            let tail: Vec<&str> = log.lines().rev().take(15).collect();
+            format!(
+                "--- {} ---\n{}\n",
+                node.name,
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            )
+        })
+        .collect()
+}
+
 /// (node id, zone, state) of every node in a status document, sorted by id.
 pub fn nodes_of(status: &serde_json::Value) -> Vec<(String, String, String)> {
     let mut nodes: Vec<(String, String, String)> = status["nodes"]

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::process::Command;
 use std::time::Duration;
 
-use bdr_tests::{binary, nodes_of, run_bounded, wait_for, NodeProcess, NodeSettings};
+use bdr_tests::{binary, log_tails, nodes_of, run_bounded, wait_for, NodeProcess, NodeSettings};
 
 const DOWN_AFTER_MS: u64 = 3000;
 const CONVERGE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -49,21 +49,6 @@ fn all_agree(observers: &[&NodeProcess], expected: &BTreeSet<(String, String)>, 
                 state == wanted
             })
     })
-}
-
-fn logs_of(nodes: &[NodeProcess]) -> String {
-    nodes
-        .iter()
-        .map(|node| {
-            let log = node.log();
-            let tail: Vec<&str> = log.lines().rev().take(12).collect();
-            format!(
-                "--- {} ---\n{}\n",
-                node.name,
-                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-            )
-        })
-        .collect()
 }
 
 #[test]
@@ -124,7 +109,7 @@ fn six_nodes_converge_keep_an_intruder_out_and_detect_a_dead_node() {
     intruder.start();
     let everyone: Vec<&NodeProcess> = nodes.iter().collect();
     let (_, converged_in) = wait_for(CONVERGE_TIMEOUT, || all_agree(&everyone, &expected, &[]).then_some(()))
-        .unwrap_or_else(|| panic!("cluster did not converge:\n{}", logs_of(&nodes)));
+        .unwrap_or_else(|| panic!("cluster did not converge:\n{}", log_tails(&nodes)));
     println!("membership converged in {converged_in:?} (6 nodes, gossip every 200 ms)");
 
     // The intruder appears nowhere and learned nothing: its layout holds only itself.

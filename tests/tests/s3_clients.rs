@@ -62,25 +62,8 @@ fn start_dev(folder: &Path, s3_port: u16, admin_port: u16) -> DevProcess {
     DevProcess { child, credentials }
 }
 
-fn aws(dev: &DevProcess, arguments: &[&str]) -> String {
-    let mut command = Command::new("aws");
-    command
-        .args(arguments)
-        .env_remove("AWS_CA_BUNDLE")
-        .env("AWS_CONFIG_FILE", "/dev/null");
-    for (key, value) in &dev.credentials {
-        command.env(key, value);
-    }
-    let output = run_bounded(&mut command, Duration::from_secs(120));
-    assert!(
-        output.status.success(),
-        "aws {arguments:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).to_string()
-}
-
-fn aws_fails(dev: &DevProcess, arguments: &[&str], overrides: &[(&str, &str)]) -> String {
+/// Runs the aws cli with the dev cluster's credentials (plus `overrides`).
+fn run_aws(dev: &DevProcess, arguments: &[&str], overrides: &[(&str, &str)]) -> std::process::Output {
     let mut command = Command::new("aws");
     command
         .args(arguments)
@@ -92,7 +75,21 @@ fn aws_fails(dev: &DevProcess, arguments: &[&str], overrides: &[(&str, &str)]) -
     for (key, value) in overrides {
         command.env(key, value);
     }
-    let output = run_bounded(&mut command, Duration::from_secs(120));
+    run_bounded(&mut command, Duration::from_secs(120))
+}
+
+fn aws(dev: &DevProcess, arguments: &[&str]) -> String {
+    let output = run_aws(dev, arguments, &[]);
+    assert!(
+        output.status.success(),
+        "aws {arguments:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).to_string()
+}
+
+fn aws_fails(dev: &DevProcess, arguments: &[&str], overrides: &[(&str, &str)]) -> String {
+    let output = run_aws(dev, arguments, overrides);
     assert!(!output.status.success(), "aws {arguments:?} should have failed");
     String::from_utf8_lossy(&output.stderr).to_string()
 }

@@ -323,41 +323,53 @@ pub enum AdminClientError {
     BadAnswer(String),
 }
 
-/// `GET {endpoint}/v1/status`.
-pub fn fetch_status(endpoint: &str, token: &str) -> Result<ClusterStatus, AdminClientError> {
-    let url = format!("{}/v1/status", endpoint.trim_end_matches('/'));
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_global(Some(CLIENT_TIMEOUT))
-        .http_status_as_error(false)
-        .build()
-        .into();
-    let unreachable = |reason: String| AdminClientError::Unreachable {
-        endpoint: endpoint.to_string(),
-        reason,
-    };
-    let mut response = agent
-        .get(&url)
-        .header("Authorization", &format!("Bearer {token}"))
-        .call()
-        .map_err(|error| unreachable(error.to_string()))?;
-    let status = response.status().as_u16();
-    let body = response
-        .body_mut()
-        .read_to_string()
-        .map_err(|error| unreachable(error.to_string()))?;
-    match status {
-        200 => serde_json::from_str(&body).map_err(|error| AdminClientError::BadAnswer(error.to_string())),
-        401 => Err(AdminClientError::Unauthorized),
-        _ => Err(AdminClientError::Failed { status, body }),
-    }
-}
-
 fn agent() -> ureq::Agent {
     ureq::Agent::config_builder()
         .timeout_global(Some(CLIENT_TIMEOUT))
         .http_status_as_error(false)
         .build()
         .into()
+}
+
+/// Calls the admin API and decodes a JSON answer that comes with `expected_status`.
+fn call<T: serde::de::DeserializeOwned>(
+    endpoint: &str,
+    token: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+    expected_status: u16,
+) -> Result<T, AdminClientError> {
+    let url = format!("{}{path}", endpoint.trim_end_matches('/'));
+    let unreachable = |reason: String| AdminClientError::Unreachable {
+        endpoint: endpoint.to_string(),
+        reason,
+    };
+    let authorization = format!("Bearer {token}");
+    let result = match body {
+        Some(body) => agent()
+            .post(&url)
+            .header("Authorization", &authorization)
+            .send_json(body),
+        None => agent().get(&url).header("Authorization", &authorization).call(),
+    };
+    let mut response = result.map_err(|error| unreachable(error.to_string()))?;
+    let status = response.status().as_u16();
+    let text = response
+        .body_mut()
+        .read_to_string()
+        .map_err(|error| unreachable(error.to_string()))?;
+    match status {
+        _ if status == expected_status => {
+            serde_json::from_str(&text).map_err(|error| AdminClientError::BadAnswer(error.to_string()))
+        }
+        401 => Err(AdminClientError::Unauthorized),
+        _ => Err(AdminClientError::Failed { status, body: text }),
+    }
+}
+
+/// `GET {endpoint}/v1/status`.
+pub fn fetch_status(endpoint: &str, token: &str) -> Result<ClusterStatus, AdminClientError> {
+    call(endpoint, token, "/v1/status", None, 200)
 }
 
 /// `POST {endpoint}/v1/keys`.
@@ -367,26 +379,8 @@ pub fn create_key(
     name: &str,
     allow_create_bucket: bool,
 ) -> Result<CreatedKey, AdminClientError> {
-    let url = format!("{}/v1/keys", endpoint.trim_end_matches('/'));
-    let unreachable = |reason: String| AdminClientError::Unreachable {
-        endpoint: endpoint.to_string(),
-        reason,
-    };
-    let mut response = agent()
-        .post(&url)
-        .header("Authorization", &format!("Bearer {token}"))
-        .send_json(serde_json::json!({ "name": name, "allow_create_bucket": allow_create_bucket }))
-        .map_err(|error| unreachable(error.to_string()))?;
-    let status = response.status().as_u16();
-    let body = response
-        .body_mut()
-        .read_to_string()
-        .map_err(|error| unreachable(error.to_string()))?;
-    match status {
-        201 => serde_json::from_str(&body).map_err(|error| AdminClientError::BadAnswer(error.to_string())),
-        401 => Err(AdminClientError::Unauthorized),
-        _ => Err(AdminClientError::Failed { status, body }),
-    }
+    let body = serde_json::json!({ "name": name, "allow_create_bucket": allow_create_bucket });
+    call(endpoint, token, "/v1/keys", Some(body), 201)
 }
 
 fn human_bytes(bytes: u64) -> String {

@@ -172,6 +172,15 @@ impl futures::Stream for IoBody {
     }
 }
 
+fn common_prefix_entries(prefixes: Vec<String>) -> Option<Vec<dto::CommonPrefix>> {
+    Some(
+        prefixes
+            .into_iter()
+            .map(|prefix| dto::CommonPrefix { prefix: Some(prefix) })
+            .collect(),
+    )
+}
+
 fn object_entry(record: &ObjectVersionRecord) -> dto::Object {
     dto::Object {
         key: Some(record.key.clone()),
@@ -410,12 +419,7 @@ impl<E: Env> S3 for Gateway<E> {
             start_after: input.start_after,
             encoding_type: input.encoding_type,
             contents: Some(page.objects.iter().map(object_entry).collect()),
-            common_prefixes: Some(
-                page.common_prefixes
-                    .into_iter()
-                    .map(|prefix| dto::CommonPrefix { prefix: Some(prefix) })
-                    .collect(),
-            ),
+            common_prefixes: common_prefix_entries(page.common_prefixes),
             ..Default::default()
         }))
     }
@@ -453,12 +457,7 @@ impl<E: Env> S3 for Gateway<E> {
             next_marker,
             encoding_type: input.encoding_type,
             contents: Some(page.objects.iter().map(object_entry).collect()),
-            common_prefixes: Some(
-                page.common_prefixes
-                    .into_iter()
-                    .map(|prefix| dto::CommonPrefix { prefix: Some(prefix) })
-                    .collect(),
-            ),
+            common_prefixes: common_prefix_entries(page.common_prefixes),
             ..Default::default()
         }))
     }

@@ -134,6 +134,20 @@ impl ShardStore for MemoryShardStore {
 
 type OrderedTree = BTreeMap<Vec<u8>, Vec<u8>>;
 
+/// Up to `limit` rows of `rows` with keys starting with `prefix` and greater than
+/// `after`, in order: the `MetaStore::scan` contract over an ordered map.
+pub fn scan_ordered(rows: &OrderedTree, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Vec<KeyValue> {
+    let start = match after {
+        Some(after) => std::ops::Bound::Excluded(after.to_vec()),
+        None => std::ops::Bound::Included(prefix.to_vec()),
+    };
+    rows.range((start, std::ops::Bound::Unbounded))
+        .take_while(|(key, _)| key.starts_with(prefix))
+        .take(limit)
+        .map(|(key, value)| (key.clone(), value.clone()))
+        .collect()
+}
+
 /// Metadata in ordered maps, one per tree.
 #[derive(Default)]
 pub struct MemoryMetaStore {
@@ -168,19 +182,10 @@ impl MetaStore for MemoryMetaStore {
 
     fn scan(&self, tree: Tree, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Vec<KeyValue>, StoreError> {
         let trees = self.trees.lock().expect("not poisoned");
-        let Some(entries) = trees.get(&tree) else {
-            return Ok(Vec::new());
-        };
-        let start = match after {
-            Some(after) => std::ops::Bound::Excluded(after.to_vec()),
-            None => std::ops::Bound::Included(prefix.to_vec()),
-        };
-        Ok(entries
-            .range((start, std::ops::Bound::Unbounded))
-            .take_while(|(key, _)| key.starts_with(prefix))
-            .take(limit)
-            .map(|(key, value)| (key.clone(), value.clone()))
-            .collect())
+        Ok(trees
+            .get(&tree)
+            .map(|rows| scan_ordered(rows, prefix, after, limit))
+            .unwrap_or_default())
     }
 
     fn flush(&self) -> BoxFuture<'static, Result<(), StoreError>> {
