@@ -24,8 +24,8 @@ use bdr_protocol::ids::{NodeId, StripeId, ZoneName};
 use bdr_protocol::layout::Layout;
 use bdr_protocol::placement::{failures_tolerated, place, place_with};
 use bdr_protocol::records::{
-    AccessKeyRecord, BucketRecord, Lww, Manifest, ObjectData, ObjectVersionRecord, Record, RowKey, StripeRef,
-    VersioningState,
+    AccessKeyRecord, BucketRecord, Lww, Manifest, MultipartPartRecord, MultipartUploadRecord, ObjectData,
+    ObjectVersionRecord, Record, RowKey, StripeRef, VersioningState,
 };
 use bdr_protocol::wire::{RemoteErrorKind, Request, Response, Table};
 use futures::channel::oneshot;
@@ -53,6 +53,10 @@ pub const SHARD_WRITE_ATTEMPTS_MAX: usize = 3;
 /// Longest object key (S3's limit) and bucket name.
 pub const OBJECT_KEY_BYTES_MAX: usize = 1024;
 pub const BUCKET_NAME_BYTES_MAX: usize = 63;
+/// S3's multipart limits.
+pub const PART_BYTES_MIN: u64 = 5 * 1024 * 1024;
+pub const PART_NUMBER_MAX: u32 = 10_000;
+
 /// The version id of objects written while versioning is off.
 pub const NULL_VERSION: &str = "null";
 
@@ -82,6 +86,14 @@ pub enum DataError {
     StripeUnreadable { stripe: String, reason: String },
     #[error("object data failed verification: {0}")]
     Corrupt(String),
+    #[error("no such multipart upload")]
+    NoSuchUpload,
+    #[error("invalid part: {0}")]
+    InvalidPart(String),
+    #[error("parts must be listed in ascending order")]
+    InvalidPartOrder,
+    #[error("part {part_number} is {size_bytes} bytes; every part but the last must be at least {PART_BYTES_MIN}")]
+    EntityTooSmall { part_number: u32, size_bytes: u64 },
     #[error("metadata: {0}")]
     Meta(#[from] MetaError),
 }
@@ -179,6 +191,18 @@ fn bucket_row(bucket: &str) -> RowKey {
 /// Access keys likewise share one partition.
 fn access_key_row(key_id: &str) -> RowKey {
     RowKey::new(b"access-keys".to_vec(), key_id.as_bytes())
+}
+
+fn upload_row(bucket: &str, key: &str, upload_id: &str) -> RowKey {
+    let mut sort_key = key.as_bytes().to_vec();
+    sort_key.push(0);
+    sort_key.extend_from_slice(upload_id.as_bytes());
+    RowKey::new(bucket.as_bytes(), sort_key)
+}
+
+/// Parts of one upload share a partition (the upload id), ordered by part number.
+fn part_row(upload_id: &str, part_number: u32) -> RowKey {
+    RowKey::new(upload_id.as_bytes(), part_number.to_be_bytes().to_vec())
 }
 
 /// One page of object listing.
@@ -932,5 +956,216 @@ impl<E: Env> ClusterNode<E> {
             )));
         }
         Ok(plaintext)
+    }
+}
+
+impl<E: Env> ClusterNode<E> {
+    /// Starts a multipart upload; returns its id.
+    pub async fn create_multipart_upload(self: &Arc<Self>, write: ObjectWrite) -> Result<String, DataError> {
+        validate_key(&write.key)?;
+        self.data_keys()?;
+        self.bucket(&write.bucket)
+            .await?
+            .ok_or_else(|| DataError::NoSuchBucket(write.bucket.clone()))?;
+        let upload_id = format!("{:016x}{:016x}", self.env.random_u64(), self.env.random_u64());
+        let record = MultipartUploadRecord {
+            bucket: write.bucket.clone(),
+            key: write.key.clone(),
+            upload_id: upload_id.clone(),
+            created_at_ms: self.env.now_ms(),
+            content_type: write.content_type,
+            user_metadata: write.user_metadata,
+        };
+        self.meta_put(
+            Table::MultipartUploads,
+            &upload_row(&write.bucket, &write.key, &upload_id),
+            Some(Record::MultipartUpload(record)),
+        )
+        .await?;
+        Ok(upload_id)
+    }
+
+    async fn multipart_upload(
+        self: &Arc<Self>,
+        bucket: &str,
+        key: &str,
+        upload_id: &str,
+    ) -> Result<MultipartUploadRecord, DataError> {
+        if upload_id.is_empty() || upload_id.len() > 128 {
+            return Err(DataError::NoSuchUpload);
+        }
+        match self
+            .meta_get(Table::MultipartUploads, &upload_row(bucket, key, upload_id))
+            .await?
+        {
+            Some(Lww {
+                value: Some(Record::MultipartUpload(record)),
+                ..
+            }) => Ok(record),
+            _ => Err(DataError::NoSuchUpload),
+        }
+    }
+
+    /// Stores one part (always striped, never inline: parts are concatenated later).
+    pub async fn upload_part<R: AsyncRead + Unpin + Send>(
+        self: &Arc<Self>,
+        bucket: &str,
+        key: &str,
+        upload_id: &str,
+        part_number: u32,
+        mut body: R,
+    ) -> Result<MultipartPartRecord, DataError> {
+        if part_number == 0 || part_number > PART_NUMBER_MAX {
+            return Err(DataError::InvalidPart(format!(
+                "part number must be 1..={PART_NUMBER_MAX}"
+            )));
+        }
+        self.data_keys()?;
+        let bucket_record = self
+            .bucket(bucket)
+            .await?
+            .ok_or_else(|| DataError::NoSuchBucket(bucket.to_string()))?;
+        self.multipart_upload(bucket, key, upload_id).await?;
+        let mut md5 = Md5::new();
+        let (manifest, size_bytes) = self
+            .write_stripes(&bucket_record, &mut body, Vec::new(), &mut md5)
+            .await?;
+        let record = MultipartPartRecord {
+            upload_id: upload_id.to_string(),
+            part_number,
+            size_bytes,
+            etag: format!("\"{}\"", hex::encode(md5.finalize())),
+            data: ObjectData::Striped(manifest),
+        };
+        self.meta_put(
+            Table::MultipartParts,
+            &part_row(upload_id, part_number),
+            Some(Record::MultipartPart(record.clone())),
+        )
+        .await?;
+        Ok(record)
+    }
+
+    /// The parts uploaded so far, by part number.
+    pub async fn list_parts(
+        self: &Arc<Self>,
+        bucket: &str,
+        key: &str,
+        upload_id: &str,
+    ) -> Result<Vec<MultipartPartRecord>, DataError> {
+        self.multipart_upload(bucket, key, upload_id).await?;
+        let mut parts = Vec::new();
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let rows = self
+                .meta_scan(
+                    Table::MultipartParts,
+                    upload_id.as_bytes(),
+                    b"",
+                    after.as_deref(),
+                    bdr_protocol::wire::SCAN_ROWS_MAX,
+                )
+                .await?;
+            let full = rows.len() as u32 >= bdr_protocol::wire::SCAN_ROWS_MAX;
+            after = rows.last().map(|(row, _)| row.sort_key.clone());
+            parts.extend(rows.into_iter().filter_map(|(_, register)| match register.value {
+                Some(Record::MultipartPart(part)) => Some(part),
+                _ => None,
+            }));
+            if !full {
+                return Ok(parts);
+            }
+        }
+    }
+
+    /// Assembles the listed parts into the object and ends the upload.
+    pub async fn complete_multipart_upload(
+        self: &Arc<Self>,
+        bucket: &str,
+        key: &str,
+        upload_id: &str,
+        listed: &[(u32, String)],
+    ) -> Result<ObjectVersionRecord, DataError> {
+        let upload = self.multipart_upload(bucket, key, upload_id).await?;
+        if listed.is_empty() {
+            return Err(DataError::InvalidPart("no parts listed".into()));
+        }
+        if listed.windows(2).any(|pair| pair[0].0 >= pair[1].0) {
+            return Err(DataError::InvalidPartOrder);
+        }
+        let stored: BTreeMap<u32, MultipartPartRecord> = self
+            .list_parts(bucket, key, upload_id)
+            .await?
+            .into_iter()
+            .map(|part| (part.part_number, part))
+            .collect();
+        let mut stripes = Vec::new();
+        let mut codec = None;
+        let mut size_bytes = 0u64;
+        let mut md5_of_md5s = Md5::new();
+        for (position, (part_number, etag)) in listed.iter().enumerate() {
+            let part = stored
+                .get(part_number)
+                .ok_or_else(|| DataError::InvalidPart(format!("part {part_number} was not uploaded")))?;
+            if part.etag.trim_matches('"') != etag.trim_matches('"') {
+                return Err(DataError::InvalidPart(format!("part {part_number} has another ETag")));
+            }
+            let last = position + 1 == listed.len();
+            if !last && part.size_bytes < PART_BYTES_MIN {
+                return Err(DataError::EntityTooSmall {
+                    part_number: *part_number,
+                    size_bytes: part.size_bytes,
+                });
+            }
+            let ObjectData::Striped(manifest) = &part.data else {
+                return Err(DataError::Corrupt(format!("part {part_number} is not striped")));
+            };
+            if *codec.get_or_insert(manifest.codec) != manifest.codec {
+                return Err(DataError::Corrupt("parts use different erasure codes".into()));
+            }
+            stripes.extend(manifest.stripes.iter().cloned());
+            size_bytes += part.size_bytes;
+            md5_of_md5s.update(hex::decode(part.etag.trim_matches('"')).unwrap_or_default());
+        }
+        let record = ObjectVersionRecord {
+            bucket: bucket.to_string(),
+            key: key.to_string(),
+            version_id: NULL_VERSION.to_string(),
+            created_at_ms: self.env.now_ms(),
+            size_bytes,
+            etag: format!("\"{}-{}\"", hex::encode(md5_of_md5s.finalize()), listed.len()),
+            content_type: upload.content_type,
+            user_metadata: upload.user_metadata,
+            checksums: BTreeMap::new(),
+            data: ObjectData::Striped(Manifest {
+                codec: codec.expect("at least one part"),
+                key_epoch: 0,
+                stripes,
+            }),
+            retention: None,
+            legal_hold: false,
+        };
+        self.meta_put(
+            Table::Objects,
+            &object_row(bucket, key, NULL_VERSION),
+            Some(Record::ObjectVersion(record.clone())),
+        )
+        .await?;
+        // The upload is over; its part records and unlisted parts' shards are garbage.
+        self.meta_put(Table::MultipartUploads, &upload_row(bucket, key, upload_id), None)
+            .await?;
+        Ok(record)
+    }
+
+    pub async fn abort_multipart_upload(
+        self: &Arc<Self>,
+        bucket: &str,
+        key: &str,
+        upload_id: &str,
+    ) -> Result<(), DataError> {
+        self.multipart_upload(bucket, key, upload_id).await?;
+        self.meta_put(Table::MultipartUploads, &upload_row(bucket, key, upload_id), None)
+            .await?;
+        Ok(())
     }
 }

@@ -519,3 +519,92 @@ async fn storage_only_nodes_hold_no_plaintext_and_no_keys() {
     let error = put(&storage_only, "backups", "x", b"data").await.unwrap_err();
     assert!(matches!(error, DataError::NoDataKeys), "{error}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multipart_uploads_assemble_parts_and_refuse_bad_completions() {
+    let cluster = TestCluster::start(&SIX_NODES).await;
+    let node = cluster.node(0);
+    node.create_bucket("backups", "owner").await.unwrap();
+    let write = ObjectWrite {
+        bucket: "backups".into(),
+        key: "big".into(),
+        ..ObjectWrite::default()
+    };
+    let upload_id = node.create_multipart_upload(write.clone()).await.unwrap();
+    let part_length = super::data::PART_BYTES_MIN as usize;
+    let parts: Vec<Vec<u8>> = vec![pattern(part_length, 1), pattern(part_length + 7, 2), pattern(1234, 3)];
+    let mut listed = Vec::new();
+    for (index, data) in parts.iter().enumerate() {
+        let number = index as u32 + 1;
+        let part = cluster
+            .node(index % 6)
+            .upload_part(
+                "backups",
+                "big",
+                &upload_id,
+                number,
+                futures::io::Cursor::new(data.clone()),
+            )
+            .await
+            .unwrap();
+        listed.push((number, part.etag.clone()));
+    }
+    assert_eq!(node.list_parts("backups", "big", &upload_id).await.unwrap().len(), 3);
+    // Wrong ETag, wrong order, a missing part and a small middle part are refused.
+    let mut wrong = listed.clone();
+    wrong[1].1 = "\"0000\"".into();
+    assert!(matches!(
+        node.complete_multipart_upload("backups", "big", &upload_id, &wrong)
+            .await,
+        Err(DataError::InvalidPart(_))
+    ));
+    let reversed: Vec<(u32, String)> = listed.iter().rev().cloned().collect();
+    assert!(matches!(
+        node.complete_multipart_upload("backups", "big", &upload_id, &reversed)
+            .await,
+        Err(DataError::InvalidPartOrder)
+    ));
+    let small_middle = vec![listed[0].clone(), listed[2].clone(), (4, "\"x\"".into())];
+    assert!(node
+        .complete_multipart_upload("backups", "big", &upload_id, &small_middle)
+        .await
+        .is_err());
+    // A part smaller than 5 MiB anywhere but last.
+    let small_part = cluster
+        .node(1)
+        .upload_part(
+            "backups",
+            "big",
+            &upload_id,
+            9,
+            futures::io::Cursor::new(pattern(100, 9)),
+        )
+        .await
+        .unwrap();
+    let small_not_last = vec![listed[0].clone(), listed[2].clone(), (9, small_part.etag.clone())];
+    assert!(matches!(
+        node.complete_multipart_upload("backups", "big", &upload_id, &small_not_last)
+            .await,
+        Err(DataError::EntityTooSmall { part_number: 3, .. })
+    ));
+    let record = node
+        .complete_multipart_upload("backups", "big", &upload_id, &listed)
+        .await
+        .unwrap();
+    assert!(record.etag.ends_with("-3\""), "{}", record.etag);
+    let expected: Vec<u8> = parts.concat();
+    assert_eq!(get(cluster.node(3), "backups", "big").await.unwrap(), expected);
+    // The upload is over.
+    assert!(matches!(
+        node.upload_part("backups", "big", &upload_id, 4, futures::io::Cursor::new(vec![1u8]))
+            .await,
+        Err(DataError::NoSuchUpload)
+    ));
+    // An aborted upload accepts nothing more.
+    let aborted = node.create_multipart_upload(write).await.unwrap();
+    node.abort_multipart_upload("backups", "big", &aborted).await.unwrap();
+    assert!(matches!(
+        node.list_parts("backups", "big", &aborted).await,
+        Err(DataError::NoSuchUpload)
+    ));
+}

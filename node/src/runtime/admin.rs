@@ -100,7 +100,10 @@ async fn status<E: Env>(State(state): State<Arc<AdminState<E>>>) -> Json<Cluster
 
 fn data_error_response(error: DataError) -> Response {
     let status = match &error {
-        DataError::NoSuchBucket(_) | DataError::NoSuchKey => StatusCode::NOT_FOUND,
+        DataError::NoSuchBucket(_) | DataError::NoSuchKey | DataError::NoSuchUpload => StatusCode::NOT_FOUND,
+        DataError::InvalidPart(_) | DataError::InvalidPartOrder | DataError::EntityTooSmall { .. } => {
+            StatusCode::BAD_REQUEST
+        }
         DataError::BucketExists(_) => StatusCode::CONFLICT,
         DataError::InvalidBucketName(_)
         | DataError::InvalidBucketOptions

@@ -4,7 +4,7 @@
 //! Implemented so far: ListBuckets, CreateBucket, HeadBucket, DeleteBucket,
 //! GetBucketLocation, PutObject, GetObject (Range, If-Match, If-None-Match), HeadObject,
 //! DeleteObject, ListObjects (v1) and ListObjectsV2 (prefix, delimiter, pagination,
-//! start-after). Anonymous requests are refused: s3s denies unsigned requests once an
+//! start-after), and multipart uploads (create, upload part, complete, abort, list parts). Anonymous requests are refused: s3s denies unsigned requests once an
 //! auth provider is set, and ours knows only keys from the cluster's access key table.
 
 use std::net::SocketAddr;
@@ -49,6 +49,10 @@ fn s3_error_of(error: DataError) -> S3Error {
         DataError::InvalidBucketOptions => S3ErrorCode::InvalidArgument,
         DataError::InvalidRange { .. } => S3ErrorCode::InvalidRange,
         DataError::Body(_) => S3ErrorCode::IncompleteBody,
+        DataError::NoSuchUpload => S3ErrorCode::NoSuchUpload,
+        DataError::InvalidPart(_) => S3ErrorCode::InvalidPart,
+        DataError::InvalidPartOrder => S3ErrorCode::InvalidPartOrder,
+        DataError::EntityTooSmall { .. } => S3ErrorCode::EntityTooSmall,
         DataError::NoDataKeys | DataError::NotDurable(_) | DataError::Meta(_) => S3ErrorCode::ServiceUnavailable,
         DataError::StripeUnreadable { .. } | DataError::Corrupt(_) => S3ErrorCode::InternalError,
     };
@@ -420,6 +424,138 @@ impl<E: Env> S3 for Gateway<E> {
             encoding_type: input.encoding_type,
             contents: Some(page.objects.iter().map(object_entry).collect()),
             common_prefixes: common_prefix_entries(page.common_prefixes),
+            ..Default::default()
+        }))
+    }
+
+    async fn create_multipart_upload(
+        &self,
+        request: S3Request<dto::CreateMultipartUploadInput>,
+    ) -> S3Result<S3Response<dto::CreateMultipartUploadOutput>> {
+        let input = request.input;
+        let write = ObjectWrite {
+            bucket: input.bucket.clone(),
+            key: input.key.clone(),
+            content_type: input.content_type,
+            user_metadata: input
+                .metadata
+                .map(|metadata| metadata.into_iter().collect())
+                .unwrap_or_default(),
+        };
+        let upload_id = self.cluster.create_multipart_upload(write).await.map_err(s3_error_of)?;
+        Ok(S3Response::new(dto::CreateMultipartUploadOutput {
+            bucket: Some(input.bucket),
+            key: Some(input.key),
+            upload_id: Some(upload_id),
+            ..Default::default()
+        }))
+    }
+
+    async fn upload_part(
+        &self,
+        request: S3Request<dto::UploadPartInput>,
+    ) -> S3Result<S3Response<dto::UploadPartOutput>> {
+        let input = request.input;
+        let body = input
+            .body
+            .ok_or_else(|| s3_error!(IncompleteBody, "a part needs a body"))?;
+        let part_number =
+            u32::try_from(input.part_number).map_err(|_| s3_error!(InvalidArgument, "bad part number"))?;
+        let part = self
+            .cluster
+            .upload_part(
+                &input.bucket,
+                &input.key,
+                &input.upload_id,
+                part_number,
+                IoBody(body).into_async_read(),
+            )
+            .await
+            .map_err(s3_error_of)?;
+        Ok(S3Response::new(dto::UploadPartOutput {
+            e_tag: Some(ETag::Strong(part.etag.trim_matches('"').to_string())),
+            ..Default::default()
+        }))
+    }
+
+    async fn complete_multipart_upload(
+        &self,
+        request: S3Request<dto::CompleteMultipartUploadInput>,
+    ) -> S3Result<S3Response<dto::CompleteMultipartUploadOutput>> {
+        let input = request.input;
+        let listed: Vec<(u32, String)> = input
+            .multipart_upload
+            .and_then(|upload| upload.parts)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|part| {
+                let number = part
+                    .part_number
+                    .and_then(|number| u32::try_from(number).ok())
+                    .unwrap_or(0);
+                let etag = part.e_tag.map(|etag| etag.value().to_string()).unwrap_or_default();
+                (number, etag)
+            })
+            .collect();
+        let record = self
+            .cluster
+            .complete_multipart_upload(&input.bucket, &input.key, &input.upload_id, &listed)
+            .await
+            .map_err(s3_error_of)?;
+        Ok(S3Response::new(dto::CompleteMultipartUploadOutput {
+            bucket: Some(input.bucket.clone()),
+            key: Some(input.key.clone()),
+            e_tag: Some(etag_of(&record)),
+            location: Some(format!("/{}/{}", input.bucket, input.key)),
+            ..Default::default()
+        }))
+    }
+
+    async fn abort_multipart_upload(
+        &self,
+        request: S3Request<dto::AbortMultipartUploadInput>,
+    ) -> S3Result<S3Response<dto::AbortMultipartUploadOutput>> {
+        let input = request.input;
+        self.cluster
+            .abort_multipart_upload(&input.bucket, &input.key, &input.upload_id)
+            .await
+            .map_err(s3_error_of)?;
+        Ok(S3Response::new(dto::AbortMultipartUploadOutput::default()))
+    }
+
+    async fn list_parts(&self, request: S3Request<dto::ListPartsInput>) -> S3Result<S3Response<dto::ListPartsOutput>> {
+        let input = request.input;
+        let parts = self
+            .cluster
+            .list_parts(&input.bucket, &input.key, &input.upload_id)
+            .await
+            .map_err(s3_error_of)?;
+        let marker = input.part_number_marker.unwrap_or(0).max(0) as u32;
+        let max_parts = input.max_parts.unwrap_or(1000).clamp(1, 1000) as usize;
+        let selected: Vec<_> = parts
+            .iter()
+            .filter(|part| part.part_number > marker)
+            .take(max_parts)
+            .collect();
+        let truncated = parts.iter().filter(|part| part.part_number > marker).count() > selected.len();
+        Ok(S3Response::new(dto::ListPartsOutput {
+            bucket: Some(input.bucket),
+            key: Some(input.key),
+            upload_id: Some(input.upload_id),
+            is_truncated: Some(truncated),
+            max_parts: Some(max_parts as i32),
+            next_part_number_marker: selected.last().map(|part| part.part_number as i32),
+            parts: Some(
+                selected
+                    .iter()
+                    .map(|part| dto::Part {
+                        part_number: Some(part.part_number as i32),
+                        size: Some(part.size_bytes as i64),
+                        e_tag: Some(ETag::Strong(part.etag.trim_matches('"').to_string())),
+                        ..Default::default()
+                    })
+                    .collect(),
+            ),
             ..Default::default()
         }))
     }
