@@ -30,13 +30,14 @@ class Node:
     def __init__(self, root, index, zone, secret, data_key, bootstrap):
         self.folder = os.path.join(root, f"node{index}")
         os.makedirs(self.folder)
-        self.tcp, self.quic, self.admin = free_port(), free_port(socket.SOCK_DGRAM), free_port()
+        self.tcp, self.quic, self.admin, self.s3 = free_port(), free_port(socket.SOCK_DGRAM), free_port(), free_port()
         boot = ", ".join(f'"{b}"' for b in bootstrap)
         with open(os.path.join(self.folder, "node.toml"), "w") as f:
             f.write(f'data_dir = "data"\nzone = "{zone}"\ncapacity = "200 GiB"\n'
                     f'listen = ["/ip4/127.0.0.1/tcp/{self.tcp}", "/ip4/127.0.0.1/udp/{self.quic}/quic-v1"]\n'
                     f'bootstrap = [{boot}]\ncluster_secret_file = "{secret}"\ndata_key_file = "{data_key}"\n'
-                    f'down_after = "5s"\ngossip_interval = "250ms"\n[admin]\nlisten = "127.0.0.1:{self.admin}"\n')
+                    f'down_after = "5s"\ngossip_interval = "250ms"\n[s3]\nlisten = "127.0.0.1:{self.s3}"\n'
+                    f'[admin]\nlisten = "127.0.0.1:{self.admin}"\n')
         log = open(os.path.join(self.folder, "node.log"), "w")
         self.process = subprocess.Popen([BINARY, "run", "--config", os.path.join(self.folder, "node.toml")],
                                         stdout=log, stderr=log)

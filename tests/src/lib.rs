@@ -100,6 +100,7 @@ impl NodeProcess {
         let tcp_port = free_tcp_port();
         let quic_port = free_udp_port();
         let admin_port = free_tcp_port();
+        let s3_port = free_tcp_port();
         let bootstrap: Vec<String> = settings
             .bootstrap
             .iter()
@@ -110,7 +111,7 @@ impl NodeProcess {
              listen = [\"/ip4/127.0.0.1/tcp/{tcp_port}\", \"/ip4/127.0.0.1/udp/{quic_port}/quic-v1\"]\n\
              bootstrap = [{bootstrap}]\ncluster_secret_file = {secret:?}\n{data_key}\
              down_after = \"{down_after}\"\ngossip_interval = \"{gossip_interval}\"\n\
-             [admin]\nlisten = \"127.0.0.1:{admin_port}\"\n",
+             [s3]\nlisten = \"127.0.0.1:{s3_port}\"\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n",
             zone = settings.zone,
             bootstrap = bootstrap.join(", "),
             secret = settings.secret_file.display().to_string(),

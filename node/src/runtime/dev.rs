@@ -185,7 +185,7 @@ pub async fn start_dev(options: &DevOptions) -> Result<DevCluster, StartError> {
     let admin_token = admin::load_or_create_token(&admin_token_file).map_err(StartError::Admin)?;
     let s3_address = s3::serve(options.s3_listen, DEFAULT_REGION.to_string(), Arc::clone(&gateway))
         .await
-        .map_err(StartError::Admin)?;
+        .map_err(StartError::S3)?;
     let admin_address = admin::serve(options.admin_listen, admin_token.clone(), Arc::clone(&gateway))
         .await
         .map_err(StartError::Admin)?;

@@ -108,6 +108,8 @@ pub enum StartError {
     Cluster(#[from] crate::cluster::ClusterError),
     #[error("admin API: {0}")]
     Admin(String),
+    #[error("S3 gateway: {0}")]
+    S3(String),
 }
 
 pub fn read_cluster_secret(path: &Path) -> Result<ClusterSecret, StartError> {
@@ -138,7 +140,7 @@ pub async fn start_node(config: &NodeConfig) -> Result<RunningNode, StartError> 
         Some(
             s3::serve(config.s3_listen, config.s3_region.clone(), Arc::clone(&cluster))
                 .await
-                .map_err(StartError::Admin)?,
+                .map_err(StartError::S3)?,
         )
     } else {
         None
