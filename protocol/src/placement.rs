@@ -422,13 +422,25 @@ mod tests {
                 }
                 let moved_fraction = f64::from(moved) / total;
                 let unavoidable_fraction = f64::from(unavoidable) / total;
-                // What must move is what the changed node holds. Knock-on moves inside its
-                // zone add some: measured 1.16x on average over these layouts, up to ~1.9x
-                // in zones of two nodes. The second check is the bound the design asks for.
-                let bound = 2.0 * unavoidable_fraction + 3.0 * (unavoidable_fraction / total).sqrt() + 0.01;
-                prop_assert!(moved_fraction <= bound, "{}: moved {:.3} > bound {:.3} (unavoidable {:.3}, N={})",
-                    label, moved_fraction, bound, unavoidable_fraction, node_count);
+                // The bound the design asks for, always.
                 prop_assert!(moved_fraction <= 2.0 * f64::from(k + m) / node_count);
+                // What must move is what the changed node holds; knock-on moves inside its
+                // zone add some (1.16x on average over these layouts). Where zones are too
+                // small to give every shard its own node, nodes double up and knock-on can
+                // exceed 2x, so the tighter bound is claimed only where every zone has a
+                // spare node beyond its share of a stripe.
+                let zone_count = before.candidate_zones().len();
+                let share = usize::from(k + m).div_ceil(zone_count);
+                let roomy = [&before, after].iter().all(|layout| {
+                    layout.candidate_zones().iter().all(|zone| {
+                        layout.entries().filter(|entry| &entry.zone == *zone).count() > share
+                    })
+                });
+                if roomy {
+                    let bound = 2.0 * unavoidable_fraction + 3.0 * (unavoidable_fraction / total).sqrt() + 0.01;
+                    prop_assert!(moved_fraction <= bound, "{}: moved {:.3} > bound {:.3} (unavoidable {:.3}, N={})",
+                        label, moved_fraction, bound, unavoidable_fraction, node_count);
+                }
             }
         }
     }

@@ -216,3 +216,35 @@ fn aws_cli_round_trips_through_bdr_node_dev_and_survives_a_restart() {
     let listing = aws(&dev, &["s3", "ls", "--recursive", "s3://backups/tree/"]);
     assert_eq!(listing.lines().count(), 11, "{listing}");
 }
+
+#[test]
+fn boto3_with_default_settings_passes_its_smoke_script() {
+    let boto3_present = Command::new("python3")
+        .args(["-c", "import boto3"])
+        .output()
+        .is_ok_and(|output| output.status.success());
+    assert!(
+        boto3_present,
+        "boto3 is required (scripts/test-all installs it with pip)"
+    );
+    let root = tempfile::tempdir().unwrap();
+    let dev = start_dev(&root.path().join("dev"), free_tcp_port(), free_tcp_port());
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("clients")
+        .join("boto3_smoke.py");
+    let mut command = Command::new("python3");
+    command
+        .arg(&script)
+        .env_remove("AWS_CA_BUNDLE")
+        .env("AWS_CONFIG_FILE", "/dev/null");
+    for (key, value) in &dev.credentials {
+        command.env(key, value);
+    }
+    let output = run_bounded(&mut command, Duration::from_secs(300));
+    assert!(
+        output.status.success(),
+        "boto3 smoke script failed:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}

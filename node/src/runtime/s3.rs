@@ -86,6 +86,19 @@ impl<E: Env> Gateway<E> {
         Gateway { cluster, region }
     }
 
+    /// The current record of an object; a miss says whether the bucket or the key is
+    /// missing (the bucket is looked up only on the miss path, not on every read).
+    async fn object_record(&self, bucket: &str, key: &str) -> S3Result<ObjectVersionRecord> {
+        match self.cluster.head_object(bucket, key).await {
+            Ok(record) => Ok(record),
+            Err(DataError::NoSuchKey) => {
+                self.existing_bucket(bucket).await?;
+                Err(s3_error!(NoSuchKey, "no such key"))
+            }
+            Err(error) => Err(s3_error_of(error)),
+        }
+    }
+
     async fn existing_bucket(&self, name: &str) -> S3Result<BucketRecord> {
         self.cluster
             .bucket(name)
@@ -305,11 +318,7 @@ impl<E: Env> S3 for Gateway<E> {
         request: S3Request<dto::HeadObjectInput>,
     ) -> S3Result<S3Response<dto::HeadObjectOutput>> {
         let input = request.input;
-        let record = self
-            .cluster
-            .head_object(&input.bucket, &input.key)
-            .await
-            .map_err(s3_error_of)?;
+        let record = self.object_record(&input.bucket, &input.key).await?;
         Ok(S3Response::new(dto::HeadObjectOutput {
             content_length: Some(record.size_bytes as i64),
             content_type: record.content_type.clone(),
@@ -323,11 +332,7 @@ impl<E: Env> S3 for Gateway<E> {
 
     async fn get_object(&self, request: S3Request<dto::GetObjectInput>) -> S3Result<S3Response<dto::GetObjectOutput>> {
         let input = request.input;
-        let record = self
-            .cluster
-            .head_object(&input.bucket, &input.key)
-            .await
-            .map_err(s3_error_of)?;
+        let record = self.object_record(&input.bucket, &input.key).await?;
         let etag = etag_of(&record);
         if let Some(condition) = &input.if_match {
             if !condition_matches(condition, &etag) {
