@@ -31,13 +31,37 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
-/// A loopback port free right now (TCP and UDP separately).
-pub fn free_tcp_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+/// Ports handed out for test servers: below Linux's ephemeral range (32768..=60999),
+/// so no outgoing connection or port-0 listener can take one between the moment a test
+/// picks it and the moment its server binds it.
+const TEST_PORTS: std::ops::Range<u32> = 20_000..32_000;
+
+fn next_candidate_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // Spread processes apart by pid, then walk the range.
+    let offset = NEXT.fetch_add(7919, Ordering::Relaxed) + std::process::id() * 104_729;
+    (TEST_PORTS.start + offset % (TEST_PORTS.end - TEST_PORTS.start)) as u16
 }
 
+/// A loopback TCP port that is free right now and outside the ephemeral range.
+pub fn free_tcp_port() -> u16 {
+    loop {
+        let port = next_candidate_port();
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// A loopback UDP port that is free right now and outside the ephemeral range.
 pub fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    loop {
+        let port = next_candidate_port();
+        if UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// Polls `check` until it returns `Some` or `timeout` passes; returns the value and the

@@ -23,6 +23,13 @@ impl Drop for DevProcess {
 }
 
 fn start_dev(folder: &Path, s3_port: u16, admin_port: u16) -> DevProcess {
+    std::fs::create_dir_all(folder).unwrap();
+    let log_path = folder.join("dev.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .unwrap();
     let mut child = Command::new(binary("bdr-node"))
         .args(["dev", "--data"])
         .arg(folder)
@@ -30,7 +37,7 @@ fn start_dev(folder: &Path, s3_port: u16, admin_port: u16) -> DevProcess {
         .args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(log)
         .spawn()
         .expect("bdr-node dev starts");
     let stdout = child.stdout.take().unwrap();
@@ -47,7 +54,10 @@ fn start_dev(folder: &Path, s3_port: u16, admin_port: u16) -> DevProcess {
         match receiver.recv_timeout(Duration::from_secs(90)) {
             Ok(line) if line.starts_with("ready") => break,
             Ok(line) => printed.push(line),
-            Err(_) => panic!("bdr-node dev did not become ready; it printed {printed:?}"),
+            Err(_) => panic!(
+                "bdr-node dev did not become ready; it printed {printed:?} and logged:\n{}",
+                std::fs::read_to_string(&log_path).unwrap_or_default()
+            ),
         }
     }
     assert!(printed.iter().any(|line| line.contains("S3 endpoint")), "{printed:?}");
