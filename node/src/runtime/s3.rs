@@ -189,6 +189,23 @@ impl futures::Stream for IoBody {
     }
 }
 
+/// What a PutObject or CreateMultipartUpload asks to store besides the bytes.
+fn object_write(
+    bucket: String,
+    key: String,
+    content_type: Option<String>,
+    metadata: Option<dto::Metadata>,
+) -> ObjectWrite {
+    ObjectWrite {
+        bucket,
+        key,
+        content_type,
+        user_metadata: metadata
+            .map(|metadata| metadata.into_iter().collect())
+            .unwrap_or_default(),
+    }
+}
+
 fn common_prefix_entries(prefixes: Vec<String>) -> Option<Vec<dto::CommonPrefix>> {
     Some(
         prefixes
@@ -297,15 +314,7 @@ impl<E: Env> S3 for Gateway<E> {
         // Errors inside the stream (client gone, bad chunk signature, payload hash
         // mismatch at the end) fail the whole put: no manifest is committed.
         let reader = IoBody(body).into_async_read();
-        let write = ObjectWrite {
-            bucket: input.bucket,
-            key: input.key,
-            content_type: input.content_type,
-            user_metadata: input
-                .metadata
-                .map(|metadata| metadata.into_iter().collect())
-                .unwrap_or_default(),
-        };
+        let write = object_write(input.bucket, input.key, input.content_type, input.metadata);
         let record = self.cluster.put_object(write, reader).await.map_err(s3_error_of)?;
         Ok(S3Response::new(dto::PutObjectOutput {
             e_tag: Some(etag_of(&record)),
@@ -438,15 +447,12 @@ impl<E: Env> S3 for Gateway<E> {
         request: S3Request<dto::CreateMultipartUploadInput>,
     ) -> S3Result<S3Response<dto::CreateMultipartUploadOutput>> {
         let input = request.input;
-        let write = ObjectWrite {
-            bucket: input.bucket.clone(),
-            key: input.key.clone(),
-            content_type: input.content_type,
-            user_metadata: input
-                .metadata
-                .map(|metadata| metadata.into_iter().collect())
-                .unwrap_or_default(),
-        };
+        let write = object_write(
+            input.bucket.clone(),
+            input.key.clone(),
+            input.content_type,
+            input.metadata,
+        );
         let upload_id = self.cluster.create_multipart_upload(write).await.map_err(s3_error_of)?;
         Ok(S3Response::new(dto::CreateMultipartUploadOutput {
             bucket: Some(input.bucket),
