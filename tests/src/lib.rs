@@ -417,18 +417,7 @@ impl ProcessCluster {
     }
 
     pub fn logs(&self) -> String {
-        self.nodes
-            .iter()
-            .map(|node| {
-                let log = node.log();
-                let tail: Vec<&str> = log.lines().rev().take(15).collect();
-                format!(
-                    "--- {} ---\n{}\n",
-                    node.name,
-                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-                )
-            })
-            .collect()
+        log_tails(&self.nodes)
     }
 
     /// Every regular file under every node's data folder.

@@ -399,11 +399,11 @@ impl<E: Env> ClusterNode<E> {
         while let Some(receiver) = in_flight.pop_front() {
             stripes.push(Self::stripe_result(receiver).await?);
         }
-        let keys_epoch = 0;
+        // Key epoch 0 until key rotation exists; `write_stripe` seals under the same epoch.
         Ok((
             Manifest {
                 codec,
-                key_epoch: keys_epoch,
+                key_epoch: 0,
                 stripes,
             },
             size_bytes,
