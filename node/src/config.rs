@@ -21,6 +21,14 @@
 //! [admin]
 //! listen = "127.0.0.1:9001"                 # default
 //! token_file = "admin.token"                # default: <data_dir>/admin.token, created if missing
+//!
+//! [maintenance]
+//! repair_interval = "60s"                   # default; time between repair passes
+//! repair_rate = "64 MiB"                    # default; repair writes at most this per second ("0": unpaced)
+//! scrub_interval = "7d"                     # default; every shard re-verified this often
+//! scrub_rate = "16 MiB"                     # default; scrub reads at most this per second ("0": unpaced)
+//! gc_grace = "1h"                           # default; garbage waits this long before deletion
+//! write_deadline = "1h"                     # default; one PUT or part must commit within this long
 //! ```
 //!
 //! Relative paths are relative to the config file's directory. Every error names its key
@@ -31,6 +39,8 @@ use std::path::{Path, PathBuf};
 
 use bdr_protocol::ids::ZoneName;
 use bdr_protocol::layout::NodeRoles;
+
+use crate::cluster::maintenance::MaintenanceConfig;
 use libp2p::Multiaddr;
 use serde::Deserialize;
 
@@ -84,6 +94,84 @@ struct RawConfig {
     s3: RawS3,
     #[serde(default)]
     admin: RawAdmin,
+    #[serde(default)]
+    maintenance: RawMaintenance,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMaintenance {
+    repair_interval: Option<String>,
+    repair_rate: Option<String>,
+    scrub_interval: Option<String>,
+    scrub_rate: Option<String>,
+    gc_grace: Option<String>,
+    write_deadline: Option<String>,
+}
+
+/// Below these, maintenance would spin or delete faster than views converge.
+pub const REPAIR_INTERVAL_MS_MIN: u64 = 1_000;
+pub const SCRUB_INTERVAL_MS_MIN: u64 = 60_000;
+pub const WRITE_DEADLINE_MS_MIN: u64 = 10_000;
+/// The longest a node request may take (shard writes time out after 30 s).
+pub const GC_GRACE_MS_MIN: u64 = crate::cluster::data::SHARD_WRITE_TIMEOUT_MS;
+
+fn parse_maintenance(raw: RawMaintenance, down_after_ms: u64) -> Result<MaintenanceConfig, ConfigError> {
+    let defaults = MaintenanceConfig::DEFAULT;
+    let duration = |key: &'static str, text: Option<String>, default: u64, minimum: u64| {
+        let value = match text {
+            Some(text) => parse_duration_ms(&text).map_err(|message| invalid(key, message))?,
+            None => default,
+        };
+        if value < minimum {
+            return Err(invalid(key, format!("must be at least {minimum} ms")));
+        }
+        Ok(value)
+    };
+    let rate = |key: &'static str, text: Option<String>, default: u64| match text {
+        Some(text) => parse_size_bytes(&text).map_err(|message| invalid(key, message)),
+        None => Ok(default),
+    };
+    let config = MaintenanceConfig {
+        repair_interval_ms: duration(
+            "maintenance.repair_interval",
+            raw.repair_interval,
+            defaults.repair_interval_ms,
+            REPAIR_INTERVAL_MS_MIN,
+        )?,
+        repair_rate_bytes_per_s: rate(
+            "maintenance.repair_rate",
+            raw.repair_rate,
+            defaults.repair_rate_bytes_per_s,
+        )?,
+        scrub_interval_ms: duration(
+            "maintenance.scrub_interval",
+            raw.scrub_interval,
+            defaults.scrub_interval_ms,
+            SCRUB_INTERVAL_MS_MIN,
+        )?,
+        scrub_rate_bytes_per_s: rate(
+            "maintenance.scrub_rate",
+            raw.scrub_rate,
+            defaults.scrub_rate_bytes_per_s,
+        )?,
+        // Deleting garbage before every node agrees on who is down would race, and so would
+        // deleting a stripe whose writer's last request (sent within the write deadline)
+        // may still be in flight.
+        gc_grace_ms: duration(
+            "maintenance.gc_grace",
+            raw.gc_grace,
+            defaults.gc_grace_ms,
+            down_after_ms.max(GC_GRACE_MS_MIN),
+        )?,
+        write_deadline_ms: duration(
+            "maintenance.write_deadline",
+            raw.write_deadline,
+            defaults.write_deadline_ms,
+            WRITE_DEADLINE_MS_MIN,
+        )?,
+    };
+    Ok(config)
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -119,6 +207,7 @@ pub struct NodeConfig {
     pub s3_region: String,
     pub admin_listen: SocketAddr,
     pub admin_token_file: PathBuf,
+    pub maintenance: MaintenanceConfig,
 }
 
 /// Parses "500 GiB", "1.5TB", "1048576" into bytes.
@@ -277,6 +366,7 @@ impl NodeConfig {
         if tombstone_grace_ms < down_after_ms {
             return Err(invalid("tombstone_grace", "must be at least down_after"));
         }
+        let maintenance = parse_maintenance(raw.maintenance, down_after_ms)?;
         let s3_listen = parse_socket_address("s3.listen", raw.s3.listen.as_deref().unwrap_or(DEFAULT_S3_LISTEN))?;
         let s3_region = raw.s3.region.unwrap_or_else(|| DEFAULT_REGION.to_string());
         if s3_region.is_empty() || s3_region.len() > 64 {
@@ -308,6 +398,7 @@ impl NodeConfig {
             s3_region,
             admin_listen,
             admin_token_file,
+            maintenance,
         })
     }
 }
@@ -335,6 +426,7 @@ cluster_secret_file = "/etc/bdr/secret"
         assert_eq!(config.gossip_interval_ms, DEFAULT_GOSSIP_INTERVAL_MS);
         assert_eq!(config.admin_token_file, PathBuf::from("/etc/bdr/data/admin.token"));
         assert_eq!(config.s3_region, "bdr");
+        assert_eq!(config.maintenance, MaintenanceConfig::DEFAULT);
     }
 
     #[test]
@@ -355,6 +447,13 @@ region = "eu-1"
 [admin]
 listen = "127.0.0.1:9101"
 token_file = "/run/token"
+[maintenance]
+repair_interval = "5s"
+repair_rate = "0"
+scrub_interval = "1h"
+scrub_rate = "1 MiB"
+gc_grace = "40s"
+write_deadline = "30s"
 "#;
         let config = NodeConfig::parse(text, Path::new("/cfg")).unwrap();
         assert_eq!(config.roles, NodeRoles::STORAGE_ONLY);
@@ -363,6 +462,17 @@ token_file = "/run/token"
         assert_eq!(config.gossip_interval_ms, 200);
         assert_eq!(config.cluster_secret_file, PathBuf::from("/cfg/secret"));
         assert_eq!(config.admin_token_file, PathBuf::from("/run/token"));
+        assert_eq!(
+            config.maintenance,
+            MaintenanceConfig {
+                repair_interval_ms: 5_000,
+                repair_rate_bytes_per_s: 0,
+                scrub_interval_ms: 3_600_000,
+                scrub_rate_bytes_per_s: 1 << 20,
+                gc_grace_ms: 40_000,
+                write_deadline_ms: 30_000,
+            }
+        );
     }
 
     /// Each bad config must fail with one line naming the offending key.
@@ -381,6 +491,13 @@ token_file = "/run/token"
             ("roles = [\"storage\"]\ndata_key_file = \"k\"", "`data_key_file`"),
             ("[s3]\nlisten = \"nowhere\"", "`s3.listen`"),
             ("[admin]\nsurprise = true", "surprise"),
+            (
+                "[maintenance]\nrepair_interval = \"10ms\"",
+                "`maintenance.repair_interval`",
+            ),
+            ("[maintenance]\nrepair_rate = \"fast\"", "`maintenance.repair_rate`"),
+            ("[maintenance]\ngc_grace = \"1s\"", "`maintenance.gc_grace`"),
+            ("[maintenance]\nwrite_deadline = \"1s\"", "`maintenance.write_deadline`"),
         ];
         for (line, expected) in cases {
             // Later keys override earlier ones in our test by replacing the minimal line.

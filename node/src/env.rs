@@ -55,7 +55,8 @@ pub struct StoreUsage {
     pub capacity_bytes: u64,
     pub used_bytes: u64,
     pub shard_count: u64,
-    /// Reads that found a shard failing its checksum since start.
+    /// Reads that found a shard failing its checksum since start. Each such shard is
+    /// quarantined: moved out of the store, so it reads as missing and repair rebuilds it.
     pub corrupt_reads: u64,
 }
 
@@ -63,12 +64,15 @@ pub struct StoreUsage {
 pub trait ShardStore: Send + Sync + 'static {
     /// Stores a shard durably: when the future resolves `Ok`, the shard survives a crash.
     fn put(&self, shard: Shard) -> BoxFuture<'static, Result<(), StoreError>>;
-    /// Reads and verifies a shard; a checksum mismatch is `StoreError::Corrupt`.
+    /// Reads and verifies a shard; a checksum mismatch is `StoreError::Corrupt`, and the
+    /// bad shard is quarantined (no longer listed, contained or counted as used).
     fn get(&self, key: ShardKey) -> BoxFuture<'static, Result<Shard, StoreError>>;
     /// Removes a shard; `Ok(false)` if there was none.
     fn delete(&self, key: ShardKey) -> BoxFuture<'static, Result<bool, StoreError>>;
     /// Every shard held, in key order.
     fn list(&self) -> BoxFuture<'static, Result<Vec<ShardKey>, StoreError>>;
+    /// Which of `keys` are held (without reading or verifying them).
+    fn contains(&self, keys: Vec<ShardKey>) -> BoxFuture<'static, Result<Vec<bool>, StoreError>>;
     fn usage(&self) -> StoreUsage;
 }
 

@@ -152,6 +152,12 @@ pub fn sealed_key_epoch(sealed: &[u8]) -> Result<u32, EnvelopeError> {
     Ok(u32::from_le_bytes(sealed[2..6].try_into().expect("4 bytes")))
 }
 
+/// The nonce a sealed envelope was made with.
+pub fn sealed_nonce(sealed: &[u8]) -> Result<[u8; NONCE_LENGTH_BYTES], EnvelopeError> {
+    check_header(sealed)?;
+    Ok(sealed[6..6 + NONCE_LENGTH_BYTES].try_into().expect("24 bytes"))
+}
+
 fn check_header(sealed: &[u8]) -> Result<(), EnvelopeError> {
     if sealed.len() < OVERHEAD_BYTES {
         return Err(EnvelopeError::TooShort {

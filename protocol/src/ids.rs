@@ -96,6 +96,19 @@ impl StripeId {
     pub fn for_plaintext(id_key: &[u8; 32], plaintext: &[u8]) -> Self {
         Self(*blake3::keyed_hash(id_key, plaintext).as_bytes())
     }
+
+    /// The stripe id of one write of `plaintext` sealed with `nonce`. Every write gets its
+    /// own id (the nonce is random), so a stripe belongs to exactly one object version or
+    /// part: shards of two writes of equal content never mix under one name, and garbage
+    /// collection needs no reference counts. Readers recompute it from the opened
+    /// envelope's nonce and plaintext, an end-to-end check on top of the AEAD.
+    pub fn for_sealed_write(id_key: &[u8; 32], nonce: &[u8; 24], plaintext: &[u8]) -> Self {
+        let mut hasher = blake3::Hasher::new_keyed(id_key);
+        hasher.update(b"bdr stripe v2");
+        hasher.update(nonce);
+        hasher.update(plaintext);
+        Self(*hasher.finalize().as_bytes())
+    }
 }
 
 /// The name of a zone (a site: an office, a cloud region). Validated on construction:
@@ -198,5 +211,14 @@ mod tests {
         assert_eq!(a, StripeId::for_plaintext(&[1; 32], b"hello"));
         assert_ne!(a, StripeId::for_plaintext(&[2; 32], b"hello"));
         assert_ne!(a, StripeId::for_plaintext(&[1; 32], b"hellp"));
+    }
+
+    #[test]
+    fn every_write_of_equal_content_gets_its_own_stripe_id() {
+        let a = StripeId::for_sealed_write(&[1; 32], &[7; 24], b"hello");
+        assert_eq!(a, StripeId::for_sealed_write(&[1; 32], &[7; 24], b"hello"));
+        assert_ne!(a, StripeId::for_sealed_write(&[1; 32], &[8; 24], b"hello"));
+        assert_ne!(a, StripeId::for_sealed_write(&[2; 32], &[7; 24], b"hello"));
+        assert_ne!(a, StripeId::for_plaintext(&[1; 32], b"hello"));
     }
 }

@@ -209,6 +209,40 @@ pub struct MultipartPartRecord {
 }
 
 /// Every record kind, so one table store can hold any of them with one versioned format.
+/// The one record that may reference a stripe (stripe ids are unique per write).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum StripeOwner {
+    Object {
+        bucket: String,
+        key: String,
+        version_id: String,
+    },
+    /// A multipart part; once the upload completes, the object at (bucket, key,
+    /// version_id of the completed object) references the stripe instead.
+    Part {
+        bucket: String,
+        key: String,
+        upload_id: String,
+        part_number: u32,
+    },
+}
+
+/// Written to a metadata quorum before any shard of the stripe is sent, so every shard on
+/// any disk has a record saying what owns it. Repair walks these records; garbage
+/// collection removes the shards of a stripe whose owner no longer references it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StripeRecord {
+    pub owner: StripeOwner,
+    pub codec: StripeCodec,
+    pub sealed_length_bytes: u64,
+    /// Writer's clock when the write began (for operators and tools; garbage collection
+    /// measures the write deadline on its own clock, so skew cannot fool it).
+    pub started_at_ms: u64,
+    /// Where each shard index is believed to be: the placement at write time, updated by
+    /// repair and rebalance after they move shards.
+    pub holders: Vec<NodeId>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Record {
     Bucket(BucketRecord),
@@ -217,6 +251,7 @@ pub enum Record {
     ObjectVersion(ObjectVersionRecord),
     MultipartUpload(MultipartUploadRecord),
     MultipartPart(MultipartPartRecord),
+    Stripe(StripeRecord),
 }
 
 /// Longest partition key (a bucket name, an access key id, an upload id).

@@ -30,16 +30,18 @@ pub enum Table {
     Objects,
     MultipartUploads,
     MultipartParts,
+    Stripes,
 }
 
 impl Table {
-    pub const ALL: [Table; 6] = [
+    pub const ALL: [Table; 7] = [
         Table::Buckets,
         Table::BucketGrants,
         Table::AccessKeys,
         Table::Objects,
         Table::MultipartUploads,
         Table::MultipartParts,
+        Table::Stripes,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -50,6 +52,7 @@ impl Table {
             Table::Objects => "objects",
             Table::MultipartUploads => "multipart_uploads",
             Table::MultipartParts => "multipart_parts",
+            Table::Stripes => "stripes",
         }
     }
 }
@@ -150,6 +153,97 @@ pub enum Request {
         after: Option<Vec<u8>>,
         limit: u32,
     },
+    /// Which of these shards the node holds (a directory lookup; contents are verified
+    /// by scrub, not here). At most [`HAS_SHARDS_KEYS_MAX`] keys.
+    HasShards {
+        keys: Vec<ShardRef>,
+    },
+    /// The node's repair, scrub and GC progress (answered with `Maintenance`).
+    MaintenanceReport,
+    /// Changes the node's maintenance (answered with `Maintenance`).
+    MaintenanceControl {
+        command: MaintenanceCommand,
+    },
+}
+
+/// Keys one HasShards request may carry.
+pub const HAS_SHARDS_KEYS_MAX: usize = 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ShardRef {
+    pub stripe_id: StripeId,
+    pub index: u8,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MaintenanceCommand {
+    /// Resume repair and start a pass now.
+    RepairStart,
+    /// Stop repairing (surveys, scrub and GC go on) until RepairStart.
+    RepairPause,
+    /// Start a scrub pass now.
+    ScrubStart,
+    /// Start a repair pass now without changing pause (a paused pass only surveys).
+    SurveyNow,
+}
+
+/// Stripes by remaining redundancy, as seen by the nodes that maintain them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StripeHealth {
+    pub total: u64,
+    /// All k+m shards present where placement wants them.
+    pub healthy: u64,
+    /// All k+m shards exist but some are not yet where placement wants them.
+    pub misplaced: u64,
+    /// Some shards missing, at least k+1 left.
+    pub degraded: u64,
+    /// Exactly k left: one more loss and the stripe is gone.
+    pub at_risk: u64,
+    /// Fewer than k left: unreadable until a lost holder returns.
+    pub lost: u64,
+    /// Not surveyed (holders unreachable to ask), counted apart rather than guessed.
+    pub unknown: u64,
+}
+
+impl StripeHealth {
+    pub fn add(&mut self, other: &StripeHealth) {
+        self.total += other.total;
+        self.healthy += other.healthy;
+        self.misplaced += other.misplaced;
+        self.degraded += other.degraded;
+        self.at_risk += other.at_risk;
+        self.lost += other.lost;
+        self.unknown += other.unknown;
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MaintenanceReport {
+    /// Health of the stripes this node maintains, from its last complete survey.
+    pub stripes: StripeHealth,
+    pub repair_paused: bool,
+    pub repair_queued_stripes: u64,
+    /// Shard bytes the queued stripes still need written.
+    pub repair_queued_bytes: u64,
+    pub repaired_stripes_total: u64,
+    pub repaired_bytes_total: u64,
+    /// Shards copied to a new holder after a layout change.
+    pub moved_shards_total: u64,
+    pub repair_bytes_per_s: u64,
+    pub repair_passes_completed: u64,
+    pub repair_pass_in_progress: bool,
+    /// Node clock when the last full repair pass ended (0: none yet).
+    pub repair_last_pass_completed_at_ms: u64,
+    pub scrub_shards_checked: u64,
+    pub scrub_shards_total: u64,
+    pub scrub_corrupt_found_total: u64,
+    pub scrub_passes_completed: u64,
+    pub scrub_last_pass_completed_at_ms: u64,
+    /// Shards deleted as garbage or after they moved.
+    pub gc_deleted_shards_total: u64,
+    pub gc_deleted_stripe_records_total: u64,
+    pub shards_stored: u64,
+    pub used_bytes: u64,
 }
 
 /// Rows one scan answer may carry.
@@ -214,6 +308,10 @@ pub enum Response {
     MetaPartitionRoots {
         roots: Vec<[u8; 32]>,
     },
+    HasShards {
+        present: Vec<bool>,
+    },
+    Maintenance(MaintenanceReport),
     Error {
         kind: RemoteErrorKind,
         message: String,

@@ -59,6 +59,15 @@ fn summary(outcome: &Outcome) -> String {
 }
 
 fn main() -> ExitCode {
+    // The node logic's logs, when asked for (RUST_LOG=bdr_node=debug): they go to stderr
+    // and never into the trace, so they do not change the trace hash.
+    if let Ok(filter) = std::env::var("RUST_LOG") {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(std::io::stderr)
+            .without_time()
+            .init();
+    }
     match Cli::parse().command {
         Command::Run { seed, scenario, report } => {
             let scenario = match load_scenario(&scenario) {

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use bdr_node::cluster::data::{BucketOptions, DataError, DataKeys, ObjectWrite};
+use bdr_node::cluster::maintenance::MaintenanceConfig;
 use bdr_node::cluster::membership::MembershipConfig;
 use bdr_node::cluster::{ClusterInbound, ClusterNode};
 use bdr_node::env::{Env, InboundHandler, ShardStore, Tree};
@@ -64,7 +65,7 @@ impl Default for Scenario {
             stripe_length_bytes: 4096,
             inline_threshold_bytes: 512,
             fault_phase_ms: 60_000,
-            settle_ms: 30_000,
+            settle_ms: 120_000,
             operations_per_client: 40,
             clients: 2,
             keys_per_client: 6,
@@ -131,6 +132,20 @@ struct Shared {
     /// other node down a stripe then loses at most 2 = m shards.
     rot_node: Option<usize>,
     rotten_stripes: Mutex<std::collections::BTreeSet<bdr_protocol::ids::StripeId>>,
+    /// Nodes booted (or booting) and not crashed since: a node's store must never be
+    /// driven by two instances at once.
+    running: Mutex<std::collections::BTreeSet<usize>>,
+}
+
+fn maintenance_config() -> MaintenanceConfig {
+    MaintenanceConfig {
+        repair_interval_ms: 3_000,
+        repair_rate_bytes_per_s: 0,
+        scrub_interval_ms: 20_000,
+        scrub_rate_bytes_per_s: 0,
+        gc_grace_ms: 5_000,
+        write_deadline_ms: 10_000,
+    }
 }
 
 fn membership_config() -> MembershipConfig {
@@ -182,6 +197,9 @@ impl Shared {
     }
 
     fn boot(self: &Arc<Self>, index: usize) {
+        if !self.running.lock().expect("not poisoned").insert(index) {
+            return;
+        }
         let env = Arc::clone(&self.envs[index]);
         let shared = Arc::clone(self);
         let spec = self.specs[index].clone();
@@ -190,7 +208,15 @@ impl Shared {
             Some(env.id),
             Box::pin(async move {
                 let keys = DataKeys::from_root(&RootKey([7; 32]));
-                let node = match ClusterNode::start(Arc::clone(&env), membership_config(), spec, Some(keys)).await {
+                let node = match ClusterNode::start(
+                    Arc::clone(&env),
+                    membership_config(),
+                    maintenance_config(),
+                    spec,
+                    Some(keys),
+                )
+                .await
+                {
                     Ok(node) => node,
                     Err(error) => {
                         shared.fail(format!("node {index} failed to start: {error}"));
@@ -213,6 +239,7 @@ impl Shared {
     }
 
     fn crash(&self, index: usize) {
+        self.running.lock().expect("not poisoned").remove(&index);
         let env = &self.envs[index];
         self.world.record(&[b"crash", env.id.as_bytes()]);
         self.world.unregister(&env.id);
@@ -458,6 +485,134 @@ impl Shared {
         }
     }
 
+    /// After healing: every stripe an object references is back at full redundancy, each
+    /// shard verified at its canonical holder, and no other shard is left anywhere (all
+    /// garbage collected, every stand-in copy removed).
+    async fn check_redundancy_and_garbage(&self, layout: &bdr_protocol::layout::Layout) {
+        use bdr_protocol::records::{decode_stored_value, Lww, ObjectData, Record};
+        // The latest object records, merged over every node's local rows.
+        let mut objects: BTreeMap<Vec<u8>, Lww<Record>> = BTreeMap::new();
+        for env in &self.envs {
+            let rows = env
+                .meta_store()
+                .scan(Tree::Table(bdr_protocol::wire::Table::Objects), b"", None, 1_000_000)
+                .unwrap_or_default();
+            for (key, value) in rows {
+                let Ok(register) = decode_stored_value::<Record>(&value) else {
+                    self.fail("undecodable object row".into());
+                    continue;
+                };
+                match objects.get_mut(&key) {
+                    Some(existing) => {
+                        existing.merge(&register);
+                    }
+                    None => {
+                        objects.insert(key, register);
+                    }
+                }
+            }
+        }
+        let mut live: BTreeMap<bdr_protocol::ids::StripeId, StripeCodec> = BTreeMap::new();
+        for register in objects.values() {
+            if let Some(Record::ObjectVersion(object)) = &register.value {
+                if let ObjectData::Striped(manifest) = &object.data {
+                    for stripe in &manifest.stripes {
+                        live.insert(stripe.stripe_id, manifest.codec);
+                    }
+                }
+            }
+        }
+        let mut wanted: BTreeMap<(bdr_protocol::ids::StripeId, u8), NodeId> = BTreeMap::new();
+        for (stripe_id, codec) in &live {
+            let Ok(placement) = place(layout, stripe_id, codec.data_shards, codec.parity_shards) else {
+                self.fail(format!("no placement for stripe {}", stripe_id.short()));
+                continue;
+            };
+            for (index, holder) in placement.holders.into_iter().enumerate() {
+                wanted.insert((*stripe_id, index as u8), holder);
+            }
+        }
+        let mut missing = 0usize;
+        let mut extra = 0usize;
+        let mut extra_of_live = 0usize;
+        let mut first_garbage: Option<bdr_protocol::ids::StripeId> = None;
+        let mut found: std::collections::BTreeSet<(bdr_protocol::ids::StripeId, u8)> = Default::default();
+        for env in &self.envs {
+            for key in env.shards.list().await.unwrap_or_default() {
+                let at_home = wanted.get(&(key.stripe_id, key.index)) == Some(&env.id);
+                if !at_home {
+                    extra += 1;
+                    if live.contains_key(&key.stripe_id) {
+                        extra_of_live += 1;
+                    } else if first_garbage.is_none() {
+                        first_garbage = Some(key.stripe_id);
+                    }
+                    continue;
+                }
+                match env.shards.get(key).await {
+                    Ok(_) => {
+                        found.insert((key.stripe_id, key.index));
+                    }
+                    Err(_) => missing += 1,
+                }
+            }
+        }
+        missing += wanted.len() - found.len().min(wanted.len());
+        self.world.record(&[
+            b"redundancy",
+            &(live.len() as u64).to_le_bytes(),
+            &(missing as u64).to_le_bytes(),
+            &(extra as u64).to_le_bytes(),
+        ]);
+        if missing > 0 {
+            self.fail(format!(
+                "{missing} of {} shards of {} live stripes are not back at their holders after healing",
+                wanted.len(),
+                live.len()
+            ));
+        }
+        if extra > 0 {
+            let mut detail = String::new();
+            if let Some(stripe_id) = first_garbage {
+                let row = RowKey::new(stripe_id.as_bytes().to_vec(), Vec::new())
+                    .encode()
+                    .expect("row key");
+                for (index, env) in self.envs.iter().enumerate() {
+                    let value = env
+                        .meta_store()
+                        .get(Tree::Table(bdr_protocol::wire::Table::Stripes), &row)
+                        .ok()
+                        .flatten();
+                    let text = match value.map(|value| decode_stored_value::<Record>(&value)) {
+                        None => "none".to_string(),
+                        Some(Ok(register)) => match register.value {
+                            Some(Record::Stripe(record)) => format!("{:?} at {:?}", record.owner, register.timestamp),
+                            _ => format!("tombstone at {:?}", register.timestamp),
+                        },
+                        Some(Err(error)) => error.to_string(),
+                    };
+                    detail.push_str(&format!("; node {index}: {text}"));
+                }
+            }
+            for (index, node) in self.up_nodes() {
+                let report = node.maintenance_report();
+                detail.push_str(&format!(
+                    "\n node {index}: passes {} in_progress {} health {:?} gc {} / {}",
+                    report.repair_passes_completed,
+                    report.repair_pass_in_progress,
+                    report.stripes,
+                    report.gc_deleted_stripe_records_total,
+                    report.gc_deleted_shards_total
+                ));
+            }
+            self.fail(format!(
+                "{extra} shards remain that no live stripe needs there ({extra_of_live} stand-in copies of live \
+                 stripes, the rest garbage; first garbage stripe {:?} record{detail})",
+                first_garbage.map(|stripe| stripe.short())
+            ));
+        }
+    }
+
     /// After healing: every key reads back its last acknowledged value (or a later
     /// unacknowledged one), metadata replicas agree, and no plaintext is stored anywhere.
     async fn final_checks(self: Arc<Self>) {
@@ -522,11 +677,19 @@ impl Shared {
                             .unwrap_or_default()
                     })
                     .collect();
+                let fresh: Vec<bool> = placement
+                    .holders
+                    .iter()
+                    .filter_map(|holder| self.nodes.lock().expect("not poisoned").get(holder).cloned())
+                    .map(|node| node.compute_partition_digest(partition).ok() == node.partition_digest(partition).ok())
+                    .collect();
                 self.fail(format!(
-                    "metadata replicas of partition {partition} did not converge (roots {roots:?}): {detail}"
+                    "metadata replicas of partition {partition} did not converge (roots {roots:?}, cache fresh \
+                     {fresh:?}): {detail}"
                 ));
             }
         }
+        self.check_redundancy_and_garbage(&layout).await;
         // Every key reads back what the model allows, through any node.
         let up = self.up_nodes();
         let keys: Vec<String> = self.models.lock().expect("not poisoned").keys().cloned().collect();
@@ -634,6 +797,7 @@ pub fn run(seed: u64, scenario: &Scenario) -> Outcome {
         faults: Mutex::new(Vec::new()),
         rot_node,
         rotten_stripes: Mutex::new(std::collections::BTreeSet::new()),
+        running: Mutex::new(std::collections::BTreeSet::new()),
     });
     for index in 0..scenario.nodes as usize {
         shared.boot(index);
@@ -688,15 +852,7 @@ pub fn run(seed: u64, scenario: &Scenario) -> Outcome {
         loss_per_mille: 0,
     });
     for index in 0..scenario.nodes as usize {
-        if !world.is_up(&shared.envs[index].id)
-            && !shared
-                .nodes
-                .lock()
-                .expect("not poisoned")
-                .contains_key(&shared.envs[index].id)
-        {
-            shared.boot(index);
-        }
+        shared.boot(index);
     }
     world.executor.run_until(fault_end + scenario.settle_ms);
     let checker = Arc::clone(&shared);

@@ -149,6 +149,9 @@ fn request_kind(request: &Request) -> &'static [u8] {
         Request::MetaDigest { .. } => b"meta-digest",
         Request::MetaPartitionRoots { .. } => b"meta-roots",
         Request::MetaBucketRows { .. } => b"meta-bucket-rows",
+        Request::HasShards { .. } => b"has-shards",
+        Request::MaintenanceReport => b"maintenance-report",
+        Request::MaintenanceControl { .. } => b"maintenance-control",
     }
 }
 

@@ -78,7 +78,7 @@ impl<E: Env> ClusterNode<E> {
         }
     }
 
-    fn compute_partition_digest(&self, partition: u32) -> Result<Vec<TableDigest>, MetaError> {
+    pub fn compute_partition_digest(&self, partition: u32) -> Result<Vec<TableDigest>, MetaError> {
         Table::ALL
             .iter()
             .map(|table| {

@@ -25,7 +25,7 @@ use bdr_protocol::layout::Layout;
 use bdr_protocol::placement::{failures_tolerated, place, place_with};
 use bdr_protocol::records::{
     AccessKeyRecord, BucketRecord, Lww, Manifest, MultipartPartRecord, MultipartUploadRecord, ObjectData,
-    ObjectVersionRecord, Record, RowKey, StripeRef, VersioningState,
+    ObjectVersionRecord, Record, RowKey, StripeOwner, StripeRecord, StripeRef, VersioningState,
 };
 use bdr_protocol::wire::{RemoteErrorKind, Request, Response, Table};
 use futures::channel::oneshot;
@@ -36,7 +36,7 @@ use md5::{Digest, Md5};
 use super::membership::Liveness;
 use super::metadata::MetaError;
 use super::ClusterNode;
-use crate::env::{Env, ShardKey, StoreError, Tree};
+use crate::env::{Env, ShardKey, StoreError};
 
 /// Objects up to this size are sealed inline in metadata instead of erasure-coded.
 pub const INLINE_OBJECT_BYTES_DEFAULT: u32 = 64 * 1024;
@@ -116,11 +116,20 @@ impl DataKeys {
     }
 }
 
-enum FetchError {
+pub(crate) enum FetchError {
     /// The shard exists but failed verification: skip it and have it repaired.
     Corrupt(String),
     /// The shard could not be had from that node (down, missing, timeout).
     Unavailable(String),
+}
+
+impl std::fmt::Display for FetchError {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FetchError::Corrupt(reason) => write!(formatter, "corrupt: {reason}"),
+            FetchError::Unavailable(reason) => write!(formatter, "unavailable: {reason}"),
+        }
+    }
 }
 
 /// How a bucket's objects are stored.
@@ -176,7 +185,7 @@ fn validate_key(key: &str) -> Result<(), DataError> {
     Ok(())
 }
 
-fn object_row(bucket: &str, key: &str, version_id: &str) -> RowKey {
+pub(crate) fn object_row(bucket: &str, key: &str, version_id: &str) -> RowKey {
     let mut sort_key = key.as_bytes().to_vec();
     sort_key.push(0);
     sort_key.extend_from_slice(version_id.as_bytes());
@@ -193,15 +202,21 @@ fn access_key_row(key_id: &str) -> RowKey {
     RowKey::new(b"access-keys".to_vec(), key_id.as_bytes())
 }
 
-fn upload_row(bucket: &str, key: &str, upload_id: &str) -> RowKey {
+pub(crate) fn upload_row(bucket: &str, key: &str, upload_id: &str) -> RowKey {
     let mut sort_key = key.as_bytes().to_vec();
     sort_key.push(0);
     sort_key.extend_from_slice(upload_id.as_bytes());
     RowKey::new(bucket.as_bytes(), sort_key)
 }
 
+/// A stripe's record lives in the partition of its id: stripes spread evenly over all
+/// metadata partitions, so repair work spreads evenly over their maintainers.
+pub(crate) fn stripe_row(stripe_id: &StripeId) -> RowKey {
+    RowKey::new(stripe_id.as_bytes().to_vec(), Vec::new())
+}
+
 /// Parts of one upload share a partition (the upload id), ordered by part number.
-fn part_row(upload_id: &str, part_number: u32) -> RowKey {
+pub(crate) fn part_row(upload_id: &str, part_number: u32) -> RowKey {
     RowKey::new(upload_id.as_bytes(), part_number.to_be_bytes().to_vec())
 }
 
@@ -318,6 +333,7 @@ impl<E: Env> ClusterNode<E> {
             .await?
             .ok_or_else(|| DataError::NoSuchBucket(write.bucket.clone()))?;
         let version_id = NULL_VERSION.to_string();
+        let started_at_ms = self.env.now_ms();
         let mut md5 = Md5::new();
 
         // Small objects: read one byte past the inline limit to know which path to take.
@@ -330,9 +346,17 @@ impl<E: Env> ClusterNode<E> {
             let sealed = envelope::seal(&keys.inline_data, self.random_nonce(), &binding, &first);
             (ObjectData::Inline { sealed }, first.len() as u64)
         } else {
-            let (manifest, size_bytes) = self.write_stripes(&bucket, &mut body, first, &mut md5).await?;
+            let owner = StripeOwner::Object {
+                bucket: write.bucket.clone(),
+                key: write.key.clone(),
+                version_id: version_id.clone(),
+            };
+            let (manifest, size_bytes) = self
+                .write_stripes(&bucket, &owner, started_at_ms, &mut body, first, &mut md5)
+                .await?;
             (ObjectData::Striped(manifest), size_bytes)
         };
+        self.check_write_deadline(started_at_ms)?;
         let record = ObjectVersionRecord {
             bucket: write.bucket.clone(),
             key: write.key.clone(),
@@ -360,6 +384,8 @@ impl<E: Env> ClusterNode<E> {
     async fn write_stripes<R: AsyncRead + Unpin + Send>(
         self: &Arc<Self>,
         bucket: &BucketRecord,
+        owner: &StripeOwner,
+        started_at_ms: u64,
         body: &mut R,
         first: Vec<u8>,
         md5: &mut Md5,
@@ -385,10 +411,11 @@ impl<E: Env> ClusterNode<E> {
             }
             let (sender, receiver) = oneshot::channel();
             let node = Arc::clone(self);
+            let owner = owner.clone();
             self.env.spawn(
                 "write-stripe",
                 Box::pin(async move {
-                    let _ = sender.send(node.write_stripe(codec, plaintext).await);
+                    let _ = sender.send(node.write_stripe(codec, owner, started_at_ms, plaintext).await);
                 }),
             );
             in_flight.push_back(receiver);
@@ -410,6 +437,19 @@ impl<E: Env> ClusterNode<E> {
         ))
     }
 
+    /// A write must commit its owner record within the write deadline: garbage collection
+    /// treats the stripes of older uncommitted writes as abandoned.
+    fn check_write_deadline(&self, started_at_ms: u64) -> Result<(), DataError> {
+        let elapsed_ms = self.env.now_ms().saturating_sub(started_at_ms);
+        let deadline_ms = self.maintenance_config.write_deadline_ms;
+        if elapsed_ms > deadline_ms {
+            return Err(DataError::NotDurable(format!(
+                "the write took {elapsed_ms} ms, longer than the {deadline_ms} ms write deadline"
+            )));
+        }
+        Ok(())
+    }
+
     async fn stripe_result(receiver: oneshot::Receiver<Result<StripeRef, DataError>>) -> Result<StripeRef, DataError> {
         receiver
             .await
@@ -421,12 +461,19 @@ impl<E: Env> ClusterNode<E> {
     }
 
     /// Hashes, seals, encodes and stores one stripe durably.
-    async fn write_stripe(self: Arc<Self>, codec: StripeCodec, plaintext: Vec<u8>) -> Result<StripeRef, DataError> {
+    async fn write_stripe(
+        self: Arc<Self>,
+        codec: StripeCodec,
+        owner: StripeOwner,
+        started_at_ms: u64,
+        plaintext: Vec<u8>,
+    ) -> Result<StripeRef, DataError> {
         let keys = self.data_keys()?;
-        let stripe_id = StripeId::for_plaintext(&keys.stripe_naming, &plaintext);
+        let nonce = self.random_nonce();
+        let stripe_id = StripeId::for_sealed_write(&keys.stripe_naming, &nonce, &plaintext);
         let sealed = envelope::seal(
             &keys.stripe_data,
-            self.random_nonce(),
+            nonce,
             &envelope::stripe_binding(&stripe_id),
             &plaintext,
         );
@@ -436,11 +483,29 @@ impl<E: Env> ClusterNode<E> {
         let layout = self.layout();
         let (k, m) = (codec.data_shards, codec.parity_shards);
         let canonical = place(&layout, &stripe_id, k, m).map_err(|error| DataError::NotDurable(error.to_string()))?;
+        // The stripe record goes first: no shard ever exists without a record naming its
+        // owner, which is what lets garbage collection delete a shard whose record is gone.
+        // Every write of this stripe (record, shards, holders) is sent only within the
+        // write deadline: garbage collection may remove the stripe after it.
+        self.check_write_deadline(started_at_ms)?;
+        let mut stripe_record = StripeRecord {
+            owner,
+            codec,
+            sealed_length_bytes: sealed.len() as u64,
+            started_at_ms,
+            holders: canonical.holders.clone(),
+        };
+        self.meta_put_fresh(
+            Table::Stripes,
+            &stripe_row(&stripe_id),
+            Record::Stripe(stripe_record.clone()),
+        )
+        .await?;
 
         let attempts = shards.into_iter().map(|shard| {
             let node = Arc::clone(&self);
             let layout = layout.clone();
-            async move { node.store_shard_with_fallback(&layout, shard).await }
+            async move { node.store_shard_with_fallback(&layout, shard, started_at_ms).await }
         });
         let results: Vec<Result<NodeId, String>> = futures::future::join_all(attempts).await;
         let failures: Vec<String> = results
@@ -485,7 +550,17 @@ impl<E: Env> ClusterNode<E> {
         }
         if !failures.is_empty() {
             tracing::warn!(stripe = %stripe_id.short(), failures = %failures.join("; "), "stripe written degraded");
-            self.record_repair_hint(&stripe_id);
+        }
+        if holders != stripe_record.holders {
+            // Some shards went to fallback nodes: say so, or repair would not find them.
+            self.check_write_deadline(started_at_ms)?;
+            stripe_record.holders = holders.clone();
+            self.meta_put(
+                Table::Stripes,
+                &stripe_row(&stripe_id),
+                Some(Record::Stripe(stripe_record)),
+            )
+            .await?;
         }
         Ok(StripeRef {
             stripe_id,
@@ -495,23 +570,23 @@ impl<E: Env> ClusterNode<E> {
         })
     }
 
-    /// Notes a stripe that needs repair (consumed by the repair loop).
-    fn record_repair_hint(&self, stripe_id: &StripeId) {
-        let key = format!("repair/{stripe_id}");
-        if let Err(error) = self.env.meta_store().put(Tree::System, key.as_bytes(), &[1]) {
-            tracing::error!(%error, "cannot record a repair hint");
-        }
-    }
-
     /// Stores one shard on its placement holder, falling back to the next candidates
     /// (same zone first, by placement) when holders fail. Returns the node that has it.
-    async fn store_shard_with_fallback(self: &Arc<Self>, layout: &Layout, shard: Shard) -> Result<NodeId, String> {
+    async fn store_shard_with_fallback(
+        self: &Arc<Self>,
+        layout: &Layout,
+        shard: Shard,
+        started_at_ms: u64,
+    ) -> Result<NodeId, String> {
         let header = shard.header().clone();
         let index = usize::from(header.index);
         let now_ms = self.env.now_ms();
         let mut failed: BTreeSet<NodeId> = BTreeSet::new();
         let mut last_error = String::from("no attempt made");
         for _ in 0..SHARD_WRITE_ATTEMPTS_MAX {
+            if let Err(error) = self.check_write_deadline(started_at_ms) {
+                return Err(error.to_string());
+            }
             let placement = {
                 let membership = self.membership.lock().expect("not poisoned");
                 place_with(
@@ -535,7 +610,7 @@ impl<E: Env> ClusterNode<E> {
         Err(last_error)
     }
 
-    async fn put_shard_on(&self, target: NodeId, shard: &Shard) -> Result<(), String> {
+    pub(crate) async fn put_shard_on(&self, target: NodeId, shard: &Shard) -> Result<(), String> {
         if target == self.env.node_id() {
             return self
                 .env
@@ -829,7 +904,7 @@ impl<E: Env> ClusterNode<E> {
             .collect()
     }
 
-    async fn fetch_shard(&self, node: NodeId, stripe_id: StripeId, index: u8) -> Result<Shard, FetchError> {
+    pub(crate) async fn fetch_shard(&self, node: NodeId, stripe_id: StripeId, index: u8) -> Result<Shard, FetchError> {
         if node == self.env.node_id() {
             return match self.env.shard_store().get(ShardKey { stripe_id, index }).await {
                 Ok(shard) => Ok(shard),
@@ -916,8 +991,8 @@ impl<E: Env> ClusterNode<E> {
                 }
                 Ok(_) => errors.push(format!("{}: shard {index} is not the one asked for", node.short())),
                 Err(FetchError::Corrupt(reason)) => {
+                    // The holder quarantined it; the stripe's maintainer rebuilds it.
                     tracing::warn!(stripe = %stripe.stripe_id.short(), index, node = %node.short(), %reason, "corrupt shard skipped");
-                    self.record_repair_hint(&stripe.stripe_id);
                     errors.push(format!("{} shard {index} corrupt: {reason}", node.short()));
                 }
                 Err(FetchError::Unavailable(reason)) => {
@@ -935,9 +1010,6 @@ impl<E: Env> ClusterNode<E> {
                 ),
             });
         }
-        if !errors.is_empty() {
-            self.record_repair_hint(&stripe.stripe_id);
-        }
         let shards: Vec<Shard> = obtained.into_values().collect();
         let sealed = codec
             .decode(stripe.stripe_id, &shards)
@@ -947,7 +1019,9 @@ impl<E: Env> ClusterNode<E> {
             })?;
         let plaintext = envelope::open(&keys.stripe_data, &envelope::stripe_binding(&stripe.stripe_id), &sealed)
             .map_err(|error| DataError::Corrupt(format!("stripe {}: {error}", stripe.stripe_id.short())))?;
-        if StripeId::for_plaintext(&keys.stripe_naming, &plaintext) != stripe.stripe_id
+        let nonce = envelope::sealed_nonce(&sealed)
+            .map_err(|error| DataError::Corrupt(format!("stripe {}: {error}", stripe.stripe_id.short())))?;
+        if StripeId::for_sealed_write(&keys.stripe_naming, &nonce, &plaintext) != stripe.stripe_id
             || plaintext.len() as u64 != stripe.plaintext_length_bytes
         {
             return Err(DataError::Corrupt(format!(
@@ -1026,10 +1100,18 @@ impl<E: Env> ClusterNode<E> {
             .await?
             .ok_or_else(|| DataError::NoSuchBucket(bucket.to_string()))?;
         self.multipart_upload(bucket, key, upload_id).await?;
+        let started_at_ms = self.env.now_ms();
+        let owner = StripeOwner::Part {
+            bucket: bucket.to_string(),
+            key: key.to_string(),
+            upload_id: upload_id.to_string(),
+            part_number,
+        };
         let mut md5 = Md5::new();
         let (manifest, size_bytes) = self
-            .write_stripes(&bucket_record, &mut body, Vec::new(), &mut md5)
+            .write_stripes(&bucket_record, &owner, started_at_ms, &mut body, Vec::new(), &mut md5)
             .await?;
+        self.check_write_deadline(started_at_ms)?;
         let record = MultipartPartRecord {
             upload_id: upload_id.to_string(),
             part_number,

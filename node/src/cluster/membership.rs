@@ -63,10 +63,15 @@ impl Membership {
         me: NodeId,
         config: MembershipConfig,
         layout: Layout,
-        own_spec: NodeSpec,
+        mut own_spec: NodeSpec,
         generation: u64,
         now_ms: u64,
     ) -> Result<Membership, LayoutError> {
+        // Status is the operator's intent (drain, remove), set through the admin API and
+        // spread by gossip; a restart with the node's config must not undo it.
+        if let Some(existing) = layout.get(&me) {
+            own_spec.status = existing.status;
+        }
         let mut membership = Membership {
             me,
             config,
@@ -107,6 +112,22 @@ impl Membership {
     /// A fresh HLC timestamp above `floor` (see [`HybridClock::now_after`]).
     pub fn timestamp_after(&mut self, now_ms: u64, floor: &HlcTimestamp) -> HlcTimestamp {
         self.clock.now_after(now_ms, floor)
+    }
+
+    /// Sets another (or this) node's status, as an operator's command; returns whether
+    /// the layout changed.
+    pub fn set_status(&mut self, node: NodeId, status: NodeStatus, now_ms: u64) -> Result<bool, LayoutError> {
+        let Some(entry) = self.layout.get(&node) else {
+            return Ok(false);
+        };
+        let spec = NodeSpec {
+            zone: entry.zone.clone(),
+            capacity_bytes: entry.capacity_bytes,
+            roles: entry.roles,
+            status,
+        };
+        let stamp = self.clock.now(now_ms);
+        self.layout.set_node(node, spec, stamp)
     }
 
     /// Starts a gossip round: bumps our heartbeat with current usage and addresses.

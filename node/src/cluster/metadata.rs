@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use bdr_protocol::hlc::HlcTimestamp;
 use bdr_protocol::ids::NodeId;
+use bdr_protocol::layout::Layout;
 use bdr_protocol::placement::place;
 use bdr_protocol::records::{
     decode_stored_value, encode_stored_value, Lww, Record, RecordDecodeError, RowKey, RowKeyError,
@@ -62,10 +63,14 @@ impl<E: Env> ClusterNode<E> {
         if !self.is_joined() {
             return Err(MetaError::NotJoined);
         }
-        let layout = self.layout();
-        let partition = RowKey::partition_of(partition_key);
+        self.partition_replicas(&self.layout(), RowKey::partition_of(partition_key))
+    }
+
+    /// The distinct replicas of metadata partition `partition` under `layout`, in
+    /// placement order (the same on every node with the same layout).
+    pub(crate) fn partition_replicas(&self, layout: &Layout, partition: u32) -> Result<Vec<NodeId>, MetaError> {
         let placement = place(
-            &layout,
+            layout,
             &RowKey::partition_placement_id(partition),
             1,
             METADATA_REPLICAS - 1,
@@ -82,6 +87,7 @@ impl<E: Env> ClusterNode<E> {
     pub(crate) fn merge_local(&self, table: Table, key: &[u8], value: &[u8]) -> Result<bool, MetaError> {
         RowKey::decode(key)?;
         let incoming: Lww<Record> = decode_stored_value(value)?;
+
         let store = self.env.meta_store();
         let tree = Tree::Table(table);
         let changed = match store.get(tree, key)? {
@@ -354,6 +360,21 @@ impl<E: Env> ClusterNode<E> {
         let register = Lww { timestamp, value };
         self.meta_write_register(table, row, &register).await?;
         Ok(timestamp)
+    }
+
+    /// Writes a row that cannot exist yet (its key is fresh and unique, like a new
+    /// stripe's): skips the read-before-write, saving a quorum round trip.
+    pub(crate) async fn meta_put_fresh(
+        self: &Arc<Self>,
+        table: Table,
+        row: &RowKey,
+        value: Record,
+    ) -> Result<(), MetaError> {
+        let timestamp = {
+            let now_ms = self.env.now_ms();
+            self.membership.lock().expect("not poisoned").timestamp(now_ms)
+        };
+        self.meta_write_register(table, row, &Lww::new(timestamp, value)).await
     }
 
     /// Replicates an already-stamped register to a quorum.

@@ -6,6 +6,7 @@
 
 pub mod anti_entropy;
 pub mod data;
+pub mod maintenance;
 pub mod membership;
 pub mod metadata;
 
@@ -22,6 +23,7 @@ use bdr_protocol::wire::{PeerHeartbeat, RemoteErrorKind, Request, Response};
 use serde::{Deserialize, Serialize};
 
 use crate::env::{BoxFuture, Env, InboundHandler, StoreError, Tree};
+use maintenance::{MaintenanceConfig, MaintenanceState};
 use membership::{Liveness, Membership, MembershipConfig};
 
 const LAYOUT_KEY: &[u8] = b"layout";
@@ -42,6 +44,8 @@ pub enum ClusterError {
     CorruptSystemRecord(&'static str, String),
     #[error("layout: {0}")]
     Layout(#[from] LayoutError),
+    #[error("no node {0} in the layout")]
+    UnknownNode(String),
 }
 
 /// One node in `bdr-node admin status`.
@@ -80,6 +84,11 @@ pub struct ClusterNode<E: Env> {
     /// Anti-entropy digests of metadata partitions, dropped when a row of the partition
     /// changes (every local metadata write goes through `merge_local` or tombstone GC).
     digest_cache: Mutex<BTreeMap<u32, Vec<bdr_protocol::wire::TableDigest>>>,
+    maintenance_config: MaintenanceConfig,
+    maintenance: Mutex<MaintenanceState>,
+    /// One repair pass, one tidy pass and one scrub pass at a time per node (the loops
+    /// and an operator's or test's explicit call may overlap).
+    maintenance_passes: maintenance::PassLocks,
 }
 
 fn load_system_record(env: &impl Env, key: &'static [u8]) -> Result<Option<SystemRecord>, ClusterError> {
@@ -103,6 +112,7 @@ impl<E: Env> ClusterNode<E> {
     pub async fn start(
         env: Arc<E>,
         config: MembershipConfig,
+        maintenance_config: MaintenanceConfig,
         own_spec: NodeSpec,
         data_keys: Option<data::DataKeys>,
     ) -> Result<Arc<Self>, ClusterError> {
@@ -145,7 +155,11 @@ impl<E: Env> ClusterNode<E> {
             data_keys,
             joined: AtomicBool::new(alone),
             digest_cache: Mutex::new(BTreeMap::new()),
+            maintenance_config,
+            maintenance: Mutex::new(MaintenanceState::default()),
+            maintenance_passes: maintenance::PassLocks::default(),
         });
+        node.restore_maintenance_state();
         let gossiping = Arc::clone(&node);
         env.spawn("gossip", Box::pin(async move { gossiping.gossip_loop().await }));
         let syncing = Arc::clone(&node);
@@ -153,6 +167,10 @@ impl<E: Env> ClusterNode<E> {
             "anti-entropy",
             Box::pin(async move { syncing.anti_entropy_loop().await }),
         );
+        let repairing = Arc::clone(&node);
+        env.spawn("repair", Box::pin(async move { repairing.repair_loop().await }));
+        let scrubbing = Arc::clone(&node);
+        env.spawn("scrub", Box::pin(async move { scrubbing.scrub_loop().await }));
         Ok(node)
     }
 
@@ -219,22 +237,45 @@ impl<E: Env> ClusterNode<E> {
             self.env.remember_addresses(heartbeat.node, &heartbeat.addresses);
         }
         if let Some(layout) = layout {
-            tracing::info!(version = layout.version(), nodes = layout.len(), "layout changed");
             debug_assert!(changed);
-            if let Err(error) = save_system_record(self.env.as_ref(), LAYOUT_KEY, &SystemRecord::LayoutV1(layout)) {
-                tracing::error!(%error, "cannot persist the layout");
-            }
-            // A restart must find the layout it had: flush in the background.
-            let store = self.env.meta_store();
-            self.env.spawn(
-                "flush-layout",
-                Box::pin(async move {
-                    if let Err(error) = store.flush().await {
-                        tracing::error!(%error, "cannot flush the layout");
-                    }
-                }),
-            );
+            self.persist_layout(layout);
         }
+    }
+
+    fn persist_layout(&self, layout: Layout) {
+        tracing::info!(version = layout.version(), nodes = layout.len(), "layout changed");
+        if let Err(error) = save_system_record(self.env.as_ref(), LAYOUT_KEY, &SystemRecord::LayoutV1(layout)) {
+            tracing::error!(%error, "cannot persist the layout");
+        }
+        // A restart must find the layout it had: flush in the background.
+        let store = self.env.meta_store();
+        self.env.spawn(
+            "flush-layout",
+            Box::pin(async move {
+                if let Err(error) = store.flush().await {
+                    tracing::error!(%error, "cannot flush the layout");
+                }
+            }),
+        );
+    }
+
+    /// Sets a node's status (an operator's drain or removal) and spreads the new layout.
+    pub async fn set_node_status(&self, node: NodeId, status: NodeStatus) -> Result<(), ClusterError> {
+        let layout = {
+            let now_ms = self.env.now_ms();
+            let mut membership = self.membership.lock().expect("not poisoned");
+            if membership.layout().get(&node).is_none() {
+                return Err(ClusterError::UnknownNode(node.to_string()));
+            }
+            membership
+                .set_status(node, status, now_ms)?
+                .then(|| membership.layout().clone())
+        };
+        if let Some(layout) = layout {
+            self.persist_layout(layout);
+            self.gossip_round().await;
+        }
+        Ok(())
     }
 
     /// Answers a request from an admitted peer.
@@ -261,6 +302,9 @@ impl<E: Env> ClusterNode<E> {
             request @ (Request::PutShard { .. } | Request::GetShard { .. } | Request::DeleteShard { .. }) => {
                 self.serve_shard_request(request).await
             }
+            Request::HasShards { keys } => self.serve_has_shards(keys).await,
+            Request::MaintenanceReport => Response::Maintenance(self.maintenance_report()),
+            Request::MaintenanceControl { command } => Response::Maintenance(self.control_maintenance(command)),
         }
     }
 

@@ -10,10 +10,11 @@ use std::time::Duration;
 use bdr_protocol::envelope::RootKey;
 use bdr_protocol::ids::{NodeId, ZoneName};
 use bdr_protocol::layout::{NodeRoles, NodeSpec, NodeStatus};
-use bdr_protocol::wire::{self, Request, Response, Table};
+use bdr_protocol::wire::{self, MaintenanceCommand, Request, Response, Table};
 use futures::StreamExt;
 
 use super::data::{DataError, DataKeys, ObjectWrite};
+use super::maintenance::MaintenanceConfig;
 use super::membership::MembershipConfig;
 use super::{ClusterInbound, ClusterNode};
 use crate::env::{BoxFuture, Env, InboundHandler, MetaStore, NetworkError, ShardKey, ShardStore};
@@ -116,6 +117,15 @@ const MEMBERSHIP: MembershipConfig = MembershipConfig {
     tombstone_grace_ms: 60_000,
 };
 
+const MAINTENANCE: MaintenanceConfig = MaintenanceConfig {
+    repair_interval_ms: 1_000,
+    repair_rate_bytes_per_s: 0,
+    scrub_interval_ms: 3_600_000,
+    scrub_rate_bytes_per_s: 0,
+    gc_grace_ms: 600,
+    write_deadline_ms: 2_000,
+};
+
 impl TestCluster {
     /// `zones[i]` is node i's zone; all nodes are gateways with the same data key.
     async fn start(zones: &[&str]) -> TestCluster {
@@ -140,7 +150,9 @@ impl TestCluster {
                 status: NodeStatus::Active,
             };
             let keys = DataKeys::from_root(&RootKey([42; 32]));
-            let node = ClusterNode::start(env, MEMBERSHIP, spec, Some(keys)).await.unwrap();
+            let node = ClusterNode::start(env, MEMBERSHIP, MAINTENANCE, spec, Some(keys))
+                .await
+                .unwrap();
             hub.handlers
                 .lock()
                 .unwrap()
@@ -178,6 +190,54 @@ impl TestCluster {
 
     fn node(&self, index: usize) -> &Arc<ClusterNode<TestEnv>> {
         &self.nodes[index]
+    }
+
+    fn pause_repair(&self) {
+        for node in &self.nodes {
+            node.control_maintenance(MaintenanceCommand::RepairPause);
+        }
+    }
+
+    /// Where every shard is: shard → indexes of the nodes holding it.
+    async fn shard_map(&self) -> BTreeMap<ShardKey, Vec<usize>> {
+        let mut map: BTreeMap<ShardKey, Vec<usize>> = BTreeMap::new();
+        for (index, node) in self.nodes.iter().enumerate() {
+            for key in node.env().shards.list().await.unwrap() {
+                map.entry(key).or_default().push(index);
+            }
+        }
+        map
+    }
+
+    /// Runs repair passes and holder tidying on every live node until `done` holds.
+    async fn maintain_until<F, Fut>(&self, what: &str, live: &[usize], mut done: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        for _ in 0..60 {
+            for index in live {
+                self.nodes[*index].repair_pass().await;
+            }
+            for index in live {
+                self.nodes[*index].tidy_local_shards().await;
+            }
+            if done().await {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        panic!("maintenance did not reach: {what}");
+    }
+
+    /// Cluster-wide stripe health from a pass each node runs now.
+    async fn health(&self, live: &[usize]) -> wire::StripeHealth {
+        let mut health = wire::StripeHealth::default();
+        for index in live {
+            self.nodes[*index].repair_pass().await;
+            health.add(&self.nodes[*index].maintenance_report().stripes);
+        }
+        health
     }
 }
 
@@ -323,8 +383,10 @@ async fn a_down_holder_is_replaced_by_a_node_in_the_same_zone() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rotten_shards_are_skipped_reported_and_never_returned() {
+async fn rotten_shards_are_skipped_quarantined_and_never_returned() {
     let cluster = TestCluster::start(&SIX_NODES).await;
+    // No repair here: this test is about reads alone.
+    cluster.pause_repair();
     cluster.node(0).create_bucket("backups", "owner").await.unwrap();
     let data = pattern(1_000_000, 9);
     put(cluster.node(0), "backups", "rot", &data).await.unwrap();
@@ -348,13 +410,12 @@ async fn rotten_shards_are_skipped_reported_and_never_returned() {
         .map(|index| cluster.node(*index).env().shards.usage().corrupt_reads)
         .sum();
     assert!(corrupt_reads > 0, "the rotten shards were not even read");
-    let hints = cluster
-        .node(2)
-        .env()
-        .meta
-        .scan(crate::env::Tree::System, b"repair/", None, 100)
-        .unwrap();
-    assert!(!hints.is_empty(), "no repair hint was recorded");
+    // Every rotten shard that was read is quarantined: missing now, so repair rebuilds it.
+    let still_held: u64 = [1, 3]
+        .iter()
+        .map(|index| cluster.node(*index).env().shards.usage().shard_count)
+        .sum();
+    assert_eq!(still_held + corrupt_reads, damaged as u64);
     // Beyond the budget: damage a third node's shards and the read fails cleanly.
     let store = cluster.node(5).env().shards.clone();
     for key in store.list().await.unwrap() {
@@ -515,7 +576,9 @@ async fn storage_only_nodes_hold_no_plaintext_and_no_keys() {
         roles: NodeRoles::STORAGE_ONLY,
         status: NodeStatus::Active,
     };
-    let storage_only = ClusterNode::start(env, MEMBERSHIP, spec, None).await.unwrap();
+    let storage_only = ClusterNode::start(env, MEMBERSHIP, MAINTENANCE, spec, None)
+        .await
+        .unwrap();
     let error = put(&storage_only, "backups", "x", b"data").await.unwrap_err();
     assert!(matches!(error, DataError::NoDataKeys), "{error}");
 }
@@ -607,4 +670,237 @@ async fn multipart_uploads_assemble_parts_and_refuse_bad_completions() {
         node.list_parts("backups", "big", &aborted).await,
         Err(DataError::NoSuchUpload)
     ));
+}
+
+/// The placement a stripe's shards belong at with every node of the layout up.
+fn canonical_holders(cluster: &TestCluster, key: &ShardKey) -> NodeId {
+    let layout = cluster.node(0).layout();
+    bdr_protocol::placement::place(&layout, &key.stripe_id, 4, 2)
+        .unwrap()
+        .holders[usize::from(key.index)]
+}
+
+fn node_index(cluster: &TestCluster, id: NodeId) -> usize {
+    cluster
+        .nodes
+        .iter()
+        .position(|node| node.env().node_id() == id)
+        .unwrap()
+}
+
+async fn put_objects(cluster: &TestCluster, count: u8) -> Vec<(String, Vec<u8>)> {
+    let options = super::data::BucketOptions {
+        stripe_length_bytes: 128 * 1024,
+        ..Default::default()
+    };
+    cluster
+        .node(0)
+        .create_bucket_with("backups", "owner", options)
+        .await
+        .unwrap();
+    let mut objects = Vec::new();
+    for index in 0..count {
+        let key = format!("object-{index}");
+        let data = pattern(300_000 + usize::from(index) * 1000, index);
+        put(cluster.node(usize::from(index) % 6), "backups", &key, &data)
+            .await
+            .unwrap();
+        objects.push((key, data));
+    }
+    objects
+}
+
+async fn assert_all_readable(cluster: &TestCluster, reader: usize, objects: &[(String, Vec<u8>)]) {
+    for (key, data) in objects {
+        assert_eq!(&get(cluster.node(reader), "backups", key).await.unwrap(), data, "{key}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repair_rebuilds_a_replaced_disk_and_rotten_shards() {
+    let cluster = TestCluster::start(&SIX_NODES).await;
+    let objects = put_objects(&cluster, 6).await;
+    let before = cluster.shard_map().await;
+    // 6 objects of 3 stripes, 6 shards each, each shard once.
+    assert_eq!(before.len(), 6 * 3 * 6);
+    assert!(before.values().all(|holders| holders.len() == 1));
+
+    // Node 3's disk is replaced (empty) and one shard on node 4 rots.
+    let wiped: Vec<ShardKey> = cluster.node(3).env().shards.list().await.unwrap();
+    assert!(!wiped.is_empty());
+    for key in &wiped {
+        cluster.node(3).env().shards.delete(*key).await.unwrap();
+    }
+    let rotten = cluster.node(4).env().shards.list().await.unwrap()[0];
+    cluster.node(4).env().shards.damage(rotten, |bytes| bytes[200] ^= 1);
+    cluster.node(4).scrub_pass().await;
+    let report = cluster.node(4).maintenance_report();
+    assert_eq!(report.scrub_corrupt_found_total, 1);
+    assert_eq!(report.scrub_passes_completed, 1);
+
+    let all: Vec<usize> = (0..6).collect();
+    let health = cluster.health(&all).await;
+    assert_eq!(health.total, 18, "{health:?}");
+    cluster
+        .maintain_until("every shard back where it was", &all, || async {
+            cluster.shard_map().await == before
+        })
+        .await;
+    let health = cluster.health(&all).await;
+    assert_eq!((health.total, health.healthy), (18, 18), "{health:?}");
+    let repaired: u64 = (0..6)
+        .map(|index| cluster.node(index).maintenance_report().repaired_stripes_total)
+        .sum();
+    assert!(repaired >= 1, "no stripe counted as repaired");
+    assert_all_readable(&cluster, 5, &objects).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shards_of_a_down_node_are_rebuilt_elsewhere_and_extras_go_when_it_returns() {
+    let cluster = TestCluster::start(&SIX_NODES).await;
+    let objects = put_objects(&cluster, 4).await;
+    let before = cluster.shard_map().await;
+    cluster.set_down(2, true);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let live = [0, 1, 3, 4, 5];
+    cluster
+        .maintain_until("full redundancy without node 2", &live, || async {
+            let health = cluster.health(&live).await;
+            health.total == 12 && health.healthy == 12
+        })
+        .await;
+    // Node 2's shards exist elsewhere now, in its zone's other node.
+    let during = cluster.shard_map().await;
+    for (key, holders) in &before {
+        if holders == &vec![2] {
+            let others: Vec<usize> = during[key].iter().copied().filter(|node| *node != 2).collect();
+            assert_eq!(others.len(), 1, "shard {key:?} not rebuilt: {during:?}");
+            assert_eq!(SIX_NODES[others[0]], SIX_NODES[2], "rebuilt outside the zone");
+        }
+    }
+    assert_all_readable(&cluster, 0, &objects).await;
+
+    // Node 2 returns with its disk: the stand-in copies are deleted after the grace.
+    cluster.set_down(2, false);
+    let all: Vec<usize> = (0..6).collect();
+    cluster
+        .maintain_until("each shard exactly once, at its canonical holder", &all, || async {
+            let map = cluster.shard_map().await;
+            map.len() == before.len()
+                && map
+                    .iter()
+                    .all(|(key, holders)| holders == &vec![node_index(&cluster, canonical_holders(&cluster, key))])
+        })
+        .await;
+    assert_all_readable(&cluster, 3, &objects).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_is_collected_after_the_deadline_and_grace_and_live_data_stays() {
+    let cluster = TestCluster::start(&SIX_NODES).await;
+    let objects = put_objects(&cluster, 3).await;
+    let node = cluster.node(1);
+    // Overwrite one, delete one, abort an upload, leave an unused part in a completed one.
+    let fresh = pattern(200_000, 77);
+    put(node, "backups", "object-0", &fresh).await.unwrap();
+    node.delete_object("backups", "object-1").await.unwrap();
+    let write = ObjectWrite {
+        bucket: "backups".into(),
+        key: "upload".into(),
+        ..ObjectWrite::default()
+    };
+    let aborted = node.create_multipart_upload(write.clone()).await.unwrap();
+    node.upload_part(
+        "backups",
+        "upload",
+        &aborted,
+        1,
+        futures::io::Cursor::new(pattern(150_000, 3)),
+    )
+    .await
+    .unwrap();
+    node.abort_multipart_upload("backups", "upload", &aborted)
+        .await
+        .unwrap();
+    let completed = node.create_multipart_upload(write).await.unwrap();
+    let used = node
+        .upload_part(
+            "backups",
+            "upload",
+            &completed,
+            1,
+            futures::io::Cursor::new(pattern(150_000, 4)),
+        )
+        .await
+        .unwrap();
+    node.upload_part(
+        "backups",
+        "upload",
+        &completed,
+        2,
+        futures::io::Cursor::new(pattern(150_000, 5)),
+    )
+    .await
+    .unwrap();
+    node.complete_multipart_upload("backups", "upload", &completed, &[(1, used.etag.clone())])
+        .await
+        .unwrap();
+
+    // Live now: object-0 (fresh, 2 stripes), object-2 (3 stripes), upload (2 stripes).
+    let live_stripes = 2 + 3 + 2;
+    let all: Vec<usize> = (0..6).collect();
+    cluster
+        .maintain_until("only live shards left", &all, || async {
+            cluster.shard_map().await.len() == live_stripes * 6
+        })
+        .await;
+    let collected: u64 = (0..6)
+        .map(|index| cluster.node(index).maintenance_report().gc_deleted_stripe_records_total)
+        .sum();
+    // object-0's first version (3 stripes), object-1 (3), the aborted part (2), the
+    // unused part (2).
+    assert_eq!(collected, 3 + 3 + 2 + 2, "garbage stripe records");
+    assert_eq!(get(cluster.node(4), "backups", "object-0").await.unwrap(), fresh);
+    assert_eq!(get(cluster.node(4), "backups", "object-2").await.unwrap(), objects[2].1);
+    assert_eq!(
+        get(cluster.node(4), "backups", "upload").await.unwrap(),
+        pattern(150_000, 4)
+    );
+    assert!(matches!(
+        get(cluster.node(4), "backups", "object-1").await,
+        Err(DataError::NoSuchKey)
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_node_empties_and_only_then_may_be_removed() {
+    let cluster = TestCluster::start(&SIX_NODES).await;
+    let objects = put_objects(&cluster, 4).await;
+    let drained = cluster.node(5).env().node_id();
+    // An active, up node may not be removed without --force.
+    assert!(matches!(
+        cluster.node(0).remove_node(drained, false).await,
+        Err(super::maintenance::RemoveError::StillActive(_))
+    ));
+    cluster
+        .node(0)
+        .set_node_status(drained, NodeStatus::Draining)
+        .await
+        .unwrap();
+    let all: Vec<usize> = (0..6).collect();
+    cluster
+        .maintain_until("node 5 empty", &all, || async {
+            cluster.node(5).env().shards.usage().shard_count == 0
+        })
+        .await;
+    let map = cluster.shard_map().await;
+    assert_eq!(map.len(), 4 * 3 * 6);
+    assert!(map.values().all(|holders| holders.len() == 1 && holders[0] != 5));
+    assert_all_readable(&cluster, 5, &objects).await;
+    let health = cluster.node(0).remove_node(drained, false).await.unwrap();
+    assert_eq!((health.total, health.healthy), (12, 12));
+    assert_eq!(
+        cluster.node(0).layout().get(&drained).unwrap().status,
+        NodeStatus::Removed
+    );
 }

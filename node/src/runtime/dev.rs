@@ -16,6 +16,7 @@ use bdr_protocol::ids::ZoneName;
 use bdr_protocol::layout::NodeRoles;
 
 use super::{admin, s3, start_cluster_node, ProductionEnv, StartError};
+use crate::cluster::maintenance::MaintenanceConfig;
 use crate::cluster::membership::Liveness;
 use crate::cluster::ClusterNode;
 use crate::config::{NodeConfig, DEFAULT_REGION, DEFAULT_TOMBSTONE_GRACE_MS};
@@ -134,6 +135,14 @@ pub async fn start_dev(options: &DevOptions) -> Result<DevCluster, StartError> {
             s3_region: DEFAULT_REGION.to_string(),
             admin_listen: options.admin_listen,
             admin_token_file: admin_token_file.clone(),
+            // A laptop cluster: heal and tidy up within a minute, scrub daily.
+            maintenance: MaintenanceConfig {
+                repair_interval_ms: 10_000,
+                scrub_interval_ms: 24 * 3_600_000,
+                gc_grace_ms: 60_000,
+                write_deadline_ms: 3_600_000,
+                ..MaintenanceConfig::DEFAULT
+            },
         };
         let node = start_cluster_node(&config).await?;
         if index == 0 {

@@ -220,6 +220,7 @@ pub async fn start_cluster_node(config: &NodeConfig) -> Result<Arc<ClusterNode<P
             anti_entropy_interval_ms: config.anti_entropy_interval_ms,
             tombstone_grace_ms: config.tombstone_grace_ms,
         },
+        config.maintenance,
         NodeSpec {
             zone: config.zone.clone(),
             capacity_bytes: config.capacity_bytes,

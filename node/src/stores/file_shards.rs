@@ -3,11 +3,14 @@
 //! ```text
 //! <root>/shards/<first two hex digits of the stripe id>/<stripe id hex>.<index>
 //! <root>/tmp/<stripe id hex>.<index>.<nonce>.tmp
+//! <root>/quarantine/<stripe id hex>.<index>.<nonce>   (shards that failed verification)
 //! ```
 //!
 //! A put writes a temporary file, fsyncs it, renames it into place and fsyncs the
 //! directory, so a crash leaves either the whole shard or none of it visible; leftover
-//! temporary files are removed on open. Every read verifies the shard's blake3 checksum.
+//! temporary files are removed on open. Every read verifies the shard's blake3 checksum; a
+//! shard that fails is moved to the quarantine folder (kept for inspection, no longer
+//! served or counted), so it reads as missing and the stripe's maintainer rebuilds it.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Write};
@@ -22,6 +25,7 @@ use crate::env::{BoxFuture, ShardKey, ShardStore, StoreError, StoreUsage};
 
 const SHARDS_DIRECTORY: &str = "shards";
 const TEMPORARY_DIRECTORY: &str = "tmp";
+const QUARANTINE_DIRECTORY: &str = "quarantine";
 
 pub struct FileShardStore {
     inner: Arc<Inner>,
@@ -68,7 +72,8 @@ impl FileShardStore {
     pub fn open(root: &Path, capacity_bytes: u64) -> Result<FileShardStore, StoreError> {
         let shards = root.join(SHARDS_DIRECTORY);
         let temporary = root.join(TEMPORARY_DIRECTORY);
-        for directory in [&shards, &temporary] {
+        let quarantine = root.join(QUARANTINE_DIRECTORY);
+        for directory in [&shards, &temporary, &quarantine] {
             fs::create_dir_all(directory).map_err(|error| io_error("create", directory, error))?;
         }
         for entry in fs::read_dir(&temporary).map_err(|error| io_error("list", &temporary, error))? {
@@ -222,7 +227,10 @@ impl Inner {
         };
         let corrupt = |reason: String| {
             self.corrupt_reads.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(path = %path.display(), %reason, "corrupt shard");
+            tracing::warn!(path = %path.display(), %reason, "corrupt shard quarantined");
+            if let Err(error) = self.quarantine(key, bytes.len() as u64) {
+                tracing::error!(%error, "cannot quarantine a corrupt shard");
+            }
             StoreError::Corrupt(format!("{}: {reason}", path.display()))
         };
         let shard = Shard::from_bytes(&bytes).map_err(|error| corrupt(error.to_string()))?;
@@ -230,6 +238,28 @@ impl Inner {
             return Err(corrupt("file holds a different shard than its name says".into()));
         }
         Ok(shard)
+    }
+
+    /// Moves a shard that failed verification out of the store.
+    fn quarantine(&self, key: ShardKey, length_bytes: u64) -> Result<(), StoreError> {
+        let path = self.shard_path(key);
+        let nonce = self.temporary_nonce.fetch_add(1, Ordering::Relaxed);
+        let destination = self.root.join(QUARANTINE_DIRECTORY).join(format!(
+            "{}.{}.{}-{nonce}",
+            key.stripe_id,
+            key.index,
+            std::process::id()
+        ));
+        match fs::rename(&path, &destination) {
+            Ok(()) => {}
+            // Another reader quarantined it first.
+            Err(error) if error.kind() == ErrorKind::NotFound => return Ok(()),
+            Err(error) => return Err(io_error("quarantine", &path, error)),
+        }
+        sync_directory(path.parent().expect("shard paths have a parent"))?;
+        self.release(length_bytes);
+        self.shard_count.fetch_sub(1, Ordering::Relaxed);
+        Ok(())
     }
 
     fn delete(&self, key: ShardKey) -> Result<bool, StoreError> {
@@ -283,6 +313,12 @@ impl ShardStore for FileShardStore {
             inner.walk(|key, _| keys.push(key))?;
             keys.sort();
             Ok(keys)
+        })
+    }
+
+    fn contains(&self, keys: Vec<ShardKey>) -> BoxFuture<'static, Result<Vec<bool>, StoreError>> {
+        blocking(&self.inner, move |inner| {
+            Ok(keys.iter().map(|key| inner.shard_path(*key).is_file()).collect())
         })
     }
 

@@ -71,13 +71,21 @@ impl MemoryShardStore {
         match Shard::from_bytes(bytes) {
             Ok(shard) if shard.header().stripe_id == key.stripe_id && shard.header().index == key.index => Ok(shard),
             Ok(_) => {
-                state.corrupt_reads += 1;
+                Self::quarantine(&mut state, key);
                 Err(StoreError::Corrupt("shard stored under the wrong key".into()))
             }
             Err(error) => {
-                state.corrupt_reads += 1;
+                Self::quarantine(&mut state, key);
                 Err(StoreError::Corrupt(error.to_string()))
             }
+        }
+    }
+
+    /// Takes a corrupt shard out of the store, as the file store moves it aside.
+    fn quarantine(state: &mut ShardState, key: ShardKey) {
+        state.corrupt_reads += 1;
+        if let Some(bytes) = state.shards.remove(&key) {
+            state.used_bytes -= bytes.len() as u64;
         }
     }
 
@@ -119,6 +127,11 @@ impl ShardStore for MemoryShardStore {
             .keys()
             .copied()
             .collect()))
+    }
+
+    fn contains(&self, keys: Vec<ShardKey>) -> BoxFuture<'static, Result<Vec<bool>, StoreError>> {
+        let state = self.state.lock().expect("not poisoned");
+        ready(Ok(keys.iter().map(|key| state.shards.contains_key(key)).collect()))
     }
 
     fn usage(&self) -> StoreUsage {

@@ -87,8 +87,13 @@ async fn check_shard_store_contract(store: Arc<dyn ShardStore>) {
     for (key, shard) in keys.iter().zip(&shards) {
         assert_eq!(&store.get(*key).await.unwrap(), shard);
     }
+    assert_eq!(store.contains(keys.clone()).await.unwrap(), vec![true; 4]);
     assert!(store.delete(keys[0]).await.unwrap());
     assert!(matches!(store.get(keys[0]).await, Err(StoreError::NotFound)));
+    assert_eq!(
+        store.contains(keys.clone()).await.unwrap(),
+        vec![false, true, true, true]
+    );
     let usage = store.usage();
     assert_eq!(usage.shard_count, 3);
     assert_eq!(
@@ -135,4 +140,46 @@ async fn memory_shard_store_reports_injected_rot() {
     assert!(store.damage(key, |bytes| bytes[100] ^= 4));
     assert!(matches!(store.get(key).await, Err(StoreError::Corrupt(_))));
     assert_eq!(store.usage().corrupt_reads, 1);
+    // Quarantined: it now reads as missing, so repair rebuilds it.
+    assert!(matches!(store.get(key).await, Err(StoreError::NotFound)));
+    assert_eq!(store.contains(vec![key]).await.unwrap(), vec![false]);
+    assert_eq!(store.usage().shard_count, 0);
+    assert_eq!(store.usage().used_bytes, 0);
+}
+
+#[tokio::test]
+async fn file_shard_store_quarantines_rotten_files() {
+    let directory = tempfile::tempdir().unwrap();
+    let store = FileShardStore::open(directory.path(), 1 << 20).unwrap();
+    let shards = StripeCodec::new(CodecId::DEFAULT, 1, 1)
+        .unwrap()
+        .encode(StripeId([1; 32]), b"data")
+        .unwrap();
+    for shard in &shards {
+        store.put(shard.clone()).await.unwrap();
+    }
+    let rotten = ShardKey {
+        stripe_id: StripeId([1; 32]),
+        index: 0,
+    };
+    let path = store.shard_path(rotten);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[100] ^= 0x20;
+    std::fs::write(&path, bytes).unwrap();
+
+    assert!(matches!(store.get(rotten).await, Err(StoreError::Corrupt(_))));
+    assert!(!path.exists());
+    assert_eq!(
+        std::fs::read_dir(directory.path().join("quarantine")).unwrap().count(),
+        1
+    );
+    assert!(matches!(store.get(rotten).await, Err(StoreError::NotFound)));
+    let usage = store.usage();
+    assert_eq!((usage.shard_count, usage.corrupt_reads), (1, 1));
+    assert_eq!(usage.used_bytes, shards[1].encoded_length_bytes());
+    // The store reopens with the quarantined file left out of its counts.
+    drop(store);
+    let reopened = FileShardStore::open(directory.path(), 1 << 20).unwrap();
+    assert_eq!(reopened.usage().shard_count, 1);
+    assert_eq!(reopened.list().await.unwrap().len(), 1);
 }

@@ -1,0 +1,1241 @@
+//! Repair, rebalance, scrub and garbage collection: the work that keeps every stripe at
+//! full redundancy where placement wants it, and removes what nothing references.
+//!
+//! Two roles, both on every node, both written against [`Env`] so the simulator drives
+//! them unchanged:
+//!
+//! - **Maintainer** (per metadata partition: its first replica that is not down). Walks
+//!   the stripe records of its partitions. A stripe whose owner no longer references it
+//!   (deleted, overwritten, aborted, never committed) is garbage once the write deadline
+//!   and a grace period have passed: its shards are deleted and its record tombstoned.
+//!   Every other stripe is surveyed: each shard index is looked up (a batched directory
+//!   lookup, no data read) on its target (placement with down nodes left out) and on its
+//!   recorded holder. Stripes missing anything are queued, fewest surviving shards first;
+//!   a shard that still exists elsewhere is copied to its target (rebalance), one that
+//!   exists nowhere is rebuilt from any k survivors (repair). The record's holders are
+//!   then updated. Repair is paced to a configured rate.
+//! - **Holder** (every node, for its own shards). A shard whose stripe record is gone or
+//!   tombstoned for a whole grace period is an orphan and is deleted. A shard on a node
+//!   that is neither its canonical holder nor its target is deleted once its target has
+//!   confirmed holding it for a grace period (the old copy of a move). Scrub re-reads and
+//!   verifies every shard on a schedule; the store quarantines a shard that fails, which
+//!   makes it missing, which makes the maintainer rebuild it.
+//!
+//! Safety rests on three rules: no shard exists without a stripe record written first
+//! (the data path writes it before any shard); a write that has not committed its owner
+//! record within the write deadline never will (the data path refuses); and every delete
+//! waits a grace period of continuously observed garbage (for unreferenced stripes, the
+//! write deadline plus the grace), so views that differ for a moment (layout, liveness, a
+//! metadata replica that has not caught up) never delete live data. All these spans are
+//! measured on one node's clock, never compared across nodes, so clock skew cannot cut
+//! them short. Timers live in memory: a restart only delays deletes.
+//!
+//! Restart: repair state is not a queue on disk but the shards themselves. A restarted
+//! maintainer surveys again, and what it repaired before is found healthy; the scrub
+//! cursor and the pause switch are persisted.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use bdr_protocol::erasure::Shard;
+use bdr_protocol::ids::{NodeId, StripeId};
+use bdr_protocol::layout::Layout;
+use bdr_protocol::placement::{place, place_with};
+use bdr_protocol::records::{
+    decode_stored_value, Lww, ObjectData, Record, RowKey, StripeOwner, StripeRecord, METADATA_PARTITIONS,
+};
+use bdr_protocol::wire::{
+    MaintenanceCommand, MaintenanceReport, RemoteErrorKind, Request, Response, ShardRef, StripeHealth, Table,
+    HAS_SHARDS_KEYS_MAX,
+};
+use serde::{Deserialize, Serialize};
+
+use super::data::{object_row, part_row, stripe_row, upload_row, SHARD_READ_TIMEOUT_MS, SHARD_WRITE_TIMEOUT_MS};
+use super::membership::Liveness;
+use super::ClusterNode;
+use crate::env::{Env, ShardKey, StoreError, Tree};
+
+/// How often the maintenance loops wake to see whether work is due.
+pub const MAINTENANCE_TICK_MS: u64 = 1_000;
+/// Stripes surveyed together (their lookups are batched per node).
+pub const SURVEY_BATCH_STRIPES: usize = 256;
+/// Stripes a repair pass queues at most; the least urgent beyond this wait for the next
+/// pass, which then starts at once.
+pub const REPAIR_QUEUE_STRIPES_MAX: usize = 10_000;
+/// Garbage and move timers tracked at most (each a few dozen bytes).
+pub const GRACE_TIMERS_MAX: usize = 200_000;
+/// Owners whose references a pass remembers, so an object of many stripes is read once.
+pub const OWNER_CACHE_ENTRIES_MAX: usize = 4_096;
+/// Metadata lookups a pass keeps in flight at once.
+pub const LOOKUPS_IN_FLIGHT_MAX: usize = 32;
+/// Shards scrubbed between persisted cursor updates.
+pub const SCRUB_CHECKPOINT_SHARDS: u64 = 256;
+/// How long a peer has to answer a maintenance report request.
+pub const MAINTENANCE_REPORT_TIMEOUT_MS: u64 = 5_000;
+/// How long a removal waits for every node to finish a fresh survey.
+pub const REMOVE_CHECK_TIMEOUT_MS: u64 = 120_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RemoveError {
+    #[error("node {0} is active and up: drain it first (`bdr-node admin node drain`), or use --force")]
+    StillActive(String),
+    #[error(
+        "removing the node now would leave stripes short of full redundancy ({} of {} healthy: {} misplaced, \
+         {} degraded, {} at risk, {} lost, {} unknown); wait for repair and retry, or use --force",
+        .0.healthy, .0.total, .0.misplaced, .0.degraded, .0.at_risk, .0.lost, .0.unknown
+    )]
+    NotSafe(StripeHealth),
+    #[error("not every node finished a fresh survey within {REMOVE_CHECK_TIMEOUT_MS} ms ({0}); retry")]
+    Timeout(String),
+    #[error(transparent)]
+    Cluster(#[from] super::ClusterError),
+}
+
+const REPAIR_PAUSED_KEY: &[u8] = b"maintenance/repair-paused";
+const SCRUB_CURSOR_KEY: &[u8] = b"maintenance/scrub-cursor";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MaintenanceConfig {
+    /// Time between repair passes (survey, repair, garbage collection).
+    pub repair_interval_ms: u64,
+    /// Bytes of shards written by repair per second at most (0: unpaced).
+    pub repair_rate_bytes_per_s: u64,
+    /// Time between the starts of scrub passes.
+    pub scrub_interval_ms: u64,
+    /// Bytes scrub reads per second at most (0: unpaced).
+    pub scrub_rate_bytes_per_s: u64,
+    /// How long garbage must be seen as garbage, and a moved shard's new copy confirmed,
+    /// before anything is deleted.
+    pub gc_grace_ms: u64,
+    /// A write must commit within this long after it started, or it fails.
+    pub write_deadline_ms: u64,
+}
+
+impl MaintenanceConfig {
+    pub const DEFAULT: MaintenanceConfig = MaintenanceConfig {
+        repair_interval_ms: 60_000,
+        repair_rate_bytes_per_s: 64 * 1024 * 1024,
+        scrub_interval_ms: 7 * 24 * 3_600_000,
+        scrub_rate_bytes_per_s: 16 * 1024 * 1024,
+        gc_grace_ms: 3_600_000,
+        // Bounds one PUT or one part (S3 caps both at 5 GiB: 9 minutes at 10 MB/s).
+        write_deadline_ms: 3_600_000,
+    };
+}
+
+/// Node-local maintenance records in the system tree (versioned like every record).
+#[derive(Serialize, Deserialize)]
+enum MaintenanceRecord {
+    RepairPausedV1(bool),
+    ScrubCursorV1(Option<(StripeId, u8)>),
+}
+
+#[derive(Default)]
+pub(crate) struct PassLocks {
+    repair: futures::lock::Mutex<()>,
+    tidy: futures::lock::Mutex<()>,
+    scrub: futures::lock::Mutex<()>,
+}
+
+#[derive(Default)]
+pub(crate) struct MaintenanceState {
+    report: MaintenanceReport,
+    repair_requested: bool,
+    scrub_requested: bool,
+    next_repair_at_ms: u64,
+    next_scrub_at_ms: u64,
+    /// Maintainer: stripes seen unreferenced, and since when.
+    unreferenced_since_ms: BTreeMap<StripeId, u64>,
+    /// Holder: shards whose stripe record was absent or a tombstone, and since when.
+    orphan_since_ms: BTreeMap<ShardKey, u64>,
+    /// Holder: misplaced shards whose target confirmed a copy, and since when.
+    moved_since_ms: BTreeMap<ShardKey, u64>,
+}
+
+/// Whether a stripe's owner references it.
+enum Reference {
+    Referenced,
+    Unreferenced,
+    /// The owner could not be read (no quorum): decide nothing.
+    Unknown,
+}
+
+/// One stripe that lacks shards on its targets.
+struct RepairTask {
+    stripe_id: StripeId,
+    record: StripeRecord,
+    targets: Vec<NodeId>,
+    on_target: Vec<bool>,
+    /// Present on the recorded holder (which is not the target).
+    elsewhere: Vec<bool>,
+    available: usize,
+}
+
+impl RepairTask {
+    fn missing_on_target(&self) -> usize {
+        self.on_target.iter().filter(|present| !**present).count()
+    }
+}
+
+/// Starts `key`'s timer if it has none; whether it has run for `grace_ms`.
+fn grace_elapsed<K: Ord + Copy>(timers: &mut BTreeMap<K, u64>, key: K, now_ms: u64, grace_ms: u64) -> bool {
+    if let Some(since) = timers.get(&key) {
+        return now_ms.saturating_sub(*since) >= grace_ms;
+    }
+    if timers.len() < GRACE_TIMERS_MAX {
+        timers.insert(key, now_ms);
+    }
+    grace_ms == 0
+}
+
+fn manifest_stripes(record: Option<&Lww<Record>>) -> BTreeSet<StripeId> {
+    let data = match record.and_then(|register| register.value.as_ref()) {
+        Some(Record::ObjectVersion(object)) => &object.data,
+        Some(Record::MultipartPart(part)) => &part.data,
+        _ => return BTreeSet::new(),
+    };
+    match data {
+        ObjectData::Striped(manifest) => manifest.stripes.iter().map(|stripe| stripe.stripe_id).collect(),
+        _ => BTreeSet::new(),
+    }
+}
+
+impl<E: Env> ClusterNode<E> {
+    pub(crate) fn restore_maintenance_state(&self) {
+        let paused = matches!(
+            self.load_maintenance_record(REPAIR_PAUSED_KEY),
+            Some(MaintenanceRecord::RepairPausedV1(true))
+        );
+        let mut state = self.maintenance.lock().expect("not poisoned");
+        state.report.repair_paused = paused;
+        let now_ms = self.env.now_ms();
+        // The first passes come soon after start (a restart may follow a failure), not
+        // immediately: gossip must first say who is up.
+        let settle_ms = self.membership.lock().expect("not poisoned").config().down_after_ms;
+        state.next_repair_at_ms = now_ms + settle_ms.min(self.maintenance_config.repair_interval_ms);
+        state.next_scrub_at_ms = now_ms + self.maintenance_config.scrub_interval_ms;
+    }
+
+    fn load_maintenance_record(&self, key: &[u8]) -> Option<MaintenanceRecord> {
+        let bytes = self.env.meta_store().get(Tree::System, key).ok()??;
+        postcard::from_bytes(&bytes).ok()
+    }
+
+    fn save_maintenance_record(&self, key: &[u8], record: &MaintenanceRecord) {
+        let bytes = postcard::to_allocvec(record).expect("maintenance records encode");
+        if let Err(error) = self.env.meta_store().put(Tree::System, key, &bytes) {
+            tracing::error!(%error, "cannot persist maintenance state");
+        }
+    }
+
+    /// This node's maintenance progress (the answer to `MaintenanceReport`).
+    pub fn maintenance_report(&self) -> MaintenanceReport {
+        let usage = self.env.shard_store().usage();
+        let mut report = self.maintenance.lock().expect("not poisoned").report.clone();
+        report.shards_stored = usage.shard_count;
+        report.used_bytes = usage.used_bytes;
+        report
+    }
+
+    /// Applies an operator's command to this node's maintenance.
+    pub fn control_maintenance(&self, command: MaintenanceCommand) -> MaintenanceReport {
+        {
+            let mut state = self.maintenance.lock().expect("not poisoned");
+            match command {
+                MaintenanceCommand::RepairStart => {
+                    state.report.repair_paused = false;
+                    state.repair_requested = true;
+                }
+                MaintenanceCommand::RepairPause => state.report.repair_paused = true,
+                MaintenanceCommand::ScrubStart => state.scrub_requested = true,
+                MaintenanceCommand::SurveyNow => state.repair_requested = true,
+            }
+        }
+        if matches!(
+            command,
+            MaintenanceCommand::RepairStart | MaintenanceCommand::RepairPause
+        ) {
+            let paused = command == MaintenanceCommand::RepairPause;
+            self.save_maintenance_record(REPAIR_PAUSED_KEY, &MaintenanceRecord::RepairPausedV1(paused));
+        }
+        self.maintenance_report()
+    }
+
+    /// Every live node's maintenance report (ours included), for cluster-wide status.
+    pub async fn cluster_maintenance_reports(self: &Arc<Self>) -> Vec<(NodeId, Result<MaintenanceReport, String>)> {
+        self.broadcast_maintenance(Request::MaintenanceReport).await
+    }
+
+    /// Sends a maintenance command to every live node (ours included).
+    pub async fn control_cluster_maintenance(
+        self: &Arc<Self>,
+        command: MaintenanceCommand,
+    ) -> Vec<(NodeId, Result<MaintenanceReport, String>)> {
+        self.broadcast_maintenance(Request::MaintenanceControl { command })
+            .await
+    }
+
+    async fn broadcast_maintenance(
+        self: &Arc<Self>,
+        request: Request,
+    ) -> Vec<(NodeId, Result<MaintenanceReport, String>)> {
+        let me = self.env.node_id();
+        let layout = self.layout();
+        let nodes: Vec<NodeId> = layout
+            .entries()
+            .filter(|entry| entry.status != bdr_protocol::layout::NodeStatus::Removed)
+            .map(|entry| entry.node)
+            .filter(|node| *node == me || self.liveness(node) != Liveness::Down)
+            .collect();
+        let asks = nodes.into_iter().map(|node| {
+            let request = request.clone();
+            async move {
+                if node == me {
+                    let report = match request {
+                        Request::MaintenanceControl { command } => self.control_maintenance(command),
+                        _ => self.maintenance_report(),
+                    };
+                    return (node, Ok(report));
+                }
+                let answer = match self.env.request(node, request, MAINTENANCE_REPORT_TIMEOUT_MS).await {
+                    Ok(Response::Maintenance(report)) => Ok(report),
+                    Ok(Response::Error { message, .. }) => Err(message),
+                    Ok(other) => Err(format!("unexpected answer {other:?}")),
+                    Err(error) => Err(error.to_string()),
+                };
+                (node, answer)
+            }
+        });
+        futures::future::join_all(asks).await
+    }
+
+    /// Marks `node` removed for good, after checking (unless `force`) that every stripe is
+    /// at full redundancy without it: the node must be drained or down, and a survey by
+    /// every live node, started after the request, must find all stripes healthy.
+    pub async fn remove_node(self: &Arc<Self>, node: NodeId, force: bool) -> Result<StripeHealth, RemoveError> {
+        let entry = self
+            .layout()
+            .get(&node)
+            .cloned()
+            .ok_or_else(|| super::ClusterError::UnknownNode(node.to_string()))?;
+        let mut health = StripeHealth::default();
+        if !force {
+            let down = node != self.env.node_id() && self.liveness(&node) == Liveness::Down;
+            if entry.status == bdr_protocol::layout::NodeStatus::Active && !down {
+                return Err(RemoveError::StillActive(node.to_string()));
+            }
+            health = self.fresh_cluster_health().await?;
+            let short = health.healthy != health.total || health.unknown > 0;
+            if short {
+                return Err(RemoveError::NotSafe(health));
+            }
+        }
+        self.set_node_status(node, bdr_protocol::layout::NodeStatus::Removed)
+            .await?;
+        Ok(health)
+    }
+
+    /// Has every live node run a survey starting now, and sums the health they find.
+    pub async fn fresh_cluster_health(self: &Arc<Self>) -> Result<StripeHealth, RemoveError> {
+        let before: BTreeMap<NodeId, u64> = self
+            .control_cluster_maintenance(MaintenanceCommand::SurveyNow)
+            .await
+            .into_iter()
+            .filter_map(|(node, report)| {
+                // A pass already running began before the request: wait for the next.
+                let report = report.ok()?;
+                Some((
+                    node,
+                    report.repair_passes_completed + u64::from(report.repair_pass_in_progress),
+                ))
+            })
+            .collect();
+        let deadline_ms = self.env.now_ms() + REMOVE_CHECK_TIMEOUT_MS;
+        loop {
+            self.env.sleep(MAINTENANCE_TICK_MS).await;
+            let reports: BTreeMap<NodeId, MaintenanceReport> = self
+                .cluster_maintenance_reports()
+                .await
+                .into_iter()
+                .filter_map(|(node, report)| Some((node, report.ok()?)))
+                .collect();
+            let waiting: Vec<String> = before
+                .iter()
+                .filter(|(node, passes)| {
+                    reports
+                        .get(node)
+                        .is_none_or(|report| report.repair_passes_completed <= **passes)
+                })
+                .map(|(node, _)| node.short())
+                .collect();
+            if waiting.is_empty() {
+                let mut health = StripeHealth::default();
+                for report in reports.values() {
+                    health.add(&report.stripes);
+                }
+                return Ok(health);
+            }
+            if self.env.now_ms() >= deadline_ms {
+                return Err(RemoveError::Timeout(format!("waiting for {}", waiting.join(", "))));
+            }
+        }
+    }
+
+    /// Storage side of HasShards.
+    pub(crate) async fn serve_has_shards(&self, keys: Vec<ShardRef>) -> Response {
+        if keys.len() > HAS_SHARDS_KEYS_MAX {
+            return Response::error(RemoteErrorKind::BadRequest, "too many shard keys");
+        }
+        let keys = keys
+            .into_iter()
+            .map(|key| ShardKey {
+                stripe_id: key.stripe_id,
+                index: key.index,
+            })
+            .collect();
+        match self.env.shard_store().contains(keys).await {
+            Ok(present) => Response::HasShards { present },
+            Err(error) => Response::error(RemoteErrorKind::Internal, error.to_string()),
+        }
+    }
+
+    /// Which metadata partitions this node maintains: those whose first replica that is
+    /// not down (in our view) is us.
+    fn maintained_partitions(&self, layout: &Layout) -> Vec<u32> {
+        let me = self.env.node_id();
+        let now_ms = self.env.now_ms();
+        let membership = self.membership.lock().expect("not poisoned");
+        (0..METADATA_PARTITIONS)
+            .filter(|partition| {
+                let Ok(replicas) = self.partition_replicas(layout, *partition) else {
+                    return false;
+                };
+                replicas
+                    .into_iter()
+                    .find(|node| membership.liveness(node, now_ms) != Liveness::Down)
+                    == Some(me)
+            })
+            .collect()
+    }
+
+    /// Where the shards of a stripe should be now: placement over nodes that are not down.
+    fn stripe_targets(&self, layout: &Layout, stripe_id: &StripeId, record: &StripeRecord) -> Option<Vec<NodeId>> {
+        let now_ms = self.env.now_ms();
+        let membership = self.membership.lock().expect("not poisoned");
+        place_with(
+            layout,
+            stripe_id,
+            record.codec.data_shards,
+            record.codec.parity_shards,
+            |node| membership.liveness(node, now_ms) != Liveness::Down,
+        )
+        .ok()
+        .map(|placement| placement.holders)
+    }
+
+    // ----- the loops ------------------------------------------------------------------
+
+    pub(crate) async fn repair_loop(self: Arc<Self>) {
+        loop {
+            self.env.sleep(MAINTENANCE_TICK_MS).await;
+            let now_ms = self.env.now_ms();
+            let due = {
+                let mut state = self.maintenance.lock().expect("not poisoned");
+                let due = state.repair_requested || now_ms >= state.next_repair_at_ms;
+                if due {
+                    state.repair_requested = false;
+                }
+                due
+            };
+            if !due || !self.is_joined() {
+                continue;
+            }
+            let overflowed = self.repair_pass().await;
+            self.tidy_local_shards().await;
+            let mut state = self.maintenance.lock().expect("not poisoned");
+            let interval_ms = if overflowed {
+                0
+            } else {
+                self.maintenance_config.repair_interval_ms
+            };
+            state.next_repair_at_ms = self.env.now_ms() + interval_ms;
+        }
+    }
+
+    pub(crate) async fn scrub_loop(self: Arc<Self>) {
+        loop {
+            self.env.sleep(MAINTENANCE_TICK_MS).await;
+            let now_ms = self.env.now_ms();
+            let due = {
+                let mut state = self.maintenance.lock().expect("not poisoned");
+                let due = state.scrub_requested || now_ms >= state.next_scrub_at_ms;
+                if due {
+                    state.scrub_requested = false;
+                    state.next_scrub_at_ms = now_ms + self.maintenance_config.scrub_interval_ms;
+                }
+                due
+            };
+            if due {
+                self.scrub_pass().await;
+            }
+        }
+    }
+
+    // ----- maintainer -----------------------------------------------------------------
+
+    /// One pass over the stripes this node maintains. Returns whether the queue
+    /// overflowed (so another pass should follow at once).
+    pub async fn repair_pass(self: &Arc<Self>) -> bool {
+        let _pass = self.maintenance_passes.repair.lock().await;
+        self.maintenance
+            .lock()
+            .expect("not poisoned")
+            .report
+            .repair_pass_in_progress = true;
+        let layout = self.layout();
+        let mut health = StripeHealth::default();
+        let mut queue: Vec<RepairTask> = Vec::new();
+        let mut overflowed = false;
+        let mut owners: BTreeMap<StripeOwner, Option<BTreeSet<StripeId>>> = BTreeMap::new();
+        let mut seen: BTreeSet<StripeId> = BTreeSet::new();
+        for partition in self.maintained_partitions(&layout) {
+            let prefix = RowKey::partition_prefix(partition);
+            let mut after: Option<Vec<u8>> = None;
+            loop {
+                let page = match self.env.meta_store().scan(
+                    Tree::Table(Table::Stripes),
+                    &prefix,
+                    after.as_deref(),
+                    SURVEY_BATCH_STRIPES,
+                ) {
+                    Ok(page) => page,
+                    Err(error) => {
+                        tracing::error!(%error, partition, "cannot scan stripe records");
+                        break;
+                    }
+                };
+                after = page.last().map(|(key, _)| key.clone());
+                let full_page = page.len() == SURVEY_BATCH_STRIPES;
+                let records: Vec<(StripeId, StripeRecord)> = page
+                    .iter()
+                    .filter_map(|(key, value)| decode_stripe_row(key, value))
+                    .collect();
+                self.load_owner_references(&records, &mut owners).await;
+                let mut live = Vec::new();
+                for (stripe_id, record) in records {
+                    seen.insert(stripe_id);
+                    let reference = match owners.get(&record.owner) {
+                        Some(Some(referenced)) if referenced.contains(&stripe_id) => Reference::Referenced,
+                        Some(Some(_)) => Reference::Unreferenced,
+                        _ => Reference::Unknown,
+                    };
+                    match reference {
+                        Reference::Unknown => {
+                            tracing::trace!(stripe = %stripe_id.short(), "stripe owner unknown");
+                            health.unknown += 1
+                        }
+                        Reference::Referenced => {
+                            self.maintenance
+                                .lock()
+                                .expect("not poisoned")
+                                .unreferenced_since_ms
+                                .remove(&stripe_id);
+                            live.push((stripe_id, record));
+                        }
+                        Reference::Unreferenced => {
+                            tracing::trace!(stripe = %stripe_id.short(), "unreferenced stripe");
+                            if self.is_garbage(&stripe_id) {
+                                self.collect_stripe(&layout, &stripe_id, &record).await;
+                            }
+                            // A write in progress or garbage in its grace period: neither
+                            // counted nor repaired.
+                        }
+                    }
+                }
+                self.survey(&layout, live, &mut health, &mut queue).await;
+                if queue.len() > REPAIR_QUEUE_STRIPES_MAX {
+                    queue.sort_by_key(|task| (task.available, task.stripe_id));
+                    queue.truncate(REPAIR_QUEUE_STRIPES_MAX);
+                    overflowed = true;
+                }
+                if !full_page {
+                    break;
+                }
+            }
+        }
+        {
+            // Forget timers of stripes no longer ours or no longer there.
+            let mut state = self.maintenance.lock().expect("not poisoned");
+            state.unreferenced_since_ms.retain(|stripe, _| seen.contains(stripe));
+            state.report.stripes = health;
+        }
+        queue.sort_by_key(|task| (task.available, task.stripe_id));
+        self.run_repairs(queue).await;
+        let mut state = self.maintenance.lock().expect("not poisoned");
+        state.report.repair_passes_completed += 1;
+        state.report.repair_pass_in_progress = false;
+        state.report.repair_last_pass_completed_at_ms = self.env.now_ms();
+        overflowed
+    }
+
+    /// The stripes `owner` references now; None if that cannot be read (no quorum).
+    async fn owner_references(self: &Arc<Self>, owner: &StripeOwner) -> Option<BTreeSet<StripeId>> {
+        match owner {
+            StripeOwner::Object {
+                bucket,
+                key,
+                version_id,
+            } => self
+                .meta_get(Table::Objects, &object_row(bucket, key, version_id))
+                .await
+                .ok()
+                .map(|object| manifest_stripes(object.as_ref())),
+            StripeOwner::Part {
+                bucket,
+                key,
+                upload_id,
+                part_number,
+            } => self.part_references(bucket, key, upload_id, *part_number).await,
+        }
+    }
+
+    /// Reads the references of every owner of `records` not yet in `owners` (a per-pass
+    /// cache, so an object of many stripes is read once), a bounded number at a time.
+    async fn load_owner_references(
+        self: &Arc<Self>,
+        records: &[(StripeId, StripeRecord)],
+        owners: &mut BTreeMap<StripeOwner, Option<BTreeSet<StripeId>>>,
+    ) {
+        let missing: Vec<StripeOwner> = records
+            .iter()
+            .map(|(_, record)| &record.owner)
+            .filter(|owner| !owners.contains_key(*owner))
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .cloned()
+            .collect();
+        if owners.len() + missing.len() > OWNER_CACHE_ENTRIES_MAX {
+            owners.clear();
+        }
+        for batch in missing.chunks(LOOKUPS_IN_FLIGHT_MAX) {
+            let reads = batch.iter().map(|owner| self.owner_references(owner));
+            let results = futures::future::join_all(reads).await;
+            owners.extend(batch.iter().cloned().zip(results));
+        }
+    }
+
+    /// Stripes a part's stripe may be referenced from: the part while its upload is open,
+    /// then the object versions of its key (a completed upload moved them there). The part
+    /// is read before the objects: completion commits the object before it closes the
+    /// upload, so this order never misses a reference.
+    async fn part_references(
+        self: &Arc<Self>,
+        bucket: &str,
+        key: &str,
+        upload_id: &str,
+        part_number: u32,
+    ) -> Option<BTreeSet<StripeId>> {
+        let upload = self
+            .meta_get(Table::MultipartUploads, &upload_row(bucket, key, upload_id))
+            .await
+            .ok()?;
+        let mut referenced = BTreeSet::new();
+        if upload.is_some_and(|register| register.value.is_some()) {
+            let part = self
+                .meta_get(Table::MultipartParts, &part_row(upload_id, part_number))
+                .await
+                .ok()?;
+            referenced.extend(manifest_stripes(part.as_ref()));
+        }
+        let mut sort_prefix = key.as_bytes().to_vec();
+        sort_prefix.push(0);
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let page = self
+                .meta_scan(Table::Objects, bucket.as_bytes(), &sort_prefix, after.as_deref(), 100)
+                .await
+                .ok()?;
+            for (_, register) in &page {
+                referenced.extend(manifest_stripes(Some(register)));
+            }
+            match page.last() {
+                Some((row, _)) if page.len() == 100 => after = Some(row.sort_key.clone()),
+                _ => return Some(referenced),
+            }
+        }
+    }
+
+    /// Seen unreferenced, by this node's clock, continuously for the write deadline plus
+    /// the grace period. The record existed when first seen, so its write began before;
+    /// a write commits within the deadline by its own clock or never. Both spans are
+    /// measured locally, so clock skew between nodes cannot shorten them (only a
+    /// restart, which resets the timer, can lengthen them).
+    fn is_garbage(&self, stripe_id: &StripeId) -> bool {
+        let now_ms = self.env.now_ms();
+        let config = self.maintenance_config;
+        let wait_ms = config.write_deadline_ms.saturating_add(config.gc_grace_ms);
+        let mut state = self.maintenance.lock().expect("not poisoned");
+        grace_elapsed(&mut state.unreferenced_since_ms, *stripe_id, now_ms, wait_ms)
+    }
+
+    /// Deletes a garbage stripe's shards wherever they may be, then its record.
+    async fn collect_stripe(self: &Arc<Self>, layout: &Layout, stripe_id: &StripeId, record: &StripeRecord) {
+        let (k, m) = (record.codec.data_shards, record.codec.parity_shards);
+        let mut places: BTreeSet<(NodeId, u8)> = BTreeSet::new();
+        for (index, holder) in record.holders.iter().enumerate() {
+            places.insert((*holder, index as u8));
+        }
+        for holders in [
+            place(layout, stripe_id, k, m).ok().map(|placement| placement.holders),
+            self.stripe_targets(layout, stripe_id, record),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            for (index, holder) in holders.into_iter().enumerate() {
+                places.insert((holder, index as u8));
+            }
+        }
+        let deletes = places
+            .into_iter()
+            .map(|(node, index)| self.delete_shard_on(node, *stripe_id, index));
+        let results = futures::future::join_all(deletes).await;
+        let deleted = results.iter().filter(|result| matches!(result, Ok(true))).count() as u64;
+        if results.iter().any(|result| result.is_err()) {
+            // Try again next pass; holders we could not reach drop it as an orphan later.
+            return;
+        }
+        match self.meta_put(Table::Stripes, &stripe_row(stripe_id), None).await {
+            Ok(_) => {
+                tracing::debug!(stripe = %stripe_id.short(), deleted, "garbage stripe collected");
+                let mut state = self.maintenance.lock().expect("not poisoned");
+                state.report.gc_deleted_shards_total += deleted;
+                state.report.gc_deleted_stripe_records_total += 1;
+                state.unreferenced_since_ms.remove(stripe_id);
+            }
+            Err(error) => tracing::debug!(%error, "cannot tombstone a garbage stripe record"),
+        }
+    }
+
+    async fn delete_shard_on(&self, node: NodeId, stripe_id: StripeId, index: u8) -> Result<bool, String> {
+        if node == self.env.node_id() {
+            return self
+                .env
+                .shard_store()
+                .delete(ShardKey { stripe_id, index })
+                .await
+                .map_err(|error| error.to_string());
+        }
+        match self
+            .env
+            .request(node, Request::DeleteShard { stripe_id, index }, SHARD_WRITE_TIMEOUT_MS)
+            .await
+        {
+            // Deleted answers alike whether the shard was there.
+            Ok(Response::Deleted) => Ok(true),
+            Ok(Response::Error { message, .. }) => Err(message),
+            Ok(other) => Err(format!("unexpected answer {other:?}")),
+            Err(error) => Err(error.to_string()),
+        }
+    }
+
+    /// Asks each node which of `keys` it holds, in batches; None where it could not answer.
+    async fn lookup_shards(&self, wanted: BTreeSet<(NodeId, ShardRef)>) -> BTreeMap<(NodeId, ShardRef), Option<bool>> {
+        let mut per_node: BTreeMap<NodeId, Vec<ShardRef>> = BTreeMap::new();
+        for (node, key) in wanted {
+            per_node.entry(node).or_default().push(key);
+        }
+        let batches = per_node.into_iter().flat_map(|(node, keys)| {
+            keys.chunks(HAS_SHARDS_KEYS_MAX)
+                .map(|chunk| (node, chunk.to_vec()))
+                .collect::<Vec<_>>()
+        });
+        let asks = batches.map(|(node, keys)| async move {
+            let answer = self.has_shards_on(node, keys.clone()).await;
+            (node, keys, answer)
+        });
+        let mut found = BTreeMap::new();
+        for (node, keys, answer) in futures::future::join_all(asks).await {
+            for (position, key) in keys.into_iter().enumerate() {
+                let present = answer.as_ref().ok().and_then(|present| present.get(position).copied());
+                found.insert((node, key), present);
+            }
+        }
+        found
+    }
+
+    async fn has_shards_on(&self, node: NodeId, keys: Vec<ShardRef>) -> Result<Vec<bool>, String> {
+        let answer = if node == self.env.node_id() {
+            self.serve_has_shards(keys.clone()).await
+        } else {
+            self.env
+                .request(node, Request::HasShards { keys: keys.clone() }, SHARD_READ_TIMEOUT_MS)
+                .await
+                .map_err(|error| error.to_string())?
+        };
+        match answer {
+            Response::HasShards { present } if present.len() == keys.len() => Ok(present),
+            Response::Error { message, .. } => Err(message),
+            other => Err(format!("unexpected answer {other:?}")),
+        }
+    }
+
+    /// Looks every shard of `stripes` up on its target and recorded holder; counts health
+    /// and queues what lacks shards on its targets.
+    async fn survey(
+        self: &Arc<Self>,
+        layout: &Layout,
+        stripes: Vec<(StripeId, StripeRecord)>,
+        health: &mut StripeHealth,
+        queue: &mut Vec<RepairTask>,
+    ) {
+        let mut planned = Vec::new();
+        let mut wanted: BTreeSet<(NodeId, ShardRef)> = BTreeSet::new();
+        for (stripe_id, record) in stripes {
+            let Some(targets) = self.stripe_targets(layout, &stripe_id, &record) else {
+                health.total += 1;
+                health.unknown += 1;
+                continue;
+            };
+            for (index, target) in targets.iter().enumerate() {
+                let key = ShardRef {
+                    stripe_id,
+                    index: index as u8,
+                };
+                wanted.insert((*target, key));
+                if let Some(holder) = record.holders.get(index) {
+                    wanted.insert((*holder, key));
+                }
+            }
+            planned.push((stripe_id, record, targets));
+        }
+        let found = self.lookup_shards(wanted).await;
+        let present = |node: &NodeId, key: ShardRef| found.get(&(*node, key)).copied().flatten() == Some(true);
+        for (stripe_id, record, targets) in planned {
+            let total = targets.len();
+            let k = usize::from(record.codec.data_shards);
+            let mut on_target = Vec::with_capacity(total);
+            let mut elsewhere = Vec::with_capacity(total);
+            for (index, target) in targets.iter().enumerate() {
+                let key = ShardRef {
+                    stripe_id,
+                    index: index as u8,
+                };
+                let here = present(target, key);
+                on_target.push(here);
+                elsewhere.push(
+                    !here
+                        && record
+                            .holders
+                            .get(index)
+                            .is_some_and(|holder| holder != target && present(holder, key)),
+                );
+            }
+            let available = (0..total)
+                .filter(|index| on_target[*index] || elsewhere[*index])
+                .count();
+            health.total += 1;
+            match available {
+                _ if available == total && on_target.iter().all(|here| *here) => health.healthy += 1,
+                _ if available == total => health.misplaced += 1,
+                _ if available > k => health.degraded += 1,
+                _ if available == k => health.at_risk += 1,
+                _ => health.lost += 1,
+            }
+            let task = RepairTask {
+                stripe_id,
+                record,
+                targets,
+                on_target,
+                elsewhere,
+                available,
+            };
+            if task.missing_on_target() > 0 || task.record.holders != task.targets {
+                queue.push(task);
+            }
+        }
+    }
+
+    async fn run_repairs(self: &Arc<Self>, queue: Vec<RepairTask>) {
+        let queued_bytes: u64 = queue.iter().map(|task| self.task_bytes(task)).sum();
+        {
+            let mut state = self.maintenance.lock().expect("not poisoned");
+            state.report.repair_queued_stripes = queue.len() as u64;
+            state.report.repair_queued_bytes = queued_bytes;
+        }
+        let started_at_ms = self.env.now_ms();
+        let mut written_bytes = 0u64;
+        for task in queue {
+            if self.maintenance.lock().expect("not poisoned").report.repair_paused {
+                break;
+            }
+            let task_bytes = self.task_bytes(&task);
+            let outcome = self.repair_stripe(task).await;
+            written_bytes += outcome.written_bytes;
+            let elapsed_ms = self.env.now_ms().saturating_sub(started_at_ms).max(1);
+            {
+                let mut state = self.maintenance.lock().expect("not poisoned");
+                let report = &mut state.report;
+                report.repair_queued_stripes = report.repair_queued_stripes.saturating_sub(1);
+                report.repair_queued_bytes = report.repair_queued_bytes.saturating_sub(task_bytes);
+                report.repaired_bytes_total += outcome.written_bytes;
+                report.moved_shards_total += outcome.moved_shards;
+                report.repaired_stripes_total += u64::from(outcome.repaired);
+                report.repair_bytes_per_s = written_bytes.saturating_mul(1000) / elapsed_ms;
+            }
+            if outcome.written_bytes > 0 {
+                self.pace(
+                    written_bytes,
+                    self.maintenance_config.repair_rate_bytes_per_s,
+                    started_at_ms,
+                )
+                .await;
+            }
+        }
+        let mut state = self.maintenance.lock().expect("not poisoned");
+        state.report.repair_queued_stripes = 0;
+        state.report.repair_queued_bytes = 0;
+    }
+
+    /// Sleeps until `done_bytes` since `started_at_ms` fit `rate_bytes_per_s` (0: no limit).
+    async fn pace(&self, done_bytes: u64, rate_bytes_per_s: u64, started_at_ms: u64) {
+        let Some(due_ms) = done_bytes.saturating_mul(1000).checked_div(rate_bytes_per_s) else {
+            return;
+        };
+        let elapsed_ms = self.env.now_ms().saturating_sub(started_at_ms);
+        if due_ms > elapsed_ms {
+            self.env.sleep(due_ms - elapsed_ms).await;
+        }
+    }
+
+    fn task_bytes(&self, task: &RepairTask) -> u64 {
+        let shard_bytes = task.record.codec.shard_length_bytes(task.record.sealed_length_bytes) as u64;
+        shard_bytes * task.missing_on_target() as u64
+    }
+
+    /// Brings one stripe's shards to its targets: copies where a shard exists elsewhere,
+    /// rebuilds from k survivors where it exists nowhere, then records the new holders.
+    async fn repair_stripe(self: &Arc<Self>, task: RepairTask) -> RepairOutcome {
+        let mut outcome = RepairOutcome::default();
+        let stripe_id = task.stripe_id;
+        let codec = task.record.codec;
+        let total = task.targets.len();
+        let mut placed = task.on_target.clone();
+        let mut rebuild: Vec<u8> = Vec::new();
+        for (index, target) in task.targets.iter().enumerate() {
+            if placed[index] {
+                continue;
+            }
+            if task.elsewhere[index] {
+                let source = task.record.holders[index];
+                if let Ok(shard) = self.fetch_verified_shard(source, stripe_id, index as u8, &task).await {
+                    if self.put_shard_on(*target, &shard).await.is_ok() {
+                        placed[index] = true;
+                        outcome.moved_shards += 1;
+                        outcome.written_bytes += shard.encoded_length_bytes();
+                        continue;
+                    }
+                }
+            }
+            rebuild.push(index as u8);
+        }
+        if !rebuild.is_empty() {
+            // Sources: every index present on its target or recorded holder.
+            let sources: Vec<(u8, NodeId)> = (0..total)
+                .filter_map(|index| match () {
+                    _ if placed[index] => Some((index as u8, task.targets[index])),
+                    _ if task.elsewhere[index] => Some((index as u8, task.record.holders[index])),
+                    _ => None,
+                })
+                .collect();
+            let mut shards: Vec<Shard> = Vec::new();
+            for (index, node) in sources {
+                if shards.len() >= usize::from(codec.data_shards) {
+                    break;
+                }
+                if let Ok(shard) = self.fetch_verified_shard(node, stripe_id, index, &task).await {
+                    shards.push(shard);
+                }
+            }
+            if shards.len() < usize::from(codec.data_shards) {
+                tracing::warn!(
+                    stripe = %stripe_id.short(),
+                    have = shards.len(),
+                    need = codec.data_shards,
+                    "stripe cannot be rebuilt now: too few shards reachable"
+                );
+            } else {
+                match codec.rebuild(stripe_id, &shards, &rebuild) {
+                    Ok(rebuilt) => {
+                        for shard in rebuilt {
+                            let index = usize::from(shard.header().index);
+                            match self.put_shard_on(task.targets[index], &shard).await {
+                                Ok(()) => {
+                                    placed[index] = true;
+                                    outcome.written_bytes += shard.encoded_length_bytes();
+                                }
+                                Err(error) => tracing::debug!(
+                                    stripe = %stripe_id.short(), index, %error, "cannot store a rebuilt shard"
+                                ),
+                            }
+                        }
+                    }
+                    Err(error) => tracing::warn!(stripe = %stripe_id.short(), %error, "rebuild failed"),
+                }
+            }
+        }
+        outcome.repaired = placed.iter().all(|here| *here);
+        // Record where the shards are now, so the next survey (and readers) look there.
+        let holders: Vec<NodeId> = (0..total)
+            .map(|index| match placed[index] {
+                true => task.targets[index],
+                false => task.record.holders.get(index).copied().unwrap_or(task.targets[index]),
+            })
+            .collect();
+        if holders != task.record.holders {
+            let mut record = task.record.clone();
+            record.holders = holders;
+            if let Err(error) = self
+                .meta_put(Table::Stripes, &stripe_row(&stripe_id), Some(Record::Stripe(record)))
+                .await
+            {
+                tracing::debug!(%error, "cannot update a stripe's holders");
+            }
+        }
+        outcome
+    }
+
+    async fn fetch_verified_shard(
+        &self,
+        node: NodeId,
+        stripe_id: StripeId,
+        index: u8,
+        task: &RepairTask,
+    ) -> Result<Shard, String> {
+        let shard = self
+            .fetch_shard(node, stripe_id, index)
+            .await
+            .map_err(|error| format!("{}: {error}", node.short()))?;
+        let header = shard.header();
+        if header.stripe_id != stripe_id
+            || header.index != index
+            || header.codec != task.record.codec.codec
+            || header.data_shards != task.record.codec.data_shards
+            || header.parity_shards != task.record.codec.parity_shards
+        {
+            return Err(format!("{} returned a different shard", node.short()));
+        }
+        Ok(shard)
+    }
+
+    // ----- holder ---------------------------------------------------------------------
+
+    /// Drops this node's orphan shards and old copies of moved shards (after grace).
+    pub async fn tidy_local_shards(self: &Arc<Self>) {
+        let _pass = self.maintenance_passes.tidy.lock().await;
+        let store = self.env.shard_store();
+        let keys = match store.list().await {
+            Ok(keys) => keys,
+            Err(error) => {
+                tracing::error!(%error, "cannot list shards");
+                return;
+            }
+        };
+        let me = self.env.node_id();
+        let layout = self.layout();
+        let grace_ms = self.maintenance_config.gc_grace_ms;
+        let held: BTreeSet<ShardKey> = keys.iter().copied().collect();
+        let mut by_stripe: BTreeMap<StripeId, Vec<ShardKey>> = BTreeMap::new();
+        for key in keys {
+            by_stripe.entry(key.stripe_id).or_default().push(key);
+        }
+        let stripes: Vec<(StripeId, Vec<ShardKey>)> = by_stripe.into_iter().collect();
+        for batch in stripes.chunks(LOOKUPS_IN_FLIGHT_MAX) {
+            let lookups = batch.iter().map(|(stripe_id, _)| async move {
+                match self.meta_get(Table::Stripes, &stripe_row(stripe_id)).await {
+                    Ok(Some(Lww {
+                        value: Some(Record::Stripe(record)),
+                        ..
+                    })) => Ok(Some(record)),
+                    Ok(_) => Ok(None),
+                    Err(error) => Err(error),
+                }
+            });
+            let records = futures::future::join_all(lookups).await;
+            for ((_, keys), record) in batch.iter().zip(records) {
+                // Cannot tell: decide nothing for this stripe.
+                let Ok(record) = record else { continue };
+                for key in keys {
+                    self.tidy_local_shard(*key, record.as_ref(), &layout, me, grace_ms)
+                        .await;
+                }
+            }
+        }
+        let mut state = self.maintenance.lock().expect("not poisoned");
+        state.orphan_since_ms.retain(|key, _| held.contains(key));
+        state.moved_since_ms.retain(|key, _| held.contains(key));
+    }
+
+    async fn tidy_local_shard(
+        self: &Arc<Self>,
+        key: ShardKey,
+        record: Option<&StripeRecord>,
+        layout: &Layout,
+        me: NodeId,
+        grace_ms: u64,
+    ) {
+        let now_ms = self.env.now_ms();
+        let Some(record) = record else {
+            let expired = {
+                let mut state = self.maintenance.lock().expect("not poisoned");
+                state.moved_since_ms.remove(&key);
+                grace_elapsed(&mut state.orphan_since_ms, key, now_ms, grace_ms)
+            };
+            if expired {
+                self.drop_local_shard(key, "orphan").await;
+            }
+            return;
+        };
+        self.maintenance
+            .lock()
+            .expect("not poisoned")
+            .orphan_since_ms
+            .remove(&key);
+        let index = usize::from(key.index);
+        let canonical = place(
+            layout,
+            &key.stripe_id,
+            record.codec.data_shards,
+            record.codec.parity_shards,
+        )
+        .ok()
+        .map(|placement| placement.holders);
+        let targets = self.stripe_targets(layout, &key.stripe_id, record);
+        let (Some(canonical), Some(targets)) = (canonical, targets) else {
+            return;
+        };
+        if index >= targets.len() || canonical[index] == me || targets[index] == me {
+            self.maintenance
+                .lock()
+                .expect("not poisoned")
+                .moved_since_ms
+                .remove(&key);
+            return;
+        }
+        let shard = ShardRef {
+            stripe_id: key.stripe_id,
+            index: key.index,
+        };
+        let confirmed = matches!(
+            self.has_shards_on(targets[index], vec![shard]).await.as_deref(),
+            Ok([true])
+        );
+        let expired = {
+            let mut state = self.maintenance.lock().expect("not poisoned");
+            match confirmed {
+                true => grace_elapsed(&mut state.moved_since_ms, key, now_ms, grace_ms),
+                false => {
+                    state.moved_since_ms.remove(&key);
+                    false
+                }
+            }
+        };
+        if expired {
+            self.drop_local_shard(key, "moved").await;
+        }
+    }
+
+    async fn drop_local_shard(&self, key: ShardKey, why: &'static str) {
+        match self.env.shard_store().delete(key).await {
+            Ok(deleted) => {
+                tracing::debug!(stripe = %key.stripe_id.short(), index = key.index, why, "shard deleted");
+                let mut state = self.maintenance.lock().expect("not poisoned");
+                state.report.gc_deleted_shards_total += u64::from(deleted);
+                state.orphan_since_ms.remove(&key);
+                state.moved_since_ms.remove(&key);
+            }
+            Err(error) => tracing::warn!(%error, "cannot delete a shard"),
+        }
+    }
+
+    /// Re-reads and verifies every local shard, from the persisted cursor on, paced.
+    pub async fn scrub_pass(self: &Arc<Self>) {
+        let _pass = self.maintenance_passes.scrub.lock().await;
+        let store = self.env.shard_store();
+        let keys = match store.list().await {
+            Ok(keys) => keys,
+            Err(error) => {
+                tracing::error!(%error, "cannot list shards to scrub");
+                return;
+            }
+        };
+        let cursor = match self.load_maintenance_record(SCRUB_CURSOR_KEY) {
+            Some(MaintenanceRecord::ScrubCursorV1(cursor)) => cursor,
+            _ => None,
+        };
+        let start = cursor.map_or(0, |(stripe_id, index)| {
+            keys.partition_point(|key| (key.stripe_id, key.index) <= (stripe_id, index))
+        });
+        {
+            let mut state = self.maintenance.lock().expect("not poisoned");
+            state.report.scrub_shards_total = keys.len() as u64;
+            state.report.scrub_shards_checked = start as u64;
+        }
+        let started_at_ms = self.env.now_ms();
+        let mut read_bytes = 0u64;
+        for (position, key) in keys.iter().enumerate().skip(start) {
+            match store.get(*key).await {
+                Ok(shard) => read_bytes += shard.encoded_length_bytes(),
+                Err(StoreError::Corrupt(reason)) => {
+                    tracing::warn!(stripe = %key.stripe_id.short(), index = key.index, %reason, "scrub found a corrupt shard");
+                    self.maintenance
+                        .lock()
+                        .expect("not poisoned")
+                        .report
+                        .scrub_corrupt_found_total += 1;
+                }
+                // Deleted since the listing: nothing to check.
+                Err(StoreError::NotFound) => {}
+                Err(error) => tracing::warn!(%error, "scrub cannot read a shard"),
+            }
+            let checked = position as u64 + 1;
+            self.maintenance
+                .lock()
+                .expect("not poisoned")
+                .report
+                .scrub_shards_checked = checked;
+            if checked.is_multiple_of(SCRUB_CHECKPOINT_SHARDS) {
+                self.save_maintenance_record(
+                    SCRUB_CURSOR_KEY,
+                    &MaintenanceRecord::ScrubCursorV1(Some((key.stripe_id, key.index))),
+                );
+            }
+            self.pace(
+                read_bytes,
+                self.maintenance_config.scrub_rate_bytes_per_s,
+                started_at_ms,
+            )
+            .await;
+        }
+        self.save_maintenance_record(SCRUB_CURSOR_KEY, &MaintenanceRecord::ScrubCursorV1(None));
+        let mut state = self.maintenance.lock().expect("not poisoned");
+        state.report.scrub_passes_completed += 1;
+        state.report.scrub_last_pass_completed_at_ms = self.env.now_ms();
+    }
+}
+
+#[derive(Default)]
+struct RepairOutcome {
+    written_bytes: u64,
+    moved_shards: u64,
+    repaired: bool,
+}
+
+fn decode_stripe_row(key: &[u8], value: &[u8]) -> Option<(StripeId, StripeRecord)> {
+    let row = RowKey::decode(key).ok()?;
+    let stripe_id = StripeId(row.partition_key.as_slice().try_into().ok()?);
+    match decode_stored_value::<Record>(value).ok()?.value {
+        Some(Record::Stripe(record)) => Some((stripe_id, record)),
+        _ => None,
+    }
+}
