@@ -856,10 +856,24 @@ pub fn run(seed: u64, scenario: &Scenario) -> Outcome {
     }
     world.executor.run_until(fault_end + scenario.settle_ms);
     let checker = Arc::clone(&shared);
-    world
-        .executor
-        .spawn(None, Box::pin(async move { checker.final_checks().await }));
-    world.executor.run_until(fault_end + scenario.settle_ms + 120_000);
+    let checks_done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done = Arc::clone(&checks_done);
+    world.executor.spawn(
+        None,
+        Box::pin(async move {
+            checker.final_checks().await;
+            done.store(true, std::sync::atomic::Ordering::Relaxed);
+        }),
+    );
+    // The checks read every key (bounded by timeouts): give them up to two minutes, but
+    // stop as soon as they are done.
+    let checks_deadline_ms = fault_end + scenario.settle_ms + 120_000;
+    while !checks_done.load(std::sync::atomic::Ordering::Relaxed) && world.executor.now_ms() < checks_deadline_ms {
+        world.executor.run_until(world.executor.now_ms() + 1_000);
+    }
+    if !checks_done.load(std::sync::atomic::Ordering::Relaxed) {
+        shared.fail("the final checks did not finish within two virtual minutes".into());
+    }
 
     let counters = shared.counters.lock().expect("not poisoned").clone();
     let outcome = Outcome {

@@ -14,12 +14,15 @@
 //!   a shard that still exists elsewhere is copied to its target (rebalance), one that
 //!   exists nowhere is rebuilt from any k survivors (repair). The record's holders are
 //!   then updated. Repair is paced to a configured rate.
-//! - **Holder** (every node, for its own shards). A shard whose stripe record is gone or
-//!   tombstoned for a whole grace period is an orphan and is deleted. A shard on a node
-//!   that is neither its canonical holder nor its target is deleted once its target has
-//!   confirmed holding it for a grace period (the old copy of a move). Scrub re-reads and
-//!   verifies every shard on a schedule; the store quarantines a shard that fails, which
-//!   makes it missing, which makes the maintainer rebuild it.
+//!   A copied shard's old copy stays recorded as its holder until its target has been seen
+//!   holding the new copy for a grace period; then the maintainer deletes the old copy.
+//! - **Holder** (every node, for its own shards, once per scrub). Scrub re-reads and
+//!   verifies every shard; the store quarantines a shard that fails, which makes it
+//!   missing, which makes the maintainer rebuild it. Then each local shard's record is
+//!   looked up: a shard whose record is gone or tombstoned for a whole grace period is an
+//!   orphan (its writer died mid-stripe, or GC missed a copy) and is deleted; one on a
+//!   node that is neither its canonical holder nor its target is deleted once its target
+//!   has been seen holding it for a grace period.
 //!
 //! Safety rests on three rules: no shard exists without a stripe record written first
 //! (the data path writes it before any shard); a write that has not committed its owner
@@ -146,6 +149,8 @@ pub(crate) struct MaintenanceState {
     next_scrub_at_ms: u64,
     /// Maintainer: stripes seen unreferenced, and since when.
     unreferenced_since_ms: BTreeMap<StripeId, u64>,
+    /// Maintainer: old copies of moved shards (also on their target), and since when.
+    extra_copy_since_ms: BTreeMap<ShardKey, u64>,
     /// Holder: shards whose stripe record was absent or a tombstone, and since when.
     orphan_since_ms: BTreeMap<ShardKey, u64>,
     /// Holder: misplaced shards whose target confirmed a copy, and since when.
@@ -166,7 +171,8 @@ struct RepairTask {
     record: StripeRecord,
     targets: Vec<NodeId>,
     on_target: Vec<bool>,
-    /// Present on the recorded holder (which is not the target).
+    /// Present on the recorded holder, which is not the target: the source of a move, or
+    /// (when also on target) an old copy to delete once the grace period has passed.
     elsewhere: Vec<bool>,
     available: usize,
 }
@@ -451,7 +457,6 @@ impl<E: Env> ClusterNode<E> {
                 continue;
             }
             let overflowed = self.repair_pass().await;
-            self.tidy_local_shards().await;
             let mut state = self.maintenance.lock().expect("not poisoned");
             let interval_ms = if overflowed {
                 0
@@ -567,6 +572,7 @@ impl<E: Env> ClusterNode<E> {
             // Forget timers of stripes no longer ours or no longer there.
             let mut state = self.maintenance.lock().expect("not poisoned");
             state.unreferenced_since_ms.retain(|stripe, _| seen.contains(stripe));
+            state.extra_copy_since_ms.retain(|key, _| seen.contains(&key.stripe_id));
             state.report.stripes = health;
         }
         queue.sort_by_key(|task| (task.available, task.stripe_id));
@@ -824,16 +830,25 @@ impl<E: Env> ClusterNode<E> {
                 let here = present(target, key);
                 on_target.push(here);
                 elsewhere.push(
-                    !here
-                        && record
-                            .holders
-                            .get(index)
-                            .is_some_and(|holder| holder != target && present(holder, key)),
+                    record
+                        .holders
+                        .get(index)
+                        .is_some_and(|holder| holder != target && present(holder, key)),
                 );
             }
             let available = (0..total)
                 .filter(|index| on_target[*index] || elsewhere[*index])
                 .count();
+            {
+                // A copy-deletion timer runs only while the old copy is continuously extra.
+                let mut state = self.maintenance.lock().expect("not poisoned");
+                for index in (0..total).filter(|index| !(on_target[*index] && elsewhere[*index])) {
+                    state.extra_copy_since_ms.remove(&ShardKey {
+                        stripe_id,
+                        index: index as u8,
+                    });
+                }
+            }
             health.total += 1;
             match available {
                 _ if available == total && on_target.iter().all(|here| *here) => health.healthy += 1,
@@ -985,11 +1000,44 @@ impl<E: Env> ClusterNode<E> {
             }
         }
         outcome.repaired = placed.iter().all(|here| *here);
-        // Record where the shards are now, so the next survey (and readers) look there.
+        // Old copies of shards that are on their target now: deleted once the target has
+        // been seen holding its copy for the grace period (a view of the layout that
+        // differs for a moment must never cost the only copy).
+        let mut extra_deleted = vec![false; total];
+        let extra_indexes: Vec<usize> = (0..total)
+            .filter(|index| task.on_target[*index] && task.elsewhere[*index])
+            .collect();
+        for index in extra_indexes {
+            let key = ShardKey {
+                stripe_id,
+                index: index as u8,
+            };
+            let expired = {
+                let now_ms = self.env.now_ms();
+                let grace_ms = self.maintenance_config.gc_grace_ms;
+                let mut state = self.maintenance.lock().expect("not poisoned");
+                grace_elapsed(&mut state.extra_copy_since_ms, key, now_ms, grace_ms)
+            };
+            if !expired {
+                continue;
+            }
+            let old_holder = task.record.holders[index];
+            if self.delete_shard_on(old_holder, stripe_id, index as u8).await.is_ok() {
+                extra_deleted[index] = true;
+                let mut state = self.maintenance.lock().expect("not poisoned");
+                state.extra_copy_since_ms.remove(&key);
+                state.report.gc_deleted_shards_total += 1;
+            }
+        }
+        // Record where the shards are now, so the next survey (and readers) look there: the
+        // target where it holds the only copy, the old holder while it still has one.
         let holders: Vec<NodeId> = (0..total)
-            .map(|index| match placed[index] {
-                true => task.targets[index],
-                false => task.record.holders.get(index).copied().unwrap_or(task.targets[index]),
+            .map(|index| {
+                let old_copy_remains = task.elsewhere[index] && !extra_deleted[index];
+                match placed[index] && !old_copy_remains {
+                    true => task.targets[index],
+                    false => task.record.holders.get(index).copied().unwrap_or(task.targets[index]),
+                }
             })
             .collect();
         if holders != task.record.holders {
@@ -1218,9 +1266,15 @@ impl<E: Env> ClusterNode<E> {
             .await;
         }
         self.save_maintenance_record(SCRUB_CURSOR_KEY, &MaintenanceRecord::ScrubCursorV1(None));
-        let mut state = self.maintenance.lock().expect("not poisoned");
-        state.report.scrub_passes_completed += 1;
-        state.report.scrub_last_pass_completed_at_ms = self.env.now_ms();
+        {
+            let mut state = self.maintenance.lock().expect("not poisoned");
+            state.report.scrub_passes_completed += 1;
+            state.report.scrub_last_pass_completed_at_ms = self.env.now_ms();
+        }
+        drop(_pass);
+        // Orphans are rare (a writer that died mid-stripe, a copy placed while a view
+        // was stale): looking each local shard's record up once per scrub is enough.
+        self.tidy_local_shards().await;
     }
 }
 
