@@ -84,6 +84,98 @@ enum AdminCommand {
         #[command(subcommand)]
         command: KeyCommand,
     },
+    /// Rebuilding lost shards and moving shards after layout changes.
+    Repair {
+        #[command(subcommand)]
+        command: RepairCommand,
+    },
+    /// Re-reading and verifying every shard.
+    Scrub {
+        #[command(subcommand)]
+        command: ScrubCommand,
+    },
+    /// Draining and removing nodes.
+    Node {
+        #[command(subcommand)]
+        command: NodeCommand,
+    },
+    /// The cluster layout.
+    Layout {
+        #[command(subcommand)]
+        command: LayoutCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum RepairCommand {
+    /// Resume repair everywhere and start a pass now.
+    Start {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pause repair everywhere (surveys, scrub and garbage collection go on).
+    Pause {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stripes by health and repair progress.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ScrubCommand {
+    /// Start a scrub pass on every node now.
+    Start {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Scrub progress.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum NodeCommand {
+    /// Move every shard off a node (it receives no new ones).
+    Drain {
+        /// Node id, or its first 8 or more hex characters.
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a node for good. Refused unless it is drained or down and every stripe is
+    /// at full redundancy without it.
+    Remove {
+        id: String,
+        /// Remove even if that leaves stripes short of full redundancy.
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum LayoutCommand {
+    /// Every node in the layout with its zone, capacity, roles and status.
+    Show {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Prints `value` as JSON, or `human` of it.
+fn print_either<T: serde::Serialize>(json: bool, value: &T, human: impl FnOnce(&T) -> String) -> anyhow::Result<()> {
+    match json {
+        true => println!("{}", serde_json::to_string_pretty(value)?),
+        false => print!("{}", human(value)),
+    }
+    Ok(())
 }
 
 #[derive(Subcommand)]
@@ -217,11 +309,55 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 AdminCommand::Status { json } => {
                     let status = admin::fetch_status(&endpoint, &token)?;
-                    if json {
-                        println!("{}", serde_json::to_string_pretty(&status)?);
-                    } else {
-                        print!("{}", admin::format_status_table(&status));
-                    }
+                    print_either(json, &status, admin::format_status_table)?;
+                }
+                AdminCommand::Repair { command } => {
+                    let (view, json) = match command {
+                        RepairCommand::Start { json } => (
+                            admin::control_maintenance_remote(&endpoint, &token, "repair-start")?,
+                            json,
+                        ),
+                        RepairCommand::Pause { json } => (
+                            admin::control_maintenance_remote(&endpoint, &token, "repair-pause")?,
+                            json,
+                        ),
+                        RepairCommand::Status { json } => (admin::fetch_maintenance(&endpoint, &token)?, json),
+                    };
+                    print_either(json, &view, |view| admin::format_maintenance_summary(&view.summary))?;
+                }
+                AdminCommand::Scrub { command } => {
+                    let (view, json) = match command {
+                        ScrubCommand::Start { json } => (
+                            admin::control_maintenance_remote(&endpoint, &token, "scrub-start")?,
+                            json,
+                        ),
+                        ScrubCommand::Status { json } => (admin::fetch_maintenance(&endpoint, &token)?, json),
+                    };
+                    print_either(json, &view, |view| admin::format_maintenance_summary(&view.summary))?;
+                }
+                AdminCommand::Node { command } => {
+                    let (answer, json) = match command {
+                        NodeCommand::Drain { id, json } => {
+                            (admin::node_action_remote(&endpoint, &token, &id, "drain", false)?, json)
+                        }
+                        NodeCommand::Remove { id, force, json } => (
+                            admin::node_action_remote(&endpoint, &token, &id, "remove", force)?,
+                            json,
+                        ),
+                    };
+                    print_either(json, &answer, |answer| {
+                        format!(
+                            "node {}: {} done\n",
+                            answer["node"].as_str().unwrap_or("?"),
+                            answer["action"].as_str().unwrap_or("?")
+                        )
+                    })?;
+                }
+                AdminCommand::Layout {
+                    command: LayoutCommand::Show { json },
+                } => {
+                    let layout = admin::fetch_layout(&endpoint, &token)?;
+                    print_either(json, &layout, admin::format_layout)?;
                 }
             }
         }

@@ -77,8 +77,8 @@ macro_rules! hex_id {
 }
 
 hex_id!(
-    /// Identifies one stripe of an object: a keyed blake3 of the stripe's plaintext, so
-    /// equal content gives equal ids within one key ring without revealing the content.
+    /// Identifies one stripe of one write: a keyed blake3 of the seal nonce and plaintext
+    /// (see [`StripeId::for_sealed_write`]), revealing nothing about the content.
     StripeId
 );
 hex_id!(

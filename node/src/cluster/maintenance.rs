@@ -206,7 +206,115 @@ fn manifest_stripes(record: Option<&Lww<Record>>) -> BTreeSet<StripeId> {
     }
 }
 
+/// Repair progress summed over the nodes that answered.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepairSummary {
+    /// Nodes whose repair is paused.
+    pub paused_nodes: u32,
+    pub queued_stripes: u64,
+    pub queued_bytes: u64,
+    pub repaired_stripes: u64,
+    pub moved_shards: u64,
+    pub bytes_per_s: u64,
+    /// Queued bytes at the current rate (absent while nothing was measured yet).
+    pub eta_s: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScrubSummary {
+    pub shards_checked: u64,
+    pub shards_total: u64,
+    pub corrupt_found: u64,
+    /// The fewest scrub passes any node has completed.
+    pub passes_completed_min: u64,
+}
+
+/// The cluster's maintenance, as the `stripes`, `repair` and `scrub` of `admin status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MaintenanceSummary {
+    pub stripes: StripeHealth,
+    pub repair: RepairSummary,
+    pub scrub: ScrubSummary,
+    pub gc_deleted_shards: u64,
+    pub shards_stored: u64,
+    pub nodes_reporting: u32,
+    /// Live nodes that did not answer (their stripes are missing from the counts).
+    pub nodes_unreachable: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeMaintenance {
+    pub node: String,
+    pub report: Option<MaintenanceReport>,
+    pub error: Option<String>,
+}
+
+/// `GET /v1/maintenance`: the summary and every node's report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MaintenanceView {
+    pub summary: MaintenanceSummary,
+    pub nodes: Vec<NodeMaintenance>,
+}
+
+impl MaintenanceView {
+    pub fn from_reports(reports: Vec<(NodeId, Result<MaintenanceReport, String>)>) -> MaintenanceView {
+        let mut summary = MaintenanceSummary::default();
+        let mut nodes = Vec::new();
+        let mut passes_min: Option<u64> = None;
+        for (node, report) in reports {
+            match report {
+                Ok(report) => {
+                    summary.nodes_reporting += 1;
+                    summary.stripes.add(&report.stripes);
+                    let repair = &mut summary.repair;
+                    repair.paused_nodes += u32::from(report.repair_paused);
+                    repair.queued_stripes += report.repair_queued_stripes;
+                    repair.queued_bytes += report.repair_queued_bytes;
+                    repair.repaired_stripes += report.repaired_stripes_total;
+                    repair.moved_shards += report.moved_shards_total;
+                    repair.bytes_per_s += report.repair_bytes_per_s;
+                    let scrub = &mut summary.scrub;
+                    scrub.shards_checked += report.scrub_shards_checked;
+                    scrub.shards_total += report.scrub_shards_total;
+                    scrub.corrupt_found += report.scrub_corrupt_found_total;
+                    passes_min = Some(passes_min.map_or(report.scrub_passes_completed, |passes| {
+                        passes.min(report.scrub_passes_completed)
+                    }));
+                    summary.gc_deleted_shards += report.gc_deleted_shards_total;
+                    summary.shards_stored += report.shards_stored;
+                    nodes.push(NodeMaintenance {
+                        node: node.to_string(),
+                        report: Some(report),
+                        error: None,
+                    });
+                }
+                Err(error) => {
+                    summary.nodes_unreachable.push(node.to_string());
+                    nodes.push(NodeMaintenance {
+                        node: node.to_string(),
+                        report: None,
+                        error: Some(error),
+                    });
+                }
+            }
+        }
+        summary.scrub.passes_completed_min = passes_min.unwrap_or(0);
+        let repair = &mut summary.repair;
+        repair.eta_s = match (repair.queued_bytes, repair.bytes_per_s) {
+            (0, _) => Some(0),
+            (_, 0) => None,
+            (queued, rate) => Some(queued.div_ceil(rate)),
+        };
+        MaintenanceView { summary, nodes }
+    }
+}
+
 impl<E: Env> ClusterNode<E> {
+    /// Every live node's maintenance report, summed.
+    pub async fn maintenance_view(self: &Arc<Self>) -> MaintenanceView {
+        MaintenanceView::from_reports(self.cluster_maintenance_reports().await)
+    }
+
     pub(crate) fn restore_maintenance_state(&self) {
         let paused = matches!(
             self.load_maintenance_record(REPAIR_PAUSED_KEY),

@@ -69,6 +69,48 @@ pub struct ClusterStatus {
     pub zone: String,
     pub layout_version: u64,
     pub nodes: Vec<NodeStatusView>,
+    /// Stripes by health, repair and scrub progress, summed over every live node (filled
+    /// by the admin API, which asks them; absent in a node's local view).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maintenance: Option<maintenance::MaintenanceSummary>,
+}
+
+/// One layout entry in `bdr-node admin layout show`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayoutEntryView {
+    pub id: String,
+    pub zone: String,
+    pub capacity_bytes: u64,
+    pub roles: Vec<String>,
+    pub status: String,
+    pub revision: u64,
+}
+
+/// `GET /v1/layout`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayoutView {
+    pub version: u64,
+    pub digest: String,
+    pub nodes: Vec<LayoutEntryView>,
+}
+
+fn roles_of(roles: bdr_protocol::layout::NodeRoles) -> Vec<String> {
+    let mut names = Vec::new();
+    if roles.storage {
+        names.push("storage".to_string());
+    }
+    if roles.gateway {
+        names.push("gateway".to_string());
+    }
+    names
+}
+
+fn status_name(status: NodeStatus) -> &'static str {
+    match status {
+        NodeStatus::Active => "active",
+        NodeStatus::Draining => "draining",
+        NodeStatus::Removed => "removed",
+    }
 }
 
 pub struct ClusterNode<E: Env> {
@@ -259,6 +301,50 @@ impl<E: Env> ClusterNode<E> {
         );
     }
 
+    /// The layout as this node knows it.
+    pub fn layout_view(&self) -> LayoutView {
+        let layout = self.layout();
+        LayoutView {
+            version: layout.version(),
+            digest: hex::encode(layout.digest()),
+            nodes: layout
+                .entries()
+                .map(|entry| LayoutEntryView {
+                    id: entry.node.to_string(),
+                    zone: entry.zone.to_string(),
+                    capacity_bytes: entry.capacity_bytes,
+                    roles: roles_of(entry.roles),
+                    status: status_name(entry.status).to_string(),
+                    revision: entry.revision,
+                })
+                .collect(),
+        }
+    }
+
+    /// The node whose hex id is `text` or starts with it (at least 8 characters, so
+    /// operators can paste the short ids that tables show).
+    pub fn resolve_node(&self, text: &str) -> Result<NodeId, ClusterError> {
+        let text = text.trim().to_ascii_lowercase();
+        if text.len() < 8 {
+            return Err(ClusterError::UnknownNode(format!(
+                "{text:?} (give at least 8 hex characters)"
+            )));
+        }
+        let matches: Vec<NodeId> = self
+            .layout()
+            .entries()
+            .map(|entry| entry.node)
+            .filter(|node| node.to_string().starts_with(&text))
+            .collect();
+        match matches.as_slice() {
+            [node] => Ok(*node),
+            [] => Err(ClusterError::UnknownNode(text)),
+            _ => Err(ClusterError::UnknownNode(format!(
+                "{text} (ambiguous: give more characters)"
+            ))),
+        }
+    }
+
     /// Sets a node's status (an operator's drain or removal) and spreads the new layout.
     pub async fn set_node_status(&self, node: NodeId, status: NodeStatus) -> Result<(), ClusterError> {
         let layout = {
@@ -336,28 +422,14 @@ impl<E: Env> ClusterNode<E> {
         let layout = membership.layout();
         let nodes = layout
             .entries()
-            .map(|entry| {
-                let mut roles = Vec::new();
-                if entry.roles.storage {
-                    roles.push("storage".to_string());
-                }
-                if entry.roles.gateway {
-                    roles.push("gateway".to_string());
-                }
-                NodeStatusView {
-                    id: entry.node.to_string(),
-                    zone: entry.zone.to_string(),
-                    state: membership.liveness(&entry.node, now_ms),
-                    status: match entry.status {
-                        NodeStatus::Active => "active",
-                        NodeStatus::Draining => "draining",
-                        NodeStatus::Removed => "removed",
-                    }
-                    .to_string(),
-                    roles,
-                    capacity_bytes: entry.capacity_bytes,
-                    used_bytes: membership.used_bytes(&entry.node),
-                }
+            .map(|entry| NodeStatusView {
+                id: entry.node.to_string(),
+                zone: entry.zone.to_string(),
+                state: membership.liveness(&entry.node, now_ms),
+                status: status_name(entry.status).to_string(),
+                roles: roles_of(entry.roles),
+                capacity_bytes: entry.capacity_bytes,
+                used_bytes: membership.used_bytes(&entry.node),
             })
             .collect();
         ClusterStatus {
@@ -365,6 +437,7 @@ impl<E: Env> ClusterNode<E> {
             zone: self.zone.to_string(),
             layout_version: layout.version(),
             nodes,
+            maintenance: None,
         }
     }
 }

@@ -20,8 +20,12 @@ use axum::{Json, Router};
 use futures::{StreamExt, TryStreamExt};
 use serde::Deserialize;
 
+use bdr_protocol::layout::NodeStatus;
+use bdr_protocol::wire::MaintenanceCommand;
+
 use crate::cluster::data::{DataError, ObjectWrite};
-use crate::cluster::{ClusterNode, ClusterStatus};
+use crate::cluster::maintenance::{MaintenanceSummary, MaintenanceView, RemoveError, REMOVE_CHECK_TIMEOUT_MS};
+use crate::cluster::{ClusterNode, ClusterStatus, LayoutView};
 use crate::env::Env;
 
 /// Longest admin token accepted from a file.
@@ -95,7 +99,87 @@ async fn require_token<E: Env>(State(state): State<Arc<AdminState<E>>>, request:
 }
 
 async fn status<E: Env>(State(state): State<Arc<AdminState<E>>>) -> Json<ClusterStatus> {
-    Json(state.cluster.status())
+    let mut status = state.cluster.status();
+    status.maintenance = Some(state.cluster.maintenance_view().await.summary);
+    Json(status)
+}
+
+async fn maintenance<E: Env>(State(state): State<Arc<AdminState<E>>>) -> Json<MaintenanceView> {
+    Json(state.cluster.maintenance_view().await)
+}
+
+async fn control_maintenance<E: Env>(
+    State(state): State<Arc<AdminState<E>>>,
+    UrlPath(command): UrlPath<String>,
+) -> Response {
+    let command = match command.as_str() {
+        "repair-start" => MaintenanceCommand::RepairStart,
+        "repair-pause" => MaintenanceCommand::RepairPause,
+        "scrub-start" => MaintenanceCommand::ScrubStart,
+        other => {
+            return error_response(
+                StatusCode::NOT_FOUND,
+                format!("no maintenance command {other:?} (repair-start, repair-pause, scrub-start)"),
+            )
+        }
+    };
+    let reports = state.cluster.control_cluster_maintenance(command).await;
+    Json(MaintenanceView::from_reports(reports)).into_response()
+}
+
+async fn layout<E: Env>(State(state): State<Arc<AdminState<E>>>) -> Json<LayoutView> {
+    Json(state.cluster.layout_view())
+}
+
+fn error_response(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(serde_json::json!({ "error": message.into() }))).into_response()
+}
+
+#[derive(Deserialize)]
+struct RemoveQuery {
+    #[serde(default)]
+    force: bool,
+}
+
+/// `POST /v1/nodes/{id}/drain` and `POST /v1/nodes/{id}/remove?force=true`.
+async fn node_action<E: Env>(
+    State(state): State<Arc<AdminState<E>>>,
+    UrlPath((id, action)): UrlPath<(String, String)>,
+    Query(query): Query<RemoveQuery>,
+) -> Response {
+    let node = match state.cluster.resolve_node(&id) {
+        Ok(node) => node,
+        Err(error) => return error_response(StatusCode::NOT_FOUND, error.to_string()),
+    };
+    let result = match action.as_str() {
+        "drain" => state
+            .cluster
+            .set_node_status(node, NodeStatus::Draining)
+            .await
+            .map(|()| None)
+            .map_err(RemoveError::from),
+        "remove" => state.cluster.remove_node(node, query.force).await.map(Some),
+        other => {
+            return error_response(
+                StatusCode::NOT_FOUND,
+                format!("no node action {other:?} (drain, remove)"),
+            )
+        }
+    };
+    match result {
+        Ok(health) => Json(serde_json::json!({
+            "node": node.to_string(),
+            "action": action,
+            "stripes": health,
+            "layout": state.cluster.layout_view(),
+        }))
+        .into_response(),
+        Err(error @ (RemoveError::StillActive(_) | RemoveError::NotSafe(_))) => {
+            error_response(StatusCode::CONFLICT, error.to_string())
+        }
+        Err(error @ RemoveError::Timeout(_)) => error_response(StatusCode::SERVICE_UNAVAILABLE, error.to_string()),
+        Err(error) => error_response(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()),
+    }
 }
 
 fn data_error_response(error: DataError) -> Response {
@@ -284,6 +368,13 @@ pub fn router<E: Env>(token: String, cluster: Arc<ClusterNode<E>>) -> Router {
     let state = Arc::new(AdminState { token, cluster });
     Router::new()
         .route("/v1/status", get(status::<E>))
+        .route("/v1/maintenance", get(maintenance::<E>))
+        .route(
+            "/v1/maintenance/{command}",
+            axum::routing::post(control_maintenance::<E>),
+        )
+        .route("/v1/layout", get(layout::<E>))
+        .route("/v1/nodes/{id}/{action}", axum::routing::post(node_action::<E>))
         .route("/v1/keys", axum::routing::post(serve_create_key::<E>))
         .route("/v1/buckets/{bucket}", put(create_bucket::<E>).get(list_objects::<E>))
         .route(
@@ -326,9 +417,9 @@ pub enum AdminClientError {
     BadAnswer(String),
 }
 
-fn agent() -> ureq::Agent {
+fn agent(timeout: Duration) -> ureq::Agent {
     ureq::Agent::config_builder()
-        .timeout_global(Some(CLIENT_TIMEOUT))
+        .timeout_global(Some(timeout))
         .http_status_as_error(false)
         .build()
         .into()
@@ -342,6 +433,17 @@ fn call<T: serde::de::DeserializeOwned>(
     body: Option<serde_json::Value>,
     expected_status: u16,
 ) -> Result<T, AdminClientError> {
+    call_with_timeout(endpoint, token, path, body, expected_status, CLIENT_TIMEOUT)
+}
+
+fn call_with_timeout<T: serde::de::DeserializeOwned>(
+    endpoint: &str,
+    token: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+    expected_status: u16,
+    timeout: Duration,
+) -> Result<T, AdminClientError> {
     let url = format!("{}{path}", endpoint.trim_end_matches('/'));
     let unreachable = |reason: String| AdminClientError::Unreachable {
         endpoint: endpoint.to_string(),
@@ -349,11 +451,11 @@ fn call<T: serde::de::DeserializeOwned>(
     };
     let authorization = format!("Bearer {token}");
     let result = match body {
-        Some(body) => agent()
+        Some(body) => agent(timeout)
             .post(&url)
             .header("Authorization", &authorization)
             .send_json(body),
-        None => agent().get(&url).header("Authorization", &authorization).call(),
+        None => agent(timeout).get(&url).header("Authorization", &authorization).call(),
     };
     let mut response = result.map_err(|error| unreachable(error.to_string()))?;
     let status = response.status().as_u16();
@@ -384,6 +486,45 @@ pub fn create_key(
 ) -> Result<CreatedKey, AdminClientError> {
     let body = serde_json::json!({ "name": name, "allow_create_bucket": allow_create_bucket });
     call(endpoint, token, "/v1/keys", Some(body), 201)
+}
+
+/// `GET {endpoint}/v1/maintenance`.
+pub fn fetch_maintenance(endpoint: &str, token: &str) -> Result<MaintenanceView, AdminClientError> {
+    call(endpoint, token, "/v1/maintenance", None, 200)
+}
+
+/// `POST {endpoint}/v1/maintenance/{command}` (repair-start, repair-pause, scrub-start).
+pub fn control_maintenance_remote(
+    endpoint: &str,
+    token: &str,
+    command: &str,
+) -> Result<MaintenanceView, AdminClientError> {
+    call(
+        endpoint,
+        token,
+        &format!("/v1/maintenance/{command}"),
+        Some(serde_json::json!({})),
+        200,
+    )
+}
+
+/// `GET {endpoint}/v1/layout`.
+pub fn fetch_layout(endpoint: &str, token: &str) -> Result<LayoutView, AdminClientError> {
+    call(endpoint, token, "/v1/layout", None, 200)
+}
+
+/// `POST {endpoint}/v1/nodes/{id}/{action}` (drain, remove); a removal may wait for a
+/// fresh survey of every node.
+pub fn node_action_remote(
+    endpoint: &str,
+    token: &str,
+    id: &str,
+    action: &str,
+    force: bool,
+) -> Result<serde_json::Value, AdminClientError> {
+    let path = format!("/v1/nodes/{id}/{action}?force={force}");
+    let timeout = Duration::from_millis(REMOVE_CHECK_TIMEOUT_MS) + CLIENT_TIMEOUT;
+    call_with_timeout(endpoint, token, &path, Some(serde_json::json!({})), 200, timeout)
 }
 
 fn human_bytes(bytes: u64) -> String {
@@ -418,6 +559,86 @@ pub fn format_status_table(status: &ClusterStatus) -> String {
             node.status,
             node.used_bytes.map(human_bytes).unwrap_or_else(|| "?".into()),
             human_bytes(node.capacity_bytes)
+        ));
+    }
+    if let Some(summary) = &status.maintenance {
+        text.push('\n');
+        text.push_str(&format_maintenance_summary(summary));
+    }
+    text
+}
+
+/// Stripes by health, repair and scrub, for humans.
+pub fn format_maintenance_summary(summary: &MaintenanceSummary) -> String {
+    let stripes = &summary.stripes;
+    let repair = &summary.repair;
+    let scrub = &summary.scrub;
+    let mut text = format!(
+        "stripes: {} total, {} healthy, {} misplaced, {} degraded, {} at risk, {} lost, {} unknown\n",
+        stripes.total,
+        stripes.healthy,
+        stripes.misplaced,
+        stripes.degraded,
+        stripes.at_risk,
+        stripes.lost,
+        stripes.unknown
+    );
+    text.push_str(&format!(
+        "repair:  {} queued ({}), {} repaired, {} shards moved, {}/s, eta {}{}\n",
+        repair.queued_stripes,
+        human_bytes(repair.queued_bytes),
+        repair.repaired_stripes,
+        repair.moved_shards,
+        human_bytes(repair.bytes_per_s),
+        repair
+            .eta_s
+            .map(|eta| format!("{eta} s"))
+            .unwrap_or_else(|| "unknown".into()),
+        if repair.paused_nodes > 0 {
+            format!(" (paused on {} nodes)", repair.paused_nodes)
+        } else {
+            String::new()
+        }
+    ));
+    text.push_str(&format!(
+        "scrub:   {}/{} shards checked, {} corrupt found, {} passes on every node\n",
+        scrub.shards_checked, scrub.shards_total, scrub.corrupt_found, scrub.passes_completed_min
+    ));
+    text.push_str(&format!(
+        "shards:  {} stored, {} deleted as garbage or moved\n",
+        summary.shards_stored, summary.gc_deleted_shards
+    ));
+    if !summary.nodes_unreachable.is_empty() {
+        text.push_str(&format!(
+            "not counted (no answer): {}\n",
+            summary.nodes_unreachable.join(", ")
+        ));
+    }
+    text
+}
+
+/// The layout, for humans.
+pub fn format_layout(layout: &LayoutView) -> String {
+    let mut text = format!(
+        "layout version {} (digest {})\n\n{:<16} {:<16} {:<9} {:<16} {:>12} {:>9}\n",
+        layout.version,
+        &layout.digest[..16.min(layout.digest.len())],
+        "NODE",
+        "ZONE",
+        "STATUS",
+        "ROLES",
+        "CAPACITY",
+        "REVISION"
+    );
+    for node in &layout.nodes {
+        text.push_str(&format!(
+            "{:<16} {:<16} {:<9} {:<16} {:>12} {:>9}\n",
+            &node.id[..12.min(node.id.len())],
+            node.zone,
+            node.status,
+            node.roles.join(","),
+            human_bytes(node.capacity_bytes),
+            node.revision
         ));
     }
     text
