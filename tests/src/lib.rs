@@ -115,6 +115,8 @@ pub struct NodeSettings<'a> {
     pub bootstrap: Vec<String>,
     pub down_after: &'a str,
     pub gossip_interval: &'a str,
+    /// Appended to the config (e.g. a `[maintenance]` section).
+    pub extra_config: &'a str,
 }
 
 impl NodeProcess {
@@ -135,7 +137,7 @@ impl NodeProcess {
              listen = [\"/ip4/127.0.0.1/tcp/{tcp_port}\", \"/ip4/127.0.0.1/udp/{quic_port}/quic-v1\"]\n\
              bootstrap = [{bootstrap}]\ncluster_secret_file = {secret:?}\n{data_key}\
              down_after = \"{down_after}\"\ngossip_interval = \"{gossip_interval}\"\n\
-             [s3]\nlisten = \"127.0.0.1:{s3_port}\"\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n",
+             [s3]\nlisten = \"127.0.0.1:{s3_port}\"\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n{extra}",
             zone = settings.zone,
             bootstrap = bootstrap.join(", "),
             secret = settings.secret_file.display().to_string(),
@@ -145,6 +147,7 @@ impl NodeProcess {
                 .unwrap_or_default(),
             down_after = settings.down_after,
             gossip_interval = settings.gossip_interval,
+            extra = settings.extra_config,
         );
         let config_path = folder.join("node.toml");
         std::fs::write(&config_path, config).unwrap();
@@ -212,19 +215,26 @@ impl NodeProcess {
 
     /// `bdr-node admin status --json`, or None while the node is not answering.
     pub fn status(&self) -> Option<serde_json::Value> {
+        self.admin_json(&["status"]).ok()
+    }
+
+    /// Runs `bdr-node admin ARGS --json` against this node: its JSON answer, or the
+    /// command's stderr.
+    pub fn admin_json(&self, args: &[&str]) -> Result<serde_json::Value, String> {
         let output = run_bounded(
             Command::new(binary("bdr-node"))
                 .args(["admin", "--endpoint"])
                 .arg(format!("http://127.0.0.1:{}", self.admin_port))
                 .arg("--token-file")
                 .arg(self.folder.join("data").join("admin.token"))
-                .args(["status", "--json"]),
-            Duration::from_secs(15),
+                .args(args)
+                .arg("--json"),
+            Duration::from_secs(180),
         );
         if !output.status.success() {
-            return None;
+            return Err(String::from_utf8_lossy(&output.stderr).into_owned());
         }
-        serde_json::from_slice(&output.stdout).ok()
+        serde_json::from_slice(&output.stdout).map_err(|error| error.to_string())
     }
 }
 
@@ -367,6 +377,11 @@ pub struct ProcessCluster {
 
 impl ProcessCluster {
     pub fn start(zones: &[&str], down_after: &str) -> ProcessCluster {
+        ProcessCluster::start_with(zones, down_after, "")
+    }
+
+    /// Like `start`, with `extra_config` appended to every node's config.
+    pub fn start_with(zones: &[&str], down_after: &str, extra_config: &str) -> ProcessCluster {
         let root = tempfile::tempdir().unwrap();
         let secret = root.path().join("cluster.secret");
         let data_key = root.path().join("data.key");
@@ -388,6 +403,7 @@ impl ProcessCluster {
                 bootstrap,
                 down_after,
                 gossip_interval: "200ms",
+                extra_config,
             };
             nodes.push(NodeProcess::new(root.path(), &format!("node{index}"), &settings));
         }

@@ -71,6 +71,7 @@ fn six_nodes_converge_keep_an_intruder_out_and_detect_a_dead_node() {
             bootstrap,
             down_after: "3s",
             gossip_interval: "200ms",
+            extra_config: "",
         };
         nodes.push(NodeProcess::new(root.path(), &format!("node{index}"), &settings));
     }
@@ -92,6 +93,7 @@ fn six_nodes_converge_keep_an_intruder_out_and_detect_a_dead_node() {
             bootstrap: vec![nodes[0].tcp_address(), nodes[1].tcp_address()],
             down_after: "3s",
             gossip_interval: "200ms",
+            extra_config: "",
         },
     );
 

@@ -1,0 +1,167 @@
+//! Repair, scrub and garbage collection with real `bdr-node` processes: a SIGKILLed node's
+//! shards are rebuilt elsewhere until `admin status` shows every stripe healthy; when it
+//! returns, the stand-in copies go; rotten shard files are found by scrub and rebuilt.
+
+use std::time::{Duration, Instant};
+
+use bdr_tests::{pattern, wait_for, AdminClient, ProcessCluster};
+
+const ZONES: [&str; 6] = ["zone-a", "zone-a", "zone-b", "zone-b", "zone-c", "zone-c"];
+/// Fast maintenance so the test sees it within seconds (30 s is the shortest grace).
+const MAINTENANCE: &str = "[maintenance]\nrepair_interval = \"1s\"\ngc_grace = \"30s\"\n\
+                           write_deadline = \"10s\"\nscrub_interval = \"1h\"\n";
+const OBJECTS: usize = 200;
+
+fn summary(status: &serde_json::Value) -> (u64, u64, u64, u64, u64) {
+    let stripes = &status["maintenance"]["stripes"];
+    let count = |name: &str| stripes[name].as_u64().unwrap_or(u64::MAX);
+    (
+        count("total"),
+        count("healthy"),
+        count("degraded"),
+        count("at_risk"),
+        count("lost"),
+    )
+}
+
+/// Waits until `admin status` on `node` counts `total` stripes, all healthy, with every
+/// live node answering; returns how long that took.
+fn wait_until_healthy(cluster: &ProcessCluster, node: usize, total: u64, what: &str) -> Duration {
+    let started = Instant::now();
+    let mut last = None;
+    let healed = wait_for(Duration::from_secs(180), || {
+        let status = cluster.nodes[node].status()?;
+        let unreachable = status["maintenance"]["nodes_unreachable"]
+            .as_array()
+            .map_or(1, Vec::len);
+        let counts = summary(&status);
+        last = Some(status);
+        (unreachable == 0 && counts == (total, total, 0, 0, 0)).then_some(())
+    });
+    assert!(
+        healed.is_some(),
+        "{what}: not healed in time; last status {}\n{}",
+        serde_json::to_string_pretty(&last).unwrap_or_default(),
+        cluster.logs()
+    );
+    started.elapsed()
+}
+
+fn read_all(client: &AdminClient, objects: &[(String, Vec<u8>)]) {
+    for (key, data) in objects {
+        let answer = client.get("backups", key, None).unwrap();
+        assert_eq!(
+            answer.status,
+            200,
+            "GET {key}: {}",
+            String::from_utf8_lossy(&answer.body)
+        );
+        assert!(answer.body == *data, "GET {key}: wrong bytes");
+    }
+}
+
+fn shard_count(cluster: &ProcessCluster) -> usize {
+    (0..cluster.nodes.len())
+        .map(|index| cluster.shard_files(index).len())
+        .sum()
+}
+
+#[test]
+fn a_killed_node_is_rebuilt_elsewhere_its_return_tidies_up_and_scrub_finds_rot() {
+    let mut cluster = ProcessCluster::start_with(&ZONES, "3s", MAINTENANCE);
+    let writer = AdminClient::new(&cluster.nodes[0]);
+    assert_eq!(writer.create_bucket("backups").unwrap().status, 201);
+    // Striped objects (above the 64 KiB inline threshold), one stripe each.
+    let objects: Vec<(String, Vec<u8>)> = (0..OBJECTS)
+        .map(|index| (format!("object-{index:03}"), pattern(70_000 + index * 97, index as u64)))
+        .collect();
+    for (key, data) in &objects {
+        let answer = writer.put("backups", key, data).unwrap();
+        assert_eq!(
+            answer.status,
+            200,
+            "PUT {key}: {}",
+            String::from_utf8_lossy(&answer.body)
+        );
+    }
+    let total = OBJECTS as u64;
+    wait_until_healthy(&cluster, 0, total, "after the writes");
+    assert_eq!(shard_count(&cluster), OBJECTS * 6);
+
+    // SIGKILL a node: its shards are rebuilt on the other node of its zone.
+    let lost_shards = cluster.shard_files(2).len();
+    assert!(lost_shards > 0);
+    cluster.nodes[2].kill_hard();
+    let healing = wait_until_healthy(&cluster, 0, total, "after node 2 was killed");
+    println!("{lost_shards} shards of a killed node rebuilt; full redundancy after {healing:?} (down_after 3 s)");
+    let reader = AdminClient::new(&cluster.nodes[5]);
+    read_all(&reader, &objects);
+    let repair = cluster.nodes[0].admin_json(&["repair", "status"]).unwrap();
+    assert!(
+        repair["summary"]["repair"]["repaired_stripes"].as_u64().unwrap() >= lost_shards as u64 / 2,
+        "{repair}"
+    );
+
+    // It comes back with its disk: the stand-in copies are deleted after the grace.
+    cluster.nodes[2].start();
+    cluster.wait_until_all_up(Duration::from_secs(60));
+    let tidy = wait_for(Duration::from_secs(180), || {
+        (shard_count(&cluster) == OBJECTS * 6).then_some(())
+    });
+    assert!(
+        tidy.is_some(),
+        "{} shards on disk, {} expected\n{}",
+        shard_count(&cluster),
+        OBJECTS * 6,
+        cluster.logs()
+    );
+    wait_until_healthy(&cluster, 1, total, "after node 2 returned");
+    read_all(&reader, &objects);
+
+    // Rot 1% of the shard files; a scrub finds every one and repair rewrites them.
+    // Every 100th shard file of the cluster, at most one per stripe (within budget).
+    let mut all_files: Vec<std::path::PathBuf> = (0..cluster.nodes.len())
+        .flat_map(|index| cluster.shard_files(index))
+        .collect();
+    all_files.sort_by_key(|path| path.file_name().map(|name| name.to_owned()));
+    let mut rotten = Vec::new();
+    let mut stripes_hit = std::collections::BTreeSet::new();
+    for file in all_files.iter().skip(7).step_by(100) {
+        let name = file.file_name().unwrap().to_string_lossy().into_owned();
+        let stripe = name.split('.').next().unwrap().to_string();
+        if !stripes_hit.insert(stripe) {
+            continue;
+        }
+        let mut bytes = std::fs::read(file).unwrap();
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 0x40;
+        std::fs::write(file, bytes).unwrap();
+        rotten.push(file.clone());
+    }
+    assert!(rotten.len() >= OBJECTS * 6 / 100, "{} rotten", rotten.len());
+    cluster.nodes[3].admin_json(&["scrub", "start"]).unwrap();
+    let found = wait_for(Duration::from_secs(120), || {
+        let view = cluster.nodes[3].admin_json(&["scrub", "status"]).ok()?;
+        let corrupt = view["summary"]["scrub"]["corrupt_found"].as_u64()?;
+        (corrupt >= rotten.len() as u64).then_some(corrupt)
+    });
+    assert_eq!(
+        found.map(|(corrupt, _)| corrupt),
+        Some(rotten.len() as u64),
+        "{}",
+        cluster.logs()
+    );
+    // Every rotten file is rewritten with a good shard (health reports come from the last
+    // survey, which may predate the scrub: count the files).
+    let rewritten = wait_for(Duration::from_secs(120), || {
+        (shard_count(&cluster) == OBJECTS * 6).then_some(())
+    });
+    assert!(
+        rewritten.is_some(),
+        "{} shards on disk\n{}",
+        shard_count(&cluster),
+        cluster.logs()
+    );
+    wait_until_healthy(&cluster, 4, total, "after scrub");
+    read_all(&AdminClient::new(&cluster.nodes[1]), &objects);
+}
