@@ -164,4 +164,21 @@ fn a_killed_node_is_rebuilt_elsewhere_its_return_tidies_up_and_scrub_finds_rot()
     );
     wait_until_healthy(&cluster, 4, total, "after scrub");
     read_all(&AdminClient::new(&cluster.nodes[1]), &objects);
+
+    // The same figures in Prometheus form on the admin listener.
+    let node = &cluster.nodes[1];
+    let mut response = ureq::get(node.admin_url("/metrics"))
+        .header("Authorization", &format!("Bearer {}", node.admin_token()))
+        .call()
+        .unwrap();
+    let text = response.body_mut().read_to_string().unwrap();
+    for expected in [
+        format!("bdr_stripes{{health=\"healthy\"}} {OBJECTS}"),
+        "bdr_stripes{health=\"lost\"} 0".to_string(),
+        "bdr_peers{state=\"up\"} 6".to_string(),
+        "# TYPE bdr_repaired_stripes_total counter".to_string(),
+        "bdr_s3_requests_total".to_string(),
+    ] {
+        assert!(text.contains(&expected), "{expected:?} missing from /metrics:\n{text}");
+    }
 }

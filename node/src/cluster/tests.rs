@@ -168,6 +168,40 @@ impl TestCluster {
         cluster
     }
 
+    /// Starts one more node in `zone`, which joins through node 0.
+    async fn add_node(&mut self, zone: &str) {
+        let index = self.nodes.len();
+        let mut id = [0u8; 32];
+        id[0] = index as u8 + 1;
+        id[31] = 0x5a;
+        let env = Arc::new(TestEnv {
+            id: NodeId(id),
+            hub: Arc::clone(&self.hub),
+            shards: Arc::new(MemoryShardStore::new(1 << 30)),
+            meta: Arc::new(MemoryMetaStore::new()),
+            clock_skew_ms: AtomicI64::new(0),
+            rng_state: AtomicU64::new(index as u64 * 7919 + 1),
+        });
+        let spec = NodeSpec {
+            zone: ZoneName::new(zone).unwrap(),
+            capacity_bytes: 1 << 30,
+            roles: NodeRoles::STORAGE_AND_GATEWAY,
+            status: NodeStatus::Active,
+        };
+        let keys = DataKeys::from_root(&RootKey([42; 32]));
+        let node = ClusterNode::start(env, MEMBERSHIP, MAINTENANCE, spec, Some(keys))
+            .await
+            .unwrap();
+        self.hub
+            .handlers
+            .lock()
+            .unwrap()
+            .insert(NodeId(id), Arc::new(ClusterInbound(Arc::clone(&node))));
+        ClusterInbound(Arc::clone(&node)).peer_admitted(self.nodes[0].env().node_id());
+        self.nodes.push(node);
+        self.wait_until_converged().await;
+    }
+
     async fn wait_until_converged(&self) {
         for _ in 0..200 {
             if self.nodes.iter().all(|node| node.layout().len() == self.nodes.len()) {
@@ -903,4 +937,49 @@ async fn a_drained_node_empties_and_only_then_may_be_removed() {
         cluster.node(0).layout().get(&drained).unwrap().status,
         NodeStatus::Removed
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_node_receives_the_shards_placement_moves_by_copy_and_little_more() {
+    let mut cluster = TestCluster::start(&SIX_NODES).await;
+    let objects = put_objects(&cluster, 10).await;
+    let before = cluster.shard_map().await;
+    let old_layout = cluster.node(0).layout();
+    cluster.add_node("zone-a").await;
+    let new_layout = cluster.node(0).layout();
+    // What placement says must move: shard slots whose canonical holder changed.
+    let must_move = before
+        .keys()
+        .filter(|key| {
+            let old = bdr_protocol::placement::place(&old_layout, &key.stripe_id, 4, 2).unwrap();
+            let new = bdr_protocol::placement::place(&new_layout, &key.stripe_id, 4, 2).unwrap();
+            old.holders[usize::from(key.index)] != new.holders[usize::from(key.index)]
+        })
+        .count() as u64;
+    assert!(must_move > 0, "placement moved nothing to the new node");
+    let all: Vec<usize> = (0..7).collect();
+    cluster
+        .maintain_until("each shard exactly once, at its new canonical holder", &all, || async {
+            let map = cluster.shard_map().await;
+            map.len() == before.len()
+                && map
+                    .iter()
+                    .all(|(key, holders)| holders == &vec![node_index(&cluster, canonical_holders(&cluster, key))])
+        })
+        .await;
+    let moved: u64 = (0..7)
+        .map(|index| cluster.node(index).maintenance_report().moved_shards_total)
+        .sum();
+    let rebuilt_bytes: u64 = (0..7)
+        .map(|index| cluster.node(index).maintenance_report().repaired_bytes_total)
+        .sum();
+    println!("must move {must_move} of {} shards; moved {moved}", before.len());
+    assert!(moved >= must_move, "moved {moved}, placement moved {must_move}");
+    assert!(
+        moved * 2 <= must_move * 3,
+        "moved {moved}: more than 1.5x the {must_move} placement moved"
+    );
+    assert!(rebuilt_bytes > 0);
+    assert!(cluster.node(6).env().shards.usage().shard_count > 0);
+    assert_all_readable(&cluster, 6, &objects).await;
 }

@@ -23,6 +23,7 @@ use serde::Deserialize;
 use bdr_protocol::layout::NodeStatus;
 use bdr_protocol::wire::MaintenanceCommand;
 
+use super::metrics::GatewayMetrics;
 use crate::cluster::data::{DataError, ObjectWrite};
 use crate::cluster::maintenance::{MaintenanceSummary, MaintenanceView, RemoveError, REMOVE_CHECK_TIMEOUT_MS};
 use crate::cluster::{ClusterNode, ClusterStatus, LayoutView};
@@ -77,6 +78,8 @@ fn parse_token(path: &Path, text: &str) -> Result<String, String> {
 struct AdminState<E: Env> {
     token: String,
     cluster: Arc<ClusterNode<E>>,
+    /// The S3 gateway's request metrics, when this process serves S3.
+    gateway_metrics: Option<Arc<GatewayMetrics>>,
 }
 
 async fn require_token<E: Env>(State(state): State<Arc<AdminState<E>>>, request: Request, next: Next) -> Response {
@@ -102,6 +105,15 @@ async fn status<E: Env>(State(state): State<Arc<AdminState<E>>>) -> Json<Cluster
     let mut status = state.cluster.status();
     status.maintenance = Some(state.cluster.maintenance_view().await.summary);
     Json(status)
+}
+
+/// `GET /metrics`: Prometheus text format.
+async fn metrics<E: Env>(State(state): State<Arc<AdminState<E>>>) -> Response {
+    let status = state.cluster.status();
+    let summary = state.cluster.maintenance_view().await.summary;
+    let usage = state.cluster.env().shard_store().usage();
+    let text = super::metrics::render(&status, &summary, usage, state.gateway_metrics.as_deref());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
 async fn maintenance<E: Env>(State(state): State<Arc<AdminState<E>>>) -> Json<MaintenanceView> {
@@ -364,10 +376,19 @@ async fn serve_create_key<E: Env>(
     }
 }
 
-pub fn router<E: Env>(token: String, cluster: Arc<ClusterNode<E>>) -> Router {
-    let state = Arc::new(AdminState { token, cluster });
+pub fn router<E: Env>(
+    token: String,
+    cluster: Arc<ClusterNode<E>>,
+    gateway_metrics: Option<Arc<GatewayMetrics>>,
+) -> Router {
+    let state = Arc::new(AdminState {
+        token,
+        cluster,
+        gateway_metrics,
+    });
     Router::new()
         .route("/v1/status", get(status::<E>))
+        .route("/metrics", get(metrics::<E>))
         .route("/v1/maintenance", get(maintenance::<E>))
         .route(
             "/v1/maintenance/{command}",
@@ -391,12 +412,13 @@ pub async fn serve<E: Env>(
     listen: SocketAddr,
     token: String,
     cluster: Arc<ClusterNode<E>>,
+    gateway_metrics: Option<Arc<GatewayMetrics>>,
 ) -> Result<SocketAddr, String> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|error| format!("cannot listen on {listen}: {error}"))?;
     let address = listener.local_addr().map_err(|error| error.to_string())?;
-    let app = router(token, cluster);
+    let app = router(token, cluster, gateway_metrics);
     tokio::spawn(async move {
         if let Err(error) = axum::serve(listener, app).await {
             tracing::error!(%error, "admin API stopped");

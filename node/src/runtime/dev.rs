@@ -192,12 +192,23 @@ pub async fn start_dev(options: &DevOptions) -> Result<DevCluster, StartError> {
             .map_err(|error| dev_error(format!("cannot create an access key: {error}")))?,
     };
     let admin_token = admin::load_or_create_token(&admin_token_file).map_err(StartError::Admin)?;
-    let s3_address = s3::serve(options.s3_listen, DEFAULT_REGION.to_string(), Arc::clone(&gateway))
-        .await
-        .map_err(StartError::S3)?;
-    let admin_address = admin::serve(options.admin_listen, admin_token.clone(), Arc::clone(&gateway))
-        .await
-        .map_err(StartError::Admin)?;
+    let gateway_metrics = Arc::new(super::metrics::GatewayMetrics::default());
+    let s3_address = s3::serve(
+        options.s3_listen,
+        DEFAULT_REGION.to_string(),
+        Arc::clone(&gateway),
+        Arc::clone(&gateway_metrics),
+    )
+    .await
+    .map_err(StartError::S3)?;
+    let admin_address = admin::serve(
+        options.admin_listen,
+        admin_token.clone(),
+        Arc::clone(&gateway),
+        Some(gateway_metrics),
+    )
+    .await
+    .map_err(StartError::Admin)?;
     let cluster = DevCluster {
         nodes,
         s3_endpoint: format!("http://{s3_address}"),

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod dev;
+pub mod metrics;
 pub mod network;
 pub mod s3;
 
@@ -133,17 +134,28 @@ pub struct RunningNode {
 pub async fn start_node(config: &NodeConfig) -> Result<RunningNode, StartError> {
     let cluster = start_cluster_node(config).await?;
     let token = admin::load_or_create_token(&config.admin_token_file).map_err(StartError::Admin)?;
-    let admin_address = admin::serve(config.admin_listen, token, Arc::clone(&cluster))
-        .await
-        .map_err(StartError::Admin)?;
-    let s3_address = if config.roles.gateway && config.data_key_file.is_some() {
-        Some(
-            s3::serve(config.s3_listen, config.s3_region.clone(), Arc::clone(&cluster))
-                .await
-                .map_err(StartError::S3)?,
-        )
-    } else {
-        None
+    let serves_s3 = config.roles.gateway && config.data_key_file.is_some();
+    let gateway_metrics = serves_s3.then(|| Arc::new(metrics::GatewayMetrics::default()));
+    let admin_address = admin::serve(
+        config.admin_listen,
+        token,
+        Arc::clone(&cluster),
+        gateway_metrics.clone(),
+    )
+    .await
+    .map_err(StartError::Admin)?;
+    let s3_address = match gateway_metrics {
+        Some(gateway_metrics) => Some(
+            s3::serve(
+                config.s3_listen,
+                config.s3_region.clone(),
+                Arc::clone(&cluster),
+                gateway_metrics,
+            )
+            .await
+            .map_err(StartError::S3)?,
+        ),
+        None => None,
     };
     tracing::info!(
         node = %cluster.env().node_id(),

@@ -638,11 +638,17 @@ pub async fn serve<E: Env>(
     listen: SocketAddr,
     region: String,
     cluster: Arc<ClusterNode<E>>,
+    metrics: Arc<super::metrics::GatewayMetrics>,
 ) -> Result<SocketAddr, String> {
     let mut builder = S3ServiceBuilder::new(Gateway::new(Arc::clone(&cluster), region));
     builder.set_auth(ClusterAuth { cluster });
     let service = builder.build();
-    let app = axum::Router::new().fallback_service(HandleError::new(service, internal_error));
+    let app = axum::Router::new()
+        .fallback_service(HandleError::new(service, internal_error))
+        .layer(axum::middleware::from_fn_with_state(
+            metrics,
+            super::metrics::observe_s3,
+        ));
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|error| format!("cannot listen on {listen}: {error}"))?;
