@@ -165,6 +165,21 @@ fn a_killed_node_is_rebuilt_elsewhere_its_return_tidies_up_and_scrub_finds_rot()
     wait_until_healthy(&cluster, 4, total, "after scrub");
     read_all(&AdminClient::new(&cluster.nodes[1]), &objects);
 
+    // Every object write through node 0's admin API is in its audit log.
+    let audit = std::fs::read_to_string(cluster.nodes[0].folder.join("data").join("audit").join("audit.log")).unwrap();
+    let writes = audit
+        .lines()
+        .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())
+        .filter(|entry| {
+            entry["who"] == "admin"
+                && entry["operation"]
+                    .as_str()
+                    .is_some_and(|operation| operation.starts_with("PUT /v1/objects/backups/"))
+                && entry["status"] == 200
+        })
+        .count();
+    assert_eq!(writes, OBJECTS, "audit log of node 0:\n{audit}");
+
     // The same figures in Prometheus form on the admin listener.
     let node = &cluster.nodes[1];
     let mut response = ureq::get(node.admin_url("/metrics"))

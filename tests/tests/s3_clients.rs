@@ -148,6 +148,24 @@ fn aws_cli_round_trips_through_bdr_node_dev_and_survives_a_restart() {
     );
     assert!(head.contains("-3\\\""), "multipart ETag has the part count: {head}");
 
+    // The audit log names the access key behind every upload.
+    let audit = std::fs::read_to_string(folder.join("audit").join("audit.log")).unwrap();
+    let puts: Vec<serde_json::Value> = audit
+        .lines()
+        .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())
+        .filter(|entry| entry["operation"] == "PutObject" && entry["key"] == "dir/five-mib")
+        .collect();
+    assert_eq!(puts.len(), 1, "audit log:\n{audit}");
+    assert_eq!(puts[0]["bucket"], "backups");
+    assert_eq!(puts[0]["status"], 200);
+    assert!(
+        puts[0]["who"]
+            .as_str()
+            .is_some_and(|who| who.len() >= 16 && who != "anonymous"),
+        "{audit}"
+    );
+    assert!(audit.contains("\"operation\":\"CreateMultipartUpload\""), "{audit}");
+
     // A tree both ways with sync.
     let tree = root.path().join("tree");
     for index in 0..12 {

@@ -23,6 +23,7 @@ use serde::Deserialize;
 use bdr_protocol::layout::NodeStatus;
 use bdr_protocol::wire::MaintenanceCommand;
 
+use super::audit::{AuditEntry, AuditLog};
 use super::metrics::GatewayMetrics;
 use crate::cluster::data::{DataError, ObjectWrite};
 use crate::cluster::maintenance::{MaintenanceSummary, MaintenanceView, RemoveError, REMOVE_CHECK_TIMEOUT_MS};
@@ -80,6 +81,29 @@ struct AdminState<E: Env> {
     cluster: Arc<ClusterNode<E>>,
     /// The S3 gateway's request metrics, when this process serves S3.
     gateway_metrics: Option<Arc<GatewayMetrics>>,
+    audit: Arc<AuditLog>,
+}
+
+/// Audits every admin request that changes something (reads are not audited: status
+/// polling would drown the log).
+async fn audit_admin<E: Env>(State(state): State<Arc<AdminState<E>>>, request: Request, next: Next) -> Response {
+    let method = request.method().clone();
+    let path = request.uri().path().to_string();
+    let response = next.run(request).await;
+    if method != axum::http::Method::GET && method != axum::http::Method::HEAD {
+        let status = response.status().as_u16();
+        state.audit.record(AuditEntry {
+            at_ms: super::metrics::now_ms(),
+            who: if status == 401 { "unauthenticated" } else { "admin" }.into(),
+            operation: format!("{method} {path}"),
+            bucket: None,
+            key: None,
+            version_id: None,
+            status,
+            result: if status < 400 { "ok" } else { "refused_or_failed" },
+        });
+    }
+    response
 }
 
 async fn require_token<E: Env>(State(state): State<Arc<AdminState<E>>>, request: Request, next: Next) -> Response {
@@ -380,11 +404,13 @@ pub fn router<E: Env>(
     token: String,
     cluster: Arc<ClusterNode<E>>,
     gateway_metrics: Option<Arc<GatewayMetrics>>,
+    audit: Arc<AuditLog>,
 ) -> Router {
     let state = Arc::new(AdminState {
         token,
         cluster,
         gateway_metrics,
+        audit,
     });
     Router::new()
         .route("/v1/status", get(status::<E>))
@@ -404,6 +430,7 @@ pub fn router<E: Env>(
         )
         .layer(axum::extract::DefaultBodyLimit::disable())
         .route_layer(middleware::from_fn_with_state(Arc::clone(&state), require_token::<E>))
+        .route_layer(middleware::from_fn_with_state(Arc::clone(&state), audit_admin::<E>))
         .with_state(state)
 }
 
@@ -413,12 +440,13 @@ pub async fn serve<E: Env>(
     token: String,
     cluster: Arc<ClusterNode<E>>,
     gateway_metrics: Option<Arc<GatewayMetrics>>,
+    audit: Arc<AuditLog>,
 ) -> Result<SocketAddr, String> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|error| format!("cannot listen on {listen}: {error}"))?;
     let address = listener.local_addr().map_err(|error| error.to_string())?;
-    let app = router(token, cluster, gateway_metrics);
+    let app = router(token, cluster, gateway_metrics, audit);
     tokio::spawn(async move {
         if let Err(error) = axum::serve(listener, app).await {
             tracing::error!(%error, "admin API stopped");

@@ -193,11 +193,15 @@ pub async fn start_dev(options: &DevOptions) -> Result<DevCluster, StartError> {
     };
     let admin_token = admin::load_or_create_token(&admin_token_file).map_err(StartError::Admin)?;
     let gateway_metrics = Arc::new(super::metrics::GatewayMetrics::default());
+    let audit = Arc::new(super::audit::AuditLog::open(&root.join("audit")).map_err(StartError::Admin)?);
     let s3_address = s3::serve(
         options.s3_listen,
         DEFAULT_REGION.to_string(),
         Arc::clone(&gateway),
-        Arc::clone(&gateway_metrics),
+        Arc::new(super::metrics::S3Observer {
+            metrics: Arc::clone(&gateway_metrics),
+            audit: Arc::clone(&audit),
+        }),
     )
     .await
     .map_err(StartError::S3)?;
@@ -206,6 +210,7 @@ pub async fn start_dev(options: &DevOptions) -> Result<DevCluster, StartError> {
         admin_token.clone(),
         Arc::clone(&gateway),
         Some(gateway_metrics),
+        audit,
     )
     .await
     .map_err(StartError::Admin)?;

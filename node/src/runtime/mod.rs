@@ -2,6 +2,7 @@
 //! that assembles a running node from its config.
 
 pub mod admin;
+pub mod audit;
 pub mod dev;
 pub mod metrics;
 pub mod network;
@@ -136,11 +137,13 @@ pub async fn start_node(config: &NodeConfig) -> Result<RunningNode, StartError> 
     let token = admin::load_or_create_token(&config.admin_token_file).map_err(StartError::Admin)?;
     let serves_s3 = config.roles.gateway && config.data_key_file.is_some();
     let gateway_metrics = serves_s3.then(|| Arc::new(metrics::GatewayMetrics::default()));
+    let audit = Arc::new(audit::AuditLog::open(&config.data_dir.join("audit")).map_err(StartError::Admin)?);
     let admin_address = admin::serve(
         config.admin_listen,
         token,
         Arc::clone(&cluster),
         gateway_metrics.clone(),
+        Arc::clone(&audit),
     )
     .await
     .map_err(StartError::Admin)?;
@@ -150,7 +153,10 @@ pub async fn start_node(config: &NodeConfig) -> Result<RunningNode, StartError> 
                 config.s3_listen,
                 config.s3_region.clone(),
                 Arc::clone(&cluster),
-                gateway_metrics,
+                Arc::new(metrics::S3Observer {
+                    metrics: gateway_metrics,
+                    audit,
+                }),
             )
             .await
             .map_err(StartError::S3)?,

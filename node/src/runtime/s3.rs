@@ -638,7 +638,7 @@ pub async fn serve<E: Env>(
     listen: SocketAddr,
     region: String,
     cluster: Arc<ClusterNode<E>>,
-    metrics: Arc<super::metrics::GatewayMetrics>,
+    observer: Arc<super::metrics::S3Observer>,
 ) -> Result<SocketAddr, String> {
     let mut builder = S3ServiceBuilder::new(Gateway::new(Arc::clone(&cluster), region));
     builder.set_auth(ClusterAuth { cluster });
@@ -646,7 +646,7 @@ pub async fn serve<E: Env>(
     let app = axum::Router::new()
         .fallback_service(HandleError::new(service, internal_error))
         .layer(axum::middleware::from_fn_with_state(
-            metrics,
+            observer,
             super::metrics::observe_s3,
         ));
     let listener = tokio::net::TcpListener::bind(listen)
