@@ -66,6 +66,20 @@ fn shard_count(cluster: &ProcessCluster) -> usize {
         .sum()
 }
 
+/// Waits until the cluster holds exactly one file per shard of the objects.
+fn wait_for_one_file_per_shard(cluster: &ProcessCluster, what: &str) {
+    let settled = wait_for(Duration::from_secs(180), || {
+        (shard_count(cluster) == OBJECTS * 6).then_some(())
+    });
+    assert!(
+        settled.is_some(),
+        "{what}: {} shard files on disk, {} expected\n{}",
+        shard_count(cluster),
+        OBJECTS * 6,
+        cluster.logs()
+    );
+}
+
 #[test]
 fn a_killed_node_is_rebuilt_elsewhere_its_return_tidies_up_and_scrub_finds_rot() {
     let mut cluster = ProcessCluster::start_with(&ZONES, "3s", MAINTENANCE);
@@ -105,16 +119,7 @@ fn a_killed_node_is_rebuilt_elsewhere_its_return_tidies_up_and_scrub_finds_rot()
     // It comes back with its disk: the stand-in copies are deleted after the grace.
     cluster.nodes[2].start();
     cluster.wait_until_all_up(Duration::from_secs(60));
-    let tidy = wait_for(Duration::from_secs(180), || {
-        (shard_count(&cluster) == OBJECTS * 6).then_some(())
-    });
-    assert!(
-        tidy.is_some(),
-        "{} shards on disk, {} expected\n{}",
-        shard_count(&cluster),
-        OBJECTS * 6,
-        cluster.logs()
-    );
+    wait_for_one_file_per_shard(&cluster, "after node 2 returned");
     wait_until_healthy(&cluster, 1, total, "after node 2 returned");
     read_all(&reader, &objects);
 
@@ -153,15 +158,7 @@ fn a_killed_node_is_rebuilt_elsewhere_its_return_tidies_up_and_scrub_finds_rot()
     );
     // Every rotten file is rewritten with a good shard (health reports come from the last
     // survey, which may predate the scrub: count the files).
-    let rewritten = wait_for(Duration::from_secs(120), || {
-        (shard_count(&cluster) == OBJECTS * 6).then_some(())
-    });
-    assert!(
-        rewritten.is_some(),
-        "{} shards on disk\n{}",
-        shard_count(&cluster),
-        cluster.logs()
-    );
+    wait_for_one_file_per_shard(&cluster, "after scrub");
     wait_until_healthy(&cluster, 4, total, "after scrub");
     read_all(&AdminClient::new(&cluster.nodes[1]), &objects);
 

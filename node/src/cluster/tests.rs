@@ -129,46 +129,18 @@ const MAINTENANCE: MaintenanceConfig = MaintenanceConfig {
 impl TestCluster {
     /// `zones[i]` is node i's zone; all nodes are gateways with the same data key.
     async fn start(zones: &[&str]) -> TestCluster {
-        let hub = Arc::new(Hub::default());
-        let mut nodes = Vec::new();
-        for (index, zone) in zones.iter().enumerate() {
-            let mut id = [0u8; 32];
-            id[0] = index as u8 + 1;
-            id[31] = 0x5a;
-            let env = Arc::new(TestEnv {
-                id: NodeId(id),
-                hub: Arc::clone(&hub),
-                shards: Arc::new(MemoryShardStore::new(1 << 30)),
-                meta: Arc::new(MemoryMetaStore::new()),
-                clock_skew_ms: AtomicI64::new(0),
-                rng_state: AtomicU64::new(index as u64 * 7919 + 1),
-            });
-            let spec = NodeSpec {
-                zone: ZoneName::new(*zone).unwrap(),
-                capacity_bytes: 1 << 30,
-                roles: NodeRoles::STORAGE_AND_GATEWAY,
-                status: NodeStatus::Active,
-            };
-            let keys = DataKeys::from_root(&RootKey([42; 32]));
-            let node = ClusterNode::start(env, MEMBERSHIP, MAINTENANCE, spec, Some(keys))
-                .await
-                .unwrap();
-            hub.handlers
-                .lock()
-                .unwrap()
-                .insert(NodeId(id), Arc::new(ClusterInbound(Arc::clone(&node))));
-            nodes.push(node);
+        let mut cluster = TestCluster {
+            hub: Arc::new(Hub::default()),
+            nodes: Vec::new(),
+        };
+        for zone in zones {
+            cluster.add_node(zone).await;
         }
-        // Everyone meets node 0, as if it were the bootstrap peer.
-        for node in &nodes[1..] {
-            ClusterInbound(Arc::clone(node)).peer_admitted(nodes[0].env().node_id());
-        }
-        let cluster = TestCluster { hub, nodes };
-        cluster.wait_until_converged().await;
         cluster
     }
 
-    /// Starts one more node in `zone`, which joins through node 0.
+    /// Starts one more node in `zone` (all nodes are gateways with the same data key),
+    /// which joins through node 0.
     async fn add_node(&mut self, zone: &str) {
         let index = self.nodes.len();
         let mut id = [0u8; 32];
@@ -197,7 +169,10 @@ impl TestCluster {
             .lock()
             .unwrap()
             .insert(NodeId(id), Arc::new(ClusterInbound(Arc::clone(&node))));
-        ClusterInbound(Arc::clone(&node)).peer_admitted(self.nodes[0].env().node_id());
+        // Everyone meets node 0, as if it were the bootstrap peer.
+        if let Some(first) = self.nodes.first() {
+            ClusterInbound(Arc::clone(&node)).peer_admitted(first.env().node_id());
+        }
         self.nodes.push(node);
         self.wait_until_converged().await;
     }
@@ -241,6 +216,15 @@ impl TestCluster {
             }
         }
         map
+    }
+
+    /// Whether there are `expected` shards, each on exactly one node: its canonical holder.
+    async fn each_shard_once_at_its_canonical_holder(&self, expected: usize) -> bool {
+        let map = self.shard_map().await;
+        map.len() == expected
+            && map
+                .iter()
+                .all(|(key, holders)| holders == &vec![node_index(self, canonical_holders(self, key))])
     }
 
     /// Runs repair passes and holder tidying on every live node until `done` holds.
@@ -819,11 +803,7 @@ async fn shards_of_a_down_node_are_rebuilt_elsewhere_and_extras_go_when_it_retur
     let all: Vec<usize> = (0..6).collect();
     cluster
         .maintain_until("each shard exactly once, at its canonical holder", &all, || async {
-            let map = cluster.shard_map().await;
-            map.len() == before.len()
-                && map
-                    .iter()
-                    .all(|(key, holders)| holders == &vec![node_index(&cluster, canonical_holders(&cluster, key))])
+            cluster.each_shard_once_at_its_canonical_holder(before.len()).await
         })
         .await;
     assert_all_readable(&cluster, 3, &objects).await;
@@ -960,11 +940,7 @@ async fn a_new_node_receives_the_shards_placement_moves_by_copy_and_little_more(
     let all: Vec<usize> = (0..7).collect();
     cluster
         .maintain_until("each shard exactly once, at its new canonical holder", &all, || async {
-            let map = cluster.shard_map().await;
-            map.len() == before.len()
-                && map
-                    .iter()
-                    .all(|(key, holders)| holders == &vec![node_index(&cluster, canonical_holders(&cluster, key))])
+            cluster.each_shard_once_at_its_canonical_holder(before.len()).await
         })
         .await;
     let moved: u64 = (0..7)
