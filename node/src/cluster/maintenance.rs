@@ -69,6 +69,8 @@ pub const REPAIR_QUEUE_STRIPES_MAX: usize = 10_000;
 pub const GRACE_TIMERS_MAX: usize = 200_000;
 /// Owners whose references a pass remembers, so an object of many stripes is read once.
 pub const OWNER_CACHE_ENTRIES_MAX: usize = 4_096;
+/// Object versions read per page when looking for a completed upload's references.
+pub const VERSIONS_PAGE_ROWS: u32 = 100;
 /// Metadata lookups a pass keeps in flight at once.
 pub const LOOKUPS_IN_FLIGHT_MAX: usize = 32;
 /// Shards scrubbed between persisted cursor updates.
@@ -766,14 +768,20 @@ impl<E: Env> ClusterNode<E> {
         let mut after: Option<Vec<u8>> = None;
         loop {
             let page = self
-                .meta_scan(Table::Objects, bucket.as_bytes(), &sort_prefix, after.as_deref(), 100)
+                .meta_scan(
+                    Table::Objects,
+                    bucket.as_bytes(),
+                    &sort_prefix,
+                    after.as_deref(),
+                    VERSIONS_PAGE_ROWS,
+                )
                 .await
                 .ok()?;
             for (_, register) in &page {
                 referenced.extend(manifest_stripes(Some(register)));
             }
             match page.last() {
-                Some((row, _)) if page.len() == 100 => after = Some(row.sort_key.clone()),
+                Some((row, _)) if page.len() == VERSIONS_PAGE_ROWS as usize => after = Some(row.sort_key.clone()),
                 _ => return Some(referenced),
             }
         }

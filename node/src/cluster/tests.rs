@@ -959,3 +959,34 @@ async fn a_new_node_receives_the_shards_placement_moves_by_copy_and_little_more(
     assert!(cluster.node(6).env().shards.usage().shard_count > 0);
     assert_all_readable(&cluster, 6, &objects).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_commands_refuse_unknown_short_and_ambiguous_node_ids() {
+    let cluster = TestCluster::start(&SIX_NODES).await;
+    let node = cluster.node(0);
+    let id = cluster.node(3).env().node_id().to_string();
+    assert_eq!(node.resolve_node(&id[..8]).unwrap(), cluster.node(3).env().node_id());
+    assert_eq!(
+        node.resolve_node(&id.to_uppercase()).unwrap(),
+        cluster.node(3).env().node_id()
+    );
+    for bad in ["", "0403", "ffffffffffff", "not hex at all"] {
+        assert!(
+            matches!(node.resolve_node(bad), Err(super::ClusterError::UnknownNode(_))),
+            "{bad:?} was accepted"
+        );
+    }
+    // Fewer than 8 hex characters is refused even when it would match one node.
+    assert!(node.resolve_node(&id[..2]).is_err());
+    let unknown = NodeId([0xee; 32]);
+    assert!(matches!(
+        node.set_node_status(unknown, NodeStatus::Draining).await,
+        Err(super::ClusterError::UnknownNode(_))
+    ));
+    assert!(matches!(
+        node.remove_node(unknown, true).await,
+        Err(super::maintenance::RemoveError::Cluster(
+            super::ClusterError::UnknownNode(_)
+        ))
+    ));
+}
