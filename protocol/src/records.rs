@@ -329,6 +329,12 @@ impl RowKey {
         RowKey::new(partition_key, sort_prefix).encode()
     }
 
+    /// The partition of an encoded row key or key prefix (its first two bytes).
+    pub fn partition_of_encoded(encoded: &[u8]) -> Option<u32> {
+        let partition = u32::from(u16::from_be_bytes(encoded.get(..2)?.try_into().ok()?));
+        (partition < METADATA_PARTITIONS).then_some(partition)
+    }
+
     /// The encoded prefix of every row in `partition`.
     pub fn partition_prefix(partition: u32) -> [u8; 2] {
         (partition as u16).to_be_bytes()

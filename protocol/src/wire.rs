@@ -13,9 +13,9 @@ use crate::ids::{NodeId, StripeId};
 use crate::layout::Layout;
 
 /// Version of the request/response schema below. Bump on any incompatible change.
-pub const WIRE_VERSION: u16 = 1;
+pub const WIRE_VERSION: u16 = 2;
 /// The libp2p request-response protocol name; carries the major wire version.
-pub const RPC_PROTOCOL_NAME: &str = "/bdr/rpc/1";
+pub const RPC_PROTOCOL_NAME: &str = "/bdr/rpc/2";
 /// Largest frame body: one shard of the largest stripe (k = 1) plus headers and slack.
 pub const FRAME_BYTES_MAX: u64 = STRIPE_LENGTH_BYTES_MAX + 64 * 1024;
 /// Longest error message carried in a response.
@@ -74,6 +74,13 @@ pub struct PeerHeartbeat {
     pub used_bytes: u64,
     /// Where the node listens (multiaddrs as text; opaque to the cluster logic).
     pub addresses: Vec<String>,
+    /// The digest of the layout the node uses (see [`crate::layout::Layout::digest`]):
+    /// a new metadata replica waits until every live node uses the new layout.
+    pub layout_digest: [u8; 32],
+    /// The layout digest under which the node holds a complete copy of every metadata
+    /// partition it replicates (all zeros until then): a former replica drops its copy
+    /// once every new replica reports this.
+    pub metadata_synced_digest: [u8; 32],
 }
 
 impl PeerHeartbeat {
@@ -113,7 +120,11 @@ pub enum Request {
         index: u8,
     },
     /// Merges a stored value (see [`crate::records::encode_stored_value`]) into a table.
+    /// Metadata requests carry the coordinator's layout digest: a replica whose layout
+    /// differs refuses with [`RemoteErrorKind::LayoutMismatch`], so no write lands under a
+    /// replica set that a newer layout has replaced.
     MetaMerge {
+        layout_digest: [u8; 32],
         table: Table,
         #[serde(with = "serde_bytes")]
         key: Vec<u8>,
@@ -121,6 +132,7 @@ pub enum Request {
         value: Vec<u8>,
     },
     MetaGet {
+        layout_digest: [u8; 32],
         table: Table,
         #[serde(with = "serde_bytes")]
         key: Vec<u8>,
@@ -146,6 +158,7 @@ pub enum Request {
     /// Up to `limit` rows (at most [`SCAN_ROWS_MAX`]) whose keys start with `prefix`,
     /// after `after` if given, in key order.
     MetaScan {
+        layout_digest: [u8; 32],
         table: Table,
         #[serde(with = "serde_bytes")]
         prefix: Vec<u8>,
@@ -277,6 +290,11 @@ pub enum RemoteErrorKind {
     BadRequest,
     Unavailable,
     Internal,
+    /// The replica uses another layout than the coordinator: exchange gossip and retry.
+    LayoutMismatch,
+    /// The replica took over this metadata partition in a layout change and has not yet
+    /// pulled it from the other holders, so its answer could miss acknowledged writes.
+    NotReady,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -422,6 +440,8 @@ mod tests {
             sequence: 2,
             used_bytes: 12,
             addresses: vec!["/ip4/127.0.0.1/tcp/1".into()],
+            layout_digest: [6; 32],
+            metadata_synced_digest: [0; 32],
         };
         vec![
             Request::Admit {
@@ -437,6 +457,7 @@ mod tests {
                 index: 5,
             },
             Request::MetaMerge {
+                layout_digest: [7; 32],
                 table: Table::Objects,
                 key: b"bucket/key".to_vec(),
                 value: vec![0; 10],
@@ -466,8 +487,8 @@ mod tests {
             index: 0,
         })
         .unwrap();
-        body[0] = 2;
-        assert_eq!(decode_request(&body), Err(WireError::UnsupportedVersion(2)));
+        body[0] = 3;
+        assert_eq!(decode_request(&body), Err(WireError::UnsupportedVersion(3)));
         assert!(matches!(
             check_frame_length(u32::MAX.to_le_bytes()),
             Err(WireError::FrameTooLarge { .. })

@@ -23,6 +23,10 @@ use crate::world::{NetworkSettings, SimEnv, World};
 /// Virtual start time: a plausible wall clock, so HLC timestamps look real.
 const START_MS: u64 = 1_790_000_000_000;
 const BUCKET: &str = "sim";
+/// Bucket creation is retried (the booting cluster may still be handing metadata over)
+/// this often, this far apart, all before the fault phase begins.
+const BUCKET_CREATE_ATTEMPTS_MAX: u32 = 9;
+const BUCKET_CREATE_RETRY_MS: u64 = 500;
 /// Planted in every object's content: must never be found on any node's "disk".
 pub const PLAINTEXT_MARKER: &[u8] = b"SIM-PLAINTEXT-MARKER-7d2e";
 
@@ -821,8 +825,20 @@ pub fn run(seed: u64, scenario: &Scenario) -> Outcome {
             let Some((_, node)) = creator.up_nodes().first().cloned() else {
                 return;
             };
-            if let Err(error) = node.create_bucket_with(BUCKET, "sim", options).await {
-                creator.fail(format!("cannot create the bucket: {error}"));
+            // Like a client, retry while the metadata replicas finish the handover of the
+            // layout the booting nodes just built (they refuse reads until then).
+            for attempt in 1..=BUCKET_CREATE_ATTEMPTS_MAX {
+                match node.create_bucket_with(BUCKET, "sim", options).await {
+                    Ok(_) => return,
+                    Err(DataError::BucketExists(_)) if attempt > 1 => return,
+                    Err(DataError::Meta(_)) if attempt < BUCKET_CREATE_ATTEMPTS_MAX => {
+                        creator.world.executor.sleep(BUCKET_CREATE_RETRY_MS).await;
+                    }
+                    Err(error) => {
+                        creator.fail(format!("cannot create the bucket: {error}"));
+                        return;
+                    }
+                }
             }
         }),
     );

@@ -415,7 +415,8 @@ impl ProcessCluster {
         cluster
     }
 
-    /// Waits until every running node reports every node `up`.
+    /// Waits until every running node reports every node `up` and holding its metadata
+    /// partitions completely (the handover after the last layout change is over).
     pub fn wait_until_all_up(&self, timeout: Duration) {
         let count = self.nodes.len();
         let converged = wait_for(timeout, || {
@@ -424,7 +425,10 @@ impl ProcessCluster {
                 .all(|node| {
                     node.status().is_some_and(|status| {
                         let nodes = nodes_of(&status);
-                        nodes.len() == count && nodes.iter().all(|(_, _, state)| state == "up")
+                        let synced = status["nodes"]
+                            .as_array()
+                            .is_some_and(|nodes| nodes.iter().all(|node| node["metadata_synced"] == true));
+                        nodes.len() == count && nodes.iter().all(|(_, _, state)| state == "up") && synced
                     })
                 })
                 .then_some(())

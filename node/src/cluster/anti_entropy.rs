@@ -35,9 +35,32 @@ fn bucket_of(key: &[u8]) -> usize {
     usize::from(blake3::hash(key).as_bytes()[0] >> 4)
 }
 
+fn root_of(tables: &[TableDigest]) -> [u8; 32] {
+    let mut hasher = blake3::Hasher::new();
+    for table in tables {
+        for bucket in &table.buckets {
+            hasher.update(bucket);
+        }
+    }
+    *hasher.finalize().as_bytes()
+}
+
+/// The root of a partition with no rows on a replica.
+pub(crate) fn empty_partition_root() -> [u8; 32] {
+    let empty_bucket = *blake3::Hasher::new().finalize().as_bytes();
+    let tables: Vec<TableDigest> = Table::ALL
+        .iter()
+        .map(|table| TableDigest {
+            table: *table,
+            buckets: vec![empty_bucket; DIGEST_BUCKETS],
+        })
+        .collect();
+    root_of(&tables)
+}
+
 impl<E: Env> ClusterNode<E> {
     /// Visits every local row of `table` in `partition`, in key order.
-    fn for_each_local_row(
+    pub(crate) fn for_each_local_row(
         &self,
         table: Table,
         partition: u32,
@@ -99,13 +122,7 @@ impl<E: Env> ClusterNode<E> {
 
     /// The root hash of a partition: the hash of its table digests.
     pub fn partition_root(&self, partition: u32) -> Result<[u8; 32], MetaError> {
-        let mut hasher = blake3::Hasher::new();
-        for table in self.partition_digest(partition)? {
-            for bucket in &table.buckets {
-                hasher.update(bucket);
-            }
-        }
-        Ok(*hasher.finalize().as_bytes())
+        Ok(root_of(&self.partition_digest(partition)?))
     }
 
     /// Replica side of MetaPartitionRoots / MetaDigest / MetaBucketRows.
@@ -248,7 +265,7 @@ impl<E: Env> ClusterNode<E> {
     }
 
     /// Pulls the rows of `partition` that differ from `peer`'s; returns rows changed here.
-    async fn sync_partition_from(self: &Arc<Self>, peer: NodeId, partition: u32) -> Result<u64, String> {
+    pub(crate) async fn sync_partition_from(self: &Arc<Self>, peer: NodeId, partition: u32) -> Result<u64, String> {
         let theirs = match self
             .env
             .request(peer, Request::MetaDigest { partition }, METADATA_TIMEOUT_MS)

@@ -48,6 +48,8 @@ pub struct Membership {
     me: NodeId,
     config: MembershipConfig,
     layout: Layout,
+    /// `layout.digest()`, kept current by every change (metadata requests carry it).
+    layout_digest: [u8; 32],
     clock: HybridClock,
     own_heartbeat: PeerHeartbeat,
     heartbeats: BTreeMap<NodeId, HeartbeatView>,
@@ -75,6 +77,7 @@ impl Membership {
         let mut membership = Membership {
             me,
             config,
+            layout_digest: layout.digest(),
             layout,
             clock: HybridClock::new(me),
             own_heartbeat: PeerHeartbeat {
@@ -83,12 +86,16 @@ impl Membership {
                 sequence: 0,
                 used_bytes: 0,
                 addresses: Vec::new(),
+                layout_digest: [0; 32],
+                metadata_synced_digest: [0; 32],
             },
             heartbeats: BTreeMap::new(),
             started_at_ms: now_ms,
         };
         let stamp = membership.clock.now(now_ms);
         membership.layout.set_node(me, own_spec, stamp)?;
+        membership.layout_digest = membership.layout.digest();
+        membership.own_heartbeat.layout_digest = membership.layout_digest;
         Ok(membership)
     }
 
@@ -98,6 +105,40 @@ impl Membership {
 
     pub fn layout(&self) -> &Layout {
         &self.layout
+    }
+
+    pub fn layout_digest(&self) -> [u8; 32] {
+        self.layout_digest
+    }
+
+    /// Whether every node that is in the layout, not removed and not down (as far as we
+    /// know) has announced that it uses the layout with `digest`.
+    pub fn all_live_nodes_use_layout(&self, digest: &[u8; 32], now_ms: u64) -> bool {
+        self.layout
+            .entries()
+            .filter(|entry| entry.node != self.me && entry.status != NodeStatus::Removed)
+            .filter(|entry| self.liveness(&entry.node, now_ms) != Liveness::Down)
+            .all(|entry| {
+                self.heartbeats
+                    .get(&entry.node)
+                    .is_some_and(|view| view.heartbeat.layout_digest == *digest)
+            })
+    }
+
+    /// The layout digest under which `node` last announced a complete metadata copy.
+    pub fn metadata_synced_digest(&self, node: &NodeId) -> Option<[u8; 32]> {
+        if *node == self.me {
+            return Some(self.own_heartbeat.metadata_synced_digest);
+        }
+        self.heartbeats
+            .get(node)
+            .map(|view| view.heartbeat.metadata_synced_digest)
+    }
+
+    /// Records (for the next heartbeats) under which layout this node's metadata copy is
+    /// complete.
+    pub fn set_metadata_synced_digest(&mut self, digest: [u8; 32]) {
+        self.own_heartbeat.metadata_synced_digest = digest;
     }
 
     pub fn config(&self) -> MembershipConfig {
@@ -127,7 +168,9 @@ impl Membership {
             status,
         };
         let stamp = self.clock.now(now_ms);
-        self.layout.set_node(node, spec, stamp)
+        let changed = self.layout.set_node(node, spec, stamp)?;
+        self.layout_digest = self.layout.digest();
+        Ok(changed)
     }
 
     /// Starts a gossip round: bumps our heartbeat with current usage and addresses.
@@ -135,6 +178,7 @@ impl Membership {
         self.own_heartbeat.sequence += 1;
         self.own_heartbeat.used_bytes = used_bytes;
         self.own_heartbeat.addresses = addresses;
+        self.own_heartbeat.layout_digest = self.layout_digest;
     }
 
     /// What we send in a gossip exchange: the layout and every heartbeat we know.
@@ -148,6 +192,9 @@ impl Membership {
     /// and the heartbeats that advanced (so their addresses can be learned).
     pub fn absorb(&mut self, layout: &Layout, heartbeats: &[PeerHeartbeat], now_ms: u64) -> (bool, Vec<PeerHeartbeat>) {
         let layout_changed = self.layout.merge(layout);
+        if layout_changed {
+            self.layout_digest = self.layout.digest();
+        }
         let mut advanced = Vec::new();
         for heartbeat in heartbeats.iter().take(LAYOUT_HEARTBEATS_MAX) {
             // Only nodes in the layout are tracked: an unknown id in a heartbeat does not
@@ -306,6 +353,8 @@ mod tests {
             sequence: 1,
             used_bytes: 0,
             addresses: vec![],
+            layout_digest: [0; 32],
+            metadata_synced_digest: [0; 32],
         };
         let (_, advanced) = a.absorb(&Layout::new(), &[stranger], 0);
         assert!(advanced.is_empty());

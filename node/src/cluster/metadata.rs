@@ -119,7 +119,7 @@ impl<E: Env> ClusterNode<E> {
         let store = self.env.meta_store();
         let mut rows = ReplicaRows::new();
         match request {
-            Request::MetaGet { table, key } => {
+            Request::MetaGet { table, key, .. } => {
                 if let Some(bytes) = store.get(Tree::Table(*table), key)? {
                     rows.insert(key.clone(), decode_stored_value(&bytes)?);
                 }
@@ -129,6 +129,7 @@ impl<E: Env> ClusterNode<E> {
                 prefix,
                 after,
                 limit,
+                ..
             } => {
                 let limit = (*limit).min(SCAN_ROWS_MAX) as usize;
                 for (key, bytes) in store.scan(Tree::Table(*table), prefix, after.as_deref(), limit)? {
@@ -140,8 +141,40 @@ impl<E: Env> ClusterNode<E> {
         Ok(rows)
     }
 
+    /// Why this replica refuses a metadata request, if it does: the coordinator placed it
+    /// under another layout, or (for reads) this replica has not yet pulled the partition
+    /// it took over in a layout change.
+    pub(crate) fn refuse_meta_request(&self, request: &Request) -> Option<Response> {
+        let (layout_digest, encoded_key) = match request {
+            Request::MetaMerge { layout_digest, .. } => (layout_digest, None),
+            Request::MetaGet { layout_digest, key, .. } => (layout_digest, Some(key)),
+            Request::MetaScan {
+                layout_digest, prefix, ..
+            } => (layout_digest, Some(prefix)),
+            _ => return None,
+        };
+        if *layout_digest != self.layout_digest() {
+            return Some(Response::error(
+                RemoteErrorKind::LayoutMismatch,
+                "this replica uses another layout; exchange gossip and retry",
+            ));
+        }
+        let partition = encoded_key.map(|key| RowKey::partition_of_encoded(key))?;
+        match partition {
+            None => Some(Response::error(RemoteErrorKind::BadRequest, "malformed row key")),
+            Some(partition) if !self.metadata_partition_ready(partition) => Some(Response::error(
+                RemoteErrorKind::NotReady,
+                format!("metadata partition {partition} is still being handed over to this replica"),
+            )),
+            Some(_) => None,
+        }
+    }
+
     /// Replica side of MetaGet / MetaScan.
     pub(crate) fn serve_meta_read(&self, request: &Request) -> Response {
+        if let Some(refusal) = self.refuse_meta_request(request) {
+            return refusal;
+        }
         let rows = match self.local_rows(request) {
             Ok(rows) => rows,
             Err(error) => return Response::error(RemoteErrorKind::Internal, error.to_string()),
@@ -162,16 +195,46 @@ impl<E: Env> ClusterNode<E> {
         }
     }
 
+    /// Sends a metadata request to `replica`. A replica on another layout refuses it;
+    /// then the two exchange gossip (so both merge their layouts) and the request is
+    /// sent once more, re-stamped with the merged layout.
+    async fn request_replica(&self, replica: NodeId, mut request: Request) -> Result<Response, String> {
+        for attempt in 0..2 {
+            match self.env.request(replica, request.clone(), METADATA_TIMEOUT_MS).await {
+                Ok(Response::Error {
+                    kind: RemoteErrorKind::LayoutMismatch,
+                    ..
+                }) if attempt == 0 => {
+                    let (layout, heartbeats) = self.membership.lock().expect("not poisoned").gossip_payload();
+                    self.exchange(replica, layout, heartbeats).await;
+                    let digest = self.layout_digest();
+                    match &mut request {
+                        Request::MetaMerge { layout_digest, .. }
+                        | Request::MetaGet { layout_digest, .. }
+                        | Request::MetaScan { layout_digest, .. } => *layout_digest = digest,
+                        _ => {}
+                    }
+                }
+                Ok(response) => return Ok(response),
+                Err(error) => return Err(error.to_string()),
+            }
+        }
+        Err(format!("{}: uses another layout", replica.short()))
+    }
+
     /// Sends `request` to one replica (or serves it locally) and returns its rows.
     async fn read_replica(self: Arc<Self>, replica: NodeId, request: Request) -> Result<ReplicaRows, String> {
         if replica == self.env.node_id() {
+            if let Some(Response::Error { message, .. }) = self.refuse_meta_request(&request) {
+                return Err(format!("{}: {message}", replica.short()));
+            }
             return self.local_rows(&request).map_err(|error| error.to_string());
         }
         let key = match &request {
             Request::MetaGet { key, .. } => Some(key.clone()),
             _ => None,
         };
-        match self.env.request(replica, request, METADATA_TIMEOUT_MS).await {
+        match self.request_replica(replica, request).await {
             Ok(Response::MetaValue { value }) => {
                 let mut rows = ReplicaRows::new();
                 if let (Some(key), Some(value)) = (key, value) {
@@ -190,7 +253,7 @@ impl<E: Env> ClusterNode<E> {
                 .collect(),
             Ok(Response::Error { message, .. }) => Err(format!("{}: {message}", replica.short())),
             Ok(other) => Err(format!("{}: unexpected answer {other:?}", replica.short())),
-            Err(error) => Err(error.to_string()),
+            Err(error) => Err(error),
         }
     }
 
@@ -274,15 +337,17 @@ impl<E: Env> ClusterNode<E> {
                         .await
                         .map_err(|error| error.to_string())
                 } else {
-                    match node
-                        .env
-                        .request(replica, Request::MetaMerge { table, key, value }, METADATA_TIMEOUT_MS)
-                        .await
-                    {
+                    let request = Request::MetaMerge {
+                        layout_digest: node.layout_digest(),
+                        table,
+                        key,
+                        value,
+                    };
+                    match node.request_replica(replica, request).await {
                         Ok(Response::MetaMerged) => Ok(()),
                         Ok(Response::Error { message, .. }) => Err(format!("{}: {message}", replica.short())),
                         Ok(other) => Err(format!("{}: unexpected answer {other:?}", replica.short())),
-                        Err(error) => Err(error.to_string()),
+                        Err(error) => Err(error),
                     }
                 };
                 if let Some(done) = done {
@@ -299,6 +364,7 @@ impl<E: Env> ClusterNode<E> {
             .quorum_read(
                 &row.partition_key,
                 Request::MetaGet {
+                    layout_digest: self.layout_digest(),
                     table,
                     key: key.clone(),
                 },
@@ -326,6 +392,7 @@ impl<E: Env> ClusterNode<E> {
             .quorum_read(
                 partition_key,
                 Request::MetaScan {
+                    layout_digest: self.layout_digest(),
                     table,
                     prefix,
                     after,

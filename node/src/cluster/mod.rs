@@ -6,6 +6,7 @@
 
 pub mod anti_entropy;
 pub mod data;
+pub mod handover;
 pub mod maintenance;
 pub mod membership;
 pub mod metadata;
@@ -28,12 +29,17 @@ use membership::{Liveness, Membership, MembershipConfig};
 
 const LAYOUT_KEY: &[u8] = b"layout";
 const GENERATION_KEY: &[u8] = b"generation";
+const HANDOVER_KEY: &[u8] = b"handover";
 
 /// Node-local records in the system tree, versioned like every persisted record.
 #[derive(Serialize, Deserialize)]
 enum SystemRecord {
     LayoutV1(Layout),
     GenerationV1(u64),
+    HandoverV1 {
+        layout_digest: [u8; 32],
+        ready_partitions: Vec<u32>,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +66,9 @@ pub struct NodeStatusView {
     pub capacity_bytes: u64,
     /// As last announced by the node; absent until we have heard from it.
     pub used_bytes: Option<u64>,
+    /// Whether the node announced a complete copy of the metadata partitions it
+    /// replicates under this node's layout (false while a layout change is handed over).
+    pub metadata_synced: bool,
 }
 
 /// `GET /v1/status`.
@@ -126,6 +135,8 @@ pub struct ClusterNode<E: Env> {
     /// Anti-entropy digests of metadata partitions, dropped when a row of the partition
     /// changes (every local metadata write goes through `merge_local` or tombstone GC).
     digest_cache: Mutex<BTreeMap<u32, Vec<bdr_protocol::wire::TableDigest>>>,
+    /// Which metadata partitions this node holds completely under which layout.
+    handover: Mutex<handover::HandoverState>,
     maintenance_config: MaintenanceConfig,
     maintenance: Mutex<MaintenanceState>,
     /// One repair pass, one tidy pass and one scrub pass at a time per node (the loops
@@ -137,7 +148,11 @@ fn load_system_record(env: &impl Env, key: &'static [u8]) -> Result<Option<Syste
     let Some(bytes) = env.meta_store().get(Tree::System, key)? else {
         return Ok(None);
     };
-    let name = if key == LAYOUT_KEY { "layout" } else { "generation" };
+    let name = match key {
+        LAYOUT_KEY => "layout",
+        GENERATION_KEY => "generation",
+        _ => "handover",
+    };
     postcard::from_bytes(&bytes)
         .map(Some)
         .map_err(|error| ClusterError::CorruptSystemRecord(name, error.to_string()))
@@ -179,6 +194,19 @@ impl<E: Env> ClusterNode<E> {
         let generation = (previous_generation + 1).max(now_ms);
         save_system_record(env.as_ref(), GENERATION_KEY, &SystemRecord::GenerationV1(generation))?;
 
+        let handover_state = match load_system_record(env.as_ref(), HANDOVER_KEY)? {
+            Some(SystemRecord::HandoverV1 {
+                layout_digest,
+                ready_partitions,
+            }) => handover::HandoverState::restored(layout_digest, ready_partitions.into_iter().collect()),
+            Some(_) => {
+                return Err(ClusterError::CorruptSystemRecord(
+                    "handover",
+                    "wrong record kind".into(),
+                ))
+            }
+            None => handover::HandoverState::default(),
+        };
         let zone = own_spec.zone.clone();
         let membership = Membership::new(env.node_id(), config, layout, own_spec, generation, now_ms)?;
         save_system_record(
@@ -197,6 +225,7 @@ impl<E: Env> ClusterNode<E> {
             data_keys,
             joined: AtomicBool::new(alone),
             digest_cache: Mutex::new(BTreeMap::new()),
+            handover: Mutex::new(handover_state),
             maintenance_config,
             maintenance: Mutex::new(MaintenanceState::default()),
             maintenance_passes: maintenance::PassLocks::default(),
@@ -209,6 +238,8 @@ impl<E: Env> ClusterNode<E> {
             "anti-entropy",
             Box::pin(async move { syncing.anti_entropy_loop().await }),
         );
+        let handing_over = Arc::clone(&node);
+        env.spawn("handover", Box::pin(async move { handing_over.handover_loop().await }));
         let repairing = Arc::clone(&node);
         env.spawn("repair", Box::pin(async move { repairing.repair_loop().await }));
         let scrubbing = Arc::clone(&node);
@@ -218,6 +249,16 @@ impl<E: Env> ClusterNode<E> {
 
     pub fn env(&self) -> &Arc<E> {
         &self.env
+    }
+
+    pub(crate) async fn persist_handover_state(&self, state: handover::HandoverState) -> Result<(), ClusterError> {
+        let record = SystemRecord::HandoverV1 {
+            layout_digest: state.layout_digest,
+            ready_partitions: state.ready_partitions.into_iter().collect(),
+        };
+        save_system_record(self.env.as_ref(), HANDOVER_KEY, &record)?;
+        self.env.meta_store().flush().await?;
+        Ok(())
     }
 
     fn gossip_timeout_ms(&self) -> u64 {
@@ -256,7 +297,7 @@ impl<E: Env> ClusterNode<E> {
         futures::future::join_all(exchanges).await;
     }
 
-    async fn exchange(&self, target: NodeId, layout: Layout, heartbeats: Vec<PeerHeartbeat>) {
+    pub(crate) async fn exchange(&self, target: NodeId, layout: Layout, heartbeats: Vec<PeerHeartbeat>) {
         let request = Request::Gossip { layout, heartbeats };
         match self.env.request(target, request, self.gossip_timeout_ms()).await {
             Ok(Response::Gossip { layout, heartbeats }) => {
@@ -374,13 +415,21 @@ impl<E: Env> ClusterNode<E> {
                 Response::Gossip { layout, heartbeats }
             }
             Request::Admit { .. } => Response::error(RemoteErrorKind::BadRequest, "admission is the network's job"),
-            Request::MetaMerge { table, key, value } => match self.apply_meta_merge(table, &key, &value).await {
-                Ok(()) => Response::MetaMerged,
-                Err(error) => {
-                    tracing::warn!(peer = %from.short(), %error, "refused a metadata write");
-                    Response::error(RemoteErrorKind::BadRequest, error.to_string())
+            request @ Request::MetaMerge { .. } => {
+                if let Some(refusal) = self.refuse_meta_request(&request) {
+                    return refusal;
                 }
-            },
+                let Request::MetaMerge { table, key, value, .. } = request else {
+                    unreachable!("matched above")
+                };
+                match self.apply_meta_merge(table, &key, &value).await {
+                    Ok(()) => Response::MetaMerged,
+                    Err(error) => {
+                        tracing::warn!(peer = %from.short(), %error, "refused a metadata write");
+                        Response::error(RemoteErrorKind::BadRequest, error.to_string())
+                    }
+                }
+            }
             request @ (Request::MetaGet { .. } | Request::MetaScan { .. }) => self.serve_meta_read(&request),
             request @ (Request::MetaDigest { .. }
             | Request::MetaBucketRows { .. }
@@ -409,6 +458,10 @@ impl<E: Env> ClusterNode<E> {
         self.membership.lock().expect("not poisoned").layout().clone()
     }
 
+    pub fn layout_digest(&self) -> [u8; 32] {
+        self.membership.lock().expect("not poisoned").layout_digest()
+    }
+
     pub fn liveness(&self, node: &NodeId) -> Liveness {
         self.membership
             .lock()
@@ -430,6 +483,7 @@ impl<E: Env> ClusterNode<E> {
                 roles: roles_of(entry.roles),
                 capacity_bytes: entry.capacity_bytes,
                 used_bytes: membership.used_bytes(&entry.node),
+                metadata_synced: membership.metadata_synced_digest(&entry.node) == Some(membership.layout_digest()),
             })
             .collect();
         ClusterStatus {

@@ -108,6 +108,7 @@ impl Env for TestEnv {
 struct TestCluster {
     hub: Arc<Hub>,
     nodes: Vec<Arc<ClusterNode<TestEnv>>>,
+    membership: MembershipConfig,
 }
 
 const MEMBERSHIP: MembershipConfig = MembershipConfig {
@@ -129,9 +130,14 @@ const MAINTENANCE: MaintenanceConfig = MaintenanceConfig {
 impl TestCluster {
     /// `zones[i]` is node i's zone; all nodes are gateways with the same data key.
     async fn start(zones: &[&str]) -> TestCluster {
+        TestCluster::start_with(zones, MEMBERSHIP).await
+    }
+
+    async fn start_with(zones: &[&str], membership: MembershipConfig) -> TestCluster {
         let mut cluster = TestCluster {
             hub: Arc::new(Hub::default()),
             nodes: Vec::new(),
+            membership,
         };
         for zone in zones {
             cluster.add_node(zone).await;
@@ -161,7 +167,7 @@ impl TestCluster {
             status: NodeStatus::Active,
         };
         let keys = DataKeys::from_root(&RootKey([42; 32]));
-        let node = ClusterNode::start(env, MEMBERSHIP, MAINTENANCE, spec, Some(keys))
+        let node = ClusterNode::start(env, self.membership, MAINTENANCE, spec, Some(keys))
             .await
             .unwrap();
         self.hub
@@ -177,9 +183,14 @@ impl TestCluster {
         self.wait_until_converged().await;
     }
 
+    /// Waits until every node knows every node and holds the metadata partitions it
+    /// replicates completely (the handover after the last layout change is over).
     async fn wait_until_converged(&self) {
         for _ in 0..200 {
-            if self.nodes.iter().all(|node| node.layout().len() == self.nodes.len()) {
+            let digest = self.nodes[0].layout_digest();
+            if self.nodes.iter().all(|node| {
+                node.layout().len() == self.nodes.len() && node.layout_digest() == digest && node.metadata_synced()
+            }) {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -989,4 +1000,94 @@ async fn operator_commands_refuse_unknown_short_and_ambiguous_node_ids() {
             super::ClusterError::UnknownNode(_)
         ))
     ));
+}
+
+/// A layout change gives metadata partitions new replicas. Until they have pulled their
+/// partitions, reads go to replicas that hold everything: an acknowledged write is never
+/// missed, even when it sits on one of the new replica set only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_layout_change_never_hides_acknowledged_metadata() {
+    // Anti-entropy is off (an hour) so only the handover can bring rows to new replicas.
+    let quiet = MembershipConfig {
+        anti_entropy_interval_ms: 3_600_000,
+        ..MEMBERSHIP
+    };
+    let cluster = TestCluster::start_with(&SIX_NODES, quiet).await;
+    let buckets: Vec<String> = (0..48).map(|index| format!("handover-{index}")).collect();
+    for bucket in &buckets {
+        cluster.node(0).create_bucket(bucket, "owner").await.unwrap();
+    }
+    // Node 1 (zone a) misses every object write: those rows sit on two replicas only.
+    cluster.set_down(1, true);
+    for bucket in &buckets {
+        put(cluster.node(0), bucket, "object", bucket.as_bytes()).await.unwrap();
+    }
+    cluster.set_down(1, false);
+    // Draining node 3 (zone b) hands its partitions to node 2: where node 1 and node 3
+    // were replicas, the new set {1, 2, x} has the rows on x alone.
+    let drained = cluster.node(3).env().node_id();
+    let handed_over: Vec<&String> = buckets
+        .iter()
+        .filter(|bucket| {
+            let replicas = cluster.node(0).metadata_replicas(bucket.as_bytes()).unwrap();
+            replicas.contains(&drained) && replicas.contains(&cluster.node(1).env().node_id())
+        })
+        .collect();
+    assert!(!handed_over.is_empty(), "no bucket exercises the handover");
+    cluster
+        .node(0)
+        .set_node_status(drained, NodeStatus::Draining)
+        .await
+        .unwrap();
+    let (mut served, mut refused) = (0u32, 0u32);
+    for _ in 0..250 {
+        for bucket in &buckets {
+            match get(cluster.node(4), bucket, "object").await {
+                Ok(bytes) => {
+                    assert_eq!(bytes, bucket.as_bytes());
+                    served += 1;
+                }
+                Err(DataError::Meta(_)) => refused += 1,
+                Err(other) => panic!("{bucket}: an acknowledged object read as {other}"),
+            }
+        }
+        let digest = cluster.node(0).layout_digest();
+        if cluster
+            .nodes
+            .iter()
+            .all(|node| node.layout_digest() == digest && node.metadata_synced())
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        cluster.nodes.iter().all(|node| node.metadata_synced()),
+        "the handover did not finish"
+    );
+    for bucket in &buckets {
+        assert_eq!(get(cluster.node(1), bucket, "object").await.unwrap(), bucket.as_bytes());
+    }
+    assert!(served > 0, "served {served}, refused {refused}");
+    // The drained node drops its copies once every new replica announced a full one.
+    let mut rows_left = usize::MAX;
+    for _ in 0..100 {
+        rows_left = [Table::Buckets, Table::Objects]
+            .iter()
+            .map(|table| {
+                cluster
+                    .node(3)
+                    .env()
+                    .meta
+                    .scan(crate::env::Tree::Table(*table), b"", None, 1000)
+                    .unwrap()
+                    .len()
+            })
+            .sum();
+        if rows_left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(rows_left, 0, "a former replica kept its rows");
 }

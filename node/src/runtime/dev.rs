@@ -160,12 +160,15 @@ pub async fn start_dev(options: &DevOptions) -> Result<DevCluster, StartError> {
     }
     let expected = options.nodes as usize;
     let all = nodes.clone();
-    wait_until("every node to see every node up", || {
+    wait_until("every node to see every node up, holding its metadata", || {
         all.iter().all(|node| {
             let status = node.status();
             node.is_joined()
                 && status.nodes.len() == expected
-                && status.nodes.iter().all(|entry| entry.state == Liveness::Up)
+                && status
+                    .nodes
+                    .iter()
+                    .all(|entry| entry.state == Liveness::Up && entry.metadata_synced)
         })
     })
     .await?;
