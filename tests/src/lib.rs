@@ -338,6 +338,29 @@ impl AdminClient {
         )
     }
 
+    pub fn delete(&self, bucket: &str, key: &str) -> Result<Answer, String> {
+        Self::answer(
+            self.agent
+                .delete(format!("{}/v1/objects/{bucket}/{key}", self.base))
+                .header("Authorization", &format!("Bearer {}", self.token))
+                .call(),
+        )
+    }
+
+    /// Reads every object back and asserts it is there with exactly these bytes.
+    pub fn assert_reads(&self, bucket: &str, objects: &[(String, Vec<u8>)]) {
+        for (key, data) in objects {
+            let answer = self.get(bucket, key, None).unwrap();
+            assert_eq!(
+                answer.status,
+                200,
+                "GET {key}: {}",
+                String::from_utf8_lossy(&answer.body)
+            );
+            assert!(answer.body == *data, "GET {key}: wrong bytes");
+        }
+    }
+
     pub fn get(&self, bucket: &str, key: &str, range: Option<&str>) -> Result<Answer, String> {
         let mut request = self
             .agent
@@ -348,6 +371,19 @@ impl AdminClient {
         }
         Self::answer(request.call())
     }
+}
+
+/// (total, healthy, degraded, at_risk, lost) stripes in an `admin status` document.
+pub fn stripe_counts(status: &serde_json::Value) -> (u64, u64, u64, u64, u64) {
+    let stripes = &status["maintenance"]["stripes"];
+    let count = |name: &str| stripes[name].as_u64().unwrap_or(u64::MAX);
+    (
+        count("total"),
+        count("healthy"),
+        count("degraded"),
+        count("at_risk"),
+        count("lost"),
+    )
 }
 
 /// Deterministic test content for object `seed`.
@@ -373,6 +409,8 @@ pub fn slow_tests() -> bool {
 pub struct ProcessCluster {
     pub root: tempfile::TempDir,
     pub nodes: Vec<NodeProcess>,
+    down_after: String,
+    extra_config: String,
 }
 
 impl ProcessCluster {
@@ -383,9 +421,7 @@ impl ProcessCluster {
     /// Like `start`, with `extra_config` appended to every node's config.
     pub fn start_with(zones: &[&str], down_after: &str, extra_config: &str) -> ProcessCluster {
         let root = tempfile::tempdir().unwrap();
-        let secret = root.path().join("cluster.secret");
-        let data_key = root.path().join("data.key");
-        for path in [&secret, &data_key] {
+        for path in [root.path().join("cluster.secret"), root.path().join("data.key")] {
             let output = run_bounded(
                 Command::new(binary("bdr-node")).arg("gen-secret"),
                 Duration::from_secs(10),
@@ -393,26 +429,81 @@ impl ProcessCluster {
             assert!(output.status.success());
             std::fs::write(path, output.stdout).unwrap();
         }
-        let mut nodes: Vec<NodeProcess> = Vec::new();
-        for (index, zone) in zones.iter().enumerate() {
-            let bootstrap: Vec<String> = nodes.iter().take(2).map(NodeProcess::tcp_address).collect();
-            let settings = NodeSettings {
-                zone,
-                secret_file: &secret,
-                data_key_file: Some(&data_key),
-                bootstrap,
-                down_after,
-                gossip_interval: "200ms",
-                extra_config,
-            };
-            nodes.push(NodeProcess::new(root.path(), &format!("node{index}"), &settings));
+        let mut cluster = ProcessCluster {
+            root,
+            nodes: Vec::new(),
+            down_after: down_after.to_string(),
+            extra_config: extra_config.to_string(),
+        };
+        for zone in zones {
+            let bootstrap = cluster.nodes.iter().take(2).map(NodeProcess::tcp_address).collect();
+            let node = cluster.new_node(zone, bootstrap);
+            cluster.nodes.push(node);
         }
-        for node in &mut nodes {
+        for node in &mut cluster.nodes {
             node.start();
         }
-        let cluster = ProcessCluster { root, nodes };
         cluster.wait_until_all_up(Duration::from_secs(60));
         cluster
+    }
+
+    /// A node configured like the others (not started).
+    fn new_node(&self, zone: &str, bootstrap: Vec<String>) -> NodeProcess {
+        let secret = self.root.path().join("cluster.secret");
+        let data_key = self.root.path().join("data.key");
+        let settings = NodeSettings {
+            zone,
+            secret_file: &secret,
+            data_key_file: Some(&data_key),
+            bootstrap,
+            down_after: &self.down_after,
+            gossip_interval: "200ms",
+            extra_config: &self.extra_config,
+        };
+        NodeProcess::new(self.root.path(), &format!("node{}", self.nodes.len()), &settings)
+    }
+
+    /// Starts one more node in `zone`, bootstrapping from the first two running nodes;
+    /// returns its index. Does not wait for it.
+    pub fn add_node(&mut self, zone: &str) -> usize {
+        let bootstrap: Vec<String> = self
+            .nodes
+            .iter_mut()
+            .filter_map(|node| node.is_running().then(|| node.tcp_address()))
+            .take(2)
+            .collect();
+        let mut node = self.new_node(zone, bootstrap);
+        node.start();
+        self.nodes.push(node);
+        self.nodes.len() - 1
+    }
+
+    /// Shard files on the disks of every node, running or not.
+    pub fn shard_file_count(&self) -> usize {
+        (0..self.nodes.len()).map(|index| self.shard_files(index).len()).sum()
+    }
+
+    /// Waits until `admin status` on `node` counts `total` stripes, all healthy, with
+    /// every live node answering; returns how long that took.
+    pub fn wait_until_healthy(&self, node: usize, total: u64, what: &str) -> Duration {
+        let started = Instant::now();
+        let mut last = None;
+        let healed = wait_for(Duration::from_secs(180), || {
+            let status = self.nodes[node].status()?;
+            let unreachable = status["maintenance"]["nodes_unreachable"]
+                .as_array()
+                .map_or(1, Vec::len);
+            let counts = stripe_counts(&status);
+            last = Some(status);
+            (unreachable == 0 && counts == (total, total, 0, 0, 0)).then_some(())
+        });
+        assert!(
+            healed.is_some(),
+            "{what}: not healed in time; last status {}\n{}",
+            serde_json::to_string_pretty(&last).unwrap_or_default(),
+            self.logs()
+        );
+        started.elapsed()
     }
 
     /// Waits until every running node reports every node `up` and holding its metadata

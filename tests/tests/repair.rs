@@ -2,7 +2,7 @@
 //! shards are rebuilt elsewhere until `admin status` shows every stripe healthy; when it
 //! returns, the stand-in copies go; rotten shard files are found by scrub and rebuilt.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bdr_tests::{pattern, wait_for, AdminClient, ProcessCluster};
 
@@ -12,69 +12,15 @@ const MAINTENANCE: &str = "[maintenance]\nrepair_interval = \"1s\"\ngc_grace = \
                            write_deadline = \"10s\"\nscrub_interval = \"1h\"\n";
 const OBJECTS: usize = 200;
 
-fn summary(status: &serde_json::Value) -> (u64, u64, u64, u64, u64) {
-    let stripes = &status["maintenance"]["stripes"];
-    let count = |name: &str| stripes[name].as_u64().unwrap_or(u64::MAX);
-    (
-        count("total"),
-        count("healthy"),
-        count("degraded"),
-        count("at_risk"),
-        count("lost"),
-    )
-}
-
-/// Waits until `admin status` on `node` counts `total` stripes, all healthy, with every
-/// live node answering; returns how long that took.
-fn wait_until_healthy(cluster: &ProcessCluster, node: usize, total: u64, what: &str) -> Duration {
-    let started = Instant::now();
-    let mut last = None;
-    let healed = wait_for(Duration::from_secs(180), || {
-        let status = cluster.nodes[node].status()?;
-        let unreachable = status["maintenance"]["nodes_unreachable"]
-            .as_array()
-            .map_or(1, Vec::len);
-        let counts = summary(&status);
-        last = Some(status);
-        (unreachable == 0 && counts == (total, total, 0, 0, 0)).then_some(())
-    });
-    assert!(
-        healed.is_some(),
-        "{what}: not healed in time; last status {}\n{}",
-        serde_json::to_string_pretty(&last).unwrap_or_default(),
-        cluster.logs()
-    );
-    started.elapsed()
-}
-
-fn read_all(client: &AdminClient, objects: &[(String, Vec<u8>)]) {
-    for (key, data) in objects {
-        let answer = client.get("backups", key, None).unwrap();
-        assert_eq!(
-            answer.status,
-            200,
-            "GET {key}: {}",
-            String::from_utf8_lossy(&answer.body)
-        );
-        assert!(answer.body == *data, "GET {key}: wrong bytes");
-    }
-}
-
-fn shard_count(cluster: &ProcessCluster) -> usize {
-    (0..cluster.nodes.len())
-        .map(|index| cluster.shard_files(index).len())
-        .sum()
-}
-
 /// Waits until the cluster holds exactly one file per shard of the objects.
 fn wait_for_one_file_per_shard(cluster: &ProcessCluster, what: &str) {
     let settled = wait_for(Duration::from_secs(180), || {
-        (shard_count(cluster) == OBJECTS * 6).then_some(())
+        (cluster.shard_file_count() == OBJECTS * 6).then_some(())
     });
     assert!(
         settled.is_some(),
         "{what}: {} shard files on disk, {} expected\n{}",
-        shard_count(cluster),
+        cluster.shard_file_count(),
         OBJECTS * 6,
         cluster.logs()
     );
@@ -99,17 +45,17 @@ fn a_killed_node_is_rebuilt_elsewhere_its_return_tidies_up_and_scrub_finds_rot()
         );
     }
     let total = OBJECTS as u64;
-    wait_until_healthy(&cluster, 0, total, "after the writes");
-    assert_eq!(shard_count(&cluster), OBJECTS * 6);
+    cluster.wait_until_healthy(0, total, "after the writes");
+    assert_eq!(cluster.shard_file_count(), OBJECTS * 6);
 
     // SIGKILL a node: its shards are rebuilt on the other node of its zone.
     let lost_shards = cluster.shard_files(2).len();
     assert!(lost_shards > 0);
     cluster.nodes[2].kill_hard();
-    let healing = wait_until_healthy(&cluster, 0, total, "after node 2 was killed");
+    let healing = cluster.wait_until_healthy(0, total, "after node 2 was killed");
     println!("{lost_shards} shards of a killed node rebuilt; full redundancy after {healing:?} (down_after 3 s)");
     let reader = AdminClient::new(&cluster.nodes[5]);
-    read_all(&reader, &objects);
+    reader.assert_reads("backups", &objects);
     let repair = cluster.nodes[0].admin_json(&["repair", "status"]).unwrap();
     assert!(
         repair["summary"]["repair"]["repaired_stripes"].as_u64().unwrap() >= lost_shards as u64 / 2,
@@ -120,8 +66,8 @@ fn a_killed_node_is_rebuilt_elsewhere_its_return_tidies_up_and_scrub_finds_rot()
     cluster.nodes[2].start();
     cluster.wait_until_all_up(Duration::from_secs(60));
     wait_for_one_file_per_shard(&cluster, "after node 2 returned");
-    wait_until_healthy(&cluster, 1, total, "after node 2 returned");
-    read_all(&reader, &objects);
+    cluster.wait_until_healthy(1, total, "after node 2 returned");
+    reader.assert_reads("backups", &objects);
 
     // Rot 1% of the shard files; a scrub finds every one and repair rewrites them.
     // Every 100th shard file of the cluster, at most one per stripe (within budget).
@@ -159,8 +105,8 @@ fn a_killed_node_is_rebuilt_elsewhere_its_return_tidies_up_and_scrub_finds_rot()
     // Every rotten file is rewritten with a good shard (health reports come from the last
     // survey, which may predate the scrub: count the files).
     wait_for_one_file_per_shard(&cluster, "after scrub");
-    wait_until_healthy(&cluster, 4, total, "after scrub");
-    read_all(&AdminClient::new(&cluster.nodes[1]), &objects);
+    cluster.wait_until_healthy(4, total, "after scrub");
+    AdminClient::new(&cluster.nodes[1]).assert_reads("backups", &objects);
 
     // Every object write through node 0's admin API is in its audit log.
     let audit = std::fs::read_to_string(cluster.nodes[0].folder.join("data").join("audit").join("audit.log")).unwrap();

@@ -1,0 +1,168 @@
+//! The cluster changes shape under real `bdr-node` processes, and nothing is lost:
+//!
+//! 1. a node is SIGKILLed, the cluster heals, the operator removes it (its metadata
+//!    partitions are handed over to live nodes);
+//! 2. a second node, in another zone, is SIGKILLed: everything still reads and heals;
+//! 3. a seventh node joins: shards move to it by copy, close to what placement requires;
+//! 4. a node is drained and then removed;
+//! 5. objects are deleted (some re-uploaded under the same key at once): after the grace
+//!    period their shards are gone from every disk and the re-uploads read back intact.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use bdr_tests::{pattern, wait_for, AdminClient, ProcessCluster};
+
+const ZONES: [&str; 6] = ["zone-a", "zone-a", "zone-b", "zone-b", "zone-c", "zone-c"];
+/// Fast maintenance so the test sees it within seconds (30 s is the shortest grace).
+const MAINTENANCE: &str = "[maintenance]\nrepair_interval = \"1s\"\ngc_grace = \"30s\"\n\
+                           write_deadline = \"10s\"\nscrub_interval = \"1h\"\n";
+const OBJECTS: usize = 60;
+/// Shards per stripe (the default 4+2 code).
+const SHARDS: usize = 6;
+
+fn node_id(cluster: &ProcessCluster, index: usize) -> String {
+    cluster.nodes[index].status().expect("node answers")["node_id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// Waits until every node in `running` reports every node in `running` up and holding
+/// its metadata partitions completely.
+fn wait_until_settled(cluster: &ProcessCluster, running: &[usize], what: &str) {
+    let ids: BTreeSet<String> = running.iter().map(|index| node_id(cluster, *index)).collect();
+    let settled = wait_for(Duration::from_secs(60), || {
+        running
+            .iter()
+            .all(|index| {
+                cluster.nodes[*index].status().is_some_and(|status| {
+                    let nodes = status["nodes"].as_array().cloned().unwrap_or_default();
+                    let live: Vec<&serde_json::Value> = nodes
+                        .iter()
+                        .filter(|node| ids.contains(node["id"].as_str().unwrap_or_default()))
+                        .collect();
+                    live.len() == ids.len()
+                        && live
+                            .iter()
+                            .all(|node| node["state"] == "up" && node["metadata_synced"] == true)
+                })
+            })
+            .then_some(())
+    });
+    assert!(settled.is_some(), "{what}: not settled\n{}", cluster.logs());
+}
+
+/// Shard files on the disks of the nodes in `running`.
+fn shard_files_on(cluster: &ProcessCluster, running: &[usize]) -> usize {
+    running.iter().map(|index| cluster.shard_files(*index).len()).sum()
+}
+
+fn wait_for_shard_files(cluster: &ProcessCluster, running: &[usize], expected: usize, what: &str) {
+    let settled = wait_for(Duration::from_secs(180), || {
+        (shard_files_on(cluster, running) == expected).then_some(())
+    });
+    assert!(
+        settled.is_some(),
+        "{what}: {} shard files on running nodes, {expected} expected\n{}",
+        shard_files_on(cluster, running),
+        cluster.logs()
+    );
+}
+
+fn admin(cluster: &ProcessCluster, node: usize, args: &[&str]) -> serde_json::Value {
+    cluster.nodes[node]
+        .admin_json(args)
+        .unwrap_or_else(|error| panic!("admin {args:?}: {error}\n{}", cluster.logs()))
+}
+
+fn moved_shards(cluster: &ProcessCluster, node: usize) -> u64 {
+    cluster.nodes[node].status().unwrap()["maintenance"]["repair"]["moved_shards"]
+        .as_u64()
+        .unwrap()
+}
+
+#[test]
+fn nodes_die_join_drain_and_leave_and_deleted_data_goes_while_nothing_is_lost() {
+    let mut cluster = ProcessCluster::start_with(&ZONES, "3s", MAINTENANCE);
+    let writer = AdminClient::new(&cluster.nodes[0]);
+    assert_eq!(writer.create_bucket("backups").unwrap().status, 201);
+    // Striped objects (above the 64 KiB inline threshold), one stripe each.
+    let mut objects: Vec<(String, Vec<u8>)> = (0..OBJECTS)
+        .map(|index| (format!("object-{index:03}"), pattern(70_000 + index * 89, index as u64)))
+        .collect();
+    for (key, data) in &objects {
+        assert_eq!(writer.put("backups", key, data).unwrap().status, 200, "PUT {key}");
+    }
+    let total = OBJECTS as u64;
+    cluster.wait_until_healthy(0, total, "after the writes");
+
+    // 1. Node 2 (zone b) dies; once healed, the operator removes it.
+    let removed = node_id(&cluster, 2);
+    cluster.nodes[2].kill_hard();
+    cluster.wait_until_healthy(0, total, "after node 2 was killed");
+    admin(&cluster, 0, &["node", "remove", &removed]);
+    let mut running = vec![0, 1, 3, 4, 5];
+    wait_until_settled(&cluster, &running, "after node 2 was removed");
+
+    // 2. Node 4 (zone c) dies too: with node 2's metadata handed over, every object still
+    //    reads, and the cluster heals again (zone c's shards go to node 5).
+    cluster.nodes[4].kill_hard();
+    running.retain(|index| *index != 4);
+    let reader = AdminClient::new(&cluster.nodes[1]);
+    reader.assert_reads("backups", &objects);
+    cluster.wait_until_healthy(0, total, "after node 4 was killed");
+    reader.assert_reads("backups", &objects);
+
+    // 3. A seventh node joins zone b: shards move to it, by copy, close to the minimum.
+    let moved_before = moved_shards(&cluster, 0);
+    let joined = cluster.add_node("zone-b");
+    running.push(joined);
+    wait_until_settled(&cluster, &running, "after node 6 joined");
+    reader.assert_reads("backups", &objects);
+    cluster.wait_until_healthy(0, total, "after node 6 joined");
+    wait_for_shard_files(&cluster, &running, OBJECTS * SHARDS, "after node 6 joined");
+    let on_new_node = cluster.shard_files(joined).len() as u64;
+    let moved = moved_shards(&cluster, 0) - moved_before;
+    println!("growth: {moved} shards moved, {on_new_node} now on the new node");
+    assert!(on_new_node > 0, "no shard moved to the new node");
+    assert!(
+        moved * 2 <= on_new_node * 3,
+        "moved {moved} shards, placement needs {on_new_node} (limit 1.5x)"
+    );
+    reader.assert_reads("backups", &objects);
+
+    // 4. Node 3 is drained, empties, and may then be removed.
+    let drained = node_id(&cluster, 3);
+    admin(&cluster, 0, &["node", "drain", &drained]);
+    let emptied = wait_for(Duration::from_secs(180), || {
+        cluster.shard_files(3).is_empty().then_some(())
+    });
+    assert!(emptied.is_some(), "node 3 did not empty\n{}", cluster.logs());
+    cluster.wait_until_healthy(0, total, "after node 3 was drained");
+    admin(&cluster, 0, &["node", "remove", &drained]);
+    running.retain(|index| *index != 3);
+    wait_until_settled(&cluster, &running, "after node 3 was removed");
+    reader.assert_reads("backups", &objects);
+
+    // 5. Delete a third of the objects; half of those are uploaded again at once under
+    //    the same key. After write deadline + grace, exactly the live shards remain.
+    let deleted: Vec<(String, Vec<u8>)> = objects.drain(..OBJECTS / 3).collect();
+    for (index, (key, _)) in deleted.iter().enumerate() {
+        assert_eq!(writer.delete("backups", key).unwrap().status, 204, "DELETE {key}");
+        if index % 2 == 0 {
+            let data = pattern(75_000 + index, 1_000 + index as u64);
+            assert_eq!(writer.put("backups", key, &data).unwrap().status, 200, "PUT {key}");
+            objects.push((key.clone(), data));
+        }
+    }
+    let live = objects.len() as u64;
+    wait_for_shard_files(&cluster, &running, objects.len() * SHARDS, "after the deletes");
+    cluster.wait_until_healthy(0, live, "after the deletes");
+    reader.assert_reads("backups", &objects);
+    for (index, (key, _)) in deleted.iter().enumerate() {
+        if index % 2 == 1 {
+            assert_eq!(reader.get("backups", key, None).unwrap().status, 404, "GET {key}");
+        }
+    }
+}
