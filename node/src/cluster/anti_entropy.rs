@@ -178,12 +178,7 @@ impl<E: Env> ClusterNode<E> {
     }
 
     pub(crate) async fn anti_entropy_loop(self: Arc<Self>) {
-        let interval_ms = self
-            .membership
-            .lock()
-            .expect("not poisoned")
-            .config()
-            .anti_entropy_interval_ms;
+        let interval_ms = self.membership_config().anti_entropy_interval_ms;
         loop {
             self.env.sleep(interval_ms).await;
             self.anti_entropy_round().await;
@@ -332,12 +327,7 @@ impl<E: Env> ClusterNode<E> {
 
     /// Removes this replica's tombstones of `partition` older than the grace period.
     fn collect_tombstones(&self, partition: u32) {
-        let grace_ms = self
-            .membership
-            .lock()
-            .expect("not poisoned")
-            .config()
-            .tombstone_grace_ms;
+        let grace_ms = self.membership_config().tombstone_grace_ms;
         let horizon_ms = self.env.now_ms().saturating_sub(grace_ms);
         let store = self.env.meta_store();
         for table in Table::ALL {

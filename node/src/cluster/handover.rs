@@ -132,12 +132,7 @@ impl<E: Env> ClusterNode<E> {
     }
 
     pub(crate) async fn handover_loop(self: Arc<Self>) {
-        let interval_ms = self
-            .membership
-            .lock()
-            .expect("not poisoned")
-            .config()
-            .gossip_interval_ms;
+        let interval_ms = self.membership_config().gossip_interval_ms;
         loop {
             let round = self.handover_round().await;
             if round.partitions_made_ready > 0 || round.partitions_dropped > 0 {

@@ -327,7 +327,7 @@ impl<E: Env> ClusterNode<E> {
         let now_ms = self.env.now_ms();
         // The first passes come soon after start (a restart may follow a failure), not
         // immediately: gossip must first say who is up.
-        let settle_ms = self.membership.lock().expect("not poisoned").config().down_after_ms;
+        let settle_ms = self.membership_config().down_after_ms;
         state.next_repair_at_ms = now_ms + settle_ms.min(self.maintenance_config.repair_interval_ms);
         state.next_scrub_at_ms = now_ms + self.maintenance_config.scrub_interval_ms;
     }

@@ -251,6 +251,10 @@ impl<E: Env> ClusterNode<E> {
         &self.env
     }
 
+    pub(crate) fn membership_config(&self) -> MembershipConfig {
+        self.membership.lock().expect("not poisoned").config()
+    }
+
     pub(crate) async fn persist_handover_state(&self, state: handover::HandoverState) -> Result<(), ClusterError> {
         let record = SystemRecord::HandoverV1 {
             layout_digest: state.layout_digest,
@@ -262,17 +266,12 @@ impl<E: Env> ClusterNode<E> {
     }
 
     fn gossip_timeout_ms(&self) -> u64 {
-        let config = self.membership.lock().expect("not poisoned").config();
+        let config = self.membership_config();
         (config.gossip_interval_ms * 4).min(config.down_after_ms / 2).max(500)
     }
 
     async fn gossip_loop(self: Arc<Self>) {
-        let interval_ms = self
-            .membership
-            .lock()
-            .expect("not poisoned")
-            .config()
-            .gossip_interval_ms;
+        let interval_ms = self.membership_config().gossip_interval_ms;
         loop {
             self.gossip_round().await;
             self.env.sleep(interval_ms).await;
