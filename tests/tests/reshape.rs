@@ -76,6 +76,27 @@ fn admin(cluster: &ProcessCluster, node: usize, args: &[&str]) -> serde_json::Va
         .unwrap_or_else(|error| panic!("admin {args:?}: {error}\n{}", cluster.logs()))
 }
 
+/// `admin node remove`, retried as its refusal says while repair finishes (the
+/// status a test waited on comes from each node's last survey; remove surveys afresh).
+fn remove_node(cluster: &ProcessCluster, id: &str) {
+    let mut last_error = String::new();
+    let removed = wait_for(Duration::from_secs(60), || {
+        match cluster.nodes[0].admin_json(&["node", "remove", id]) {
+            Ok(_) => Some(()),
+            Err(error) if error.contains("409") => {
+                last_error = error;
+                None
+            }
+            Err(error) => panic!("admin node remove: {error}\n{}", cluster.logs()),
+        }
+    });
+    assert!(
+        removed.is_some(),
+        "node {id} not removable: {last_error}\n{}",
+        cluster.logs()
+    );
+}
+
 fn moved_shards(cluster: &ProcessCluster, node: usize) -> u64 {
     cluster.nodes[node].status().unwrap()["maintenance"]["repair"]["moved_shards"]
         .as_u64()
@@ -101,7 +122,7 @@ fn nodes_die_join_drain_and_leave_and_deleted_data_goes_while_nothing_is_lost() 
     let removed = node_id(&cluster, 2);
     cluster.nodes[2].kill_hard();
     cluster.wait_until_healthy(0, total, "after node 2 was killed");
-    admin(&cluster, 0, &["node", "remove", &removed]);
+    remove_node(&cluster, &removed);
     let mut running = vec![0, 1, 3, 4, 5];
     wait_until_settled(&cluster, &running, "after node 2 was removed");
 
@@ -140,7 +161,7 @@ fn nodes_die_join_drain_and_leave_and_deleted_data_goes_while_nothing_is_lost() 
     });
     assert!(emptied.is_some(), "node 3 did not empty\n{}", cluster.logs());
     cluster.wait_until_healthy(0, total, "after node 3 was drained");
-    admin(&cluster, 0, &["node", "remove", &drained]);
+    remove_node(&cluster, &drained);
     running.retain(|index| *index != 3);
     wait_until_settled(&cluster, &running, "after node 3 was removed");
     reader.assert_reads("backups", &objects);
