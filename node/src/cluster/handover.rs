@@ -102,15 +102,10 @@ impl<E: Env> ClusterNode<E> {
     }
 
     /// Whether this node holds every partition it replicates completely, under the
-    /// current layout.
+    /// current layout: what its heartbeat announces (set by the handover round).
     pub fn metadata_synced(&self) -> bool {
-        let layout = self.layout();
-        let digest = layout.digest();
-        let handover = self.handover.lock().expect("not poisoned").clone();
-        handover.layout_digest == digest
-            && self
-                .replicated_partitions(&layout)
-                .is_subset(&handover.ready_partitions)
+        let membership = self.membership.lock().expect("not poisoned");
+        membership.metadata_synced_digest(&membership.me()) == Some(membership.layout_digest())
     }
 
     /// The handover state for the current layout (reset if the layout changed), with
@@ -259,6 +254,7 @@ impl<E: Env> ClusterNode<E> {
                 continue;
             }
             let Ok(replicas) = self.partition_replicas(layout, partition) else {
+                all_gone = false;
                 continue;
             };
             let all_complete = {

@@ -29,6 +29,9 @@ use crate::env::{Env, StoreError, Tree};
 pub const METADATA_REPLICAS: u8 = 3;
 /// How long a coordinator waits for replicas before giving up on a quorum.
 pub const METADATA_TIMEOUT_MS: u64 = 10_000;
+/// Times a request refused for a layout mismatch is sent again after a gossip exchange
+/// with the replica (one exchange makes both hold the merge of their layouts).
+const LAYOUT_MISMATCH_RETRIES_MAX: u32 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetaError {
@@ -199,12 +202,12 @@ impl<E: Env> ClusterNode<E> {
     /// then the two exchange gossip (so both merge their layouts) and the request is
     /// sent once more, re-stamped with the merged layout.
     async fn request_replica(&self, replica: NodeId, mut request: Request) -> Result<Response, String> {
-        for attempt in 0..2 {
+        for attempt in 0..=LAYOUT_MISMATCH_RETRIES_MAX {
             match self.env.request(replica, request.clone(), METADATA_TIMEOUT_MS).await {
                 Ok(Response::Error {
                     kind: RemoteErrorKind::LayoutMismatch,
                     ..
-                }) if attempt == 0 => {
+                }) if attempt < LAYOUT_MISMATCH_RETRIES_MAX => {
                     let (layout, heartbeats) = self.membership.lock().expect("not poisoned").gossip_payload();
                     self.exchange(replica, layout, heartbeats).await;
                     let digest = self.layout_digest();

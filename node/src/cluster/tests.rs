@@ -1091,3 +1091,56 @@ async fn a_layout_change_never_hides_acknowledged_metadata() {
     }
     assert_eq!(rows_left, 0, "a former replica kept its rows");
 }
+
+/// A replica refuses metadata requests placed under another layout, reads of a partition
+/// it has not pulled, and malformed keys, each with its own error kind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_refuse_other_layouts_unready_partitions_and_malformed_keys() {
+    let cluster = TestCluster::start(&SIX_NODES).await;
+    cluster.node(0).create_bucket("refusals", "owner").await.unwrap();
+    let replica_id = cluster.node(0).metadata_replicas(b"refusals").unwrap()[0];
+    let replica = cluster.node(node_index(&cluster, replica_id));
+    let from = cluster.node(0).env().node_id();
+    let row = bdr_protocol::records::RowKey::new(b"refusals", b"").encode().unwrap();
+    let digest = replica.layout_digest();
+    let get = |layout_digest: [u8; 32], key: Vec<u8>| Request::MetaGet {
+        layout_digest,
+        table: Table::Buckets,
+        key,
+    };
+    let kind_of = |response: Response| match response {
+        Response::Error { kind, .. } => Some(kind),
+        _ => None,
+    };
+
+    assert_eq!(
+        kind_of(replica.handle_request(from, get(digest, row.clone())).await),
+        None
+    );
+    let stale = [0xee; 32];
+    assert_eq!(
+        kind_of(replica.handle_request(from, get(stale, row.clone())).await),
+        Some(wire::RemoteErrorKind::LayoutMismatch)
+    );
+    let merge = Request::MetaMerge {
+        layout_digest: stale,
+        table: Table::Buckets,
+        key: row.clone(),
+        value: vec![0; 4],
+    };
+    assert_eq!(
+        kind_of(replica.handle_request(from, merge).await),
+        Some(wire::RemoteErrorKind::LayoutMismatch)
+    );
+    assert_eq!(
+        kind_of(replica.handle_request(from, get(digest, vec![0xff])).await),
+        Some(wire::RemoteErrorKind::BadRequest)
+    );
+    // As if the partition had just been handed to this replica: reads wait, writes not.
+    let partition = bdr_protocol::records::RowKey::partition_of(b"refusals");
+    replica.handover.lock().unwrap().ready_partitions.remove(&partition);
+    assert_eq!(
+        kind_of(replica.handle_request(from, get(digest, row.clone())).await),
+        Some(wire::RemoteErrorKind::NotReady)
+    );
+}
