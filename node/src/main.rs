@@ -84,6 +84,11 @@ enum AdminCommand {
         #[command(subcommand)]
         command: KeyCommand,
     },
+    /// Who may use a bucket besides its owner.
+    Bucket {
+        #[command(subcommand)]
+        command: BucketCommand,
+    },
     /// Rebuilding lost shards and moving shards after layout changes.
     Repair {
         #[command(subcommand)]
@@ -186,6 +191,40 @@ enum KeyCommand {
         /// Allow this key to create buckets.
         #[arg(long)]
         allow_create_bucket: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum BucketCommand {
+    /// Give an access key rights on a bucket, replacing what it had (no --read and no
+    /// --write takes every right away).
+    Allow {
+        bucket: String,
+        /// The access key id to grant.
+        #[arg(long = "key")]
+        key_id: String,
+        /// List and read objects.
+        #[arg(long)]
+        read: bool,
+        /// Write, overwrite and delete objects.
+        #[arg(long)]
+        write: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Take every right on a bucket away from an access key.
+    Deny {
+        bucket: String,
+        #[arg(long = "key")]
+        key_id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a bucket's owner and granted keys.
+    Grants {
+        bucket: String,
         #[arg(long)]
         json: bool,
     },
@@ -306,6 +345,32 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         println!("access key id:     {}", key.key_id);
                         println!("secret access key: {}", key.secret_key);
                     }
+                }
+                AdminCommand::Bucket { command } => {
+                    let (view, json) = match command {
+                        BucketCommand::Allow {
+                            bucket,
+                            key_id,
+                            read,
+                            write,
+                            json,
+                        } => {
+                            let grant = admin::GrantView { key_id, read, write };
+                            (admin::grant_bucket_remote(&endpoint, &token, &bucket, &grant)?, json)
+                        }
+                        BucketCommand::Deny { bucket, key_id, json } => {
+                            let grant = admin::GrantView {
+                                key_id,
+                                read: false,
+                                write: false,
+                            };
+                            (admin::grant_bucket_remote(&endpoint, &token, &bucket, &grant)?, json)
+                        }
+                        BucketCommand::Grants { bucket, json } => {
+                            (admin::fetch_bucket_grants(&endpoint, &token, &bucket)?, json)
+                        }
+                    };
+                    print_either(json, &view, admin::format_bucket_grants)?;
                 }
                 AdminCommand::Status { json } => {
                     let status = admin::fetch_status(&endpoint, &token)?;

@@ -107,12 +107,16 @@ pub struct BucketRecord {
     pub inline_threshold_bytes: u32,
 }
 
-/// One access key's rights on one bucket (keyed by bucket and key id).
+/// One access key's rights on one bucket (keyed by bucket and key id). The bucket's owner
+/// needs no grant: [`BucketRecord::owner_key_id`] has every right.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BucketGrant {
     pub read: bool,
     pub write: bool,
-    pub owner: bool,
+    /// The `created_at_ms` of the bucket this grant was given on: a grant never carries
+    /// over to a later bucket of the same name (deleted and created again by someone else).
+    pub bucket_created_at_ms: u64,
+    pub granted_at_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -169,6 +173,8 @@ pub enum ChecksumAlgorithm {
     Crc32c,
     Sha1,
     Sha256,
+    /// Appended last: stored records keep their variant indices.
+    Crc64Nvme,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

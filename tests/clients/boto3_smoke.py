@@ -2,7 +2,7 @@
 """boto3 with default settings (checksums on, aws-chunked uploads) against a bdr S3
 endpoint given by the standard AWS_* environment variables. Exits non-zero on the first
 mismatch, printing what went wrong. Run by tests/tests/s3_clients.rs."""
-import hashlib, os, sys, urllib.request
+import base64, datetime, hashlib, os, sys, urllib.request, zlib
 
 import boto3
 from botocore.exceptions import ClientError
@@ -77,6 +77,112 @@ for call, code in [
         check(False, f"expected {code}")
     except ClientError as error:
         check(error.response["Error"]["Code"] == code, f"expected {code}, got {error.response['Error']}")
+
+# Checksums: boto3 sends a CRC32 trailer by default; the gateway verifies it, stores it
+# and returns it when asked; an explicit SHA256 likewise; a wrong one is refused.
+def b64(digest):
+    return base64.b64encode(digest).decode()
+
+
+crc32 = b64(zlib.crc32(small).to_bytes(4, "big"))
+check(s3.head_object(Bucket=bucket, Key="small", ChecksumMode="ENABLED").get("ChecksumCRC32") == crc32,
+      "stored CRC32 differs")
+answer = s3.put_object(Bucket=bucket, Key="sha", Body=small, ChecksumAlgorithm="SHA256")
+check(answer.get("ChecksumSHA256") == b64(hashlib.sha256(small).digest()), f"put SHA256 answer {answer}")
+fetched = s3.get_object(Bucket=bucket, Key="sha", ChecksumMode="ENABLED")
+check(fetched["Body"].read() == small and fetched.get("ChecksumSHA256") == b64(hashlib.sha256(small).digest()),
+      "get SHA256")
+for kwargs in [{"ChecksumCRC32": b64(b"\0\0\0\0")}, {"ChecksumSHA1": b64(hashlib.sha1(b"other").digest())}]:
+    try:
+        s3.put_object(Bucket=bucket, Key="bad-checksum", Body=small, **kwargs)
+        check(False, f"a wrong checksum was accepted: {kwargs}")
+    except ClientError as error:
+        check(error.response["Error"]["Code"] == "BadDigest", f"wrong checksum: {error.response['Error']}")
+try:
+    s3.head_object(Bucket=bucket, Key="bad-checksum")
+    check(False, "an object with a wrong checksum was stored")
+except ClientError as error:
+    check(error.response["ResponseMetadata"]["HTTPStatusCode"] == 404, f"{error.response}")
+
+# Conditional reads: an ETag that matches, dates before and after the object's time.
+etag = s3.head_object(Bucket=bucket, Key="small")["ETag"]
+check(s3.get_object(Bucket=bucket, Key="small", IfMatch=etag)["Body"].read() == small, "If-Match")
+past = datetime.datetime(2000, 1, 1, tzinfo=datetime.timezone.utc)
+future = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=1)
+check(s3.get_object(Bucket=bucket, Key="small", IfModifiedSince=past)["Body"].read() == small, "If-Modified-Since past")
+for kwargs, status in [
+    ({"IfModifiedSince": future}, 304),
+    ({"IfUnmodifiedSince": past}, 412),
+    ({"IfNoneMatch": etag}, 304),
+    ({"IfMatch": '"0123"'}, 412),
+]:
+    try:
+        s3.get_object(Bucket=bucket, Key="small", **kwargs)
+        check(False, f"expected {status} for {kwargs}")
+    except ClientError as error:
+        got_status = error.response["ResponseMetadata"]["HTTPStatusCode"]
+        check(got_status == status, f"{kwargs}: expected {status}, got {got_status}")
+
+# Server-side copies: same metadata by default, replaced on request, conditions honoured,
+# a byte range of a source as a multipart part.
+s3.copy_object(Bucket=bucket, Key="copy", CopySource={"Bucket": bucket, "Key": "small"})
+copied = s3.get_object(Bucket=bucket, Key="copy")
+check(copied["Body"].read() == small, "copy differs")
+check(copied["Metadata"].get("owner") == "ops" and copied["ContentType"] == "application/x-test", f"copy metadata {copied}")
+s3.copy_object(Bucket=bucket, Key="copy", CopySource={"Bucket": bucket, "Key": "copy"}, MetadataDirective="REPLACE",
+               Metadata={"owner": "dev"}, ContentType="text/plain")
+replaced = s3.head_object(Bucket=bucket, Key="copy")
+check(replaced["Metadata"] == {"owner": "dev"} and replaced["ContentType"] == "text/plain", f"replaced {replaced}")
+try:
+    s3.copy_object(Bucket=bucket, Key="copy2", CopySource={"Bucket": bucket, "Key": "small"}, CopySourceIfMatch='"0123"')
+    check(False, "copy with a failing condition succeeded")
+except ClientError as error:
+    check(error.response["Error"]["Code"] == "PreconditionFailed", f"copy condition: {error.response['Error']}")
+s3.copy_object(Bucket=bucket, Key="big-copy", CopySource={"Bucket": bucket, "Key": "big"})
+check(s3.get_object(Bucket=bucket, Key="big-copy")["Body"].read() == big, "copy of a multipart object differs")
+
+upload = s3.create_multipart_upload(Bucket=bucket, Key="assembled")["UploadId"]
+first = s3.upload_part_copy(Bucket=bucket, Key="assembled", UploadId=upload, PartNumber=1,
+                            CopySource={"Bucket": bucket, "Key": "big"}, CopySourceRange="bytes=0-5242879")
+second = s3.upload_part_copy(Bucket=bucket, Key="assembled", UploadId=upload, PartNumber=2,
+                             CopySource={"Bucket": bucket, "Key": "small"})
+pending = s3.list_multipart_uploads(Bucket=bucket)
+check([(u["Key"], u["UploadId"]) for u in pending.get("Uploads", [])] == [("assembled", upload)], f"uploads {pending}")
+s3.complete_multipart_upload(Bucket=bucket, Key="assembled", UploadId=upload, MultipartUpload={"Parts": [
+    {"PartNumber": 1, "ETag": first["CopyPartResult"]["ETag"]},
+    {"PartNumber": 2, "ETag": second["CopyPartResult"]["ETag"]},
+]})
+check(s3.get_object(Bucket=bucket, Key="assembled")["Body"].read() == big[:5242880] + small, "part copies differ")
+check(s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == [], "completed upload still listed")
+
+# Uploads listed with prefix, delimiter and pagination; aborted ones disappear.
+started = sorted((key, s3.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"])
+                 for key in ["up/a", "up/b", "up/b", "up/sub/c", "other"])
+listed, kwargs = [], {"Bucket": bucket, "Prefix": "up/", "MaxUploads": 2}
+while True:
+    page = s3.list_multipart_uploads(**kwargs)
+    listed += [(u["Key"], u["UploadId"]) for u in page.get("Uploads", [])]
+    if not page["IsTruncated"]:
+        break
+    kwargs.update(KeyMarker=page["NextKeyMarker"], UploadIdMarker=page["NextUploadIdMarker"])
+check(listed == [entry for entry in started if entry[0].startswith("up/")], f"paginated uploads {listed}")
+page = s3.list_multipart_uploads(Bucket=bucket, Prefix="up/", Delimiter="/")
+check([p["Prefix"] for p in page.get("CommonPrefixes", [])] == ["up/sub/"], f"upload prefixes {page}")
+check(sorted(u["Key"] for u in page.get("Uploads", [])) == ["up/a", "up/b", "up/b"], f"upload keys {page}")
+for key, upload_id in started:
+    s3.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+check(s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == [], "aborted uploads still listed")
+
+# Without versioning every object has one version, "null", the latest.
+versions = s3.list_object_versions(Bucket=bucket, Prefix="dir/0/")
+check([(v["Key"], v["VersionId"], v["IsLatest"]) for v in versions.get("Versions", [])]
+      == [(f"dir/0/k{i}", "null", True) for i in (0, 2, 4, 6)], f"versions {versions}")
+
+# Many keys deleted in one request, an absent one included (S3 reports it deleted).
+doomed = [f"dir/{i % 2}/k{i}" for i in range(7)] + ["never-existed"]
+answer = s3.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": key} for key in doomed]})
+check(sorted(d["Key"] for d in answer.get("Deleted", [])) == sorted(doomed) and not answer.get("Errors"), f"{answer}")
+check(s3.list_objects_v2(Bucket=bucket, Prefix="dir/").get("KeyCount") == 0, "deleted keys still listed")
 
 s3.delete_object(Bucket=bucket, Key="small")
 try:

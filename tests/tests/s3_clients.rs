@@ -1,6 +1,7 @@
 //! Real S3 clients against `bdr-node dev`: the aws cli creates a bucket, copies and syncs
 //! files both ways, reads ranges and deletes; anonymous and wrongly signed requests are
-//! refused; a restart with the same folder keeps data and credentials.
+//! refused; keys see and touch only buckets they own or were granted; a restart with the
+//! same folder keeps data and credentials.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -89,10 +90,31 @@ fn run_aws(dev: &DevProcess, arguments: &[&str], overrides: &[(&str, &str)]) -> 
 }
 
 fn aws(dev: &DevProcess, arguments: &[&str]) -> String {
-    let output = run_aws(dev, arguments, &[]);
+    aws_as(dev, arguments, &[])
+}
+
+/// Runs the aws cli with `overrides` (another key's credentials) and expects success.
+fn aws_as(dev: &DevProcess, arguments: &[&str], overrides: &[(&str, &str)]) -> String {
+    let output = run_aws(dev, arguments, overrides);
     assert!(
         output.status.success(),
         "aws {arguments:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).to_string()
+}
+
+/// Runs `bdr-node admin ARGS` with the dev cluster's endpoint and token file.
+fn bdr_admin(dev: &DevProcess, arguments: &[&str]) -> String {
+    let mut command = Command::new(binary("bdr-node"));
+    command.arg("admin").args(arguments);
+    for (key, value) in &dev.credentials {
+        command.env(key, value);
+    }
+    let output = run_bounded(&mut command, Duration::from_secs(60));
+    assert!(
+        output.status.success(),
+        "bdr-node admin {arguments:?} failed: {}",
         String::from_utf8_lossy(&output.stderr)
     );
     String::from_utf8_lossy(&output.stdout).to_string()
@@ -231,6 +253,61 @@ fn aws_cli_round_trips_through_bdr_node_dev_and_survives_a_restart() {
         .call()
         .unwrap();
     assert_eq!(anonymous.status().as_u16(), 403);
+
+    // Access: a second key may not create buckets, and neither sees nor touches another
+    // key's bucket until `admin bucket allow` grants it; `deny` takes rights back.
+    let created: serde_json::Value =
+        serde_json::from_str(&bdr_admin(&dev, &["key", "create", "reader", "--json"])).unwrap();
+    let reader_id = created["key_id"].as_str().unwrap().to_string();
+    let reader_secret = created["secret_key"].as_str().unwrap().to_string();
+    let as_reader = [
+        ("AWS_ACCESS_KEY_ID", reader_id.as_str()),
+        ("AWS_SECRET_ACCESS_KEY", reader_secret.as_str()),
+    ];
+    let denied = aws_fails(&dev, &["s3", "mb", "s3://readers-own"], &as_reader);
+    assert!(denied.contains("AccessDenied"), "{denied}");
+    let denied = aws_fails(&dev, &["s3", "ls", "s3://backups/"], &as_reader);
+    assert!(denied.contains("AccessDenied"), "{denied}");
+    assert_eq!(aws_as(&dev, &["s3", "ls"], &as_reader).trim(), "", "no visible buckets");
+    bdr_admin(&dev, &["bucket", "allow", "backups", "--key", &reader_id, "--read"]);
+    assert!(aws_as(&dev, &["s3", "ls"], &as_reader).contains("backups"));
+    let read_back = root.path().join("read-back");
+    aws_as(
+        &dev,
+        &["s3", "cp", "s3://backups/dir/five-mib", read_back.to_str().unwrap()],
+        &as_reader,
+    );
+    assert!(std::fs::read(&read_back).unwrap() == data);
+    let denied = aws_fails(
+        &dev,
+        &["s3", "cp", file.to_str().unwrap(), "s3://backups/from-reader"],
+        &as_reader,
+    );
+    assert!(denied.contains("AccessDenied"), "{denied}");
+    let denied = aws_fails(&dev, &["s3", "rm", "s3://backups/dir/five-mib"], &as_reader);
+    assert!(denied.contains("AccessDenied"), "{denied}");
+    let denied = aws_fails(&dev, &["s3", "rb", "s3://backups"], &as_reader);
+    assert!(denied.contains("AccessDenied"), "{denied}");
+    bdr_admin(
+        &dev,
+        &["bucket", "allow", "backups", "--key", &reader_id, "--read", "--write"],
+    );
+    aws_as(
+        &dev,
+        &["s3", "cp", file.to_str().unwrap(), "s3://backups/from-reader"],
+        &as_reader,
+    );
+    let grants: serde_json::Value =
+        serde_json::from_str(&bdr_admin(&dev, &["bucket", "grants", "backups", "--json"])).unwrap();
+    assert_eq!(grants["owner_key_id"], dev.credentials["AWS_ACCESS_KEY_ID"]);
+    assert_eq!(
+        grants["grants"],
+        serde_json::json!([{"key_id": reader_id, "read": true, "write": true}])
+    );
+    bdr_admin(&dev, &["bucket", "deny", "backups", "--key", &reader_id]);
+    let denied = aws_fails(&dev, &["s3", "ls", "s3://backups/"], &as_reader);
+    assert!(denied.contains("AccessDenied"), "{denied}");
+    aws(&dev, &["s3", "rm", "s3://backups/from-reader"]);
 
     // Delete, then restart with the same folder: the rest is still there, same key.
     aws(&dev, &["s3", "rm", "s3://backups/tree/sub0/file-0.bin"]);

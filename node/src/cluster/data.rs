@@ -24,8 +24,9 @@ use bdr_protocol::ids::{NodeId, StripeId, ZoneName};
 use bdr_protocol::layout::Layout;
 use bdr_protocol::placement::{failures_tolerated, place, place_with};
 use bdr_protocol::records::{
-    AccessKeyRecord, BucketRecord, Lww, Manifest, MultipartPartRecord, MultipartUploadRecord, ObjectData,
-    ObjectVersionRecord, Record, RowKey, StripeOwner, StripeRecord, StripeRef, VersioningState,
+    AccessKeyRecord, BucketGrant, BucketRecord, ChecksumAlgorithm, Lww, Manifest, MultipartPartRecord,
+    MultipartUploadRecord, ObjectData, ObjectVersionRecord, Record, RowKey, StripeOwner, StripeRecord, StripeRef,
+    VersioningState,
 };
 use bdr_protocol::wire::{RemoteErrorKind, Request, Response, Table};
 use futures::channel::oneshot;
@@ -50,6 +51,8 @@ pub const SHARD_WRITE_TIMEOUT_MS: u64 = 30_000;
 pub const SHARD_READ_TIMEOUT_MS: u64 = 15_000;
 /// Holders tried per shard index before the index counts as failed.
 pub const SHARD_WRITE_ATTEMPTS_MAX: usize = 3;
+/// Longest access key id accepted in a lookup (ours are 20 characters).
+pub const ACCESS_KEY_ID_BYTES_MAX: usize = 128;
 /// Longest object key (S3's limit) and bucket name.
 pub const OBJECT_KEY_BYTES_MAX: usize = 1024;
 pub const BUCKET_NAME_BYTES_MAX: usize = 63;
@@ -94,8 +97,29 @@ pub enum DataError {
     InvalidPartOrder,
     #[error("part {part_number} is {size_bytes} bytes; every part but the last must be at least {PART_BYTES_MIN}")]
     EntityTooSmall { part_number: u32, size_bytes: u64 },
+    #[error("the body does not match its checksum: {0}")]
+    BadDigest(String),
+    #[error("no such access key {0:?}")]
+    NoSuchAccessKey(String),
     #[error("metadata: {0}")]
     Meta(#[from] MetaError),
+}
+
+/// What one access key may do with one bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BucketRights {
+    pub read: bool,
+    pub write: bool,
+    /// Owners also change the bucket's settings and delete it.
+    pub owner: bool,
+}
+
+impl BucketRights {
+    pub const OWNER: BucketRights = BucketRights {
+        read: true,
+        write: true,
+        owner: true,
+    };
 }
 
 /// The keys a gateway node holds. Storage-only nodes have none.
@@ -158,6 +182,46 @@ pub struct ObjectWrite {
     pub key: String,
     pub content_type: Option<String>,
     pub user_metadata: BTreeMap<String, String>,
+    pub body_check: BodyCheck,
+}
+
+/// Checksums of a body, base64 as S3 shows them, by algorithm.
+pub type Checksums = BTreeMap<ChecksumAlgorithm, String>;
+
+type BodyCheckFn = dyn Fn() -> Result<Checksums, String> + Send + Sync;
+
+/// Run by the data path once a body has been read to its end and before anything is
+/// committed: the gateway verifies the client's checksums here (a trailing checksum
+/// arrives only after the last byte). Returns the checksums to store with the object;
+/// an error fails the write with [`DataError::BadDigest`].
+#[derive(Clone, Default)]
+pub struct BodyCheck(Option<Arc<BodyCheckFn>>);
+
+impl BodyCheck {
+    pub fn none() -> BodyCheck {
+        BodyCheck(None)
+    }
+
+    pub fn new(check: impl Fn() -> Result<Checksums, String> + Send + Sync + 'static) -> BodyCheck {
+        BodyCheck(Some(Arc::new(check)))
+    }
+
+    fn run(&self) -> Result<Checksums, DataError> {
+        match &self.0 {
+            None => Ok(Checksums::new()),
+            Some(check) => check().map_err(DataError::BadDigest),
+        }
+    }
+}
+
+impl std::fmt::Debug for BodyCheck {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str(if self.0.is_some() {
+            "BodyCheck(..)"
+        } else {
+            "BodyCheck(none)"
+        })
+    }
 }
 
 pub fn validate_bucket_name(name: &str) -> Result<(), DataError> {
@@ -202,6 +266,14 @@ fn access_key_row(key_id: &str) -> RowKey {
     RowKey::new(b"access-keys".to_vec(), key_id.as_bytes())
 }
 
+/// Grants on a bucket share the bucket's partition in the grants table, one row per key.
+fn grant_row(bucket: &str, key_id: &str) -> RowKey {
+    RowKey::new(bucket.as_bytes(), key_id.as_bytes())
+}
+
+/// Grants listed (and removed with their bucket) at most.
+pub const GRANTS_PER_BUCKET_MAX: u32 = 1_000;
+
 pub(crate) fn upload_row(bucket: &str, key: &str, upload_id: &str) -> RowKey {
     let mut sort_key = key.as_bytes().to_vec();
     sort_key.push(0);
@@ -218,6 +290,13 @@ pub(crate) fn stripe_row(stripe_id: &StripeId) -> RowKey {
 /// Parts of one upload share a partition (the upload id), ordered by part number.
 pub(crate) fn part_row(upload_id: &str, part_number: u32) -> RowKey {
     RowKey::new(upload_id.as_bytes(), part_number.to_be_bytes().to_vec())
+}
+
+/// One page of multipart uploads in progress.
+pub struct UploadListing {
+    pub uploads: Vec<MultipartUploadRecord>,
+    /// The (key, upload id) of the last row scanned, when the scan was cut at its limit.
+    pub next_after: Option<(String, String)>,
 }
 
 /// One page of object listing.
@@ -356,6 +435,10 @@ impl<E: Env> ClusterNode<E> {
                 .await?;
             (ObjectData::Striped(manifest), size_bytes)
         };
+        // The body has been read to its end (both paths stop only at end of stream), so
+        // a trailing checksum is in. A mismatch leaves written stripes to garbage
+        // collection, like any write that never commits.
+        let checksums = write.body_check.run()?;
         self.check_write_deadline(started_at_ms)?;
         let record = ObjectVersionRecord {
             bucket: write.bucket.clone(),
@@ -366,7 +449,7 @@ impl<E: Env> ClusterNode<E> {
             etag: format!("\"{}\"", hex::encode(md5.finalize())),
             content_type: write.content_type,
             user_metadata: write.user_metadata,
-            checksums: BTreeMap::new(),
+            checksums,
             data,
             retention: None,
             legal_hold: false,
@@ -739,11 +822,97 @@ impl<E: Env> ClusterNode<E> {
             .collect())
     }
 
-    /// Deletes a bucket record (the caller checks it is empty).
+    /// Deletes a bucket's grants, then its record (the caller checks it is empty). In
+    /// that order, a failure leaves the bucket in place for a retry rather than grants
+    /// behind for a later bucket of the same name; grants also name the bucket's creation
+    /// time, so one given while the bucket was being deleted is ignored by its successor.
     pub async fn delete_bucket(self: &Arc<Self>, name: &str) -> Result<(), DataError> {
         validate_bucket_name(name)?;
+        for (row, _) in self.grant_rows(name).await? {
+            self.meta_put(Table::BucketGrants, &row, None).await?;
+        }
         self.meta_put(Table::Buckets, &bucket_row(name), None).await?;
         Ok(())
+    }
+
+    async fn grant_rows(self: &Arc<Self>, bucket: &str) -> Result<Vec<(RowKey, BucketGrant)>, DataError> {
+        let rows = self
+            .meta_scan(Table::BucketGrants, bucket.as_bytes(), b"", None, GRANTS_PER_BUCKET_MAX)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(row, register)| match register.value {
+                Some(Record::BucketGrant(grant)) => Some((row, grant)),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// Gives `key_id` read and/or write rights on `bucket`, replacing what it had; both
+    /// false takes every right away. The owner's rights cannot be changed.
+    pub async fn grant_bucket(
+        self: &Arc<Self>,
+        bucket: &str,
+        key_id: &str,
+        read: bool,
+        write: bool,
+    ) -> Result<BucketGrant, DataError> {
+        let bucket_record = self
+            .bucket(bucket)
+            .await?
+            .ok_or_else(|| DataError::NoSuchBucket(bucket.to_string()))?;
+        if self.access_key(key_id).await?.is_none() {
+            return Err(DataError::NoSuchAccessKey(key_id.to_string()));
+        }
+        let grant = BucketGrant {
+            read,
+            write,
+            bucket_created_at_ms: bucket_record.created_at_ms,
+            granted_at_ms: self.env.now_ms(),
+        };
+        let value = (read || write).then_some(Record::BucketGrant(grant));
+        self.meta_put(Table::BucketGrants, &grant_row(bucket, key_id), value)
+            .await?;
+        Ok(grant)
+    }
+
+    /// Every key's grant on `bucket` (not the owner's), in key id order.
+    pub async fn bucket_grants(self: &Arc<Self>, bucket: &str) -> Result<Vec<(String, BucketGrant)>, DataError> {
+        validate_bucket_name(bucket)?;
+        Ok(self
+            .grant_rows(bucket)
+            .await?
+            .into_iter()
+            .map(|(row, grant)| (String::from_utf8_lossy(&row.sort_key).into_owned(), grant))
+            .collect())
+    }
+
+    /// What `key_id` may do with `bucket`.
+    pub async fn bucket_rights(
+        self: &Arc<Self>,
+        bucket: &BucketRecord,
+        key_id: &str,
+    ) -> Result<BucketRights, DataError> {
+        if bucket.owner_key_id == key_id {
+            return Ok(BucketRights::OWNER);
+        }
+        if key_id.is_empty() || key_id.len() > ACCESS_KEY_ID_BYTES_MAX {
+            return Ok(BucketRights::default());
+        }
+        match self
+            .meta_get(Table::BucketGrants, &grant_row(&bucket.name, key_id))
+            .await?
+        {
+            Some(Lww {
+                value: Some(Record::BucketGrant(grant)),
+                ..
+            }) if grant.bucket_created_at_ms == bucket.created_at_ms => Ok(BucketRights {
+                read: grant.read,
+                write: grant.write,
+                owner: false,
+            }),
+            _ => Ok(BucketRights::default()),
+        }
     }
 
     fn random_text(&self, alphabet: &[u8], length: usize) -> String {
@@ -775,7 +944,7 @@ impl<E: Env> ClusterNode<E> {
     }
 
     pub async fn access_key(self: &Arc<Self>, key_id: &str) -> Result<Option<AccessKeyRecord>, DataError> {
-        if key_id.is_empty() || key_id.len() > 128 {
+        if key_id.is_empty() || key_id.len() > ACCESS_KEY_ID_BYTES_MAX {
             return Ok(None);
         }
         match self.meta_get(Table::AccessKeys, &access_key_row(key_id)).await? {
@@ -1059,6 +1228,53 @@ impl<E: Env> ClusterNode<E> {
         Ok(upload_id)
     }
 
+    /// Uploads in progress in `bucket` whose keys start with `prefix`, in (key, upload id)
+    /// order, strictly after the row `after` (a key, and optionally the upload id within
+    /// it: without one, every upload of that key is skipped). At most `limit` rows are
+    /// scanned; `next_after` says where a truncated scan goes on.
+    pub async fn list_multipart_uploads(
+        self: &Arc<Self>,
+        bucket: &str,
+        prefix: &str,
+        after: Option<(&str, Option<&str>)>,
+        limit: u32,
+    ) -> Result<UploadListing, DataError> {
+        let after_sort_key = after.map(|(key, upload_id)| {
+            let mut sort_key = key.as_bytes().to_vec();
+            sort_key.push(0);
+            match upload_id {
+                Some(upload_id) => sort_key.extend_from_slice(upload_id.as_bytes()),
+                None => sort_key.push(0xff),
+            }
+            sort_key
+        });
+        let rows = self
+            .meta_scan(
+                Table::MultipartUploads,
+                bucket.as_bytes(),
+                prefix.as_bytes(),
+                after_sort_key.as_deref(),
+                limit,
+            )
+            .await?;
+        let full_page = rows.len() as u32 >= limit;
+        let next_after = full_page.then(|| rows.last()).flatten().and_then(|(row, _)| {
+            let (key, upload_id) = row.sort_key.split_at(row.sort_key.iter().position(|byte| *byte == 0)?);
+            Some((
+                String::from_utf8(key.to_vec()).ok()?,
+                String::from_utf8(upload_id[1..].to_vec()).ok()?,
+            ))
+        });
+        let uploads = rows
+            .into_iter()
+            .filter_map(|(_, register)| match register.value {
+                Some(Record::MultipartUpload(record)) => Some(record),
+                _ => None,
+            })
+            .collect();
+        Ok(UploadListing { uploads, next_after })
+    }
+
     async fn multipart_upload(
         self: &Arc<Self>,
         bucket: &str,
@@ -1088,6 +1304,7 @@ impl<E: Env> ClusterNode<E> {
         upload_id: &str,
         part_number: u32,
         mut body: R,
+        body_check: BodyCheck,
     ) -> Result<MultipartPartRecord, DataError> {
         if part_number == 0 || part_number > PART_NUMBER_MAX {
             return Err(DataError::InvalidPart(format!(
@@ -1111,6 +1328,9 @@ impl<E: Env> ClusterNode<E> {
         let (manifest, size_bytes) = self
             .write_stripes(&bucket_record, &owner, started_at_ms, &mut body, Vec::new(), &mut md5)
             .await?;
+        // Verified, not stored: part records have no checksum field (the gateway returns
+        // the verified value with the part's answer).
+        body_check.run()?;
         self.check_write_deadline(started_at_ms)?;
         let record = MultipartPartRecord {
             upload_id: upload_id.to_string(),

@@ -13,7 +13,7 @@ use bdr_protocol::layout::{NodeRoles, NodeSpec, NodeStatus};
 use bdr_protocol::wire::{self, MaintenanceCommand, Request, Response, Table};
 use futures::StreamExt;
 
-use super::data::{DataError, DataKeys, ObjectWrite};
+use super::data::{BodyCheck, BucketRights, DataError, DataKeys, ObjectWrite};
 use super::maintenance::MaintenanceConfig;
 use super::membership::MembershipConfig;
 use super::{ClusterInbound, ClusterNode};
@@ -309,6 +309,65 @@ async fn get(node: &Arc<ClusterNode<TestEnv>>, bucket: &str, key: &str) -> Resul
 
 const SIX_NODES: [&str; 6] = ["zone-a", "zone-a", "zone-b", "zone-b", "zone-c", "zone-c"];
 const SIZES: [usize; 6] = [0, 1, 64 * 1024, 64 * 1024 + 1, 4 * 1024 * 1024 + 17, 10 * 1024 * 1024];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bucket_grants_give_and_take_rights_and_die_with_their_bucket() {
+    let cluster = TestCluster::start(&SIX_NODES).await;
+    let (admin, other) = (cluster.node(0), cluster.node(3));
+    let reader = admin.create_access_key("reader", false).await.unwrap();
+    let bucket = admin.create_bucket("backups", "owner").await.unwrap();
+    let rights = |node: &Arc<ClusterNode<TestEnv>>, key: String| {
+        let node = Arc::clone(node);
+        async move {
+            let bucket = node.bucket("backups").await.unwrap().unwrap();
+            node.bucket_rights(&bucket, &key).await.unwrap()
+        }
+    };
+    assert_eq!(rights(other, "owner".into()).await, BucketRights::OWNER);
+    assert_eq!(rights(other, reader.key_id.clone()).await, BucketRights::default());
+
+    admin
+        .grant_bucket("backups", &reader.key_id, true, false)
+        .await
+        .unwrap();
+    let expected = BucketRights {
+        read: true,
+        write: false,
+        owner: false,
+    };
+    assert_eq!(rights(other, reader.key_id.clone()).await, expected);
+    admin.grant_bucket("backups", &reader.key_id, true, true).await.unwrap();
+    assert!(rights(other, reader.key_id.clone()).await.write);
+    let grants = other.bucket_grants("backups").await.unwrap();
+    assert_eq!(grants.len(), 1);
+    assert_eq!(grants[0].0, reader.key_id);
+    assert_eq!(grants[0].1.bucket_created_at_ms, bucket.created_at_ms);
+
+    // Both rights false revokes; unknown keys and buckets are refused by name.
+    admin
+        .grant_bucket("backups", &reader.key_id, false, false)
+        .await
+        .unwrap();
+    assert_eq!(rights(other, reader.key_id.clone()).await, BucketRights::default());
+    assert!(other.bucket_grants("backups").await.unwrap().is_empty());
+    let error = admin
+        .grant_bucket("backups", "BDRNOSUCHKEY", true, false)
+        .await
+        .unwrap_err();
+    assert!(matches!(error, DataError::NoSuchAccessKey(_)), "{error}");
+    let error = admin
+        .grant_bucket("nothing-here", &reader.key_id, true, false)
+        .await
+        .unwrap_err();
+    assert!(matches!(error, DataError::NoSuchBucket(_)), "{error}");
+
+    // A grant never outlives its bucket: the next bucket of the same name starts bare.
+    admin.grant_bucket("backups", &reader.key_id, true, true).await.unwrap();
+    admin.delete_bucket("backups").await.unwrap();
+    assert!(other.bucket_grants("backups").await.unwrap().is_empty());
+    other.create_bucket("backups", "someone-else").await.unwrap();
+    assert_eq!(rights(admin, reader.key_id.clone()).await, BucketRights::default());
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn objects_of_every_size_round_trip_and_survive_losing_a_zone() {
@@ -636,6 +695,7 @@ async fn multipart_uploads_assemble_parts_and_refuse_bad_completions() {
                 &upload_id,
                 number,
                 futures::io::Cursor::new(data.clone()),
+                BodyCheck::none(),
             )
             .await
             .unwrap();
@@ -670,6 +730,7 @@ async fn multipart_uploads_assemble_parts_and_refuse_bad_completions() {
             &upload_id,
             9,
             futures::io::Cursor::new(pattern(100, 9)),
+            BodyCheck::none(),
         )
         .await
         .unwrap();
@@ -688,8 +749,15 @@ async fn multipart_uploads_assemble_parts_and_refuse_bad_completions() {
     assert_eq!(get(cluster.node(3), "backups", "big").await.unwrap(), expected);
     // The upload is over.
     assert!(matches!(
-        node.upload_part("backups", "big", &upload_id, 4, futures::io::Cursor::new(vec![1u8]))
-            .await,
+        node.upload_part(
+            "backups",
+            "big",
+            &upload_id,
+            4,
+            futures::io::Cursor::new(vec![1u8]),
+            BodyCheck::none()
+        )
+        .await,
         Err(DataError::NoSuchUpload)
     ));
     // An aborted upload accepts nothing more.
@@ -841,6 +909,7 @@ async fn garbage_is_collected_after_the_deadline_and_grace_and_live_data_stays()
         &aborted,
         1,
         futures::io::Cursor::new(pattern(150_000, 3)),
+        BodyCheck::none(),
     )
     .await
     .unwrap();
@@ -855,6 +924,7 @@ async fn garbage_is_collected_after_the_deadline_and_grace_and_live_data_stays()
             &completed,
             1,
             futures::io::Cursor::new(pattern(150_000, 4)),
+            BodyCheck::none(),
         )
         .await
         .unwrap();
@@ -864,6 +934,7 @@ async fn garbage_is_collected_after_the_deadline_and_grace_and_live_data_stays()
         &completed,
         2,
         futures::io::Cursor::new(pattern(150_000, 5)),
+        BodyCheck::none(),
     )
     .await
     .unwrap();

@@ -220,7 +220,9 @@ async fn node_action<E: Env>(
 
 fn data_error_response(error: DataError) -> Response {
     let status = match &error {
-        DataError::NoSuchBucket(_) | DataError::NoSuchKey | DataError::NoSuchUpload => StatusCode::NOT_FOUND,
+        DataError::NoSuchBucket(_) | DataError::NoSuchKey | DataError::NoSuchUpload | DataError::NoSuchAccessKey(_) => {
+            StatusCode::NOT_FOUND
+        }
         DataError::InvalidPart(_) | DataError::InvalidPartOrder | DataError::EntityTooSmall { .. } => {
             StatusCode::BAD_REQUEST
         }
@@ -228,6 +230,7 @@ fn data_error_response(error: DataError) -> Response {
         DataError::InvalidBucketName(_)
         | DataError::InvalidBucketOptions
         | DataError::InvalidKey(_)
+        | DataError::BadDigest(_)
         | DataError::Body(_) => StatusCode::BAD_REQUEST,
         DataError::InvalidRange { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
         DataError::NoDataKeys | DataError::NotDurable(_) | DataError::Meta(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -400,6 +403,78 @@ async fn serve_create_key<E: Env>(
     }
 }
 
+/// One key's rights on a bucket, as the admin API shows and sets them.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
+pub struct GrantView {
+    pub key_id: String,
+    pub read: bool,
+    pub write: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
+pub struct BucketGrantsView {
+    pub bucket: String,
+    pub owner_key_id: String,
+    pub grants: Vec<GrantView>,
+}
+
+async fn bucket_grants_view<E: Env>(
+    cluster: &Arc<ClusterNode<E>>,
+    bucket: &str,
+) -> Result<BucketGrantsView, DataError> {
+    let record = cluster
+        .bucket(bucket)
+        .await?
+        .ok_or_else(|| DataError::NoSuchBucket(bucket.to_string()))?;
+    let grants = cluster
+        .bucket_grants(bucket)
+        .await?
+        .into_iter()
+        .filter(|(_, grant)| grant.bucket_created_at_ms == record.created_at_ms)
+        .map(|(key_id, grant)| GrantView {
+            key_id,
+            read: grant.read,
+            write: grant.write,
+        })
+        .collect();
+    Ok(BucketGrantsView {
+        bucket: record.name,
+        owner_key_id: record.owner_key_id,
+        grants,
+    })
+}
+
+/// `GET /v1/buckets/{bucket}/grants`: the owner and every granted key.
+async fn serve_bucket_grants<E: Env>(
+    State(state): State<Arc<AdminState<E>>>,
+    UrlPath(bucket): UrlPath<String>,
+) -> Response {
+    match bucket_grants_view(&state.cluster, &bucket).await {
+        Ok(view) => Json(view).into_response(),
+        Err(error) => data_error_response(error),
+    }
+}
+
+/// `POST /v1/buckets/{bucket}/grants` with `{key_id, read, write}`: sets that key's rights
+/// (both false revokes them); answers with every grant of the bucket.
+async fn serve_grant_bucket<E: Env>(
+    State(state): State<Arc<AdminState<E>>>,
+    UrlPath(bucket): UrlPath<String>,
+    Json(request): Json<GrantView>,
+) -> Response {
+    let granted = state
+        .cluster
+        .grant_bucket(&bucket, &request.key_id, request.read, request.write)
+        .await;
+    match granted {
+        Ok(_) => match bucket_grants_view(&state.cluster, &bucket).await {
+            Ok(view) => Json(view).into_response(),
+            Err(error) => data_error_response(error),
+        },
+        Err(error) => data_error_response(error),
+    }
+}
+
 pub fn router<E: Env>(
     token: String,
     cluster: Arc<ClusterNode<E>>,
@@ -424,6 +499,10 @@ pub fn router<E: Env>(
         .route("/v1/nodes/{id}/{action}", axum::routing::post(node_action::<E>))
         .route("/v1/keys", axum::routing::post(serve_create_key::<E>))
         .route("/v1/buckets/{bucket}", put(create_bucket::<E>).get(list_objects::<E>))
+        .route(
+            "/v1/buckets/{bucket}/grants",
+            get(serve_bucket_grants::<E>).post(serve_grant_bucket::<E>),
+        )
         .route(
             "/v1/objects/{bucket}/{*key}",
             put(put_object::<E>).get(get_object::<E>).delete(delete_object::<E>),
@@ -536,6 +615,40 @@ pub fn create_key(
 ) -> Result<CreatedKey, AdminClientError> {
     let body = serde_json::json!({ "name": name, "allow_create_bucket": allow_create_bucket });
     call(endpoint, token, "/v1/keys", Some(body), 201)
+}
+
+/// `GET {endpoint}/v1/buckets/{bucket}/grants`.
+pub fn fetch_bucket_grants(endpoint: &str, token: &str, bucket: &str) -> Result<BucketGrantsView, AdminClientError> {
+    call(endpoint, token, &format!("/v1/buckets/{bucket}/grants"), None, 200)
+}
+
+/// `POST {endpoint}/v1/buckets/{bucket}/grants`.
+pub fn grant_bucket_remote(
+    endpoint: &str,
+    token: &str,
+    bucket: &str,
+    grant: &GrantView,
+) -> Result<BucketGrantsView, AdminClientError> {
+    let body = serde_json::to_value(grant).map_err(|error| AdminClientError::BadAnswer(error.to_string()))?;
+    call(
+        endpoint,
+        token,
+        &format!("/v1/buckets/{bucket}/grants"),
+        Some(body),
+        200,
+    )
+}
+
+/// The grants of a bucket as a table for humans.
+pub fn format_bucket_grants(view: &BucketGrantsView) -> String {
+    let mut text = format!(
+        "bucket {} (owner {})\n\n{:<24} {:<5} {:<5}\n",
+        view.bucket, view.owner_key_id, "KEY", "READ", "WRITE"
+    );
+    for grant in &view.grants {
+        text.push_str(&format!("{:<24} {:<5} {:<5}\n", grant.key_id, grant.read, grant.write));
+    }
+    text
 }
 
 /// `GET {endpoint}/v1/maintenance`.

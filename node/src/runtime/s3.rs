@@ -12,14 +12,14 @@ use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use axum::error_handling::HandleError;
-use bdr_protocol::records::{BucketRecord, ObjectVersionRecord};
+use bdr_protocol::records::{BucketRecord, ChecksumAlgorithm, ObjectVersionRecord};
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use s3s::dto::{self, ETag, ETagCondition, StreamingBlob, Timestamp};
 use s3s::service::S3ServiceBuilder;
 use s3s::{s3_error, S3Error, S3ErrorCode, S3Request, S3Response, S3Result, S3};
 
-use crate::cluster::data::{DataError, ObjectWrite};
+use crate::cluster::data::{BodyCheck, Checksums, DataError, ObjectWrite, NULL_VERSION};
 use crate::cluster::ClusterNode;
 use crate::env::Env;
 
@@ -50,6 +50,8 @@ fn s3_error_of(error: DataError) -> S3Error {
         DataError::InvalidRange { .. } => S3ErrorCode::InvalidRange,
         DataError::Body(_) => S3ErrorCode::IncompleteBody,
         DataError::NoSuchUpload => S3ErrorCode::NoSuchUpload,
+        DataError::NoSuchAccessKey(_) => S3ErrorCode::InvalidAccessKeyId,
+        DataError::BadDigest(_) => S3ErrorCode::BadDigest,
         DataError::InvalidPart(_) => S3ErrorCode::InvalidPart,
         DataError::InvalidPartOrder => S3ErrorCode::InvalidPartOrder,
         DataError::EntityTooSmall { .. } => S3ErrorCode::EntityTooSmall,
@@ -72,6 +74,79 @@ fn condition_matches(condition: &ETagCondition, etag: &ETag) -> bool {
         ETagCondition::ETag(wanted) => wanted.value() == etag.value(),
     }
 }
+
+fn seconds_of(timestamp: &Timestamp) -> i64 {
+    time::OffsetDateTime::from(timestamp.clone()).unix_timestamp()
+}
+
+/// The conditional headers of a GET, HEAD or copy source.
+#[derive(Default)]
+struct Conditions {
+    if_match: Option<ETagCondition>,
+    if_none_match: Option<ETagCondition>,
+    if_modified_since: Option<Timestamp>,
+    if_unmodified_since: Option<Timestamp>,
+}
+
+enum ConditionOutcome {
+    Proceed,
+    NotModified,
+    PreconditionFailed,
+}
+
+impl Conditions {
+    /// RFC 9110's order: If-Match, else If-Unmodified-Since; then If-None-Match, else
+    /// If-Modified-Since. HTTP dates have whole seconds, so the object's time is too.
+    fn evaluate(&self, record: &ObjectVersionRecord) -> ConditionOutcome {
+        let etag = etag_of(record);
+        let modified_s = (record.created_at_ms / 1000) as i64;
+        let precondition_holds = match (&self.if_match, &self.if_unmodified_since) {
+            (Some(condition), _) => condition_matches(condition, &etag),
+            (None, Some(since)) => modified_s <= seconds_of(since),
+            (None, None) => true,
+        };
+        if !precondition_holds {
+            return ConditionOutcome::PreconditionFailed;
+        }
+        let modified = match (&self.if_none_match, &self.if_modified_since) {
+            (Some(condition), _) => !condition_matches(condition, &etag),
+            (None, Some(since)) => modified_s > seconds_of(since),
+            (None, None) => true,
+        };
+        if modified {
+            ConditionOutcome::Proceed
+        } else {
+            ConditionOutcome::NotModified
+        }
+    }
+
+    /// For GET and HEAD: 412 or 304.
+    fn check_read(&self, record: &ObjectVersionRecord) -> S3Result<()> {
+        match self.evaluate(record) {
+            ConditionOutcome::Proceed => Ok(()),
+            ConditionOutcome::NotModified => Err(S3Error::new(S3ErrorCode::NotModified)),
+            ConditionOutcome::PreconditionFailed => Err(s3_error!(PreconditionFailed, "precondition failed")),
+        }
+    }
+
+    /// For a copy source: any failed condition is a 412.
+    fn check_copy_source(&self, record: &ObjectVersionRecord) -> S3Result<()> {
+        match self.evaluate(record) {
+            ConditionOutcome::Proceed => Ok(()),
+            _ => Err(s3_error!(PreconditionFailed, "copy source precondition failed")),
+        }
+    }
+}
+
+/// Bytes of an object, as the data path reads them, for a copy's writer.
+fn io_chunk(chunk: Result<Vec<u8>, DataError>) -> std::io::Result<Vec<u8>> {
+    chunk.map_err(|error| std::io::Error::other(error.to_string()))
+}
+
+/// Keys a DeleteObjects request may name at most (S3's limit).
+pub const DELETE_OBJECTS_KEYS_MAX: usize = 1000;
+/// Uploads listed per ListMultipartUploads page at most (S3's limit).
+pub const LIST_UPLOADS_MAX: i32 = 1000;
 
 /// One page of a listing: keys and common prefixes in order, and where to go on.
 struct ListingPage {
@@ -97,6 +172,42 @@ impl<E: Env> Gateway<E> {
             }
             Err(error) => Err(s3_error_of(error)),
         }
+    }
+
+    /// The record of a copy source (bucket and key; versions other than "null" do not
+    /// exist while versioning is off), checked against the copy's conditions.
+    async fn copy_source_record(
+        &self,
+        source: &dto::CopySource,
+        conditions: &Conditions,
+    ) -> S3Result<ObjectVersionRecord> {
+        let dto::CopySource::Bucket {
+            bucket,
+            key,
+            version_id,
+        } = source
+        else {
+            return Err(s3_error!(
+                NotImplemented,
+                "copy sources other than bucket/key are not supported"
+            ));
+        };
+        if version_id.as_deref().is_some_and(|version| version != NULL_VERSION) {
+            return Err(s3_error!(NoSuchVersion, "no such version"));
+        }
+        let record = self.object_record(bucket, key).await?;
+        conditions.check_copy_source(&record)?;
+        Ok(record)
+    }
+
+    /// `range` of an object's bytes as a reader (for copies: streamed, never whole).
+    fn object_reader(
+        &self,
+        record: ObjectVersionRecord,
+        range: std::ops::Range<u64>,
+    ) -> S3Result<impl futures::AsyncRead + Unpin + Send + 'static> {
+        let stream = self.cluster.read_object(record, range).map_err(s3_error_of)?;
+        Ok(Box::pin(stream.map(io_chunk)).into_async_read())
     }
 
     async fn existing_bucket(&self, name: &str) -> S3Result<BucketRecord> {
@@ -171,10 +282,14 @@ impl<E: Env> Gateway<E> {
     }
 }
 
-/// An S3 request body as a stream of io results (what `into_async_read` wants). A named
-/// type rather than a `map_err` closure: closures here trip a higher-ranked lifetime
-/// limitation of the compiler inside `async_trait` methods.
-struct IoBody(StreamingBlob);
+/// An S3 request body as a stream of io results (what `into_async_read` wants), fed
+/// through the request's checksum verifier if it declared a checksum. A named type rather
+/// than a `map_err` closure: closures here trip a higher-ranked lifetime limitation of the
+/// compiler inside `async_trait` methods.
+struct IoBody {
+    body: StreamingBlob,
+    verifier: Option<Arc<ChecksumVerifier>>,
+}
 
 impl futures::Stream for IoBody {
     type Item = Result<Bytes, std::io::Error>;
@@ -183,9 +298,170 @@ impl futures::Stream for IoBody {
         mut self: std::pin::Pin<&mut Self>,
         context: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Self::Item>> {
-        self.0
-            .poll_next_unpin(context)
-            .map(|item| item.map(|chunk| chunk.map_err(|error| std::io::Error::other(error.to_string()))))
+        let polled = self.body.poll_next_unpin(context);
+        if let (std::task::Poll::Ready(Some(Ok(chunk))), Some(verifier)) = (&polled, &self.verifier) {
+            verifier.update(chunk);
+        }
+        polled.map(|item| item.map(|chunk| chunk.map_err(|error| std::io::Error::other(error.to_string()))))
+    }
+}
+
+/// The checksum headers S3 clients send, by algorithm.
+const CHECKSUM_HEADERS: [(ChecksumAlgorithm, &str); 5] = [
+    (ChecksumAlgorithm::Crc32, "x-amz-checksum-crc32"),
+    (ChecksumAlgorithm::Crc32c, "x-amz-checksum-crc32c"),
+    (ChecksumAlgorithm::Sha1, "x-amz-checksum-sha1"),
+    (ChecksumAlgorithm::Sha256, "x-amz-checksum-sha256"),
+    (ChecksumAlgorithm::Crc64Nvme, "x-amz-checksum-crc64nvme"),
+];
+
+/// Where the client's checksum of a body comes from.
+enum ExpectedChecksum {
+    Header(String),
+    /// Sent after the last chunk of an aws-chunked body (current AWS SDKs' default).
+    Trailer {
+        name: &'static str,
+        trailers: Option<s3s::TrailingHeaders>,
+    },
+}
+
+/// Hashes a request body as it streams by and, once it has ended, compares the
+/// client's checksum with what arrived.
+struct ChecksumVerifier {
+    algorithm: ChecksumAlgorithm,
+    expected: ExpectedChecksum,
+    hasher: std::sync::Mutex<Option<s3s::checksum::ChecksumHasher>>,
+    /// What `verify` found to match.
+    verified: std::sync::Mutex<Checksums>,
+}
+
+impl ChecksumVerifier {
+    /// The verifier for a request that declares a checksum (a header with the value, or
+    /// `x-amz-trailer` naming one); `None` when it declares none.
+    fn for_request(
+        headers: &http::HeaderMap,
+        trailers: Option<s3s::TrailingHeaders>,
+    ) -> S3Result<Option<Arc<ChecksumVerifier>>> {
+        let header_value = |name: &str| headers.get(name).and_then(|value| value.to_str().ok());
+        let declared = CHECKSUM_HEADERS.iter().find_map(|(algorithm, name)| {
+            header_value(name).map(|value| (*algorithm, ExpectedChecksum::Header(value.to_string())))
+        });
+        let declared = match (declared, header_value("x-amz-trailer")) {
+            (Some(declared), _) => Some(declared),
+            (None, Some(trailer)) => {
+                let trailer = trailer.trim().to_ascii_lowercase();
+                let (algorithm, name) = CHECKSUM_HEADERS
+                    .iter()
+                    .find(|(_, name)| *name == trailer)
+                    .ok_or_else(|| s3_error!(InvalidArgument, "unsupported trailer {trailer:?}"))?;
+                Some((*algorithm, ExpectedChecksum::Trailer { name, trailers }))
+            }
+            (None, None) => None,
+        };
+        Ok(declared.map(|(algorithm, expected)| {
+            Arc::new(ChecksumVerifier {
+                algorithm,
+                expected,
+                hasher: std::sync::Mutex::new(Some(hasher_for(algorithm))),
+                verified: std::sync::Mutex::new(Checksums::new()),
+            })
+        }))
+    }
+
+    fn update(&self, chunk: &[u8]) {
+        if let Some(hasher) = self.hasher.lock().expect("checksum hasher lock").as_mut() {
+            hasher.update(chunk);
+        }
+    }
+
+    /// Called once the body has ended: the checksum that arrived, if it matches.
+    fn verify(&self) -> Result<Checksums, String> {
+        let hasher = self
+            .hasher
+            .lock()
+            .expect("checksum hasher lock")
+            .take()
+            .ok_or("the body was checked twice")?;
+        let computed = checksum_value(&hasher.finalize(), self.algorithm).ok_or("no checksum computed")?;
+        let expected = match &self.expected {
+            ExpectedChecksum::Header(value) => value.clone(),
+            ExpectedChecksum::Trailer { name, trailers } => trailers
+                .as_ref()
+                .and_then(|trailers| {
+                    trailers.read(|headers| {
+                        headers
+                            .get(*name)
+                            .and_then(|value| value.to_str().ok())
+                            .map(str::to_string)
+                    })
+                })
+                .flatten()
+                .ok_or_else(|| format!("the body ended without its {name} trailer"))?,
+        };
+        if expected.trim() != computed {
+            return Err(format!(
+                "{:?} checksum {expected} was sent, {computed} was received",
+                self.algorithm
+            ));
+        }
+        let verified = Checksums::from([(self.algorithm, computed)]);
+        *self.verified.lock().expect("checksum lock") = verified.clone();
+        Ok(verified)
+    }
+
+    fn verified(&self) -> Checksums {
+        self.verified.lock().expect("checksum lock").clone()
+    }
+
+    fn body_check(self: &Arc<Self>) -> BodyCheck {
+        let verifier = Arc::clone(self);
+        BodyCheck::new(move || verifier.verify())
+    }
+}
+
+fn hasher_for(algorithm: ChecksumAlgorithm) -> s3s::checksum::ChecksumHasher {
+    use s3s::crypto::Checksum as _;
+    let mut hasher = s3s::checksum::ChecksumHasher::default();
+    match algorithm {
+        ChecksumAlgorithm::Crc32 => hasher.crc32 = Some(s3s::crypto::Crc32::new()),
+        ChecksumAlgorithm::Crc32c => hasher.crc32c = Some(s3s::crypto::Crc32c::new()),
+        ChecksumAlgorithm::Sha1 => hasher.sha1 = Some(s3s::crypto::Sha1::new()),
+        ChecksumAlgorithm::Sha256 => hasher.sha256 = Some(s3s::crypto::Sha256::new()),
+        ChecksumAlgorithm::Crc64Nvme => hasher.crc64nvme = Some(s3s::crypto::Crc64Nvme::new()),
+    }
+    hasher
+}
+
+fn checksum_value(checksum: &dto::Checksum, algorithm: ChecksumAlgorithm) -> Option<String> {
+    match algorithm {
+        ChecksumAlgorithm::Crc32 => checksum.checksum_crc32.clone(),
+        ChecksumAlgorithm::Crc32c => checksum.checksum_crc32c.clone(),
+        ChecksumAlgorithm::Sha1 => checksum.checksum_sha1.clone(),
+        ChecksumAlgorithm::Sha256 => checksum.checksum_sha256.clone(),
+        ChecksumAlgorithm::Crc64Nvme => checksum.checksum_crc64nvme.clone(),
+    }
+}
+
+/// The stored checksums, when the client asked for them (`x-amz-checksum-mode: ENABLED`)
+/// and reads the whole object (a range's bytes do not match a whole-object checksum).
+fn checksums_if_enabled(mode: Option<&dto::ChecksumMode>, record: &ObjectVersionRecord, ranged: bool) -> dto::Checksum {
+    let enabled = mode.is_some_and(|mode| mode.as_str().eq_ignore_ascii_case(dto::ChecksumMode::ENABLED));
+    match enabled && !ranged {
+        true => checksum_fields(&record.checksums),
+        false => dto::Checksum::default(),
+    }
+}
+
+/// The stored checksums as S3 answers them.
+fn checksum_fields(checksums: &Checksums) -> dto::Checksum {
+    let value = |algorithm| checksums.get(&algorithm).cloned();
+    dto::Checksum {
+        checksum_crc32: value(ChecksumAlgorithm::Crc32),
+        checksum_crc32c: value(ChecksumAlgorithm::Crc32c),
+        checksum_sha1: value(ChecksumAlgorithm::Sha1),
+        checksum_sha256: value(ChecksumAlgorithm::Sha256),
+        checksum_crc64nvme: value(ChecksumAlgorithm::Crc64Nvme),
+        checksum_type: None,
     }
 }
 
@@ -203,6 +479,7 @@ fn object_write(
         user_metadata: metadata
             .map(|metadata| metadata.into_iter().collect())
             .unwrap_or_default(),
+        body_check: BodyCheck::none(),
     }
 }
 
@@ -230,12 +507,23 @@ fn object_entry(record: &ObjectVersionRecord) -> dto::Object {
 impl<E: Env> S3 for Gateway<E> {
     async fn list_buckets(
         &self,
-        _request: S3Request<dto::ListBucketsInput>,
+        request: S3Request<dto::ListBucketsInput>,
     ) -> S3Result<S3Response<dto::ListBucketsOutput>> {
-        let buckets = self.cluster.list_buckets().await.map_err(s3_error_of)?;
+        let key_id = request_key_id(&request.credentials)?;
+        let mut visible = Vec::new();
+        for bucket in self.cluster.list_buckets().await.map_err(s3_error_of)? {
+            let rights = self
+                .cluster
+                .bucket_rights(&bucket, &key_id)
+                .await
+                .map_err(s3_error_of)?;
+            if rights.read || rights.write {
+                visible.push(bucket);
+            }
+        }
         Ok(S3Response::new(dto::ListBucketsOutput {
             buckets: Some(
-                buckets
+                visible
                     .into_iter()
                     .map(|bucket| dto::Bucket {
                         name: Some(bucket.name),
@@ -256,11 +544,7 @@ impl<E: Env> S3 for Gateway<E> {
         &self,
         request: S3Request<dto::CreateBucketInput>,
     ) -> S3Result<S3Response<dto::CreateBucketOutput>> {
-        let owner = request
-            .credentials
-            .as_ref()
-            .map(|credentials| credentials.access_key.clone())
-            .unwrap_or_default();
+        let owner = request_key_id(&request.credentials)?;
         self.cluster
             .create_bucket(&request.input.bucket, &owner)
             .await
@@ -306,18 +590,29 @@ impl<E: Env> S3 for Gateway<E> {
     }
 
     async fn put_object(&self, request: S3Request<dto::PutObjectInput>) -> S3Result<S3Response<dto::PutObjectOutput>> {
+        let verifier = ChecksumVerifier::for_request(&request.headers, request.trailing_headers.clone())?;
         let input = request.input;
         let body = input
             .body
             .ok_or_else(|| s3_error!(IncompleteBody, "a PUT needs a body"))?;
         self.existing_bucket(&input.bucket).await?;
         // Errors inside the stream (client gone, bad chunk signature, payload hash
-        // mismatch at the end) fail the whole put: no manifest is committed.
-        let reader = IoBody(body).into_async_read();
-        let write = object_write(input.bucket, input.key, input.content_type, input.metadata);
+        // mismatch at the end) fail the whole put, and so does a checksum that does not
+        // match: no manifest is committed.
+        let mut write = object_write(input.bucket, input.key, input.content_type, input.metadata);
+        write.body_check = verifier
+            .as_ref()
+            .map_or_else(BodyCheck::none, ChecksumVerifier::body_check);
+        let reader = IoBody { body, verifier }.into_async_read();
         let record = self.cluster.put_object(write, reader).await.map_err(s3_error_of)?;
+        let checksums = checksum_fields(&record.checksums);
         Ok(S3Response::new(dto::PutObjectOutput {
             e_tag: Some(etag_of(&record)),
+            checksum_crc32: checksums.checksum_crc32,
+            checksum_crc32c: checksums.checksum_crc32c,
+            checksum_sha1: checksums.checksum_sha1,
+            checksum_sha256: checksums.checksum_sha256,
+            checksum_crc64nvme: checksums.checksum_crc64nvme,
             ..Default::default()
         }))
     }
@@ -328,7 +623,20 @@ impl<E: Env> S3 for Gateway<E> {
     ) -> S3Result<S3Response<dto::HeadObjectOutput>> {
         let input = request.input;
         let record = self.object_record(&input.bucket, &input.key).await?;
+        Conditions {
+            if_match: input.if_match,
+            if_none_match: input.if_none_match,
+            if_modified_since: input.if_modified_since,
+            if_unmodified_since: input.if_unmodified_since,
+        }
+        .check_read(&record)?;
+        let checksums = checksums_if_enabled(input.checksum_mode.as_ref(), &record, false);
         Ok(S3Response::new(dto::HeadObjectOutput {
+            checksum_crc32: checksums.checksum_crc32,
+            checksum_crc32c: checksums.checksum_crc32c,
+            checksum_sha1: checksums.checksum_sha1,
+            checksum_sha256: checksums.checksum_sha256,
+            checksum_crc64nvme: checksums.checksum_crc64nvme,
             content_length: Some(record.size_bytes as i64),
             content_type: record.content_type.clone(),
             e_tag: Some(etag_of(&record)),
@@ -343,16 +651,13 @@ impl<E: Env> S3 for Gateway<E> {
         let input = request.input;
         let record = self.object_record(&input.bucket, &input.key).await?;
         let etag = etag_of(&record);
-        if let Some(condition) = &input.if_match {
-            if !condition_matches(condition, &etag) {
-                return Err(s3_error!(PreconditionFailed, "If-Match does not match"));
-            }
+        Conditions {
+            if_match: input.if_match,
+            if_none_match: input.if_none_match,
+            if_modified_since: input.if_modified_since,
+            if_unmodified_since: input.if_unmodified_since,
         }
-        if let Some(condition) = &input.if_none_match {
-            if condition_matches(condition, &etag) {
-                return Err(S3Error::new(S3ErrorCode::NotModified));
-            }
-        }
+        .check_read(&record)?;
         let size = record.size_bytes;
         let (range, content_range) = match &input.range {
             None => (0..size, None),
@@ -365,7 +670,13 @@ impl<E: Env> S3 for Gateway<E> {
             }
         };
         let length = range.end - range.start;
+        let checksums = checksums_if_enabled(input.checksum_mode.as_ref(), &record, content_range.is_some());
         let output = dto::GetObjectOutput {
+            checksum_crc32: checksums.checksum_crc32,
+            checksum_crc32c: checksums.checksum_crc32c,
+            checksum_sha1: checksums.checksum_sha1,
+            checksum_sha256: checksums.checksum_sha256,
+            checksum_crc64nvme: checksums.checksum_crc64nvme,
             content_length: Some(length as i64),
             content_range,
             content_type: record.content_type.clone(),
@@ -396,6 +707,306 @@ impl<E: Env> S3 for Gateway<E> {
             .await
             .map_err(s3_error_of)?;
         Ok(S3Response::new(dto::DeleteObjectOutput::default()))
+    }
+
+    async fn delete_objects(
+        &self,
+        request: S3Request<dto::DeleteObjectsInput>,
+    ) -> S3Result<S3Response<dto::DeleteObjectsOutput>> {
+        let input = request.input;
+        let objects = input.delete.objects;
+        if objects.len() > DELETE_OBJECTS_KEYS_MAX {
+            return Err(s3_error!(
+                MalformedXML,
+                "at most {DELETE_OBJECTS_KEYS_MAX} keys per DeleteObjects request"
+            ));
+        }
+        self.existing_bucket(&input.bucket).await?;
+        let quiet = input.delete.quiet.unwrap_or(false);
+        let mut deleted = Vec::new();
+        let mut errors = Vec::new();
+        // One after another: each is a metadata quorum write, and a request of 1000 keys
+        // must not become 1000 writes in flight from one client.
+        for object in objects {
+            let error = match object.version_id.as_deref() {
+                Some(version) if version != NULL_VERSION => None,
+                _ => self
+                    .cluster
+                    .delete_object(&input.bucket, &object.key)
+                    .await
+                    .err()
+                    .map(s3_error_of),
+            };
+            match error {
+                None if quiet => {}
+                None => deleted.push(dto::DeletedObject {
+                    key: Some(object.key),
+                    version_id: object.version_id,
+                    ..Default::default()
+                }),
+                Some(error) => errors.push(dto::Error {
+                    code: Some(error.code().as_str().to_string()),
+                    message: error.message().map(str::to_string),
+                    key: Some(object.key),
+                    version_id: object.version_id,
+                }),
+            }
+        }
+        Ok(S3Response::new(dto::DeleteObjectsOutput {
+            deleted: Some(deleted),
+            errors: Some(errors),
+            ..Default::default()
+        }))
+    }
+
+    async fn copy_object(
+        &self,
+        request: S3Request<dto::CopyObjectInput>,
+    ) -> S3Result<S3Response<dto::CopyObjectOutput>> {
+        let input = request.input;
+        let conditions = Conditions {
+            if_match: input.copy_source_if_match,
+            if_none_match: input.copy_source_if_none_match,
+            if_modified_since: input.copy_source_if_modified_since,
+            if_unmodified_since: input.copy_source_if_unmodified_since,
+        };
+        let source = self.copy_source_record(&input.copy_source, &conditions).await?;
+        self.existing_bucket(&input.bucket).await?;
+        let replace = input
+            .metadata_directive
+            .as_ref()
+            .is_some_and(|directive| directive.as_str() == dto::MetadataDirective::REPLACE);
+        let same_object = matches!(&input.copy_source,
+            dto::CopySource::Bucket { bucket, key, .. } if **bucket == *input.bucket && **key == *input.key);
+        if same_object && !replace {
+            return Err(s3_error!(
+                InvalidRequest,
+                "copying an object onto itself needs the REPLACE metadata directive"
+            ));
+        }
+        let write = match replace {
+            true => object_write(input.bucket, input.key, input.content_type, input.metadata),
+            false => ObjectWrite {
+                bucket: input.bucket,
+                key: input.key,
+                content_type: source.content_type.clone(),
+                user_metadata: source.user_metadata.clone(),
+                body_check: BodyCheck::none(),
+            },
+        };
+        let size = source.size_bytes;
+        let reader = self.object_reader(source, 0..size)?;
+        let record = self.cluster.put_object(write, reader).await.map_err(s3_error_of)?;
+        Ok(S3Response::new(dto::CopyObjectOutput {
+            copy_object_result: Some(dto::CopyObjectResult {
+                e_tag: Some(etag_of(&record)),
+                last_modified: Some(timestamp_of(record.created_at_ms)),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }))
+    }
+
+    async fn upload_part_copy(
+        &self,
+        request: S3Request<dto::UploadPartCopyInput>,
+    ) -> S3Result<S3Response<dto::UploadPartCopyOutput>> {
+        let input = request.input;
+        let conditions = Conditions {
+            if_match: input.copy_source_if_match,
+            if_none_match: input.copy_source_if_none_match,
+            if_modified_since: input.copy_source_if_modified_since,
+            if_unmodified_since: input.copy_source_if_unmodified_since,
+        };
+        let source = self.copy_source_record(&input.copy_source, &conditions).await?;
+        let size = source.size_bytes;
+        let range = match &input.copy_source_range {
+            None => 0..size,
+            Some(text) => dto::Range::parse(text)
+                .ok()
+                .and_then(|range| range.check(size).ok())
+                .ok_or_else(|| {
+                    s3_error!(
+                        InvalidRange,
+                        "copy source range {text:?} not satisfiable for {size} bytes"
+                    )
+                })?,
+        };
+        let part_number =
+            u32::try_from(input.part_number).map_err(|_| s3_error!(InvalidArgument, "bad part number"))?;
+        let reader = self.object_reader(source, range)?;
+        let part = self
+            .cluster
+            .upload_part(
+                &input.bucket,
+                &input.key,
+                &input.upload_id,
+                part_number,
+                reader,
+                BodyCheck::none(),
+            )
+            .await
+            .map_err(s3_error_of)?;
+        Ok(S3Response::new(dto::UploadPartCopyOutput {
+            copy_part_result: Some(dto::CopyPartResult {
+                e_tag: Some(ETag::Strong(part.etag.trim_matches('"').to_string())),
+                last_modified: Some(timestamp_of(self.cluster.env().now_ms())),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }))
+    }
+
+    async fn list_multipart_uploads(
+        &self,
+        request: S3Request<dto::ListMultipartUploadsInput>,
+    ) -> S3Result<S3Response<dto::ListMultipartUploadsOutput>> {
+        let input = request.input;
+        self.existing_bucket(&input.bucket).await?;
+        let prefix = input.prefix.clone().unwrap_or_default();
+        let max_uploads = input.max_uploads.unwrap_or(LIST_UPLOADS_MAX).clamp(0, LIST_UPLOADS_MAX) as usize;
+        let delimiter = input.delimiter.clone().filter(|delimiter| !delimiter.is_empty());
+        // Where the scan stands: a (key, upload id) row, or a whole key (or common prefix
+        // followed by U+10FFFF) to skip.
+        let mut after: Option<(String, Option<String>)> = input
+            .key_marker
+            .clone()
+            .filter(|marker| !marker.is_empty())
+            .map(|key| (key, input.upload_id_marker.clone().filter(|id| !id.is_empty())));
+        let mut uploads = Vec::new();
+        let mut common_prefixes: Vec<String> = Vec::new();
+        let mut next: Option<(String, Option<String>)> = None;
+        'pages: loop {
+            let listing = self
+                .cluster
+                .list_multipart_uploads(
+                    &input.bucket,
+                    &prefix,
+                    after.as_ref().map(|(key, id)| (key.as_str(), id.as_deref())),
+                    LIST_UPLOADS_MAX as u32,
+                )
+                .await
+                .map_err(s3_error_of)?;
+            for upload in listing.uploads {
+                if common_prefixes
+                    .last()
+                    .is_some_and(|common| upload.key.starts_with(common.as_str()))
+                {
+                    continue;
+                }
+                if uploads.len() + common_prefixes.len() >= max_uploads {
+                    next = after.clone();
+                    break 'pages;
+                }
+                let rest = &upload.key[prefix.len()..];
+                let common = delimiter.as_deref().and_then(|delimiter| {
+                    rest.find(delimiter)
+                        .map(|position| format!("{prefix}{}", &rest[..position + delimiter.len()]))
+                });
+                match common {
+                    Some(common) => {
+                        after = Some((format!("{common}\u{10ffff}"), None));
+                        common_prefixes.push(common);
+                    }
+                    None => {
+                        after = Some((upload.key.clone(), Some(upload.upload_id.clone())));
+                        uploads.push(upload);
+                    }
+                }
+            }
+            match listing.next_after {
+                Some((key, upload_id)) => {
+                    let scanned = (key, Some(upload_id));
+                    if after.as_ref().is_none_or(|current| *current < scanned) {
+                        after = Some(scanned);
+                    }
+                }
+                None => break,
+            }
+        }
+        let (next_key_marker, next_upload_id_marker) = match next {
+            Some((key, upload_id)) => (Some(key), upload_id),
+            None => (None, None),
+        };
+        Ok(S3Response::new(dto::ListMultipartUploadsOutput {
+            bucket: Some(input.bucket),
+            prefix: input.prefix,
+            delimiter: input.delimiter,
+            key_marker: input.key_marker,
+            upload_id_marker: input.upload_id_marker,
+            max_uploads: Some(max_uploads as i32),
+            is_truncated: Some(next_key_marker.is_some()),
+            next_key_marker,
+            next_upload_id_marker,
+            encoding_type: input.encoding_type,
+            common_prefixes: common_prefix_entries(common_prefixes),
+            uploads: Some(
+                uploads
+                    .into_iter()
+                    .map(|upload| dto::MultipartUpload {
+                        key: Some(upload.key),
+                        upload_id: Some(upload.upload_id),
+                        initiated: Some(timestamp_of(upload.created_at_ms)),
+                        storage_class: Some(dto::StorageClass::from_static(dto::StorageClass::STANDARD)),
+                        ..Default::default()
+                    })
+                    .collect(),
+            ),
+            ..Default::default()
+        }))
+    }
+
+    /// Without versioning every object has exactly one version, "null", the latest.
+    async fn list_object_versions(
+        &self,
+        request: S3Request<dto::ListObjectVersionsInput>,
+    ) -> S3Result<S3Response<dto::ListObjectVersionsOutput>> {
+        let input = request.input;
+        self.existing_bucket(&input.bucket).await?;
+        let prefix = input.prefix.clone().unwrap_or_default();
+        let max_keys = input.max_keys.unwrap_or(LIST_KEYS_MAX).clamp(0, LIST_KEYS_MAX);
+        let after = input.key_marker.clone().filter(|marker| !marker.is_empty());
+        let page = self
+            .list_page(
+                &input.bucket,
+                &prefix,
+                input.delimiter.as_deref(),
+                after,
+                max_keys as usize,
+            )
+            .await?;
+        let truncated = page.next_after.is_some();
+        Ok(S3Response::new(dto::ListObjectVersionsOutput {
+            name: Some(input.bucket),
+            prefix: input.prefix,
+            delimiter: input.delimiter,
+            key_marker: input.key_marker,
+            version_id_marker: input.version_id_marker,
+            max_keys: Some(max_keys),
+            is_truncated: Some(truncated),
+            next_version_id_marker: page.next_after.as_ref().map(|_| NULL_VERSION.to_string()),
+            next_key_marker: page.next_after,
+            encoding_type: input.encoding_type,
+            versions: Some(
+                page.objects
+                    .iter()
+                    .map(|record| dto::ObjectVersion {
+                        key: Some(record.key.clone()),
+                        version_id: Some(record.version_id.clone()),
+                        is_latest: Some(true),
+                        size: Some(record.size_bytes as i64),
+                        e_tag: Some(etag_of(record)),
+                        last_modified: Some(timestamp_of(record.created_at_ms)),
+                        storage_class: Some(dto::ObjectVersionStorageClass::from_static(
+                            dto::ObjectVersionStorageClass::STANDARD,
+                        )),
+                        ..Default::default()
+                    })
+                    .collect(),
+            ),
+            common_prefixes: common_prefix_entries(page.common_prefixes),
+            ..Default::default()
+        }))
     }
 
     async fn list_objects_v2(
@@ -466,12 +1077,16 @@ impl<E: Env> S3 for Gateway<E> {
         &self,
         request: S3Request<dto::UploadPartInput>,
     ) -> S3Result<S3Response<dto::UploadPartOutput>> {
+        let verifier = ChecksumVerifier::for_request(&request.headers, request.trailing_headers.clone())?;
         let input = request.input;
         let body = input
             .body
             .ok_or_else(|| s3_error!(IncompleteBody, "a part needs a body"))?;
         let part_number =
             u32::try_from(input.part_number).map_err(|_| s3_error!(InvalidArgument, "bad part number"))?;
+        let body_check = verifier
+            .as_ref()
+            .map_or_else(BodyCheck::none, ChecksumVerifier::body_check);
         let part = self
             .cluster
             .upload_part(
@@ -479,12 +1094,23 @@ impl<E: Env> S3 for Gateway<E> {
                 &input.key,
                 &input.upload_id,
                 part_number,
-                IoBody(body).into_async_read(),
+                IoBody {
+                    body,
+                    verifier: verifier.clone(),
+                }
+                .into_async_read(),
+                body_check,
             )
             .await
             .map_err(s3_error_of)?;
+        let checksums = checksum_fields(&verifier.map(|verifier| verifier.verified()).unwrap_or_default());
         Ok(S3Response::new(dto::UploadPartOutput {
             e_tag: Some(ETag::Strong(part.etag.trim_matches('"').to_string())),
+            checksum_crc32: checksums.checksum_crc32,
+            checksum_crc32c: checksums.checksum_crc32c,
+            checksum_sha1: checksums.checksum_sha1,
+            checksum_sha256: checksums.checksum_sha256,
+            checksum_crc64nvme: checksums.checksum_crc64nvme,
             ..Default::default()
         }))
     }
@@ -610,6 +1236,148 @@ impl<E: Env> S3 for Gateway<E> {
     }
 }
 
+/// What an S3 operation needs from the caller's access key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Needed {
+    /// Any valid key (the handler shows only what the key may see).
+    AnyKey,
+    /// A key created with the right to create buckets.
+    CreateBucket,
+    Read,
+    Write,
+    /// The bucket's owner: its settings, and deleting it.
+    Owner,
+}
+
+fn needed_for(operation: &str) -> Needed {
+    match operation {
+        "ListBuckets" => Needed::AnyKey,
+        "CreateBucket" => Needed::CreateBucket,
+        "HeadBucket"
+        | "GetBucketLocation"
+        | "GetObject"
+        | "HeadObject"
+        | "GetObjectAttributes"
+        | "ListObjects"
+        | "ListObjectsV2"
+        | "ListObjectVersions"
+        | "ListParts"
+        | "ListMultipartUploads"
+        | "GetBucketVersioning"
+        | "GetObjectLockConfiguration"
+        | "GetObjectRetention"
+        | "GetObjectLegalHold" => Needed::Read,
+        "PutObject"
+        | "DeleteObject"
+        | "DeleteObjects"
+        | "CopyObject"
+        | "CreateMultipartUpload"
+        | "UploadPart"
+        | "UploadPartCopy"
+        | "CompleteMultipartUpload"
+        | "AbortMultipartUpload"
+        | "PutObjectRetention"
+        | "PutObjectLegalHold" => Needed::Write,
+        // Everything else changes or reveals bucket settings: owners only.
+        _ => Needed::Owner,
+    }
+}
+
+fn access_denied() -> S3Error {
+    s3_error!(AccessDenied, "access denied")
+}
+
+/// Decides, before any input is read, whether the request's access key may run the
+/// operation on the bucket: its owner may do anything, others what `admin bucket allow`
+/// granted them, and only keys allowed to may create buckets. Anonymous requests never
+/// get here with rights: they are refused.
+pub struct ClusterAccess<E: Env> {
+    cluster: Arc<ClusterNode<E>>,
+}
+
+impl<E: Env> ClusterAccess<E> {
+    /// Whether the request's key may read the source object of CopyObject or
+    /// UploadPartCopy (the operation's own check covers only the destination).
+    async fn check_copy_source(
+        &self,
+        credentials: &Option<s3s::auth::Credentials>,
+        source: &dto::CopySource,
+    ) -> S3Result<()> {
+        let key_id = request_key_id(credentials)?;
+        match source {
+            dto::CopySource::Bucket { bucket, .. } => self.check_bucket(bucket, &key_id, Needed::Read).await,
+            dto::CopySource::AccessPoint { .. } | dto::CopySource::Outpost { .. } => Err(s3_error!(
+                NotImplemented,
+                "copy sources other than bucket/key are not supported"
+            )),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl<E: Env> s3s::access::S3Access for ClusterAccess<E> {
+    async fn check(&self, cx: &mut s3s::access::S3AccessContext<'_>) -> S3Result<()> {
+        let key_id = cx
+            .credentials()
+            .map(|credentials| credentials.access_key.clone())
+            .ok_or_else(access_denied)?;
+        let needed = needed_for(cx.s3_op().name());
+        if needed == Needed::AnyKey {
+            return Ok(());
+        }
+        if needed == Needed::CreateBucket {
+            let key = self.cluster.access_key(&key_id).await.map_err(s3_error_of)?;
+            return match key {
+                Some(key) if key.allow_create_bucket => Ok(()),
+                _ => Err(s3_error!(AccessDenied, "this access key may not create buckets")),
+            };
+        }
+        let bucket = match cx.s3_path() {
+            s3s::path::S3Path::Bucket { bucket } | s3s::path::S3Path::Object { bucket, .. } => bucket.to_string(),
+            s3s::path::S3Path::Root => return Err(access_denied()),
+        };
+        self.check_bucket(&bucket, &key_id, needed).await
+    }
+
+    async fn copy_object(&self, request: &mut S3Request<dto::CopyObjectInput>) -> S3Result<()> {
+        self.check_copy_source(&request.credentials, &request.input.copy_source)
+            .await
+    }
+
+    async fn upload_part_copy(&self, request: &mut S3Request<dto::UploadPartCopyInput>) -> S3Result<()> {
+        self.check_copy_source(&request.credentials, &request.input.copy_source)
+            .await
+    }
+}
+
+impl<E: Env> ClusterAccess<E> {
+    async fn check_bucket(&self, bucket: &str, key_id: &str, needed: Needed) -> S3Result<()> {
+        // A missing bucket answers NoSuchBucket here, so a bucket created by someone else
+        // between this check and the handler can never be written through this request.
+        let record = self
+            .cluster
+            .bucket(bucket)
+            .await
+            .map_err(s3_error_of)?
+            .ok_or_else(|| s3_error!(NoSuchBucket, "no such bucket: {bucket}"))?;
+        let rights = self.cluster.bucket_rights(&record, key_id).await.map_err(s3_error_of)?;
+        let allowed = match needed {
+            Needed::Read => rights.read,
+            Needed::Write => rights.write,
+            Needed::Owner => rights.owner,
+            Needed::AnyKey | Needed::CreateBucket => unreachable!("decided before the bucket is read"),
+        };
+        allowed.then_some(()).ok_or_else(access_denied)
+    }
+}
+
+fn request_key_id(credentials: &Option<s3s::auth::Credentials>) -> S3Result<String> {
+    credentials
+        .as_ref()
+        .map(|credentials| credentials.access_key.clone())
+        .ok_or_else(access_denied)
+}
+
 /// Resolves SigV4 access keys against the cluster's access key table.
 pub struct ClusterAuth<E: Env> {
     cluster: Arc<ClusterNode<E>>,
@@ -641,7 +1409,10 @@ pub async fn serve<E: Env>(
     observer: Arc<super::metrics::S3Observer>,
 ) -> Result<SocketAddr, String> {
     let mut builder = S3ServiceBuilder::new(Gateway::new(Arc::clone(&cluster), region));
-    builder.set_auth(ClusterAuth { cluster });
+    builder.set_auth(ClusterAuth {
+        cluster: Arc::clone(&cluster),
+    });
+    builder.set_access(ClusterAccess { cluster });
     let service = builder.build();
     let app = axum::Router::new()
         .fallback_service(HandleError::new(service, internal_error))
