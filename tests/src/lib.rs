@@ -1,6 +1,8 @@
 //! Helpers for integration tests that start real `bdr-node` processes on loopback and
 //! drive them the way an operator would: config files, the CLI, signals.
 
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
 use std::net::{TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -558,4 +560,114 @@ impl ProcessCluster {
             .filter(|path| path.starts_with(self.nodes[index].folder.join("data").join("shards").join("shards")))
             .collect()
     }
+}
+
+/// `bdr-node dev` running in a folder, with the credentials it wrote.
+pub struct DevProcess {
+    child: Child,
+    /// `credentials.env`: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION,
+    /// AWS_ENDPOINT_URL, BDR_ADMIN_ENDPOINT, BDR_ADMIN_TOKEN, BDR_ADMIN_TOKEN_FILE.
+    pub credentials: BTreeMap<String, String>,
+}
+
+impl Drop for DevProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `bdr-node dev` in `folder` and waits until it prints `ready`.
+pub fn start_dev(folder: &Path, s3_port: u16, admin_port: u16) -> DevProcess {
+    std::fs::create_dir_all(folder).unwrap();
+    let log_path = folder.join("dev.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .unwrap();
+    let mut child = Command::new(binary("bdr-node"))
+        .args(["dev", "--data"])
+        .arg(folder)
+        .args(["--s3-listen", &format!("127.0.0.1:{s3_port}")])
+        .args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .expect("bdr-node dev starts");
+    let stdout = child.stdout.take().unwrap();
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if sender.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let mut printed = Vec::new();
+    loop {
+        match receiver.recv_timeout(Duration::from_secs(90)) {
+            Ok(line) if line.starts_with("ready") => break,
+            Ok(line) => printed.push(line),
+            Err(_) => panic!(
+                "bdr-node dev did not become ready; it printed {printed:?} and logged:\n{}",
+                std::fs::read_to_string(&log_path).unwrap_or_default()
+            ),
+        }
+    }
+    assert!(printed.iter().any(|line| line.contains("S3 endpoint")), "{printed:?}");
+    let credentials = std::fs::read_to_string(folder.join("credentials.env"))
+        .unwrap()
+        .lines()
+        .filter_map(|line| {
+            let (key, value) = line.strip_prefix("export ")?.split_once('=')?;
+            Some((key.to_string(), value.to_string()))
+        })
+        .collect();
+    DevProcess { child, credentials }
+}
+
+/// Writes a tree of `files` files under `root`, in three subfolders, of sizes from 1 byte
+/// to about `files` KB (file i holds `pattern(…, seed + i)`); returns the relative paths,
+/// sorted.
+pub fn write_tree(root: &Path, files: usize, seed: u64) -> Vec<PathBuf> {
+    let mut paths: Vec<PathBuf> = (0..files)
+        .map(|index| {
+            let relative = PathBuf::from(format!("sub{}/file-{index}.bin", index % 3));
+            let path = root.join(&relative);
+            std::fs::create_dir_all(path.parent().expect("has a parent")).expect("creates folders");
+            std::fs::write(&path, pattern(1000 * index + 1, seed + index as u64)).expect("writes a file");
+            relative
+        })
+        .collect();
+    paths.sort();
+    paths
+}
+
+/// Panics unless every file of `relative_paths` is byte-identical under both roots.
+pub fn assert_same_files(expected_root: &Path, actual_root: &Path, relative_paths: &[PathBuf], what: &str) {
+    for relative in relative_paths {
+        let expected = std::fs::read(expected_root.join(relative)).expect("the original exists");
+        let actual = std::fs::read(actual_root.join(relative))
+            .unwrap_or_else(|error| panic!("{what}: {} missing: {error}", relative.display()));
+        assert!(expected == actual, "{what}: {} differs", relative.display());
+    }
+}
+
+/// Every file under `root`, relative to it, sorted.
+pub fn files_under(root: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    let mut folders = vec![root.to_path_buf()];
+    while let Some(folder) = folders.pop() {
+        for entry in std::fs::read_dir(&folder).into_iter().flatten().flatten() {
+            let path = entry.path();
+            match path.is_dir() {
+                true => folders.push(path),
+                false => files.push(path.strip_prefix(root).expect("under root").to_path_buf()),
+            }
+        }
+    }
+    files.sort();
+    files
 }

@@ -3,75 +3,11 @@
 //! refused; keys see and touch only buckets they own or were granted; a restart with the
 //! same folder keeps data and credentials.
 
-use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use bdr_tests::{binary, free_tcp_port, pattern, run_bounded};
-
-struct DevProcess {
-    child: Child,
-    credentials: BTreeMap<String, String>,
-}
-
-impl Drop for DevProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_dev(folder: &Path, s3_port: u16, admin_port: u16) -> DevProcess {
-    std::fs::create_dir_all(folder).unwrap();
-    let log_path = folder.join("dev.log");
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .unwrap();
-    let mut child = Command::new(binary("bdr-node"))
-        .args(["dev", "--data"])
-        .arg(folder)
-        .args(["--s3-listen", &format!("127.0.0.1:{s3_port}")])
-        .args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(log)
-        .spawn()
-        .expect("bdr-node dev starts");
-    let stdout = child.stdout.take().unwrap();
-    let (sender, receiver) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if sender.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    let mut printed = Vec::new();
-    loop {
-        match receiver.recv_timeout(Duration::from_secs(90)) {
-            Ok(line) if line.starts_with("ready") => break,
-            Ok(line) => printed.push(line),
-            Err(_) => panic!(
-                "bdr-node dev did not become ready; it printed {printed:?} and logged:\n{}",
-                std::fs::read_to_string(&log_path).unwrap_or_default()
-            ),
-        }
-    }
-    assert!(printed.iter().any(|line| line.contains("S3 endpoint")), "{printed:?}");
-    let credentials = std::fs::read_to_string(folder.join("credentials.env"))
-        .unwrap()
-        .lines()
-        .filter_map(|line| {
-            let (key, value) = line.strip_prefix("export ")?.split_once('=')?;
-            Some((key.to_string(), value.to_string()))
-        })
-        .collect();
-    DevProcess { child, credentials }
-}
+use bdr_tests::{assert_same_files, binary, free_tcp_port, pattern, run_bounded, start_dev, write_tree, DevProcess};
 
 /// Runs the aws cli with the dev cluster's credentials (plus `overrides`).
 fn run_aws(dev: &DevProcess, arguments: &[&str], overrides: &[(&str, &str)]) -> std::process::Output {
@@ -190,11 +126,7 @@ fn aws_cli_round_trips_through_bdr_node_dev_and_survives_a_restart() {
 
     // A tree both ways with sync.
     let tree = root.path().join("tree");
-    for index in 0..12 {
-        let path = tree.join(format!("sub{}/file-{index}.bin", index % 3));
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(&path, pattern(1000 * index + 1, index as u64)).unwrap();
-    }
+    let tree_files = write_tree(&tree, 12, 0);
     aws(&dev, &["s3", "sync", tree.to_str().unwrap(), "s3://backups/tree"]);
     let listing = aws(&dev, &["s3", "ls", "--recursive", "s3://backups/tree/"]);
     assert_eq!(listing.lines().count(), 12, "{listing}");
@@ -202,13 +134,7 @@ fn aws_cli_round_trips_through_bdr_node_dev_and_survives_a_restart() {
     assert!(top.contains("PRE dir/") && top.contains("PRE tree/"), "{top}");
     let restored = root.path().join("restored");
     aws(&dev, &["s3", "sync", "s3://backups/tree", restored.to_str().unwrap()]);
-    for index in 0..12 {
-        let name = format!("sub{}/file-{index}.bin", index % 3);
-        assert_eq!(
-            std::fs::read(restored.join(&name)).unwrap(),
-            std::fs::read(tree.join(&name)).unwrap()
-        );
-    }
+    assert_same_files(&tree, &restored, &tree_files, "aws s3 sync");
 
     // Ranged read and metadata through s3api.
     let range_file = root.path().join("range");
