@@ -184,6 +184,32 @@ answer = s3.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": key} for k
 check(sorted(d["Key"] for d in answer.get("Deleted", [])) == sorted(doomed) and not answer.get("Errors"), f"{answer}")
 check(s3.list_objects_v2(Bucket=bucket, Prefix="dir/").get("KeyCount") == 0, "deleted keys still listed")
 
+# Clock skew: a request signed 10 minutes off is accepted, 20 minutes either way refused
+# with RequestTimeTooSkewed (S3's 15-minute window).
+import botocore.auth
+from botocore.config import Config
+
+real_now = botocore.auth.get_current_datetime
+skewed = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"], config=Config(retries={"max_attempts": 1}))
+try:
+    for minutes, accepted in [(10, True), (-10, True), (20, False), (-20, False)]:
+        botocore.auth.get_current_datetime = lambda minutes=minutes: real_now() + datetime.timedelta(minutes=minutes)
+        try:
+            skewed.head_object(Bucket=bucket, Key="small")
+            check(accepted, f"a request {minutes} minutes off was accepted")
+        except ClientError as error:
+            check(not accepted, f"a request {minutes} minutes off was refused: {error.response}")
+            code = error.response["Error"]["Code"]
+            check(code in ("RequestTimeTooSkewed", "403"), f"{minutes} minutes off: {error.response}")
+            check(error.response["ResponseMetadata"]["HTTPStatusCode"] == 403, f"{error.response}")
+        try:
+            skewed.list_objects_v2(Bucket=bucket, MaxKeys=1)
+            check(accepted, f"a listing {minutes} minutes off was accepted")
+        except ClientError as error:
+            check(not accepted and error.response["Error"]["Code"] == "RequestTimeTooSkewed", f"{error.response}")
+finally:
+    botocore.auth.get_current_datetime = real_now
+
 s3.delete_object(Bucket=bucket, Key="small")
 try:
     s3.head_object(Bucket=bucket, Key="small")
