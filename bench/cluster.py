@@ -1,7 +1,7 @@
 """A local multi-process bdr cluster for the benchmarks under bench/: release `bdr-node`
 processes on loopback, each with its own folder, config and admin API. Every process it
 starts is SIGKILLed by `Cluster.stop` (call it in a `finally`)."""
-import http.client, json, os, re, signal, socket, subprocess, tempfile, time
+import http.client, json, os, re, shutil, signal, socket, subprocess, tempfile, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BINARY = os.path.join(ROOT, "target", "release", "bdr-node")
@@ -148,3 +148,4 @@ class Cluster:
     def stop(self):
         for node in self.nodes:
             node.kill()
+        shutil.rmtree(self.root, ignore_errors=True)

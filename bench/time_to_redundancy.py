@@ -26,13 +26,18 @@ def stripe_counts(status):
     return tuple(stripes[name] for name in ("total", "healthy", "degraded", "at_risk", "lost"))
 
 
-def wait_until_healthy(node, expected_stripes, timeout_s):
+def wait_until_healthy(node, expected_stripes, timeout_s, timeline=None):
+    """Polls `admin status` until every stripe is healthy; appends (time, healthy stripes,
+    queued stripes, repair bytes/s) to `timeline` on each poll."""
     deadline = time.time() + timeout_s
     last = None
     while time.time() < deadline:
         status = node.status()
         if status:
             last = stripe_counts(status)
+            if timeline is not None:
+                repair = status["maintenance"]["repair"]
+                timeline.append((time.time(), last[1], repair["queued_stripes"], repair["bytes_per_s"]))
             if last == (expected_stripes, expected_stripes, 0, 0, 0) and not status["maintenance"]["nodes_unreachable"]:
                 return time.time()
         time.sleep(0.2)
@@ -43,6 +48,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--gib", type=float, default=4.0, help="object data written before the loss")
     parser.add_argument("--object-mib", type=int, default=256)
+    parser.add_argument("--timeline", action="store_true", help="print stripe health while repairing")
     args = parser.parse_args()
     build_release()
     cluster = Cluster(extra_config=MAINTENANCE)
@@ -84,7 +90,8 @@ def main():
                 detected = time.time()
             else:
                 time.sleep(0.1)
-        healthy = wait_until_healthy(cluster.nodes[0], stripes, 1800)
+        timeline = []
+        healthy = wait_until_healthy(cluster.nodes[0], stripes, 1800, timeline)
         repair_seconds = healthy - detected
         bound_seconds = lost_bytes * DATA_SHARDS / bandwidth
         print(f"objects: {count} x {args.object_mib} MiB ({stripes} stripes of 4+2)")
@@ -94,6 +101,10 @@ def main():
         print(f"repair to full redundancy: {repair_seconds:8.1f} s")
         print(f"bound (lost x k / bw):     {bound_seconds:8.1f} s")
         print(f"ratio repair / bound:      {repair_seconds / bound_seconds:8.2f} (goal <= 1.3)")
+        if args.timeline:
+            print("timeline after detection (s, healthy stripes, queued stripes, repair MB/s summed):")
+            for at, healthy_stripes, queued, rate in timeline:
+                print(f"  {at - detected:6.1f} {healthy_stripes:6d} {queued:6d} {rate / 1e6:8.1f}")
     finally:
         cluster.stop()
 

@@ -179,6 +179,24 @@ fn aws_cli_round_trips_through_bdr_node_dev_and_survives_a_restart() {
         .call()
         .unwrap();
     assert_eq!(anonymous.status().as_u16(), 403);
+    // Garbage on the socket and an oversized head get an HTTP error, never a hang.
+    for garbage in [
+        b"\x00\x01GARBAGE \xff\r\n\r\n".to_vec(),
+        format!(
+            "GET /backups HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+            "a".repeat(100_000)
+        )
+        .into_bytes(),
+    ] {
+        use std::io::{Read, Write};
+        let mut socket = std::net::TcpStream::connect(("127.0.0.1", s3_port)).unwrap();
+        socket.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let _ = socket.write_all(&garbage);
+        let mut answer = Vec::new();
+        let _ = socket.read_to_end(&mut answer);
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 4"), "garbage got {answer:?}");
+    }
 
     // Access: a second key may not create buckets, and neither sees nor touches another
     // key's bucket until `admin bucket allow` grants it; `deny` takes rights back.

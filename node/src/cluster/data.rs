@@ -37,7 +37,7 @@ use md5::{Digest, Md5};
 use super::membership::Liveness;
 use super::metadata::MetaError;
 use super::ClusterNode;
-use crate::env::{Env, ShardKey, StoreError};
+use crate::env::{Env, NetworkError, ShardKey, StoreError};
 
 /// Objects up to this size are sealed inline in metadata instead of erasure-coded.
 pub const INLINE_OBJECT_BYTES_DEFAULT: u32 = 64 * 1024;
@@ -49,6 +49,8 @@ pub const PARITY_SHARDS_DEFAULT: u8 = 2;
 pub const STRIPES_IN_FLIGHT_MAX: usize = 2;
 pub const SHARD_WRITE_TIMEOUT_MS: u64 = 30_000;
 pub const SHARD_READ_TIMEOUT_MS: u64 = 15_000;
+/// How often a shard request in flight looks whether its peer has been reported down.
+pub const PEER_DOWN_POLL_MS: u64 = 250;
 /// Holders tried per shard index before the index counts as failed.
 pub const SHARD_WRITE_ATTEMPTS_MAX: usize = 3;
 /// Longest access key id accepted in a lookup (ours are 20 characters).
@@ -83,6 +85,8 @@ pub enum DataError {
     InvalidRange { start: u64, end: u64, size: u64 },
     #[error("reading the request body failed: {0}")]
     Body(String),
+    #[error("the request body stalled: {0}")]
+    BodyTimeout(String),
     #[error("write not durable: {0}")]
     NotDurable(String),
     #[error("stripe {stripe} cannot be read: {reason}")]
@@ -328,7 +332,10 @@ async fn fill<R: AsyncRead + Unpin>(body: &mut R, buffer: &mut Vec<u8>, length: 
         let read = body
             .read(&mut buffer[filled..])
             .await
-            .map_err(|error| DataError::Body(error.to_string()))?;
+            .map_err(|error| match error.kind() {
+                std::io::ErrorKind::TimedOut => DataError::BodyTimeout(error.to_string()),
+                _ => DataError::Body(error.to_string()),
+            })?;
         if read == 0 {
             break;
         }
@@ -693,6 +700,34 @@ impl<E: Env> ClusterNode<E> {
         Err(last_error)
     }
 
+    /// Sends a shard request, given up as soon as this node sees `to` down: a peer that
+    /// died mid-request (a QUIC connection has no FIN) must not hold a repair or a read
+    /// for the whole shard timeout once the failure detector has spoken.
+    pub(crate) async fn shard_request(
+        &self,
+        to: NodeId,
+        request: Request,
+        timeout_ms: u64,
+    ) -> Result<Response, NetworkError> {
+        let answer = self.env.request(to, request, timeout_ms);
+        let down = async {
+            loop {
+                self.env.sleep(PEER_DOWN_POLL_MS).await;
+                if self.liveness(&to) == Liveness::Down {
+                    return;
+                }
+            }
+        };
+        futures::pin_mut!(down);
+        match futures::future::select(answer, down).await {
+            futures::future::Either::Left((answer, _)) => answer,
+            futures::future::Either::Right(((), _)) => Err(NetworkError::Unreachable(
+                to.short(),
+                "reported down while the request was in flight".into(),
+            )),
+        }
+    }
+
     pub(crate) async fn put_shard_on(&self, target: NodeId, shard: &Shard) -> Result<(), String> {
         if target == self.env.node_id() {
             return self
@@ -705,7 +740,7 @@ impl<E: Env> ClusterNode<E> {
         let request = Request::PutShard {
             shard: shard.to_bytes(),
         };
-        match self.env.request(target, request, SHARD_WRITE_TIMEOUT_MS).await {
+        match self.shard_request(target, request, SHARD_WRITE_TIMEOUT_MS).await {
             Ok(Response::ShardStored) => Ok(()),
             Ok(Response::Error { message, .. }) => Err(message),
             Ok(other) => Err(format!("unexpected answer {other:?}")),
@@ -1082,8 +1117,7 @@ impl<E: Env> ClusterNode<E> {
             };
         }
         match self
-            .env
-            .request(node, Request::GetShard { stripe_id, index }, SHARD_READ_TIMEOUT_MS)
+            .shard_request(node, Request::GetShard { stripe_id, index }, SHARD_READ_TIMEOUT_MS)
             .await
         {
             // A shard damaged in transit is as bad as one damaged on disk.

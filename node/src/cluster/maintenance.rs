@@ -40,6 +40,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
+
 use bdr_protocol::erasure::Shard;
 use bdr_protocol::ids::{NodeId, StripeId};
 use bdr_protocol::layout::Layout;
@@ -60,6 +63,9 @@ use crate::env::{Env, ShardKey, StoreError, Tree};
 
 /// How often the maintenance loops wake to see whether work is due.
 pub const MAINTENANCE_TICK_MS: u64 = 1_000;
+/// How often the repair loop looks whether a node went down or the layout changed: the
+/// delay this adds to rebuilding a lost node.
+pub const REPAIR_TICK_MS: u64 = 250;
 /// Stripes surveyed together (their lookups are batched per node).
 pub const SURVEY_BATCH_STRIPES: usize = 256;
 /// Stripes a repair pass queues at most; the least urgent beyond this wait for the next
@@ -71,6 +77,10 @@ pub const GRACE_TIMERS_MAX: usize = 200_000;
 pub const OWNER_CACHE_ENTRIES_MAX: usize = 4_096;
 /// Object versions read per page when looking for a completed upload's references.
 pub const VERSIONS_PAGE_ROWS: u32 = 100;
+/// Stripes one node repairs at once. Each holds about k + m shards in memory (6 MiB for
+/// 4 MiB stripes of 4+2); several in flight keep the network and both cores busy while
+/// one stripe waits for its shards.
+pub const REPAIR_STRIPES_IN_FLIGHT_MAX: usize = 4;
 /// Metadata lookups a pass keeps in flight at once.
 pub const LOOKUPS_IN_FLIGHT_MAX: usize = 32;
 /// Shards scrubbed between persisted cursor updates.
@@ -206,6 +216,16 @@ fn manifest_stripes(record: Option<&Lww<Record>>) -> BTreeSet<StripeId> {
         ObjectData::Striped(manifest) => manifest.stripes.iter().map(|stripe| stripe.stripe_id).collect(),
         _ => BTreeSet::new(),
     }
+}
+
+/// What one repair pass did, for the loop deciding when the next one runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RepairPassOutcome {
+    /// The queue was cut at [`REPAIR_QUEUE_STRIPES_MAX`].
+    pub overflowed: bool,
+    /// Stripes for which the pass wrote shards (rebuilt or moved). Waiting out the grace
+    /// of an old copy is not progress.
+    pub stripes_written: u64,
 }
 
 /// Repair progress summed over the nodes that answered.
@@ -551,13 +571,34 @@ impl<E: Env> ClusterNode<E> {
 
     // ----- the loops ------------------------------------------------------------------
 
+    /// What decides where shards belong: the layout, and which nodes are down.
+    fn placement_inputs(&self) -> ([u8; 32], Vec<NodeId>) {
+        let now_ms = self.env.now_ms();
+        let membership = self.membership.lock().expect("not poisoned");
+        let down = membership
+            .layout()
+            .entries()
+            .map(|entry| entry.node)
+            .filter(|node| membership.liveness(node, now_ms) == Liveness::Down)
+            .collect();
+        (membership.layout_digest(), down)
+    }
+
+    /// Runs repair passes: every `repair_interval`, at once when asked, as soon as the
+    /// layout or the set of down nodes changes (a lost node is rebuilt without waiting for
+    /// the interval), and back to back while passes find work (the next pass confirms
+    /// the repairs and takes what the last one queued too late) while they make progress.
     pub(crate) async fn repair_loop(self: Arc<Self>) {
+        let mut last_inputs = None;
         loop {
-            self.env.sleep(MAINTENANCE_TICK_MS).await;
+            self.env.sleep(REPAIR_TICK_MS).await;
             let now_ms = self.env.now_ms();
+            let inputs = self.placement_inputs();
             let due = {
                 let mut state = self.maintenance.lock().expect("not poisoned");
-                let due = state.repair_requested || now_ms >= state.next_repair_at_ms;
+                let due = state.repair_requested
+                    || now_ms >= state.next_repair_at_ms
+                    || last_inputs.as_ref() != Some(&inputs);
                 if due {
                     state.repair_requested = false;
                 }
@@ -566,9 +607,12 @@ impl<E: Env> ClusterNode<E> {
             if !due || !self.is_joined() {
                 continue;
             }
-            let overflowed = self.repair_pass().await;
+            last_inputs = Some(inputs);
+            let outcome = self.repair_pass().await;
             let mut state = self.maintenance.lock().expect("not poisoned");
-            let interval_ms = if overflowed {
+            // Only progress earns an immediate pass: stripes that cannot be repaired now
+            // (too few shards reachable) must not keep passes running back to back.
+            let interval_ms = if outcome.overflowed || outcome.stripes_written > 0 {
                 0
             } else {
                 self.maintenance_config.repair_interval_ms
@@ -598,9 +642,8 @@ impl<E: Env> ClusterNode<E> {
 
     // ----- maintainer -----------------------------------------------------------------
 
-    /// One pass over the stripes this node maintains. Returns whether the queue
-    /// overflowed (so another pass should follow at once).
-    pub async fn repair_pass(self: &Arc<Self>) -> bool {
+    /// One pass over the stripes this node maintains.
+    pub async fn repair_pass(self: &Arc<Self>) -> RepairPassOutcome {
         let _pass = self.maintenance_passes.repair.lock().await;
         self.maintenance
             .lock()
@@ -686,12 +729,15 @@ impl<E: Env> ClusterNode<E> {
             state.report.stripes = health;
         }
         queue.sort_by_key(|task| (task.available, task.stripe_id));
-        self.run_repairs(queue).await;
+        let stripes_written = self.run_repairs(queue).await;
         let mut state = self.maintenance.lock().expect("not poisoned");
         state.report.repair_passes_completed += 1;
         state.report.repair_pass_in_progress = false;
         state.report.repair_last_pass_completed_at_ms = self.env.now_ms();
-        overflowed
+        RepairPassOutcome {
+            overflowed,
+            stripes_written,
+        }
     }
 
     /// The stripes `owner` references now; None if that cannot be read (no quorum).
@@ -849,8 +895,7 @@ impl<E: Env> ClusterNode<E> {
                 .map_err(|error| error.to_string());
         }
         match self
-            .env
-            .request(node, Request::DeleteShard { stripe_id, index }, SHARD_WRITE_TIMEOUT_MS)
+            .shard_request(node, Request::DeleteShard { stripe_id, index }, SHARD_WRITE_TIMEOUT_MS)
             .await
         {
             // Deleted answers alike whether the shard was there.
@@ -890,8 +935,7 @@ impl<E: Env> ClusterNode<E> {
         let answer = if node == self.env.node_id() {
             self.serve_has_shards(keys.clone()).await
         } else {
-            self.env
-                .request(node, Request::HasShards { keys: keys.clone() }, SHARD_READ_TIMEOUT_MS)
+            self.shard_request(node, Request::HasShards { keys: keys.clone() }, SHARD_READ_TIMEOUT_MS)
                 .await
                 .map_err(|error| error.to_string())?
         };
@@ -987,7 +1031,8 @@ impl<E: Env> ClusterNode<E> {
         }
     }
 
-    async fn run_repairs(self: &Arc<Self>, queue: Vec<RepairTask>) {
+    /// Repairs the queue in order; returns for how many stripes shards were written.
+    async fn run_repairs(self: &Arc<Self>, queue: Vec<RepairTask>) -> u64 {
         let queued_bytes: u64 = queue.iter().map(|task| self.task_bytes(task)).sum();
         {
             let mut state = self.maintenance.lock().expect("not poisoned");
@@ -996,13 +1041,23 @@ impl<E: Env> ClusterNode<E> {
         }
         let started_at_ms = self.env.now_ms();
         let mut written_bytes = 0u64;
-        for task in queue {
-            if self.maintenance.lock().expect("not poisoned").report.repair_paused {
-                break;
+        let mut stripes_written = 0u64;
+        // Most-at-risk first: the queue is in that order, and at most
+        // REPAIR_STRIPES_IN_FLIGHT_MAX stripes are started ahead of the one finishing.
+        let mut queue = queue.into_iter();
+        let mut in_flight = FuturesUnordered::new();
+        loop {
+            let paused = self.maintenance.lock().expect("not poisoned").report.repair_paused;
+            while !paused && in_flight.len() < REPAIR_STRIPES_IN_FLIGHT_MAX {
+                let Some(task) = queue.next() else { break };
+                let task_bytes = self.task_bytes(&task);
+                in_flight.push(async move { (task_bytes, self.repair_stripe(task).await) });
             }
-            let task_bytes = self.task_bytes(&task);
-            let outcome = self.repair_stripe(task).await;
+            let Some((task_bytes, outcome)) = in_flight.next().await else {
+                break;
+            };
             written_bytes += outcome.written_bytes;
+            stripes_written += u64::from(outcome.written_bytes > 0);
             let elapsed_ms = self.env.now_ms().saturating_sub(started_at_ms).max(1);
             {
                 let mut state = self.maintenance.lock().expect("not poisoned");
@@ -1026,6 +1081,7 @@ impl<E: Env> ClusterNode<E> {
         let mut state = self.maintenance.lock().expect("not poisoned");
         state.report.repair_queued_stripes = 0;
         state.report.repair_queued_bytes = 0;
+        stripes_written
     }
 
     /// Sleeps until `done_bytes` since `started_at_ms` fit `rate_bytes_per_s` (0: no limit).
@@ -1079,15 +1135,27 @@ impl<E: Env> ClusterNode<E> {
                     _ => None,
                 })
                 .collect();
+            // k fetches at once; each failure is replaced by the next source.
+            let data_shards = usize::from(codec.data_shards);
+            let mut sources = sources.into_iter();
             let mut shards: Vec<Shard> = Vec::new();
-            for (index, node) in sources {
-                if shards.len() >= usize::from(codec.data_shards) {
+            let mut fetching = FuturesUnordered::new();
+            loop {
+                while shards.len() + fetching.len() < data_shards {
+                    let Some((index, node)) = sources.next() else { break };
+                    let task = &task;
+                    fetching.push(async move { self.fetch_verified_shard(node, stripe_id, index, task).await });
+                }
+                match fetching.next().await {
+                    Some(Ok(shard)) => shards.push(shard),
+                    Some(Err(_)) => {}
+                    None => break,
+                }
+                if shards.len() >= data_shards {
                     break;
                 }
-                if let Ok(shard) = self.fetch_verified_shard(node, stripe_id, index, &task).await {
-                    shards.push(shard);
-                }
             }
+            drop(fetching);
             if shards.len() < usize::from(codec.data_shards) {
                 tracing::warn!(
                     stripe = %stripe_id.short(),

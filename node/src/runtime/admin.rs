@@ -231,6 +231,7 @@ fn data_error_response(error: DataError) -> Response {
         | DataError::InvalidBucketOptions
         | DataError::InvalidKey(_)
         | DataError::BadDigest(_)
+        | DataError::BodyTimeout(_)
         | DataError::Body(_) => StatusCode::BAD_REQUEST,
         DataError::InvalidRange { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
         DataError::NoDataKeys | DataError::NotDurable(_) | DataError::Meta(_) => StatusCode::SERVICE_UNAVAILABLE,

@@ -7,6 +7,7 @@
 //! start-after), and multipart uploads (create, upload part, complete, abort, list parts). Anonymous requests are refused: s3s denies unsigned requests once an
 //! auth provider is set, and ours knows only keys from the cluster's access key table.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
@@ -22,6 +23,18 @@ use s3s::{s3_error, S3Error, S3ErrorCode, S3Request, S3Response, S3Result, S3};
 use crate::cluster::data::{BodyCheck, Checksums, DataError, ObjectWrite, NULL_VERSION};
 use crate::cluster::ClusterNode;
 use crate::env::Env;
+
+/// Connections the S3 listener serves at once; more wait in the kernel's accept backlog.
+pub const S3_CONNECTIONS_MAX: usize = 1_024;
+/// Requests served at once (a streamed response counts until its last byte); more are
+/// answered 503 SlowDown at once, which S3 clients back off from and retry.
+pub const S3_REQUESTS_IN_FLIGHT_MAX: usize = 256;
+/// A client must send a request's head within this long (no slow-header hold-outs).
+pub const S3_HEADER_READ_TIMEOUT_MS: u64 = 30_000;
+/// Longest request head (request line and headers) read before the request is refused.
+pub const S3_HEAD_BYTES_MAX: usize = 64 * 1024;
+/// A request body that sends nothing for this long fails with RequestTimeout.
+pub const S3_BODY_IDLE_TIMEOUT_MS: u64 = 60_000;
 
 /// Keys listed per ListObjects page at most (S3's limit).
 pub const LIST_KEYS_MAX: i32 = 1000;
@@ -49,6 +62,7 @@ fn s3_error_of(error: DataError) -> S3Error {
         DataError::InvalidBucketOptions => S3ErrorCode::InvalidArgument,
         DataError::InvalidRange { .. } => S3ErrorCode::InvalidRange,
         DataError::Body(_) => S3ErrorCode::IncompleteBody,
+        DataError::BodyTimeout(_) => S3ErrorCode::RequestTimeout,
         DataError::NoSuchUpload => S3ErrorCode::NoSuchUpload,
         DataError::NoSuchAccessKey(_) => S3ErrorCode::InvalidAccessKeyId,
         DataError::BadDigest(_) => S3ErrorCode::BadDigest,
@@ -289,6 +303,19 @@ impl<E: Env> Gateway<E> {
 struct IoBody {
     body: StreamingBlob,
     verifier: Option<Arc<ChecksumVerifier>>,
+    /// Fires when the client has sent nothing for [`S3_BODY_IDLE_TIMEOUT_MS`]; reset by
+    /// every chunk, so a slow but steady upload is never cut.
+    idle: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl IoBody {
+    fn new(body: StreamingBlob, verifier: Option<Arc<ChecksumVerifier>>) -> IoBody {
+        IoBody {
+            body,
+            verifier,
+            idle: Box::pin(tokio::time::sleep(Duration::from_millis(S3_BODY_IDLE_TIMEOUT_MS))),
+        }
+    }
 }
 
 impl futures::Stream for IoBody {
@@ -299,6 +326,17 @@ impl futures::Stream for IoBody {
         context: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Self::Item>> {
         let polled = self.body.poll_next_unpin(context);
+        if polled.is_pending() {
+            if self.idle.as_mut().poll(context).is_ready() {
+                return std::task::Poll::Ready(Some(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no body bytes for {S3_BODY_IDLE_TIMEOUT_MS} ms"),
+                ))));
+            }
+            return std::task::Poll::Pending;
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(S3_BODY_IDLE_TIMEOUT_MS);
+        self.idle.as_mut().reset(deadline);
         if let (std::task::Poll::Ready(Some(Ok(chunk))), Some(verifier)) = (&polled, &self.verifier) {
             verifier.update(chunk);
         }
@@ -603,7 +641,7 @@ impl<E: Env> S3 for Gateway<E> {
         write.body_check = verifier
             .as_ref()
             .map_or_else(BodyCheck::none, ChecksumVerifier::body_check);
-        let reader = IoBody { body, verifier }.into_async_read();
+        let reader = IoBody::new(body, verifier).into_async_read();
         let record = self.cluster.put_object(write, reader).await.map_err(s3_error_of)?;
         let checksums = checksum_fields(&record.checksums);
         Ok(S3Response::new(dto::PutObjectOutput {
@@ -1094,11 +1132,7 @@ impl<E: Env> S3 for Gateway<E> {
                 &input.key,
                 &input.upload_id,
                 part_number,
-                IoBody {
-                    body,
-                    verifier: verifier.clone(),
-                }
-                .into_async_read(),
+                IoBody::new(body, verifier.clone()).into_async_read(),
                 body_check,
             )
             .await
@@ -1414,20 +1448,127 @@ pub async fn serve<E: Env>(
     });
     builder.set_access(ClusterAccess { cluster });
     let service = builder.build();
+    let requests = Arc::new(tokio::sync::Semaphore::new(S3_REQUESTS_IN_FLIGHT_MAX));
     let app = axum::Router::new()
         .fallback_service(HandleError::new(service, internal_error))
         .layer(axum::middleware::from_fn_with_state(
             observer,
             super::metrics::observe_s3,
-        ));
+        ))
+        .layer(axum::middleware::from_fn_with_state(requests, limit_requests));
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|error| format!("cannot listen on {listen}: {error}"))?;
     let address = listener.local_addr().map_err(|error| error.to_string())?;
-    tokio::spawn(async move {
-        if let Err(error) = axum::serve(listener, app).await {
-            tracing::error!(%error, "S3 gateway stopped");
-        }
-    });
+    tokio::spawn(accept_loop(listener, app));
     Ok(address)
+}
+
+/// Serves connections with the limits `axum::serve` does not set: a bound on open
+/// connections, a deadline for the request head and a bound on its size.
+async fn accept_loop(listener: tokio::net::TcpListener, app: axum::Router) {
+    let connections = Arc::new(tokio::sync::Semaphore::new(S3_CONNECTIONS_MAX));
+    loop {
+        let Ok(permit) = Arc::clone(&connections).acquire_owned().await else {
+            return;
+        };
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(error) => {
+                // Out of file descriptors and the like: wait rather than spin.
+                tracing::warn!(%error, "S3 listener cannot accept");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        tokio::spawn(async move {
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_millis(S3_HEADER_READ_TIMEOUT_MS))
+                .max_buf_size(S3_HEAD_BYTES_MAX);
+            let io = hyper_util::rt::TokioIo::new(stream);
+            if let Err(error) = builder.serve_connection(io, service).await {
+                tracing::debug!(%error, "S3 connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+}
+
+/// Answers 503 SlowDown when [`S3_REQUESTS_IN_FLIGHT_MAX`] requests are being served; the
+/// permit lives until the response body's last byte (GET bodies stream after this returns).
+async fn limit_requests(
+    axum::extract::State(requests): axum::extract::State<Arc<tokio::sync::Semaphore>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let Ok(permit) = requests.try_acquire_owned() else {
+        let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>SlowDown</Code>\
+                    <Message>Please reduce your request rate.</Message></Error>";
+        let mut response = axum::response::Response::new(axum::body::Body::from(body));
+        *response.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+        response.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/xml"),
+        );
+        return response;
+    };
+    let response = next.run(request).await;
+    let (parts, body) = response.into_parts();
+    let body = body.into_data_stream().map(move |chunk| {
+        let _held_until_the_body_ends = &permit;
+        chunk
+    });
+    axum::response::Response::from_parts(parts, axum::body::Body::from_stream(body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_stalls_fails_with_a_timeout_and_a_slow_one_does_not() {
+        // Sends a chunk every half timeout, then stalls for good.
+        let chunks = futures::stream::unfold(0u32, |sent| async move {
+            if sent == 3 {
+                futures::future::pending::<()>().await;
+            }
+            tokio::time::sleep(Duration::from_millis(S3_BODY_IDLE_TIMEOUT_MS / 2)).await;
+            Some((Ok::<_, std::io::Error>(Bytes::from_static(b"chunk")), sent + 1))
+        });
+        let mut body = IoBody::new(StreamingBlob::wrap(chunks), None);
+        for _ in 0..3 {
+            assert_eq!(body.next().await.unwrap().unwrap(), Bytes::from_static(b"chunk"));
+        }
+        let started = tokio::time::Instant::now();
+        let error = body.next().await.unwrap().unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::TimedOut);
+        assert_eq!(started.elapsed(), Duration::from_millis(S3_BODY_IDLE_TIMEOUT_MS));
+    }
+
+    #[tokio::test]
+    async fn requests_beyond_the_bound_get_slow_down_until_a_streamed_body_ends() {
+        use tower::ServiceExt;
+        let requests = Arc::new(tokio::sync::Semaphore::new(1));
+        let app = axum::Router::new()
+            .route("/", axum::routing::get(|| async { "body" }))
+            .layer(axum::middleware::from_fn_with_state(
+                Arc::clone(&requests),
+                limit_requests,
+            ));
+        let get = || http::Request::get("/").body(axum::body::Body::empty()).unwrap();
+        let first = app.clone().oneshot(get()).await.unwrap();
+        assert_eq!(first.status(), http::StatusCode::OK);
+        // The first response's body has not been read: its permit is still held.
+        let refused = app.clone().oneshot(get()).await.unwrap();
+        assert_eq!(refused.status(), http::StatusCode::SERVICE_UNAVAILABLE);
+        let text = axum::body::to_bytes(refused.into_body(), 1024).await.unwrap();
+        assert!(String::from_utf8_lossy(&text).contains("<Code>SlowDown</Code>"));
+        let body = axum::body::to_bytes(first.into_body(), 1024).await.unwrap();
+        assert_eq!(&body[..], b"body");
+        let again = app.oneshot(get()).await.unwrap();
+        assert_eq!(again.status(), http::StatusCode::OK);
+    }
 }
