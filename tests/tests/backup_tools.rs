@@ -230,15 +230,15 @@ fn duplicity(dev: &DevProcess, root: &Path) {
         ],
         &[],
     );
-    let mut arguments: Vec<&str> = vec!["full"];
-    arguments.extend(common);
-    arguments.extend([tree.to_str().unwrap(), target]);
-    tool(dev, "duplicity", &arguments, &environment);
+    let duplicity = |action: &str, from: &str, to: &str| {
+        let mut arguments: Vec<&str> = vec![action];
+        arguments.extend(common);
+        arguments.extend([from, to]);
+        tool(dev, "duplicity", &arguments, &environment);
+    };
+    duplicity("full", tree.to_str().unwrap(), target);
     let restored = root.join("duplicity-restored");
-    let mut arguments: Vec<&str> = vec!["restore"];
-    arguments.extend(common);
-    arguments.extend([target, restored.to_str().unwrap()]);
-    tool(dev, "duplicity", &arguments, &environment);
+    duplicity("restore", target, restored.to_str().unwrap());
     assert_same_files(&tree, &restored, &files, "duplicity restore");
     assert_eq!(files_under(&restored), files, "duplicity restored other files");
 }

@@ -232,6 +232,25 @@ impl<E: Env> Gateway<E> {
             .ok_or_else(|| s3_error!(NoSuchBucket, "no such bucket: {name}"))
     }
 
+    /// One page of a marker-paginated listing (ListObjects v1, ListObjectVersions): the
+    /// keys after `marker`, and the page size used (S3's default and limit, 1000).
+    async fn marker_page(
+        &self,
+        bucket: &str,
+        prefix: Option<&str>,
+        delimiter: Option<&str>,
+        marker: Option<&str>,
+        max_keys: Option<i32>,
+    ) -> S3Result<(ListingPage, i32)> {
+        self.existing_bucket(bucket).await?;
+        let max_keys = max_keys.unwrap_or(LIST_KEYS_MAX).clamp(0, LIST_KEYS_MAX);
+        let after = marker.filter(|marker| !marker.is_empty()).map(str::to_string);
+        let page = self
+            .list_page(bucket, prefix.unwrap_or_default(), delimiter, after, max_keys as usize)
+            .await?;
+        Ok((page, max_keys))
+    }
+
     /// Lists `max_keys` entries after `after`, folding keys into common prefixes at
     /// `delimiter`.
     async fn list_page(
@@ -1000,17 +1019,13 @@ impl<E: Env> S3 for Gateway<E> {
         request: S3Request<dto::ListObjectVersionsInput>,
     ) -> S3Result<S3Response<dto::ListObjectVersionsOutput>> {
         let input = request.input;
-        self.existing_bucket(&input.bucket).await?;
-        let prefix = input.prefix.clone().unwrap_or_default();
-        let max_keys = input.max_keys.unwrap_or(LIST_KEYS_MAX).clamp(0, LIST_KEYS_MAX);
-        let after = input.key_marker.clone().filter(|marker| !marker.is_empty());
-        let page = self
-            .list_page(
+        let (page, max_keys) = self
+            .marker_page(
                 &input.bucket,
-                &prefix,
+                input.prefix.as_deref(),
                 input.delimiter.as_deref(),
-                after,
-                max_keys as usize,
+                input.key_marker.as_deref(),
+                input.max_keys,
             )
             .await?;
         let truncated = page.next_after.is_some();
@@ -1236,17 +1251,13 @@ impl<E: Env> S3 for Gateway<E> {
         request: S3Request<dto::ListObjectsInput>,
     ) -> S3Result<S3Response<dto::ListObjectsOutput>> {
         let input = request.input;
-        self.existing_bucket(&input.bucket).await?;
-        let prefix = input.prefix.clone().unwrap_or_default();
-        let max_keys = input.max_keys.unwrap_or(LIST_KEYS_MAX).clamp(0, LIST_KEYS_MAX);
-        let after = input.marker.clone().filter(|marker| !marker.is_empty());
-        let page = self
-            .list_page(
+        let (page, max_keys) = self
+            .marker_page(
                 &input.bucket,
-                &prefix,
+                input.prefix.as_deref(),
                 input.delimiter.as_deref(),
-                after,
-                max_keys as usize,
+                input.marker.as_deref(),
+                input.max_keys,
             )
             .await?;
         let truncated = page.next_after.is_some();
