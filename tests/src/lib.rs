@@ -106,6 +106,7 @@ pub struct NodeProcess {
     pub config_path: PathBuf,
     pub tcp_port: u16,
     pub admin_port: u16,
+    pub s3_port: u16,
     child: Option<Child>,
 }
 
@@ -158,6 +159,7 @@ impl NodeProcess {
             folder,
             config_path,
             tcp_port,
+            s3_port,
             admin_port,
             child: None,
         }

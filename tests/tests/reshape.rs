@@ -5,13 +5,16 @@
 //! 2. a second node, in another zone, is SIGKILLed: everything still reads and heals;
 //! 3. a seventh node joins: shards move to it by copy, close to what placement requires;
 //! 4. a node is drained and then removed;
-//! 5. objects are deleted (some re-uploaded under the same key at once): after the grace
-//!    period their shards are gone from every disk and the re-uploads read back intact.
+//! 5. a multipart upload through the S3 gateway (by a key granted write on the bucket) is
+//!    aborted and objects are deleted (some re-uploaded under the same key at once): after
+//!    the grace period their shards are gone from every disk and the re-uploads read back
+//!    intact.
 
 use std::collections::BTreeSet;
+use std::process::Command;
 use std::time::Duration;
 
-use bdr_tests::{pattern, wait_for, AdminClient, ProcessCluster};
+use bdr_tests::{pattern, run_bounded, wait_for, AdminClient, ProcessCluster};
 
 const ZONES: [&str; 6] = ["zone-a", "zone-a", "zone-b", "zone-b", "zone-c", "zone-c"];
 /// Fast maintenance so the test sees it within seconds (30 s is the shortest grace).
@@ -97,6 +100,30 @@ fn remove_node(cluster: &ProcessCluster, id: &str) {
     );
 }
 
+/// The aws cli against node `node`'s S3 gateway as access key (id, secret).
+fn aws(cluster: &ProcessCluster, node: usize, key: &(String, String), args: &[&str]) -> String {
+    let mut command = Command::new("aws");
+    command
+        .args(args)
+        .env_remove("AWS_CA_BUNDLE")
+        .env("AWS_CONFIG_FILE", "/dev/null")
+        .env(
+            "AWS_ENDPOINT_URL",
+            format!("http://127.0.0.1:{}", cluster.nodes[node].s3_port),
+        )
+        .env("AWS_ACCESS_KEY_ID", &key.0)
+        .env("AWS_SECRET_ACCESS_KEY", &key.1)
+        .env("AWS_DEFAULT_REGION", "bdr");
+    let output = run_bounded(&mut command, Duration::from_secs(120));
+    assert!(
+        output.status.success(),
+        "aws {args:?}: {}\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        cluster.logs()
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
 fn moved_shards(cluster: &ProcessCluster, node: usize) -> u64 {
     cluster.nodes[node].status().unwrap()["maintenance"]["repair"]["moved_shards"]
         .as_u64()
@@ -166,8 +193,74 @@ fn nodes_die_join_drain_and_leave_and_deleted_data_goes_while_nothing_is_lost() 
     wait_until_settled(&cluster, &running, "after node 3 was removed");
     reader.assert_reads("backups", &objects);
 
-    // 5. Delete a third of the objects; half of those are uploaded again at once under
-    //    the same key. After write deadline + grace, exactly the live shards remain.
+    // 5. A key granted write on the bucket uploads two 5 MiB parts through the S3
+    //    gateway and aborts; a third of the objects are deleted, half of those uploaded
+    //    again at once under the same key. After write deadline + grace, exactly the live
+    //    objects' shards remain: none of the aborted parts', none of the deleted objects'.
+    let created = admin(&cluster, 0, &["key", "create", "uploader"]);
+    let key = (
+        created["key_id"].as_str().unwrap().to_string(),
+        created["secret_key"].as_str().unwrap().to_string(),
+    );
+    admin(&cluster, 0, &["bucket", "allow", "backups", "--key", &key.0, "--write"]);
+    let started = aws(
+        &cluster,
+        0,
+        &key,
+        &[
+            "s3api",
+            "create-multipart-upload",
+            "--bucket",
+            "backups",
+            "--key",
+            "abandoned",
+        ],
+    );
+    let started: serde_json::Value = serde_json::from_str(&started).unwrap();
+    let upload_id = started["UploadId"].as_str().unwrap().to_string();
+    let scratch = tempfile::tempdir().unwrap();
+    let part_file = scratch.path().join("part");
+    std::fs::write(&part_file, pattern(5 * 1024 * 1024, 77)).unwrap();
+    for part_number in ["1", "2"] {
+        aws(
+            &cluster,
+            0,
+            &key,
+            &[
+                "s3api",
+                "upload-part",
+                "--bucket",
+                "backups",
+                "--key",
+                "abandoned",
+                "--upload-id",
+                &upload_id,
+                "--part-number",
+                part_number,
+                "--body",
+                part_file.to_str().unwrap(),
+            ],
+        );
+    }
+    assert!(
+        shard_files_on(&cluster, &running) > objects.len() * SHARDS,
+        "parts left no shards"
+    );
+    aws(
+        &cluster,
+        0,
+        &key,
+        &[
+            "s3api",
+            "abort-multipart-upload",
+            "--bucket",
+            "backups",
+            "--key",
+            "abandoned",
+            "--upload-id",
+            &upload_id,
+        ],
+    );
     let deleted: Vec<(String, Vec<u8>)> = objects.drain(..OBJECTS / 3).collect();
     for (index, (key, _)) in deleted.iter().enumerate() {
         assert_eq!(writer.delete("backups", key).unwrap().status, 204, "DELETE {key}");
