@@ -63,6 +63,20 @@ def start_bdr(root):
     return process, client
 
 
+def weed_port():
+    """A port p with p + 10000 free too: SeaweedFS puts each service's gRPC there."""
+    import random, socket
+    while True:
+        port = random.randint(15000, 25000)
+        try:
+            for candidate in (port, port + 10000):
+                with socket.socket() as probe:
+                    probe.bind(("127.0.0.1", candidate))
+            return port
+        except OSError:
+            continue
+
+
 def start_seaweedfs(root):
     folder = os.path.join(root, "weed")
     os.makedirs(folder)
@@ -70,10 +84,10 @@ def start_seaweedfs(root):
     with open(config, "w") as f:
         json.dump({"identities": [{"name": "bench", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
                                    "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}, f)
-    port = free_port()
-    log = open(os.path.join(root, "weed.log"), "w")
+    port = weed_port()
+    log = open(os.path.join(root, "seaweedfs.log"), "w")
     process = subprocess.Popen([weed_binary(), "server", f"-dir={folder}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-                                f"-master.port={free_port()}", f"-volume.port={free_port()}", f"-filer.port={free_port()}",
+                                f"-master.port={weed_port()}", f"-volume.port={weed_port()}", f"-filer.port={weed_port()}",
                                 "-s3", f"-s3.port={port}", f"-s3.config={config}"], stdout=log, stderr=log)
     client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", aws_access_key_id=ACCESS_KEY,
                           aws_secret_access_key=SECRET_KEY, region_name="us-east-1",
@@ -132,8 +146,14 @@ def main():
             process = None
             try:
                 process, client = start(root)
-                wait_for_s3(client)
+                try:
+                    wait_for_s3(client)
+                except RuntimeError:
+                    with open(os.path.join(root, f"{name}.log")) as log:
+                        raise SystemExit(f"{name} did not come up; its log ends:\n{log.read()[-3000:]}")
+                print(f"measuring {name}", flush=True)
                 results[name] = measure(client, args.large, args.small)
+                print(f"{name}: {results[name]}", flush=True)
             finally:
                 stop(process)
     finally:
