@@ -1,14 +1,17 @@
 //! Backup tools, unmodified and as users run them, against `bdr-node dev`: restic (init,
 //! two backups, restore, `check --read-data`, forget --prune), rclone (sync, check, sync
-//! back), s3cmd (sync both ways) and duplicity (full backup, restore). Every restored
-//! tree must be byte-identical to the original. The tools come from Debian's packages
+//! back), s3cmd (sync both ways) and duplicity (full backup, restore), each with small
+//! (inline), striped and multipart-sized files. Every restored tree must be
+//! byte-identical to the original. The tools come from Debian's packages
 //! (scripts/test-all installs them).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use bdr_tests::{assert_same_files, files_under, free_tcp_port, run_bounded, start_dev, write_tree, DevProcess};
+use bdr_tests::{
+    assert_same_files, files_under, free_tcp_port, pattern, run_bounded, start_dev, write_tree, DevProcess,
+};
 
 const TOOL_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -49,6 +52,19 @@ fn require(program: &str) {
     );
 }
 
+/// A tree of small files (stored inline in metadata) plus a 100 KB file (erasure-coded)
+/// and a 13 MiB one (several stripes; multipart for the tools told to cut at 5 MiB).
+fn backup_tree(root: &Path, files: usize, seed: u64) -> Vec<PathBuf> {
+    let mut paths = write_tree(root, files, seed);
+    std::fs::create_dir_all(root.join("big")).unwrap();
+    for (name, length) in [("big/medium.bin", 100_000), ("big/large.bin", 13 * 1024 * 1024 + 7)] {
+        std::fs::write(root.join(name), pattern(length, seed + 1_000)).unwrap();
+        paths.push(PathBuf::from(name));
+    }
+    paths.sort();
+    paths
+}
+
 fn restic(dev: &DevProcess, root: &Path) {
     let endpoint = &dev.credentials["AWS_ENDPOINT_URL"];
     let repository = format!("s3:{endpoint}/restic-backups/repo");
@@ -59,7 +75,7 @@ fn restic(dev: &DevProcess, root: &Path) {
         ("RESTIC_CACHE_DIR", cache.to_str().unwrap()),
     ];
     let tree = root.join("restic-tree");
-    let files = write_tree(&tree, 30, 100);
+    let files = backup_tree(&tree, 30, 100);
     tool(dev, "restic", &["init"], &environment);
     tool(dev, "restic", &["backup", tree.to_str().unwrap()], &environment);
     // A second backup after a change, so forget --prune has something to remove.
@@ -110,9 +126,12 @@ fn rclone(dev: &DevProcess, root: &Path) {
             dev.credentials["AWS_DEFAULT_REGION"].as_str(),
         ),
         ("RCLONE_CONFIG", "/dev/null"),
+        // Multipart above 5 MiB, so the 13 MiB file goes up in three parts.
+        ("RCLONE_S3_UPLOAD_CUTOFF", "5M"),
+        ("RCLONE_S3_CHUNK_SIZE", "5M"),
     ];
     let tree = root.join("rclone-tree");
-    let files = write_tree(&tree, 20, 200);
+    let files = backup_tree(&tree, 20, 200);
     tool(dev, "rclone", &["mkdir", "bdr:rclone-backups"], &environment);
     tool(
         dev,
@@ -158,7 +177,7 @@ fn s3cmd(dev: &DevProcess, root: &Path) {
         &config,
         format!(
             "[default]\naccess_key = {}\nsecret_key = {}\nhost_base = {host}\nhost_bucket = {host}\n\
-             use_https = False\nbucket_location = {}\nsignature_v2 = False\n",
+             use_https = False\nbucket_location = {}\nsignature_v2 = False\nmultipart_chunk_size_mb = 5\n",
             dev.credentials["AWS_ACCESS_KEY_ID"],
             dev.credentials["AWS_SECRET_ACCESS_KEY"],
             dev.credentials["AWS_DEFAULT_REGION"],
@@ -167,7 +186,7 @@ fn s3cmd(dev: &DevProcess, root: &Path) {
     .unwrap();
     let config = config.to_str().unwrap();
     let tree = root.join("s3cmd-tree");
-    let files = write_tree(&tree, 15, 300);
+    let files = backup_tree(&tree, 15, 300);
     tool(dev, "s3cmd", &["-c", config, "mb", "s3://s3cmd-backups"], &[]);
     tool(
         dev,
@@ -216,7 +235,7 @@ fn duplicity(dev: &DevProcess, root: &Path) {
         "--no-print-statistics",
     ];
     let tree = root.join("duplicity-tree");
-    let files = write_tree(&tree, 15, 400);
+    let files = backup_tree(&tree, 15, 400);
     let target = "boto3+s3://duplicity-backups/host1";
     // duplicity wants its bucket to exist (its own create call names us-east-1).
     tool(

@@ -105,6 +105,8 @@ pub enum DataError {
     BadDigest(String),
     #[error("no such access key {0:?}")]
     NoSuchAccessKey(String),
+    #[error("access key {0:?} owns the bucket: an owner's rights cannot be granted or taken")]
+    OwnerRights(String),
     #[error("metadata: {0}")]
     Meta(#[from] MetaError),
 }
@@ -902,6 +904,9 @@ impl<E: Env> ClusterNode<E> {
             .bucket(bucket)
             .await?
             .ok_or_else(|| DataError::NoSuchBucket(bucket.to_string()))?;
+        if key_id == bucket_record.owner_key_id {
+            return Err(DataError::OwnerRights(key_id.to_string()));
+        }
         if self.access_key(key_id).await?.is_none() {
             return Err(DataError::NoSuchAccessKey(key_id.to_string()));
         }

@@ -1051,7 +1051,19 @@ impl<E: Env> ClusterNode<E> {
             while !paused && in_flight.len() < REPAIR_STRIPES_IN_FLIGHT_MAX {
                 let Some(task) = queue.next() else { break };
                 let task_bytes = self.task_bytes(&task);
-                in_flight.push(async move { (task_bytes, self.repair_stripe(task).await) });
+                // Pacing delays the start of the next stripe, inside its own future, so the
+                // stripes already in flight keep going meanwhile.
+                let delay_ms = self.pacing_delay_ms(
+                    written_bytes,
+                    self.maintenance_config.repair_rate_bytes_per_s,
+                    started_at_ms,
+                );
+                in_flight.push(async move {
+                    if delay_ms > 0 {
+                        self.env.sleep(delay_ms).await;
+                    }
+                    (task_bytes, self.repair_stripe(task).await)
+                });
             }
             let Some((task_bytes, outcome)) = in_flight.next().await else {
                 break;
@@ -1069,14 +1081,6 @@ impl<E: Env> ClusterNode<E> {
                 report.repaired_stripes_total += u64::from(outcome.repaired);
                 report.repair_bytes_per_s = written_bytes.saturating_mul(1000) / elapsed_ms;
             }
-            if outcome.written_bytes > 0 {
-                self.pace(
-                    written_bytes,
-                    self.maintenance_config.repair_rate_bytes_per_s,
-                    started_at_ms,
-                )
-                .await;
-            }
         }
         let mut state = self.maintenance.lock().expect("not poisoned");
         state.report.repair_queued_stripes = 0;
@@ -1084,14 +1088,20 @@ impl<E: Env> ClusterNode<E> {
         stripes_written
     }
 
+    /// How long to wait until `done_bytes` since `started_at_ms` fit `rate_bytes_per_s`
+    /// (0: no limit).
+    fn pacing_delay_ms(&self, done_bytes: u64, rate_bytes_per_s: u64, started_at_ms: u64) -> u64 {
+        let Some(due_ms) = done_bytes.saturating_mul(1000).checked_div(rate_bytes_per_s) else {
+            return 0;
+        };
+        due_ms.saturating_sub(self.env.now_ms().saturating_sub(started_at_ms))
+    }
+
     /// Sleeps until `done_bytes` since `started_at_ms` fit `rate_bytes_per_s` (0: no limit).
     async fn pace(&self, done_bytes: u64, rate_bytes_per_s: u64, started_at_ms: u64) {
-        let Some(due_ms) = done_bytes.saturating_mul(1000).checked_div(rate_bytes_per_s) else {
-            return;
-        };
-        let elapsed_ms = self.env.now_ms().saturating_sub(started_at_ms);
-        if due_ms > elapsed_ms {
-            self.env.sleep(due_ms - elapsed_ms).await;
+        let delay_ms = self.pacing_delay_ms(done_bytes, rate_bytes_per_s, started_at_ms);
+        if delay_ms > 0 {
+            self.env.sleep(delay_ms).await;
         }
     }
 

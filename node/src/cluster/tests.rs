@@ -10,6 +10,7 @@ use std::time::Duration;
 use bdr_protocol::envelope::RootKey;
 use bdr_protocol::ids::{NodeId, ZoneName};
 use bdr_protocol::layout::{NodeRoles, NodeSpec, NodeStatus};
+use bdr_protocol::records::BucketRecord;
 use bdr_protocol::wire::{self, MaintenanceCommand, Request, Response, Table};
 use futures::StreamExt;
 
@@ -361,8 +362,19 @@ async fn bucket_grants_give_and_take_rights_and_die_with_their_bucket() {
         .unwrap_err();
     assert!(matches!(error, DataError::NoSuchBucket(_)), "{error}");
 
-    // A grant never outlives its bucket: the next bucket of the same name starts bare.
+    // The owner's rights are not grants.
+    let error = admin.grant_bucket("backups", "owner", false, false).await;
+    assert!(matches!(error, Err(DataError::OwnerRights(_))), "{error:?}");
+
+    // A grant never outlives its bucket: one given on an earlier bucket of the same name
+    // does not count, and deleting the bucket removes its grants.
     admin.grant_bucket("backups", &reader.key_id, true, true).await.unwrap();
+    let later_bucket = BucketRecord {
+        created_at_ms: bucket.created_at_ms + 1,
+        ..bucket.clone()
+    };
+    let stale = other.bucket_rights(&later_bucket, &reader.key_id).await.unwrap();
+    assert_eq!(stale, BucketRights::default());
     admin.delete_bucket("backups").await.unwrap();
     assert!(other.bucket_grants("backups").await.unwrap().is_empty());
     other.create_bucket("backups", "someone-else").await.unwrap();

@@ -231,6 +231,7 @@ fn data_error_response(error: DataError) -> Response {
         | DataError::InvalidBucketOptions
         | DataError::InvalidKey(_)
         | DataError::BadDigest(_)
+        | DataError::OwnerRights(_)
         | DataError::BodyTimeout(_)
         | DataError::Body(_) => StatusCode::BAD_REQUEST,
         DataError::InvalidRange { .. } => StatusCode::RANGE_NOT_SATISFIABLE,

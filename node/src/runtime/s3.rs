@@ -20,7 +20,7 @@ use s3s::dto::{self, ETag, ETagCondition, StreamingBlob, Timestamp};
 use s3s::service::S3ServiceBuilder;
 use s3s::{s3_error, S3Error, S3ErrorCode, S3Request, S3Response, S3Result, S3};
 
-use crate::cluster::data::{BodyCheck, Checksums, DataError, ObjectWrite, NULL_VERSION};
+use crate::cluster::data::{BodyCheck, BucketRights, Checksums, DataError, ObjectWrite, NULL_VERSION};
 use crate::cluster::ClusterNode;
 use crate::env::Env;
 
@@ -33,6 +33,8 @@ pub const S3_REQUESTS_IN_FLIGHT_MAX: usize = 256;
 pub const S3_HEADER_READ_TIMEOUT_MS: u64 = 30_000;
 /// Longest request head (request line and headers) read before the request is refused.
 pub const S3_HEAD_BYTES_MAX: usize = 64 * 1024;
+/// A response the client reads nothing of for this long ends its connection.
+pub const S3_WRITE_STALL_TIMEOUT_MS: u64 = 60_000;
 /// A request body that sends nothing for this long fails with RequestTimeout.
 pub const S3_BODY_IDLE_TIMEOUT_MS: u64 = 60_000;
 
@@ -66,6 +68,7 @@ fn s3_error_of(error: DataError) -> S3Error {
         DataError::NoSuchUpload => S3ErrorCode::NoSuchUpload,
         DataError::NoSuchAccessKey(_) => S3ErrorCode::InvalidAccessKeyId,
         DataError::BadDigest(_) => S3ErrorCode::BadDigest,
+        DataError::OwnerRights(_) => S3ErrorCode::InvalidArgument,
         DataError::InvalidPart(_) => S3ErrorCode::InvalidPart,
         DataError::InvalidPartOrder => S3ErrorCode::InvalidPartOrder,
         DataError::EntityTooSmall { .. } => S3ErrorCode::EntityTooSmall,
@@ -157,6 +160,8 @@ fn io_chunk(chunk: Result<Vec<u8>, DataError>) -> std::io::Result<Vec<u8>> {
     chunk.map_err(|error| std::io::Error::other(error.to_string()))
 }
 
+/// Grant lookups a ListBuckets keeps in flight.
+pub const LIST_BUCKETS_LOOKUPS_IN_FLIGHT_MAX: usize = 16;
 /// Keys a DeleteObjects request may name at most (S3's limit).
 pub const DELETE_OBJECTS_KEYS_MAX: usize = 1000;
 /// Uploads listed per ListMultipartUploads page at most (S3's limit).
@@ -532,6 +537,16 @@ fn checksum_fields(checksums: &Checksums) -> dto::Checksum {
     }
 }
 
+/// `key_id`'s rights on `bucket`, as an owned future (closures borrowing here trip the
+/// compiler's higher-ranked lifetime limits inside `async_trait` methods).
+async fn rights_lookup<E: Env>(
+    cluster: Arc<ClusterNode<E>>,
+    bucket: BucketRecord,
+    key_id: String,
+) -> Result<BucketRights, DataError> {
+    cluster.bucket_rights(&bucket, &key_id).await
+}
+
 /// What a PutObject or CreateMultipartUpload asks to store besides the bytes.
 fn object_write(
     bucket: String,
@@ -615,17 +630,24 @@ impl<E: Env> S3 for Gateway<E> {
         request: S3Request<dto::ListBucketsInput>,
     ) -> S3Result<S3Response<dto::ListBucketsOutput>> {
         let key_id = request_key_id(&request.credentials)?;
-        let mut visible = Vec::new();
-        for bucket in self.cluster.list_buckets().await.map_err(s3_error_of)? {
-            let rights = self
-                .cluster
-                .bucket_rights(&bucket, &key_id)
-                .await
-                .map_err(s3_error_of)?;
-            if rights.read || rights.write {
-                visible.push(bucket);
-            }
-        }
+        let buckets = self.cluster.list_buckets().await.map_err(s3_error_of)?;
+        // Owned buckets need no lookup; grants are read a bounded number at a time.
+        let lookups: Vec<_> = buckets
+            .iter()
+            .cloned()
+            .map(|bucket| rights_lookup(Arc::clone(&self.cluster), bucket, key_id.clone()))
+            .collect();
+        let rights: Vec<BucketRights> = futures::stream::iter(lookups)
+            .buffered(LIST_BUCKETS_LOOKUPS_IN_FLIGHT_MAX)
+            .try_collect()
+            .await
+            .map_err(s3_error_of)?;
+        let visible: Vec<BucketRecord> = buckets
+            .into_iter()
+            .zip(rights)
+            .filter(|(_, rights)| rights.read || rights.write)
+            .map(|(bucket, _)| bucket)
+            .collect();
         Ok(S3Response::new(dto::ListBucketsOutput {
             buckets: Some(
                 visible
@@ -689,6 +711,19 @@ impl<E: Env> S3 for Gateway<E> {
         let page = self.list_page(bucket, "", None, None, 1).await?;
         if !page.objects.is_empty() {
             return Err(s3_error!(BucketNotEmpty, "bucket {bucket} is not empty"));
+        }
+        // Uploads in progress too: they are keyed by bucket name, and would otherwise pass
+        // to the next bucket of that name (its owner could complete them).
+        let uploads = self
+            .cluster
+            .list_multipart_uploads(bucket, "", None, 1)
+            .await
+            .map_err(s3_error_of)?;
+        if !uploads.uploads.is_empty() {
+            return Err(s3_error!(
+                BucketNotEmpty,
+                "bucket {bucket} has multipart uploads in progress: complete or abort them first"
+            ));
         }
         self.cluster.delete_bucket(bucket).await.map_err(s3_error_of)?;
         Ok(S3Response::new(dto::DeleteBucketOutput::default()))
@@ -1575,12 +1610,97 @@ async fn accept_loop(listener: tokio::net::TcpListener, app: axum::Router) {
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(Duration::from_millis(S3_HEADER_READ_TIMEOUT_MS))
                 .max_buf_size(S3_HEAD_BYTES_MAX);
-            let io = hyper_util::rt::TokioIo::new(stream);
+            let io = hyper_util::rt::TokioIo::new(WriteDeadlineStream {
+                inner: stream,
+                stalled: None,
+            });
             if let Err(error) = builder.serve_connection(io, service).await {
                 tracing::debug!(%error, "S3 connection ended with an error");
             }
             drop(permit);
         });
+    }
+}
+
+/// A connection whose writes must make progress: a client that stops reading its response
+/// (a zero TCP window, which the kernel never times out) would otherwise hold its request
+/// slot, and with enough of them every slot, forever.
+struct WriteDeadlineStream {
+    inner: tokio::net::TcpStream,
+    /// Started when a write could not proceed; cleared by any progress.
+    stalled: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl WriteDeadlineStream {
+    /// Passes a write's result through, or fails it once writes stalled too long.
+    fn bounded<T>(
+        &mut self,
+        context: &mut std::task::Context<'_>,
+        polled: std::task::Poll<std::io::Result<T>>,
+    ) -> std::task::Poll<std::io::Result<T>> {
+        if polled.is_ready() {
+            self.stalled = None;
+            return polled;
+        }
+        let stalled = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(Duration::from_millis(S3_WRITE_STALL_TIMEOUT_MS))));
+        match stalled.as_mut().poll(context) {
+            std::task::Poll::Ready(()) => std::task::Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the client read nothing for {S3_WRITE_STALL_TIMEOUT_MS} ms"),
+            ))),
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for WriteDeadlineStream {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+        buffer: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(context, buffer)
+    }
+}
+
+impl tokio::io::AsyncWrite for WriteDeadlineStream {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+        buffer: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_write(context, buffer);
+        self.bounded(context, polled)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+        buffers: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_write_vectored(context, buffers);
+        self.bounded(context, polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_flush(context);
+        self.bounded(context, polled)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(context)
     }
 }
 
