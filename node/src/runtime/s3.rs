@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use axum::error_handling::HandleError;
-use bdr_protocol::records::{BucketRecord, ChecksumAlgorithm, ObjectVersionRecord};
+use bdr_protocol::records::{BucketRecord, ChecksumAlgorithm, MultipartPartRecord, ObjectVersionRecord};
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use s3s::dto::{self, ETag, ETagCondition, StreamingBlob, Timestamp};
@@ -52,6 +52,10 @@ fn timestamp_of(ms: u64) -> Timestamp {
 
 fn etag_of(record: &ObjectVersionRecord) -> ETag {
     ETag::Strong(record.etag.trim_matches('"').to_string())
+}
+
+fn part_etag(part: &MultipartPartRecord) -> ETag {
+    ETag::Strong(part.etag.trim_matches('"').to_string())
 }
 
 fn s3_error_of(error: DataError) -> S3Error {
@@ -991,7 +995,7 @@ impl<E: Env> S3 for Gateway<E> {
             .map_err(s3_error_of)?;
         Ok(S3Response::new(dto::UploadPartCopyOutput {
             copy_part_result: Some(dto::CopyPartResult {
-                e_tag: Some(ETag::Strong(part.etag.trim_matches('"').to_string())),
+                e_tag: Some(part_etag(&part)),
                 last_modified: Some(timestamp_of(self.cluster.env().now_ms())),
                 ..Default::default()
             }),
@@ -1248,7 +1252,7 @@ impl<E: Env> S3 for Gateway<E> {
             .map_err(s3_error_of)?;
         let checksums = checksum_fields(&verifier.map(|verifier| verifier.verified()).unwrap_or_default());
         Ok(S3Response::new(dto::UploadPartOutput {
-            e_tag: Some(ETag::Strong(part.etag.trim_matches('"').to_string())),
+            e_tag: Some(part_etag(&part)),
             checksum_crc32: checksums.checksum_crc32,
             checksum_crc32c: checksums.checksum_crc32c,
             checksum_sha1: checksums.checksum_sha1,
@@ -1331,7 +1335,7 @@ impl<E: Env> S3 for Gateway<E> {
                     .map(|part| dto::Part {
                         part_number: Some(part.part_number as i32),
                         size: Some(part.size_bytes as i64),
-                        e_tag: Some(ETag::Strong(part.etag.trim_matches('"').to_string())),
+                        e_tag: Some(part_etag(part)),
                         ..Default::default()
                     })
                     .collect(),
