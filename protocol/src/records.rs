@@ -9,7 +9,7 @@
 //!
 //! Persisted form: [`encode_stored_value`] wraps the register in a versioned envelope.
 
-use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 use crate::erasure::StripeCodec;
@@ -177,21 +177,78 @@ pub enum ChecksumAlgorithm {
     Crc64Nvme,
 }
 
+/// The standard HTTP headers S3 stores with an object and returns on GET and HEAD, as
+/// the client sent them (besides Content-Type, which has its own field).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StandardHeaders {
+    pub cache_control: Option<String>,
+    pub content_disposition: Option<String>,
+    pub content_encoding: Option<String>,
+    pub content_language: Option<String>,
+    /// The Expires header's text (an HTTP date), kept as sent.
+    pub expires: Option<String>,
+}
+
+/// Object Lock settings of one object version.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectLock {
+    pub retention: Option<Retention>,
+    pub legal_hold: bool,
+}
+
+impl ObjectLock {
+    /// Whether the version may not be deleted at `now_ms`; `bypass_governance` lifts
+    /// GOVERNANCE retention (never COMPLIANCE, never a legal hold).
+    pub fn forbids_delete(&self, now_ms: u64, bypass_governance: bool) -> bool {
+        if self.legal_hold {
+            return true;
+        }
+        match self.retention {
+            Some(retention) if retention.retain_until_ms > now_ms => {
+                !(retention.mode == RetentionMode::Governance && bypass_governance)
+            }
+            _ => false,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ObjectVersionRecord {
     pub bucket: String,
     pub key: String,
-    /// "null" for objects written while versioning was off.
+    /// "null" for objects written while versioning was off or suspended; otherwise
+    /// [`version_id_of`] its stamp.
     pub version_id: String,
+    /// Orders the versions of one key: the greatest stamp is the current version. Taken
+    /// above every version the writer saw, so a write acknowledged before another began
+    /// is always older, whatever the clocks of the two gateways.
+    pub version_stamp: HlcTimestamp,
     pub created_at_ms: u64,
     pub size_bytes: u64,
     pub etag: String,
     pub content_type: Option<String>,
+    pub headers: StandardHeaders,
     pub user_metadata: BTreeMap<String, String>,
     pub checksums: BTreeMap<ChecksumAlgorithm, String>,
     pub data: ObjectData,
-    pub retention: Option<Retention>,
-    pub legal_hold: bool,
+    pub lock: ObjectLock,
+}
+
+impl ObjectVersionRecord {
+    pub fn is_delete_marker(&self) -> bool {
+        matches!(self.data, ObjectData::DeleteMarker)
+    }
+}
+
+/// The id of a version stamped `stamp`: 40 hex digits that sort newest first (inverted
+/// wall time and counter, then the node), so a key's newest version is the first row of
+/// its versions. "null" sorts after every such id.
+pub fn version_id_of(stamp: &HlcTimestamp) -> String {
+    let mut bytes = Vec::with_capacity(20);
+    bytes.extend_from_slice(&(!stamp.wall_ms).to_be_bytes());
+    bytes.extend_from_slice(&(!stamp.logical).to_be_bytes());
+    bytes.extend_from_slice(&stamp.node.0[..8]);
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -201,7 +258,10 @@ pub struct MultipartUploadRecord {
     pub upload_id: String,
     pub created_at_ms: u64,
     pub content_type: Option<String>,
+    pub headers: StandardHeaders,
     pub user_metadata: BTreeMap<String, String>,
+    /// Applied to the object when the upload completes.
+    pub lock: ObjectLock,
 }
 
 /// One uploaded part (keyed by upload id and part number).
@@ -361,10 +421,99 @@ impl RowKey {
     }
 }
 
-/// The persisted envelope: the enum variant is the format version.
+/// The persisted envelope: the enum variant is the format version. V1 records predate
+/// versioning, Object Lock and standard headers; they are read and upgraded, never written.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-enum StoredValue<T> {
-    V1(Lww<T>),
+enum StoredValue {
+    V1(Lww<legacy::RecordV1>),
+    V2(Lww<Record>),
+}
+
+/// Record formats of earlier versions, kept to read what older nodes wrote.
+mod legacy {
+    use super::*;
+
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct ObjectVersionRecordV1 {
+        pub bucket: String,
+        pub key: String,
+        pub version_id: String,
+        pub created_at_ms: u64,
+        pub size_bytes: u64,
+        pub etag: String,
+        pub content_type: Option<String>,
+        pub user_metadata: BTreeMap<String, String>,
+        pub checksums: BTreeMap<ChecksumAlgorithm, String>,
+        pub data: ObjectData,
+        pub retention: Option<Retention>,
+        pub legal_hold: bool,
+    }
+
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct MultipartUploadRecordV1 {
+        pub bucket: String,
+        pub key: String,
+        pub upload_id: String,
+        pub created_at_ms: u64,
+        pub content_type: Option<String>,
+        pub user_metadata: BTreeMap<String, String>,
+    }
+
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub enum RecordV1 {
+        Bucket(BucketRecord),
+        BucketGrant(BucketGrant),
+        AccessKey(AccessKeyRecord),
+        ObjectVersion(ObjectVersionRecordV1),
+        MultipartUpload(MultipartUploadRecordV1),
+        MultipartPart(MultipartPartRecord),
+        Stripe(StripeRecord),
+    }
+
+    /// A V1 object's stamp is its register's timestamp: V1 had only "null" versions,
+    /// one per key, so nothing else orders them.
+    pub fn upgrade(register: Lww<RecordV1>) -> Lww<Record> {
+        let stamp = register.timestamp;
+        let value = register.value.map(|record| match record {
+            RecordV1::Bucket(bucket) => Record::Bucket(bucket),
+            RecordV1::BucketGrant(grant) => Record::BucketGrant(grant),
+            RecordV1::AccessKey(key) => Record::AccessKey(key),
+            RecordV1::ObjectVersion(object) => Record::ObjectVersion(ObjectVersionRecord {
+                bucket: object.bucket,
+                key: object.key,
+                version_id: object.version_id,
+                version_stamp: stamp,
+                created_at_ms: object.created_at_ms,
+                size_bytes: object.size_bytes,
+                etag: object.etag,
+                content_type: object.content_type,
+                headers: StandardHeaders::default(),
+                user_metadata: object.user_metadata,
+                checksums: object.checksums,
+                data: object.data,
+                lock: ObjectLock {
+                    retention: object.retention,
+                    legal_hold: object.legal_hold,
+                },
+            }),
+            RecordV1::MultipartUpload(upload) => Record::MultipartUpload(MultipartUploadRecord {
+                bucket: upload.bucket,
+                key: upload.key,
+                upload_id: upload.upload_id,
+                created_at_ms: upload.created_at_ms,
+                content_type: upload.content_type,
+                headers: StandardHeaders::default(),
+                user_metadata: upload.user_metadata,
+                lock: ObjectLock::default(),
+            }),
+            RecordV1::MultipartPart(part) => Record::MultipartPart(part),
+            RecordV1::Stripe(stripe) => Record::Stripe(stripe),
+        });
+        Lww {
+            timestamp: register.timestamp,
+            value,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -375,18 +524,19 @@ pub enum RecordDecodeError {
     Corrupt(String),
 }
 
-pub fn encode_stored_value<T: Serialize + Clone>(register: &Lww<T>) -> Vec<u8> {
-    postcard::to_allocvec(&StoredValue::V1(register.clone())).expect("records encode")
+pub fn encode_stored_value(register: &Lww<Record>) -> Vec<u8> {
+    postcard::to_allocvec(&StoredValue::V2(register.clone())).expect("records encode")
 }
 
-pub fn decode_stored_value<T: DeserializeOwned>(bytes: &[u8]) -> Result<Lww<T>, RecordDecodeError> {
+pub fn decode_stored_value(bytes: &[u8]) -> Result<Lww<Record>, RecordDecodeError> {
     if bytes.len() as u64 > STORED_VALUE_BYTES_MAX {
         return Err(RecordDecodeError::TooLarge {
             length_bytes: bytes.len() as u64,
         });
     }
-    match postcard::from_bytes::<StoredValue<T>>(bytes) {
-        Ok(StoredValue::V1(register)) => Ok(register),
+    match postcard::from_bytes::<StoredValue>(bytes) {
+        Ok(StoredValue::V1(register)) => Ok(legacy::upgrade(register)),
+        Ok(StoredValue::V2(register)) => Ok(register),
         Err(error) => Err(RecordDecodeError::Corrupt(error.to_string())),
     }
 }
@@ -410,10 +560,12 @@ mod tests {
             bucket: "backups".into(),
             key: key.into(),
             version_id: "null".into(),
+            version_stamp: stamp(1, 0, 1),
             created_at_ms: 1,
             size_bytes,
             etag: "\"abc\"".into(),
             content_type: None,
+            headers: StandardHeaders::default(),
             user_metadata: BTreeMap::from([("owner".into(), "ops".into())]),
             checksums: BTreeMap::new(),
             data: ObjectData::Striped(Manifest {
@@ -426,23 +578,97 @@ mod tests {
                     holders: vec![NodeId([1; 32]); 6],
                 }],
             }),
-            retention: None,
-            legal_hold: false,
+            lock: ObjectLock::default(),
         }
+    }
+
+    #[test]
+    fn version_one_records_are_read_and_upgraded() {
+        let old = legacy::ObjectVersionRecordV1 {
+            bucket: "backups".into(),
+            key: "k".into(),
+            version_id: "null".into(),
+            created_at_ms: 7,
+            size_bytes: 3,
+            etag: "\"e\"".into(),
+            content_type: Some("text/plain".into()),
+            user_metadata: BTreeMap::new(),
+            checksums: BTreeMap::new(),
+            data: ObjectData::Inline { sealed: vec![1, 2, 3] },
+            retention: None,
+            legal_hold: true,
+        };
+        let register = Lww::new(stamp(9, 1, 3), legacy::RecordV1::ObjectVersion(old));
+        let bytes = postcard::to_allocvec(&StoredValue::V1(register)).unwrap();
+        let upgraded = decode_stored_value(&bytes).unwrap();
+        assert_eq!(upgraded.timestamp, stamp(9, 1, 3));
+        let Some(Record::ObjectVersion(object)) = upgraded.value else {
+            panic!("not an object: {upgraded:?}")
+        };
+        assert_eq!(object.version_stamp, stamp(9, 1, 3));
+        assert_eq!(object.content_type.as_deref(), Some("text/plain"));
+        assert!(object.lock.legal_hold);
+        assert_eq!(object.headers, StandardHeaders::default());
+    }
+
+    #[test]
+    fn version_ids_sort_newest_first_and_before_null() {
+        let ids: Vec<String> = [
+            stamp(5, 0, 1),
+            stamp(5, 1, 1),
+            stamp(6, 0, 0),
+            stamp(u64::MAX >> 1, 9, 2),
+        ]
+        .iter()
+        .map(version_id_of)
+        .collect();
+        for pair in ids.windows(2) {
+            assert!(pair[0] > pair[1], "{pair:?}");
+            assert_eq!(pair[0].len(), 40);
+        }
+        assert!(ids.iter().all(|id| id.as_str() < "null"));
+    }
+
+    #[test]
+    fn locks_forbid_deletes_until_retention_ends_and_governance_yields_to_bypass() {
+        let governance = ObjectLock {
+            retention: Some(Retention {
+                mode: RetentionMode::Governance,
+                retain_until_ms: 100,
+            }),
+            legal_hold: false,
+        };
+        assert!(governance.forbids_delete(99, false));
+        assert!(!governance.forbids_delete(99, true));
+        assert!(!governance.forbids_delete(100, false));
+        let compliance = ObjectLock {
+            retention: Some(Retention {
+                mode: RetentionMode::Compliance,
+                retain_until_ms: 100,
+            }),
+            legal_hold: false,
+        };
+        assert!(compliance.forbids_delete(99, true));
+        let held = ObjectLock {
+            retention: None,
+            legal_hold: true,
+        };
+        assert!(held.forbids_delete(u64::MAX, true));
+        assert!(!ObjectLock::default().forbids_delete(0, false));
     }
 
     #[test]
     fn stored_values_round_trip_and_garbage_is_a_typed_error() {
         let register = Lww::new(stamp(5, 0, 1), Record::ObjectVersion(object("a/b", 10)));
         let bytes = encode_stored_value(&register);
-        assert_eq!(decode_stored_value::<Record>(&bytes).unwrap(), register);
+        assert_eq!(decode_stored_value(&bytes).unwrap(), register);
         assert!(matches!(
-            decode_stored_value::<Record>(&[9, 9, 9]),
+            decode_stored_value(&[9, 9, 9]),
             Err(RecordDecodeError::Corrupt(_))
         ));
         let tombstone: Lww<Record> = Lww::tombstone(stamp(6, 0, 1));
         assert_eq!(
-            decode_stored_value::<Record>(&encode_stored_value(&tombstone)).unwrap(),
+            decode_stored_value(&encode_stored_value(&tombstone)).unwrap(),
             tombstone
         );
     }
@@ -500,7 +726,7 @@ mod tests {
 
         #[test]
         fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
-            let _ = decode_stored_value::<Record>(&bytes);
+            let _ = decode_stored_value(&bytes);
         }
     }
 }

@@ -502,7 +502,7 @@ impl Shared {
                 .scan(Tree::Table(bdr_protocol::wire::Table::Objects), b"", None, 1_000_000)
                 .unwrap_or_default();
             for (key, value) in rows {
-                let Ok(register) = decode_stored_value::<Record>(&value) else {
+                let Ok(register) = decode_stored_value(&value) else {
                     self.fail("undecodable object row".into());
                     continue;
                 };
@@ -587,7 +587,7 @@ impl Shared {
                         .get(Tree::Table(bdr_protocol::wire::Table::Stripes), &row)
                         .ok()
                         .flatten();
-                    let text = match value.map(|value| decode_stored_value::<Record>(&value)) {
+                    let text = match value.map(|value| decode_stored_value(&value)) {
                         None => "none".to_string(),
                         Some(Ok(register)) => match register.value {
                             Some(Record::Stripe(record)) => format!("{:?} at {:?}", record.owner, register.timestamp),
@@ -656,12 +656,11 @@ impl Shared {
                             .iter()
                             .find(|row| per_replica.iter().any(|other| !other.contains(row)))
                             .map(|(key, value)| {
-                                let decoded =
-                                    bdr_protocol::records::decode_stored_value::<bdr_protocol::records::Record>(value)
-                                        .map(|register| {
-                                            format!("{:?} tombstone={}", register.timestamp, register.value.is_none())
-                                        })
-                                        .unwrap_or_default();
+                                let decoded = bdr_protocol::records::decode_stored_value(value)
+                                    .map(|register| {
+                                        format!("{:?} tombstone={}", register.timestamp, register.value.is_none())
+                                    })
+                                    .unwrap_or_default();
                                 format!("{} {decoded}", String::from_utf8_lossy(key))
                             });
                         detail = format!(
@@ -821,6 +820,7 @@ pub fn run(seed: u64, scenario: &Scenario) -> Outcome {
                 codec,
                 stripe_length_bytes: creator.scenario.stripe_length_bytes,
                 inline_threshold_bytes: creator.scenario.inline_threshold_bytes,
+                object_lock_enabled: false,
             };
             let Some((_, node)) = creator.up_nodes().first().cloned() else {
                 return;

@@ -210,6 +210,118 @@ try:
 finally:
     botocore.auth.get_current_datetime = real_now
 
+# Standard headers are stored and returned, on plain and multipart objects.
+s3.put_object(Bucket=bucket, Key="headers", Body=b"h", CacheControl="max-age=60",
+              ContentDisposition='attachment; filename="h.txt"', ContentEncoding="identity",
+              ContentLanguage="en", Expires=datetime.datetime(2030, 1, 1, tzinfo=datetime.timezone.utc))
+for head in (s3.head_object(Bucket=bucket, Key="headers"), s3.get_object(Bucket=bucket, Key="headers")):
+    sent = head["ResponseMetadata"]["HTTPHeaders"]
+    check(sent.get("cache-control") == "max-age=60", f"cache-control {sent}")
+    check(sent.get("content-disposition") == 'attachment; filename="h.txt"', f"content-disposition {sent}")
+    check(sent.get("content-encoding") == "identity", f"content-encoding {sent}")
+    check(sent.get("content-language") == "en", f"content-language {sent}")
+    check(sent.get("expires") == "Tue, 01 Jan 2030 00:00:00 GMT", f"expires {sent}")
+s3.upload_file(path, bucket, "big-with-headers", Config=config,
+               ExtraArgs={"ContentDisposition": "inline", "CacheControl": "no-cache"})
+sent = s3.head_object(Bucket=bucket, Key="big-with-headers")["ResponseMetadata"]["HTTPHeaders"]
+check(sent.get("content-disposition") == "inline" and sent.get("cache-control") == "no-cache", f"multipart headers {sent}")
+check("content-encoding" not in sent, f"aws-chunked leaked into Content-Encoding: {sent}")
+
+
+def error_code(call, **kwargs):
+    try:
+        call(**kwargs)
+    except ClientError as error:
+        return error.response["Error"]["Code"], error.response["ResponseMetadata"]["HTTPHeaders"]
+    return None, {}
+
+
+# Versioning: every write kept, delete markers, reads and deletes by version id.
+versioned = "boto3-versions"
+s3.create_bucket(Bucket=versioned)
+check(s3.get_bucket_versioning(Bucket=versioned).get("Status") is None, "new bucket is versioned")
+check(s3.put_object(Bucket=versioned, Key="doc", Body=b"v0").get("VersionId") is None, "unversioned put has an id")
+s3.put_bucket_versioning(Bucket=versioned, VersioningConfiguration={"Status": "Enabled"})
+check(s3.get_bucket_versioning(Bucket=versioned).get("Status") == "Enabled", "versioning not enabled")
+v1 = s3.put_object(Bucket=versioned, Key="doc", Body=b"v1")["VersionId"]
+v2 = s3.put_object(Bucket=versioned, Key="doc", Body=b"v2")["VersionId"]
+check(len({v1, v2, "null"}) == 3, f"version ids {v1} {v2}")
+got = s3.get_object(Bucket=versioned, Key="doc")
+check(got["Body"].read() == b"v2" and got["VersionId"] == v2, "current version")
+check(s3.get_object(Bucket=versioned, Key="doc", VersionId=v1)["Body"].read() == b"v1", "version v1")
+check(s3.get_object(Bucket=versioned, Key="doc", VersionId="null")["Body"].read() == b"v0", "null version")
+check(s3.head_object(Bucket=versioned, Key="doc", VersionId=v1)["ContentLength"] == 2, "head by version")
+deleted = s3.delete_object(Bucket=versioned, Key="doc")
+check(deleted.get("DeleteMarker") is True and deleted.get("VersionId"), f"delete marker {deleted}")
+marker = deleted["VersionId"]
+code, headers = error_code(s3.get_object, Bucket=versioned, Key="doc")
+check(code == "NoSuchKey" and headers.get("x-amz-delete-marker") == "true", f"read behind a marker {code} {headers}")
+code, _ = error_code(s3.get_object, Bucket=versioned, Key="doc", VersionId="f" * 40)
+check(code == "NoSuchVersion", f"unknown version {code}")
+check(s3.list_objects_v2(Bucket=versioned).get("KeyCount") == 0, "a deleted key is listed")
+listing = s3.list_object_versions(Bucket=versioned)
+check([(v["VersionId"], v["IsLatest"]) for v in listing["Versions"]] == [(v2, False), (v1, False), ("null", False)],
+      f"versions {listing}")
+check([(m["VersionId"], m["IsLatest"]) for m in listing["DeleteMarkers"]] == [(marker, True)], f"markers {listing}")
+paged, kwargs = [], {"Bucket": versioned, "MaxKeys": 1}
+while True:
+    page = s3.list_object_versions(**kwargs)
+    paged += [v["VersionId"] for v in page.get("DeleteMarkers", []) + page.get("Versions", [])]
+    if not page["IsTruncated"]:
+        break
+    kwargs.update(KeyMarker=page["NextKeyMarker"], VersionIdMarker=page["NextVersionIdMarker"])
+check(paged == [marker, v2, v1, "null"], f"paged versions {paged}")
+s3.copy_object(Bucket=versioned, Key="copy", CopySource={"Bucket": versioned, "Key": "doc", "VersionId": v1})
+check(s3.get_object(Bucket=versioned, Key="copy")["Body"].read() == b"v1", "copy of an old version")
+s3.delete_object(Bucket=versioned, Key="doc", VersionId=marker)
+check(s3.get_object(Bucket=versioned, Key="doc")["Body"].read() == b"v2", "marker removed, v2 is back")
+code, _ = error_code(s3.delete_bucket, Bucket=versioned)
+check(code == "BucketNotEmpty", f"delete of a bucket with versions: {code}")
+everything = s3.list_object_versions(Bucket=versioned)
+doomed = [{"Key": v["Key"], "VersionId": v["VersionId"]} for v in everything.get("Versions", []) + everything.get("DeleteMarkers", [])]
+answer = s3.delete_objects(Bucket=versioned, Delete={"Objects": doomed})
+check(len(answer.get("Deleted", [])) == len(doomed) and not answer.get("Errors"), f"delete versions {answer}")
+s3.delete_bucket(Bucket=versioned)
+
+# Object Lock: a locked version is deleted by nobody until its retention ends.
+locked = "boto3-locked"
+s3.create_bucket(Bucket=locked, ObjectLockEnabledForBucket=True)
+check(s3.get_bucket_versioning(Bucket=locked).get("Status") == "Enabled", "a lock bucket is versioned")
+code, _ = error_code(s3.put_bucket_versioning, Bucket=locked, VersioningConfiguration={"Status": "Suspended"})
+check(code == "InvalidBucketState", f"suspending a lock bucket: {code}")
+s3.put_object_lock_configuration(Bucket=locked, ObjectLockConfiguration={
+    "ObjectLockEnabled": "Enabled", "Rule": {"DefaultRetention": {"Mode": "GOVERNANCE", "Days": 1}}})
+rule = s3.get_object_lock_configuration(Bucket=locked)["ObjectLockConfiguration"]["Rule"]["DefaultRetention"]
+check(rule["Mode"] == "GOVERNANCE" and rule["Days"] == 1, f"lock configuration {rule}")
+until = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=2)
+vid = s3.put_object(Bucket=locked, Key="backup", Body=b"b", ObjectLockMode="COMPLIANCE",
+                    ObjectLockRetainUntilDate=until)["VersionId"]
+head = s3.head_object(Bucket=locked, Key="backup")
+check(head.get("ObjectLockMode") == "COMPLIANCE", f"head lock {head}")
+check(abs((head["ObjectLockRetainUntilDate"] - until).total_seconds()) < 2, f"retain until {head}")
+retention = s3.get_object_retention(Bucket=locked, Key="backup", VersionId=vid)["Retention"]
+check(retention["Mode"] == "COMPLIANCE", f"retention {retention}")
+for bypass in (False, True):
+    code, _ = error_code(s3.delete_object, Bucket=locked, Key="backup", VersionId=vid, BypassGovernanceRetention=bypass)
+    check(code == "AccessDenied", f"delete of a COMPLIANCE version (bypass {bypass}): {code}")
+code, _ = error_code(s3.put_object_retention, Bucket=locked, Key="backup", VersionId=vid,
+                     Retention={"Mode": "COMPLIANCE", "RetainUntilDate": until - datetime.timedelta(days=1)})
+check(code == "AccessDenied", f"shortening COMPLIANCE retention: {code}")
+s3.put_object_legal_hold(Bucket=locked, Key="backup", VersionId=vid, LegalHold={"Status": "ON"})
+check(s3.get_object_legal_hold(Bucket=locked, Key="backup", VersionId=vid)["LegalHold"]["Status"] == "ON", "legal hold")
+answer = s3.delete_objects(Bucket=locked, Delete={"Objects": [{"Key": "backup", "VersionId": vid}]})
+check([e["Code"] for e in answer.get("Errors", [])] == ["AccessDenied"], f"batch delete of a locked version {answer}")
+governed = s3.put_object(Bucket=locked, Key="governed", Body=b"g")["VersionId"]
+check(s3.get_object_retention(Bucket=locked, Key="governed")["Retention"]["Mode"] == "GOVERNANCE", "default retention")
+code, _ = error_code(s3.delete_object, Bucket=locked, Key="governed", VersionId=governed)
+check(code == "AccessDenied", f"delete of a GOVERNANCE version without bypass: {code}")
+s3.delete_object(Bucket=locked, Key="governed", VersionId=governed, BypassGovernanceRetention=True)
+marker = s3.delete_object(Bucket=locked, Key="backup")
+check(marker.get("DeleteMarker") is True, "a delete without version id leaves a marker")
+check(s3.get_object(Bucket=locked, Key="backup", VersionId=vid)["Body"].read() == b"b", "locked version survives")
+code, _ = error_code(s3.delete_bucket, Bucket=locked)
+check(code == "BucketNotEmpty", f"delete of a bucket with a locked version: {code}")
+
 s3.delete_object(Bucket=bucket, Key="small")
 try:
     s3.head_object(Bucket=bucket, Key="small")

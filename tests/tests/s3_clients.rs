@@ -261,6 +261,153 @@ fn aws_cli_round_trips_through_bdr_node_dev_and_survives_a_restart() {
     assert!(denied.contains("AccessDenied"), "{denied}");
     aws(&dev, &["s3", "rm", "s3://backups/from-reader"]);
 
+    // Versioning and Object Lock through s3api.
+    aws(&dev, &["s3api", "create-bucket", "--bucket", "history"]);
+    aws(
+        &dev,
+        &[
+            "s3api",
+            "put-bucket-versioning",
+            "--bucket",
+            "history",
+            "--versioning-configuration",
+            "Status=Enabled",
+        ],
+    );
+    let versioning = aws(&dev, &["s3api", "get-bucket-versioning", "--bucket", "history"]);
+    assert!(versioning.contains("\"Enabled\""), "{versioning}");
+    let version_of = |answer: String| -> String {
+        let parsed: serde_json::Value = serde_json::from_str(&answer).unwrap();
+        parsed["VersionId"].as_str().unwrap().to_string()
+    };
+    let small = root.path().join("small");
+    std::fs::write(&small, b"first").unwrap();
+    let first = version_of(aws(
+        &dev,
+        &[
+            "s3api",
+            "put-object",
+            "--bucket",
+            "history",
+            "--key",
+            "doc",
+            "--body",
+            small.to_str().unwrap(),
+        ],
+    ));
+    std::fs::write(&small, b"second").unwrap();
+    aws(&dev, &["s3", "cp", small.to_str().unwrap(), "s3://history/doc"]);
+    let old = root.path().join("old");
+    aws(
+        &dev,
+        &[
+            "s3api",
+            "get-object",
+            "--bucket",
+            "history",
+            "--key",
+            "doc",
+            "--version-id",
+            &first,
+            old.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(std::fs::read(&old).unwrap(), b"first");
+    aws(&dev, &["s3", "rm", "s3://history/doc"]);
+    let versions: serde_json::Value =
+        serde_json::from_str(&aws(&dev, &["s3api", "list-object-versions", "--bucket", "history"])).unwrap();
+    assert_eq!(versions["Versions"].as_array().unwrap().len(), 2, "{versions}");
+    assert_eq!(versions["DeleteMarkers"][0]["IsLatest"], true, "{versions}");
+
+    aws(
+        &dev,
+        &[
+            "s3api",
+            "create-bucket",
+            "--bucket",
+            "vault",
+            "--object-lock-enabled-for-bucket",
+        ],
+    );
+    aws(
+        &dev,
+        &[
+            "s3api",
+            "put-object-lock-configuration",
+            "--bucket",
+            "vault",
+            "--object-lock-configuration",
+            r#"{"ObjectLockEnabled":"Enabled","Rule":{"DefaultRetention":{"Mode":"COMPLIANCE","Days":1}}}"#,
+        ],
+    );
+    let locked = version_of(aws(
+        &dev,
+        &[
+            "s3api",
+            "put-object",
+            "--bucket",
+            "vault",
+            "--key",
+            "db.dump",
+            "--body",
+            small.to_str().unwrap(),
+        ],
+    ));
+    let retention = aws(
+        &dev,
+        &[
+            "s3api",
+            "get-object-retention",
+            "--bucket",
+            "vault",
+            "--key",
+            "db.dump",
+            "--version-id",
+            &locked,
+        ],
+    );
+    assert!(retention.contains("COMPLIANCE"), "{retention}");
+    aws(
+        &dev,
+        &[
+            "s3api",
+            "put-object-legal-hold",
+            "--bucket",
+            "vault",
+            "--key",
+            "db.dump",
+            "--legal-hold",
+            "Status=ON",
+        ],
+    );
+    let hold = aws(
+        &dev,
+        &[
+            "s3api",
+            "get-object-legal-hold",
+            "--bucket",
+            "vault",
+            "--key",
+            "db.dump",
+        ],
+    );
+    assert!(hold.contains("\"ON\""), "{hold}");
+    let refused = aws_fails(
+        &dev,
+        &[
+            "s3api",
+            "delete-object",
+            "--bucket",
+            "vault",
+            "--key",
+            "db.dump",
+            "--version-id",
+            &locked,
+        ],
+        &[],
+    );
+    assert!(refused.contains("AccessDenied"), "{refused}");
+
     // Delete, then restart with the same folder: the rest is still there, same key.
     aws(&dev, &["s3", "rm", "s3://backups/tree/sub0/file-0.bin"]);
     let key_before = dev.credentials["AWS_ACCESS_KEY_ID"].clone();
@@ -272,6 +419,25 @@ fn aws_cli_round_trips_through_bdr_node_dev_and_survives_a_restart() {
     assert!(std::fs::read(&back).unwrap() == data);
     let listing = aws(&dev, &["s3", "ls", "--recursive", "s3://backups/tree/"]);
     assert_eq!(listing.lines().count(), 13, "{listing}");
+    // Versions and locks survive the restart too.
+    let versions: serde_json::Value =
+        serde_json::from_str(&aws(&dev, &["s3api", "list-object-versions", "--bucket", "history"])).unwrap();
+    assert_eq!(versions["Versions"].as_array().unwrap().len(), 2, "{versions}");
+    let refused = aws_fails(
+        &dev,
+        &[
+            "s3api",
+            "delete-object",
+            "--bucket",
+            "vault",
+            "--key",
+            "db.dump",
+            "--version-id",
+            &locked,
+        ],
+        &[],
+    );
+    assert!(refused.contains("AccessDenied"), "{refused}");
 }
 
 #[test]

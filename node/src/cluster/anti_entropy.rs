@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use bdr_protocol::ids::NodeId;
 use bdr_protocol::placement::place;
-use bdr_protocol::records::{decode_stored_value, Lww, Record, RowKey, METADATA_PARTITIONS};
+use bdr_protocol::records::{decode_stored_value, Lww, RowKey, METADATA_PARTITIONS};
 use bdr_protocol::wire::{
     MetaRow, RemoteErrorKind, Request, Response, Table, TableDigest, DIGEST_BUCKETS, SCAN_ROWS_MAX,
 };
@@ -333,7 +333,7 @@ impl<E: Env> ClusterNode<E> {
         for table in Table::ALL {
             let mut expired = Vec::new();
             let scanned = self.for_each_local_row(table, partition, |key, value| {
-                if let Ok(Lww { timestamp, value: None }) = decode_stored_value::<Record>(value) {
+                if let Ok(Lww { timestamp, value: None }) = decode_stored_value(value) {
                     if timestamp.wall_ms < horizon_ms {
                         expired.push(key.to_vec());
                     }

@@ -25,8 +25,8 @@ use bdr_protocol::layout::Layout;
 use bdr_protocol::placement::{failures_tolerated, place, place_with};
 use bdr_protocol::records::{
     AccessKeyRecord, BucketGrant, BucketRecord, ChecksumAlgorithm, Lww, Manifest, MultipartPartRecord,
-    MultipartUploadRecord, ObjectData, ObjectVersionRecord, Record, RowKey, StripeOwner, StripeRecord, StripeRef,
-    VersioningState,
+    MultipartUploadRecord, ObjectData, ObjectLock, ObjectVersionRecord, Record, RowKey, StandardHeaders, StripeOwner,
+    StripeRecord, StripeRef, VersioningState,
 };
 use bdr_protocol::wire::{RemoteErrorKind, Request, Response, Table};
 use futures::channel::oneshot;
@@ -107,6 +107,16 @@ pub enum DataError {
     NoSuchAccessKey(String),
     #[error("access key {0:?} owns the bucket: an owner's rights cannot be granted or taken")]
     OwnerRights(String),
+    #[error("no such version")]
+    NoSuchVersion,
+    #[error("invalid version id {0:?}")]
+    InvalidVersionId(String),
+    #[error("object locked: {0}")]
+    ObjectLocked(String),
+    #[error("invalid bucket state: {0}")]
+    InvalidBucketState(String),
+    #[error("invalid Object Lock request: {0}")]
+    InvalidLockRequest(String),
     #[error("metadata: {0}")]
     Meta(#[from] MetaError),
 }
@@ -168,6 +178,8 @@ pub struct BucketOptions {
     pub codec: StripeCodec,
     pub stripe_length_bytes: u32,
     pub inline_threshold_bytes: u32,
+    /// Object Lock (and with it versioning, for good) from the start.
+    pub object_lock_enabled: bool,
 }
 
 impl Default for BucketOptions {
@@ -177,6 +189,7 @@ impl Default for BucketOptions {
                 .expect("default code is valid"),
             stripe_length_bytes: STRIPE_LENGTH_BYTES_DEFAULT,
             inline_threshold_bytes: INLINE_OBJECT_BYTES_DEFAULT,
+            object_lock_enabled: false,
         }
     }
 }
@@ -187,7 +200,11 @@ pub struct ObjectWrite {
     pub bucket: String,
     pub key: String,
     pub content_type: Option<String>,
+    pub headers: StandardHeaders,
     pub user_metadata: BTreeMap<String, String>,
+    /// The retention and legal hold the request asked for (the bucket's default
+    /// retention applies where it asked for none).
+    pub lock: ObjectLock,
     pub body_check: BodyCheck,
     /// The bucket's record if the caller has just read it (the gateway's access check
     /// does), so the put does not read it again.
@@ -246,7 +263,7 @@ pub fn validate_bucket_name(name: &str) -> Result<(), DataError> {
     Ok(())
 }
 
-fn validate_key(key: &str) -> Result<(), DataError> {
+pub(crate) fn validate_key(key: &str) -> Result<(), DataError> {
     if key.is_empty() || key.len() > OBJECT_KEY_BYTES_MAX {
         return Err(DataError::InvalidKey(format!(
             "must be 1..={OBJECT_KEY_BYTES_MAX} bytes"
@@ -266,7 +283,7 @@ pub(crate) fn object_row(bucket: &str, key: &str, version_id: &str) -> RowKey {
 }
 
 /// All bucket records share one partition, so listing buckets is one range scan.
-fn bucket_row(bucket: &str) -> RowKey {
+pub(crate) fn bucket_row(bucket: &str) -> RowKey {
     RowKey::new(b"buckets".to_vec(), bucket.as_bytes())
 }
 
@@ -388,8 +405,11 @@ impl<E: Env> ClusterNode<E> {
             name: name.to_string(),
             owner_key_id: owner_key_id.to_string(),
             created_at_ms: self.env.now_ms(),
-            versioning: VersioningState::Unversioned,
-            object_lock_enabled: false,
+            versioning: match options.object_lock_enabled {
+                true => VersioningState::Enabled,
+                false => VersioningState::Unversioned,
+            },
+            object_lock_enabled: options.object_lock_enabled,
             default_retention: None,
             codec: options.codec,
             stripe_length_bytes: options.stripe_length_bytes,
@@ -426,7 +446,9 @@ impl<E: Env> ClusterNode<E> {
                 .await?
                 .ok_or_else(|| DataError::NoSuchBucket(write.bucket.clone()))?,
         };
-        let version_id = NULL_VERSION.to_string();
+        let lock = self.lock_for_new_version(&bucket, write.lock)?;
+        let slot = self.version_slot(&bucket, &write.key).await?;
+        let version_id = slot.version_id.clone();
         let started_at_ms = self.env.now_ms();
         let mut md5 = Md5::new();
 
@@ -458,23 +480,19 @@ impl<E: Env> ClusterNode<E> {
         let record = ObjectVersionRecord {
             bucket: write.bucket.clone(),
             key: write.key.clone(),
-            version_id: version_id.clone(),
+            version_id,
+            version_stamp: slot.stamp,
             created_at_ms: self.env.now_ms(),
             size_bytes,
             etag: format!("\"{}\"", hex::encode(md5.finalize())),
             content_type: write.content_type,
+            headers: write.headers,
             user_metadata: write.user_metadata,
             checksums,
             data,
-            retention: None,
-            legal_hold: false,
+            lock,
         };
-        self.meta_put(
-            Table::Objects,
-            &object_row(&write.bucket, &write.key, &version_id),
-            Some(Record::ObjectVersion(record.clone())),
-        )
-        .await?;
+        self.commit_version(&record).await?;
         Ok(record)
     }
 
@@ -787,31 +805,31 @@ impl<E: Env> ClusterNode<E> {
         }
     }
 
-    /// The current record of an object (latest write of its "null" version).
-    pub async fn head_object(self: &Arc<Self>, bucket: &str, key: &str) -> Result<ObjectVersionRecord, DataError> {
-        validate_key(key)?;
-        match self
-            .meta_get(Table::Objects, &object_row(bucket, key, NULL_VERSION))
+    async fn existing_bucket(self: &Arc<Self>, name: &str) -> Result<BucketRecord, DataError> {
+        self.bucket(name)
             .await?
-        {
-            Some(Lww {
-                value: Some(Record::ObjectVersion(record)),
-                ..
-            }) => Ok(record),
-            _ => Err(DataError::NoSuchKey),
+            .ok_or_else(|| DataError::NoSuchBucket(name.to_string()))
+    }
+
+    /// The current version of an object by bucket name (NoSuchKey for a delete marker).
+    pub async fn head_object(self: &Arc<Self>, bucket: &str, key: &str) -> Result<ObjectVersionRecord, DataError> {
+        let bucket = self.existing_bucket(bucket).await?;
+        match self.object_version(&bucket, key, None).await? {
+            record if record.is_delete_marker() => Err(DataError::NoSuchKey),
+            record => Ok(record),
         }
     }
 
-    /// Deletes an object (a tombstone; its shards are collected later).
+    /// Deletes an object by bucket name (see [`ClusterNode::delete_object_version`]);
+    /// its shards are collected later.
     pub async fn delete_object(self: &Arc<Self>, bucket: &str, key: &str) -> Result<(), DataError> {
-        validate_key(key)?;
-        self.meta_put(Table::Objects, &object_row(bucket, key, NULL_VERSION), None)
-            .await?;
+        let bucket = self.existing_bucket(bucket).await?;
+        self.delete_object_version(&bucket, key, None, false).await?;
         Ok(())
     }
 
-    /// Lists live objects of a bucket in key order: up to `limit` rows scanned after the
-    /// key `after` (deleted objects count towards the page but are not returned).
+    /// Lists current objects of a bucket by name (see
+    /// [`ClusterNode::list_current_objects`]).
     pub async fn list_objects(
         self: &Arc<Self>,
         bucket: &str,
@@ -819,36 +837,8 @@ impl<E: Env> ClusterNode<E> {
         after: Option<&str>,
         limit: u32,
     ) -> Result<ObjectListing, DataError> {
-        // Rows are `key NUL version`; `key NUL 0xff` sorts after every version of `key`
-        // and before any longer key (keys are UTF-8, which never contains 0xff).
-        let after_sort_key = after.map(|key| {
-            let mut sort_key = key.as_bytes().to_vec();
-            sort_key.extend_from_slice(&[0, 0xff]);
-            sort_key
-        });
-        let rows = self
-            .meta_scan(
-                Table::Objects,
-                bucket.as_bytes(),
-                prefix.as_bytes(),
-                after_sort_key.as_deref(),
-                limit,
-            )
-            .await?;
-        let full_page = rows.len() as u32 >= limit;
-        let next_after = full_page
-            .then(|| rows.last())
-            .flatten()
-            .and_then(|(row, _)| row.sort_key.split(|byte| *byte == 0).next().map(<[u8]>::to_vec))
-            .and_then(|key| String::from_utf8(key).ok());
-        let records = rows
-            .into_iter()
-            .filter_map(|(_, register)| match register.value {
-                Some(Record::ObjectVersion(record)) => Some(record),
-                _ => None,
-            })
-            .collect();
-        Ok(ObjectListing { records, next_after })
+        let bucket = self.existing_bucket(bucket).await?;
+        self.list_current_objects(&bucket, prefix, after, limit).await
     }
 
     /// Every bucket, in name order.
@@ -1252,9 +1242,10 @@ impl<E: Env> ClusterNode<E> {
     pub async fn create_multipart_upload(self: &Arc<Self>, write: ObjectWrite) -> Result<String, DataError> {
         validate_key(&write.key)?;
         self.data_keys()?;
-        self.bucket(&write.bucket)
-            .await?
-            .ok_or_else(|| DataError::NoSuchBucket(write.bucket.clone()))?;
+        let bucket = self.existing_bucket(&write.bucket).await?;
+        // Checked now (a lock on a bucket without Object Lock fails here, not at the
+        // end); the default retention is applied when the upload completes.
+        self.lock_for_new_version(&bucket, write.lock)?;
         let upload_id = format!("{:016x}{:016x}", self.env.random_u64(), self.env.random_u64());
         let record = MultipartUploadRecord {
             bucket: write.bucket.clone(),
@@ -1262,7 +1253,9 @@ impl<E: Env> ClusterNode<E> {
             upload_id: upload_id.clone(),
             created_at_ms: self.env.now_ms(),
             content_type: write.content_type,
+            headers: write.headers,
             user_metadata: write.user_metadata,
+            lock: write.lock,
         };
         self.meta_put(
             Table::MultipartUploads,
@@ -1433,6 +1426,7 @@ impl<E: Env> ClusterNode<E> {
         upload_id: &str,
         listed: &[(u32, String)],
     ) -> Result<ObjectVersionRecord, DataError> {
+        let bucket_record = self.existing_bucket(bucket).await?;
         let upload = self.multipart_upload(bucket, key, upload_id).await?;
         if listed.is_empty() {
             return Err(DataError::InvalidPart("no parts listed".into()));
@@ -1474,14 +1468,18 @@ impl<E: Env> ClusterNode<E> {
             size_bytes += part.size_bytes;
             md5_of_md5s.update(hex::decode(part.etag.trim_matches('"')).unwrap_or_default());
         }
+        let lock = self.lock_for_new_version(&bucket_record, upload.lock)?;
+        let slot = self.version_slot(&bucket_record, key).await?;
         let record = ObjectVersionRecord {
             bucket: bucket.to_string(),
             key: key.to_string(),
-            version_id: NULL_VERSION.to_string(),
+            version_id: slot.version_id,
+            version_stamp: slot.stamp,
             created_at_ms: self.env.now_ms(),
             size_bytes,
             etag: format!("\"{}-{}\"", hex::encode(md5_of_md5s.finalize()), listed.len()),
             content_type: upload.content_type,
+            headers: upload.headers,
             user_metadata: upload.user_metadata,
             checksums: BTreeMap::new(),
             data: ObjectData::Striped(Manifest {
@@ -1489,15 +1487,9 @@ impl<E: Env> ClusterNode<E> {
                 key_epoch: 0,
                 stripes,
             }),
-            retention: None,
-            legal_hold: false,
+            lock,
         };
-        self.meta_put(
-            Table::Objects,
-            &object_row(bucket, key, NULL_VERSION),
-            Some(Record::ObjectVersion(record.clone())),
-        )
-        .await?;
+        self.commit_version(&record).await?;
         // The upload is over; its part records and unlisted parts' shards are garbage.
         self.meta_put(Table::MultipartUploads, &upload_row(bucket, key, upload_id), None)
             .await?;

@@ -1482,7 +1482,7 @@ struct RepairOutcome {
 fn decode_stripe_row(key: &[u8], value: &[u8]) -> Option<(StripeId, StripeRecord)> {
     let row = RowKey::decode(key).ok()?;
     let stripe_id = StripeId(row.partition_key.as_slice().try_into().ok()?);
-    match decode_stored_value::<Record>(value).ok()?.value {
+    match decode_stored_value(value).ok()?.value {
         Some(Record::Stripe(record)) => Some((stripe_id, record)),
         _ => None,
     }

@@ -10,6 +10,7 @@ pub mod handover;
 pub mod maintenance;
 pub mod membership;
 pub mod metadata;
+pub mod versions;
 
 #[cfg(test)]
 mod tests;

@@ -10,13 +10,16 @@ use std::time::Duration;
 use bdr_protocol::envelope::RootKey;
 use bdr_protocol::ids::{NodeId, ZoneName};
 use bdr_protocol::layout::{NodeRoles, NodeSpec, NodeStatus};
-use bdr_protocol::records::BucketRecord;
+use bdr_protocol::records::{
+    BucketRecord, DefaultRetention, ObjectLock, ObjectVersionRecord, Retention, RetentionMode, VersioningState,
+};
 use bdr_protocol::wire::{self, MaintenanceCommand, Request, Response, Table};
 use futures::StreamExt;
 
 use super::data::{BodyCheck, BucketRights, DataError, DataKeys, ObjectWrite};
 use super::maintenance::MaintenanceConfig;
 use super::membership::MembershipConfig;
+use super::versions::LockChange;
 use super::{ClusterInbound, ClusterNode};
 use crate::env::{BoxFuture, Env, InboundHandler, MetaStore, NetworkError, ShardKey, ShardStore};
 use crate::stores::memory::{MemoryMetaStore, MemoryShardStore};
@@ -1226,4 +1229,391 @@ async fn replicas_refuse_other_layouts_unready_partitions_and_malformed_keys() {
         kind_of(replica.handle_request(from, get(digest, row.clone())).await),
         Some(wire::RemoteErrorKind::NotReady)
     );
+}
+
+async fn put_version(
+    node: &Arc<ClusterNode<TestEnv>>,
+    bucket: &str,
+    key: &str,
+    data: &[u8],
+    lock: ObjectLock,
+) -> Result<ObjectVersionRecord, DataError> {
+    let write = ObjectWrite {
+        bucket: bucket.into(),
+        key: key.into(),
+        lock,
+        ..ObjectWrite::default()
+    };
+    node.put_object(write, futures::io::Cursor::new(data.to_vec())).await
+}
+
+async fn read_version(
+    node: &Arc<ClusterNode<TestEnv>>,
+    bucket: &str,
+    key: &str,
+    version_id: Option<&str>,
+) -> Result<Vec<u8>, DataError> {
+    let bucket = node.bucket(bucket).await?.expect("bucket exists");
+    let record = node.object_version(&bucket, key, version_id).await?;
+    let mut stream = Box::pin(node.read_object(record.clone(), 0..record.size_bytes)?);
+    let mut bytes = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        bytes.extend_from_slice(&chunk?);
+    }
+    Ok(bytes)
+}
+
+/// (key, version id, is latest, is a delete marker) of every listed version, paging
+/// through `list_versions` `page_rows` rows at a time.
+async fn all_versions(
+    node: &Arc<ClusterNode<TestEnv>>,
+    bucket: &BucketRecord,
+    page_rows: u32,
+) -> Vec<(String, String, bool, bool)> {
+    let mut listed = Vec::new();
+    let mut after: Option<(String, String)> = None;
+    loop {
+        let page = node
+            .list_versions(
+                bucket,
+                "",
+                after
+                    .as_ref()
+                    .map(|(key, version)| (key.as_str(), Some(version.as_str()))),
+                page_rows,
+            )
+            .await
+            .unwrap();
+        listed.extend(page.versions.into_iter().map(|version| {
+            (
+                version.record.key.clone(),
+                version.record.version_id.clone(),
+                version.is_latest,
+                version.record.is_delete_marker(),
+            )
+        }));
+        match page.next_after {
+            Some(next) => after = Some(next),
+            None => return listed,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn versions_keep_every_write_and_the_newest_is_current_whatever_the_clocks() {
+    let cluster = TestCluster::start(&SIX_NODES).await;
+    let node = cluster.node(0);
+    node.create_bucket("backups", "owner").await.unwrap();
+    // Written before versioning: the "null" version, which stays a version of its key.
+    put(node, "backups", "doc", b"before versioning").await.unwrap();
+    node.set_bucket_versioning("backups", VersioningState::Enabled)
+        .await
+        .unwrap();
+    assert!(matches!(
+        node.set_bucket_versioning("backups", VersioningState::Unversioned)
+            .await,
+        Err(DataError::InvalidBucketState(_))
+    ));
+    // Node 1's clock runs 7 minutes ahead, node 2's 5 minutes behind: the later write
+    // is still the newer version.
+    cluster
+        .node(1)
+        .env()
+        .clock_skew_ms
+        .store(7 * 60 * 1000, Ordering::Relaxed);
+    cluster
+        .node(2)
+        .env()
+        .clock_skew_ms
+        .store(-5 * 60 * 1000, Ordering::Relaxed);
+    let first = put_version(cluster.node(1), "backups", "doc", b"first", ObjectLock::default())
+        .await
+        .unwrap();
+    let second = put_version(cluster.node(2), "backups", "doc", b"second", ObjectLock::default())
+        .await
+        .unwrap();
+    assert_ne!(first.version_id, second.version_id);
+    assert_ne!(first.version_id, "null");
+    for reader in 0..6 {
+        assert_eq!(get(cluster.node(reader), "backups", "doc").await.unwrap(), b"second");
+    }
+    assert_eq!(
+        read_version(node, "backups", "doc", Some(&first.version_id))
+            .await
+            .unwrap(),
+        b"first"
+    );
+    assert_eq!(
+        read_version(node, "backups", "doc", Some("null")).await.unwrap(),
+        b"before versioning"
+    );
+    assert!(matches!(
+        read_version(node, "backups", "doc", Some("not-a-version")).await,
+        Err(DataError::InvalidVersionId(_))
+    ));
+    assert!(matches!(
+        read_version(node, "backups", "doc", Some(&"0".repeat(40))).await,
+        Err(DataError::NoSuchVersion)
+    ));
+
+    // A delete writes a marker through the slow node; the key is gone, its versions stay.
+    let bucket = node.bucket("backups").await.unwrap().unwrap();
+    let deleted = cluster
+        .node(2)
+        .delete_object_version(&bucket, "doc", None, false)
+        .await
+        .unwrap();
+    assert!(deleted.delete_marker);
+    let marker_id = deleted.version_id.clone().unwrap();
+    assert!(matches!(get(node, "backups", "doc").await, Err(DataError::NoSuchKey)));
+    put(node, "backups", "other", b"o").await.unwrap();
+    let listing = node.list_current_objects(&bucket, "", None, 100).await.unwrap();
+    assert_eq!(
+        listing
+            .records
+            .iter()
+            .map(|record| record.key.as_str())
+            .collect::<Vec<_>>(),
+        ["other"]
+    );
+    let versions = all_versions(node, &bucket, 1000).await;
+    let expected = [
+        ("doc".to_string(), marker_id.clone(), true, true),
+        ("doc".to_string(), second.version_id.clone(), false, false),
+        ("doc".to_string(), first.version_id.clone(), false, false),
+        ("doc".to_string(), "null".to_string(), false, false),
+    ];
+    assert_eq!(versions[..4], expected[..]);
+    assert_eq!(versions.len(), 5);
+    // Paged one row at a time, the listing (and which version is latest) is the same.
+    assert_eq!(all_versions(node, &bucket, 1).await, versions);
+    assert_eq!(
+        node.list_current_objects(&bucket, "", None, 1)
+            .await
+            .unwrap()
+            .records
+            .len(),
+        0,
+        "a one-row page holds only the marker's row, and the marker hides the key"
+    );
+
+    // Deleting the marker by id brings the newest version back.
+    let undone = node
+        .delete_object_version(&bucket, "doc", Some(&marker_id), false)
+        .await
+        .unwrap();
+    assert!(undone.delete_marker);
+    assert_eq!(get(node, "backups", "doc").await.unwrap(), b"second");
+
+    // Suspended: writes go to the "null" version, which becomes current and is
+    // overwritten in place; the versioned ones stay.
+    node.set_bucket_versioning("backups", VersioningState::Suspended)
+        .await
+        .unwrap();
+    let bucket = node.bucket("backups").await.unwrap().unwrap();
+    let null_one = put_version(cluster.node(1), "backups", "doc", b"null one", ObjectLock::default())
+        .await
+        .unwrap();
+    assert_eq!(null_one.version_id, "null");
+    put_version(cluster.node(2), "backups", "doc", b"null two", ObjectLock::default())
+        .await
+        .unwrap();
+    assert_eq!(get(node, "backups", "doc").await.unwrap(), b"null two");
+    let versions = all_versions(node, &bucket, 1000).await;
+    assert_eq!(
+        versions
+            .iter()
+            .filter(|(key, ..)| key == "doc")
+            .map(|(_, id, latest, _)| (id.clone(), *latest))
+            .collect::<Vec<_>>(),
+        vec![
+            (second.version_id.clone(), false),
+            (first.version_id.clone(), false),
+            ("null".to_string(), true),
+        ]
+    );
+    assert_eq!(all_versions(node, &bucket, 1).await, versions);
+
+    // The bucket is empty only once every version is gone.
+    assert!(!node.bucket_is_empty("backups").await.unwrap());
+    for (key, version_id, ..) in versions {
+        node.delete_object_version(&bucket, &key, Some(&version_id), false)
+            .await
+            .unwrap();
+    }
+    assert!(node.bucket_is_empty("backups").await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn object_lock_refuses_deletes_and_weaker_retention_until_it_ends() {
+    let cluster = TestCluster::start(&SIX_NODES).await;
+    let node = cluster.node(0);
+    node.create_bucket("plain", "owner").await.unwrap();
+    let day_ms = 86_400_000;
+    let now_ms = node.env().now_ms();
+    let compliance = ObjectLock {
+        retention: Some(Retention {
+            mode: RetentionMode::Compliance,
+            retain_until_ms: now_ms + day_ms,
+        }),
+        legal_hold: false,
+    };
+    assert!(matches!(
+        put_version(node, "plain", "k", b"x", compliance).await,
+        Err(DataError::InvalidLockRequest(_))
+    ));
+
+    let options = super::data::BucketOptions {
+        object_lock_enabled: true,
+        ..Default::default()
+    };
+    let bucket = node.create_bucket_with("vault", "owner", options).await.unwrap();
+    assert_eq!(bucket.versioning, VersioningState::Enabled);
+    assert!(matches!(
+        node.set_bucket_versioning("vault", VersioningState::Suspended).await,
+        Err(DataError::InvalidBucketState(_))
+    ));
+    let past = ObjectLock {
+        retention: Some(Retention {
+            mode: RetentionMode::Governance,
+            retain_until_ms: now_ms - 1,
+        }),
+        legal_hold: false,
+    };
+    assert!(matches!(
+        put_version(node, "vault", "k", b"x", past).await,
+        Err(DataError::InvalidLockRequest(_))
+    ));
+
+    // COMPLIANCE: nobody deletes the version or shortens its retention; a delete
+    // without a version id only hides it behind a marker.
+    let locked = put_version(node, "vault", "db.dump", b"precious", compliance)
+        .await
+        .unwrap();
+    let id = locked.version_id.clone();
+    for bypass in [false, true] {
+        assert!(matches!(
+            node.delete_object_version(&bucket, "db.dump", Some(&id), bypass).await,
+            Err(DataError::ObjectLocked(_))
+        ));
+    }
+    let shorter = Retention {
+        mode: RetentionMode::Compliance,
+        retain_until_ms: now_ms + day_ms / 2,
+    };
+    assert!(matches!(
+        node.change_object_lock(
+            &bucket,
+            "db.dump",
+            Some(&id),
+            LockChange::Retention(Some(shorter)),
+            true
+        )
+        .await,
+        Err(DataError::ObjectLocked(_))
+    ));
+    let as_governance = Retention {
+        mode: RetentionMode::Governance,
+        retain_until_ms: now_ms + 2 * day_ms,
+    };
+    assert!(matches!(
+        node.change_object_lock(
+            &bucket,
+            "db.dump",
+            Some(&id),
+            LockChange::Retention(Some(as_governance)),
+            true
+        )
+        .await,
+        Err(DataError::ObjectLocked(_))
+    ));
+    let longer = Retention {
+        mode: RetentionMode::Compliance,
+        retain_until_ms: now_ms + 2 * day_ms,
+    };
+    node.change_object_lock(
+        &bucket,
+        "db.dump",
+        Some(&id),
+        LockChange::Retention(Some(longer)),
+        false,
+    )
+    .await
+    .unwrap();
+    let marker = node
+        .delete_object_version(&bucket, "db.dump", None, false)
+        .await
+        .unwrap();
+    assert!(marker.delete_marker);
+    assert_eq!(
+        read_version(node, "vault", "db.dump", Some(&id)).await.unwrap(),
+        b"precious"
+    );
+
+    // GOVERNANCE yields to a bypass, never to a plain delete.
+    let governance = ObjectLock {
+        retention: Some(Retention {
+            mode: RetentionMode::Governance,
+            retain_until_ms: now_ms + day_ms,
+        }),
+        legal_hold: false,
+    };
+    let governed = put_version(node, "vault", "logs", b"l", governance).await.unwrap();
+    assert!(matches!(
+        node.delete_object_version(&bucket, "logs", Some(&governed.version_id), false)
+            .await,
+        Err(DataError::ObjectLocked(_))
+    ));
+    node.delete_object_version(&bucket, "logs", Some(&governed.version_id), true)
+        .await
+        .unwrap();
+
+    // A legal hold outlives retention; released, the version may go.
+    node.change_object_lock(&bucket, "db.dump", Some(&id), LockChange::LegalHold(true), false)
+        .await
+        .unwrap();
+    // Three days later (node 3's clock says so), retention is over but the hold is not.
+    let later = cluster.node(3);
+    later.env().clock_skew_ms.store(3 * day_ms as i64, Ordering::Relaxed);
+    assert!(matches!(
+        later.delete_object_version(&bucket, "db.dump", Some(&id), false).await,
+        Err(DataError::ObjectLocked(_))
+    ));
+    later
+        .change_object_lock(&bucket, "db.dump", Some(&id), LockChange::LegalHold(false), false)
+        .await
+        .unwrap();
+    later
+        .delete_object_version(&bucket, "db.dump", Some(&id), false)
+        .await
+        .unwrap();
+    assert!(matches!(
+        read_version(node, "vault", "db.dump", Some(&id)).await,
+        Err(DataError::NoSuchVersion)
+    ));
+
+    // The bucket's default retention applies to versions that ask for none.
+    let default = DefaultRetention {
+        mode: RetentionMode::Governance,
+        days: 1,
+    };
+    assert!(matches!(
+        node.set_object_lock_configuration("plain", Some(default)).await,
+        Err(DataError::InvalidBucketState(_))
+    ));
+    let bucket = node
+        .set_object_lock_configuration("vault", Some(default))
+        .await
+        .unwrap();
+    let defaulted = put_version(node, "vault", "new", b"n", ObjectLock::default())
+        .await
+        .unwrap();
+    let retention = defaulted.lock.retention.expect("default retention applied");
+    assert_eq!(retention.mode, RetentionMode::Governance);
+    assert!(retention.retain_until_ms >= now_ms + day_ms);
+    assert!(matches!(
+        node.delete_object_version(&bucket, "new", Some(&defaulted.version_id), false)
+            .await,
+        Err(DataError::ObjectLocked(_))
+    ));
 }

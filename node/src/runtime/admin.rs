@@ -220,9 +220,13 @@ async fn node_action<E: Env>(
 
 fn data_error_response(error: DataError) -> Response {
     let status = match &error {
-        DataError::NoSuchBucket(_) | DataError::NoSuchKey | DataError::NoSuchUpload | DataError::NoSuchAccessKey(_) => {
-            StatusCode::NOT_FOUND
-        }
+        DataError::NoSuchBucket(_)
+        | DataError::NoSuchKey
+        | DataError::NoSuchVersion
+        | DataError::NoSuchUpload
+        | DataError::NoSuchAccessKey(_) => StatusCode::NOT_FOUND,
+        DataError::ObjectLocked(_) => StatusCode::FORBIDDEN,
+        DataError::InvalidBucketState(_) => StatusCode::CONFLICT,
         DataError::InvalidPart(_) | DataError::InvalidPartOrder | DataError::EntityTooSmall { .. } => {
             StatusCode::BAD_REQUEST
         }
@@ -232,6 +236,8 @@ fn data_error_response(error: DataError) -> Response {
         | DataError::InvalidKey(_)
         | DataError::BadDigest(_)
         | DataError::OwnerRights(_)
+        | DataError::InvalidVersionId(_)
+        | DataError::InvalidLockRequest(_)
         | DataError::BodyTimeout(_)
         | DataError::Body(_) => StatusCode::BAD_REQUEST,
         DataError::InvalidRange { .. } => StatusCode::RANGE_NOT_SATISFIABLE,

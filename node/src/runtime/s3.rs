@@ -1,11 +1,14 @@
 //! The S3 gateway: the `s3s` crate (operations, XML, SigV4 including presigned URLs and
 //! aws-chunked payloads) mounted in axum, backed by the cluster's data path.
 //!
-//! Implemented so far: ListBuckets, CreateBucket, HeadBucket, DeleteBucket,
-//! GetBucketLocation, PutObject, GetObject (Range, If-Match, If-None-Match), HeadObject,
-//! DeleteObject, ListObjects (v1) and ListObjectsV2 (prefix, delimiter, pagination,
-//! start-after), and multipart uploads (create, upload part, complete, abort, list parts). Anonymous requests are refused: s3s denies unsigned requests once an
-//! auth provider is set, and ours knows only keys from the cluster's access key table.
+//! Implemented: buckets (list, create with or without Object Lock, head, delete, location,
+//! versioning, Object Lock configuration); objects (put, get and head with ranges,
+//! conditions, versions and checksums, delete with versions and delete markers,
+//! DeleteObjects, CopyObject, retention and legal hold); listings (ListObjects v1 and v2,
+//! ListObjectVersions, ListMultipartUploads, ListParts) and multipart uploads (create,
+//! upload part, upload part copy, complete, abort). Anonymous requests are refused: s3s
+//! denies unsigned requests once an auth provider is set, and ours knows only keys from
+//! the cluster's access key table; [`ClusterAccess`] decides what each key may do.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -13,14 +16,18 @@ use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use axum::error_handling::HandleError;
-use bdr_protocol::records::{BucketRecord, ChecksumAlgorithm, MultipartPartRecord, ObjectVersionRecord};
+use bdr_protocol::records::{
+    BucketRecord, ChecksumAlgorithm, DefaultRetention, MultipartPartRecord, ObjectLock, ObjectVersionRecord, Retention,
+    RetentionMode, StandardHeaders, VersioningState,
+};
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use s3s::dto::{self, ETag, ETagCondition, StreamingBlob, Timestamp};
 use s3s::service::S3ServiceBuilder;
 use s3s::{s3_error, S3Error, S3ErrorCode, S3Request, S3Response, S3Result, S3};
 
-use crate::cluster::data::{BodyCheck, BucketRights, Checksums, DataError, ObjectWrite, NULL_VERSION};
+use crate::cluster::data::{BodyCheck, BucketOptions, BucketRights, Checksums, DataError, ObjectWrite};
+use crate::cluster::versions::{ListedVersion, LockChange};
 use crate::cluster::ClusterNode;
 use crate::env::Env;
 
@@ -76,6 +83,12 @@ fn s3_error_of(error: DataError) -> S3Error {
         DataError::InvalidPart(_) => S3ErrorCode::InvalidPart,
         DataError::InvalidPartOrder => S3ErrorCode::InvalidPartOrder,
         DataError::EntityTooSmall { .. } => S3ErrorCode::EntityTooSmall,
+        DataError::NoSuchVersion => S3ErrorCode::NoSuchVersion,
+        DataError::InvalidVersionId(_) => S3ErrorCode::InvalidArgument,
+        // S3 answers a delete or overwrite refused by Object Lock with AccessDenied.
+        DataError::ObjectLocked(_) => S3ErrorCode::AccessDenied,
+        DataError::InvalidBucketState(_) => S3ErrorCode::InvalidBucketState,
+        DataError::InvalidLockRequest(_) => S3ErrorCode::InvalidRequest,
         DataError::NoDataKeys | DataError::NotDurable(_) | DataError::Meta(_) => S3ErrorCode::ServiceUnavailable,
         DataError::StripeUnreadable { .. } | DataError::Corrupt(_) => S3ErrorCode::InternalError,
     };
@@ -98,6 +111,152 @@ fn condition_matches(condition: &ETagCondition, etag: &ETag) -> bool {
 
 fn seconds_of(timestamp: &Timestamp) -> i64 {
     time::OffsetDateTime::from(timestamp.clone()).unix_timestamp()
+}
+
+fn ms_of(timestamp: &Timestamp) -> u64 {
+    let nanos = time::OffsetDateTime::from(timestamp.clone()).unix_timestamp_nanos();
+    u64::try_from(nanos / 1_000_000).unwrap_or(0)
+}
+
+fn retention_mode_of(text: &str) -> S3Result<RetentionMode> {
+    match text.to_ascii_uppercase().as_str() {
+        dto::ObjectLockMode::GOVERNANCE => Ok(RetentionMode::Governance),
+        dto::ObjectLockMode::COMPLIANCE => Ok(RetentionMode::Compliance),
+        other => Err(s3_error!(InvalidArgument, "unknown Object Lock mode {other:?}")),
+    }
+}
+
+fn retention_mode_text(mode: RetentionMode) -> &'static str {
+    match mode {
+        RetentionMode::Governance => dto::ObjectLockMode::GOVERNANCE,
+        RetentionMode::Compliance => dto::ObjectLockMode::COMPLIANCE,
+    }
+}
+
+fn legal_hold_of(status: Option<&dto::ObjectLockLegalHoldStatus>) -> S3Result<bool> {
+    match status.map(|status| status.as_str().to_ascii_uppercase()) {
+        None => Ok(false),
+        Some(status) if status == dto::ObjectLockLegalHoldStatus::ON => Ok(true),
+        Some(status) if status == dto::ObjectLockLegalHoldStatus::OFF => Ok(false),
+        Some(status) => Err(s3_error!(InvalidArgument, "unknown legal hold status {status:?}")),
+    }
+}
+
+fn legal_hold_status(on: bool) -> dto::ObjectLockLegalHoldStatus {
+    dto::ObjectLockLegalHoldStatus::from_static(match on {
+        true => dto::ObjectLockLegalHoldStatus::ON,
+        false => dto::ObjectLockLegalHoldStatus::OFF,
+    })
+}
+
+/// The lock a write asks for with its `x-amz-object-lock-*` headers.
+fn requested_lock(
+    mode: Option<&dto::ObjectLockMode>,
+    retain_until: Option<&Timestamp>,
+    legal_hold: Option<&dto::ObjectLockLegalHoldStatus>,
+) -> S3Result<ObjectLock> {
+    let retention = match (mode, retain_until) {
+        (Some(mode), Some(until)) => Some(Retention {
+            mode: retention_mode_of(mode.as_str())?,
+            retain_until_ms: ms_of(until),
+        }),
+        (None, None) => None,
+        _ => {
+            return Err(s3_error!(
+                InvalidArgument,
+                "x-amz-object-lock-mode and x-amz-object-lock-retain-until-date must be given together"
+            ))
+        }
+    };
+    Ok(ObjectLock {
+        retention,
+        legal_hold: legal_hold_of(legal_hold)?,
+    })
+}
+
+fn http_date(timestamp: &Timestamp) -> Option<String> {
+    let mut text = Vec::new();
+    timestamp.format(dto::TimestampFormat::HttpDate, &mut text).ok()?;
+    String::from_utf8(text).ok()
+}
+
+/// The standard headers a write stores. `aws-chunked` is how the body was sent, not
+/// how the object is encoded: S3 drops it from Content-Encoding, and so do we.
+fn standard_headers(
+    cache_control: Option<String>,
+    content_disposition: Option<String>,
+    content_encoding: Option<String>,
+    content_language: Option<String>,
+    expires: Option<&Timestamp>,
+) -> StandardHeaders {
+    let content_encoding = content_encoding
+        .map(|encoding| {
+            encoding
+                .split(',')
+                .map(str::trim)
+                .filter(|token| !token.is_empty() && !token.eq_ignore_ascii_case("aws-chunked"))
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .filter(|encoding| !encoding.is_empty());
+    StandardHeaders {
+        cache_control,
+        content_disposition,
+        content_encoding,
+        content_language,
+        expires: expires.and_then(http_date),
+    }
+}
+
+fn expires_of(headers: &StandardHeaders) -> Option<Timestamp> {
+    headers
+        .expires
+        .as_deref()
+        .and_then(|text| Timestamp::parse(dto::TimestampFormat::HttpDate, text).ok())
+}
+
+/// The `x-amz-version-id` to answer with: none in a bucket that never had versioning.
+fn version_answer(bucket: &BucketRecord, version_id: &str) -> Option<String> {
+    (bucket.versioning != VersioningState::Unversioned).then(|| version_id.to_string())
+}
+
+/// A version's Object Lock as GET and HEAD answer it.
+struct LockAnswer {
+    mode: Option<dto::ObjectLockMode>,
+    retain_until: Option<Timestamp>,
+    legal_hold: Option<dto::ObjectLockLegalHoldStatus>,
+}
+
+fn lock_answer(bucket: &BucketRecord, record: &ObjectVersionRecord) -> LockAnswer {
+    let retention = record.lock.retention;
+    LockAnswer {
+        mode: retention.map(|retention| dto::ObjectLockMode::from_static(retention_mode_text(retention.mode))),
+        retain_until: retention.map(|retention| timestamp_of(retention.retain_until_ms)),
+        legal_hold: bucket
+            .object_lock_enabled
+            .then(|| legal_hold_status(record.lock.legal_hold)),
+    }
+}
+
+/// The answer to reading a key whose current version (or the named version) is a
+/// delete marker: 404 NoSuchKey, or 405 when the marker was asked for by id; either
+/// way with the marker's headers, as S3 gives them.
+fn delete_marker_error(record: &ObjectVersionRecord, by_version: bool) -> S3Error {
+    let mut error = match by_version {
+        true => {
+            let mut error = s3_error!(MethodNotAllowed, "the version is a delete marker");
+            error.set_status_code(http::StatusCode::METHOD_NOT_ALLOWED);
+            error
+        }
+        false => s3_error!(NoSuchKey, "no such key (its current version is a delete marker)"),
+    };
+    let mut headers = http::HeaderMap::new();
+    headers.insert("x-amz-delete-marker", http::HeaderValue::from_static("true"));
+    if let Ok(version) = http::HeaderValue::from_str(&record.version_id) {
+        headers.insert("x-amz-version-id", version);
+    }
+    error.set_headers(headers);
+    error
 }
 
 /// The conditional headers of a GET, HEAD or copy source.
@@ -184,21 +343,27 @@ impl<E: Env> Gateway<E> {
         Gateway { cluster, region }
     }
 
-    /// The current record of an object; a miss says whether the bucket or the key is
-    /// missing (the bucket is looked up only on the miss path, not on every read).
-    async fn object_record(&self, bucket: &str, key: &str) -> S3Result<ObjectVersionRecord> {
-        match self.cluster.head_object(bucket, key).await {
-            Ok(record) => Ok(record),
-            Err(DataError::NoSuchKey) => {
-                self.existing_bucket(bucket).await?;
-                Err(s3_error!(NoSuchKey, "no such key"))
-            }
-            Err(error) => Err(s3_error_of(error)),
+    /// A version of an object (the current one without an id); delete markers answer as
+    /// S3 does ([`delete_marker_error`]).
+    async fn read_version(
+        &self,
+        bucket: &BucketRecord,
+        key: &str,
+        version_id: Option<&str>,
+    ) -> S3Result<ObjectVersionRecord> {
+        let record = self
+            .cluster
+            .object_version(bucket, key, version_id)
+            .await
+            .map_err(s3_error_of)?;
+        if record.is_delete_marker() {
+            return Err(delete_marker_error(&record, version_id.is_some()));
         }
+        Ok(record)
     }
 
-    /// The record of a copy source (bucket and key; versions other than "null" do not
-    /// exist while versioning is off), checked against the copy's conditions.
+    /// The record of a copy source (bucket, key and optionally version), checked against
+    /// the copy's conditions.
     async fn copy_source_record(
         &self,
         source: &dto::CopySource,
@@ -215,10 +380,8 @@ impl<E: Env> Gateway<E> {
                 "copy sources other than bucket/key are not supported"
             ));
         };
-        if version_id.as_deref().is_some_and(|version| version != NULL_VERSION) {
-            return Err(s3_error!(NoSuchVersion, "no such version"));
-        }
-        let record = self.object_record(bucket, key).await?;
+        let source_bucket = self.existing_bucket(bucket).await?;
+        let record = self.read_version(&source_bucket, key, version_id.as_deref()).await?;
         conditions.check_copy_source(&record)?;
         Ok(record)
     }
@@ -242,6 +405,23 @@ impl<E: Env> Gateway<E> {
         }
     }
 
+    /// Whether a request that asks to bypass GOVERNANCE retention may: only the bucket's
+    /// owner may (S3's s3:BypassGovernanceRetention permission; grants never give it).
+    async fn bypasses_governance(
+        &self,
+        credentials: &Option<s3s::auth::Credentials>,
+        extensions: &http::Extensions,
+        bucket: &str,
+        asked: Option<bool>,
+    ) -> S3Result<bool> {
+        if !asked.unwrap_or(false) {
+            return Ok(false);
+        }
+        let key_id = request_key_id(credentials)?;
+        let bucket = self.request_bucket(extensions, bucket).await?;
+        Ok(bucket.owner_key_id == key_id)
+    }
+
     async fn existing_bucket(&self, name: &str) -> S3Result<BucketRecord> {
         self.cluster
             .bucket(name)
@@ -250,7 +430,7 @@ impl<E: Env> Gateway<E> {
             .ok_or_else(|| s3_error!(NoSuchBucket, "no such bucket: {name}"))
     }
 
-    /// One page of a marker-paginated listing (ListObjects v1, ListObjectVersions): the
+    /// One page of a marker-paginated listing (ListObjects v1): the
     /// keys after `marker`, and the page size used (S3's default and limit, 1000).
     async fn marker_page(
         &self,
@@ -261,11 +441,11 @@ impl<E: Env> Gateway<E> {
         marker: Option<&str>,
         max_keys: Option<i32>,
     ) -> S3Result<(ListingPage, i32)> {
-        self.request_bucket(extensions, bucket).await?;
+        let bucket = self.request_bucket(extensions, bucket).await?;
         let max_keys = max_keys.unwrap_or(LIST_KEYS_MAX).clamp(0, LIST_KEYS_MAX);
         let after = marker.filter(|marker| !marker.is_empty()).map(str::to_string);
         let page = self
-            .list_page(bucket, prefix.unwrap_or_default(), delimiter, after, max_keys as usize)
+            .list_page(&bucket, prefix.unwrap_or_default(), delimiter, after, max_keys as usize)
             .await?;
         Ok((page, max_keys))
     }
@@ -274,7 +454,7 @@ impl<E: Env> Gateway<E> {
     /// `delimiter`.
     async fn list_page(
         &self,
-        bucket: &str,
+        bucket: &BucketRecord,
         prefix: &str,
         delimiter: Option<&str>,
         mut after: Option<String>,
@@ -288,7 +468,7 @@ impl<E: Env> Gateway<E> {
         loop {
             let listing = self
                 .cluster
-                .list_objects(bucket, prefix, after.as_deref(), LIST_KEYS_MAX as u32)
+                .list_current_objects(bucket, prefix, after.as_deref(), LIST_KEYS_MAX as u32)
                 .await
                 .map_err(s3_error_of)?;
             let mut skip_until: Option<String> = None;
@@ -551,20 +731,49 @@ async fn rights_lookup<E: Env>(
     cluster.bucket_rights(&bucket, &key_id).await
 }
 
-/// What a PutObject or CreateMultipartUpload asks to store besides the bytes.
-fn object_write(
-    bucket: String,
-    key: String,
+/// What a PutObject, CopyObject (with REPLACE) or CreateMultipartUpload asks to store
+/// besides the bytes.
+struct WriteRequest {
     content_type: Option<String>,
+    headers: StandardHeaders,
     metadata: Option<dto::Metadata>,
-) -> ObjectWrite {
+    lock: ObjectLock,
+}
+
+/// Builds a [`WriteRequest`] from the S3 input fields of the same names (the three
+/// write inputs share them but no trait).
+macro_rules! write_request {
+    ($input:expr) => {
+        WriteRequest {
+            content_type: $input.content_type.take(),
+            headers: standard_headers(
+                $input.cache_control.take(),
+                $input.content_disposition.take(),
+                $input.content_encoding.take(),
+                $input.content_language.take(),
+                $input.expires.as_ref(),
+            ),
+            metadata: $input.metadata.take(),
+            lock: requested_lock(
+                $input.object_lock_mode.as_ref(),
+                $input.object_lock_retain_until_date.as_ref(),
+                $input.object_lock_legal_hold_status.as_ref(),
+            )?,
+        }
+    };
+}
+
+fn object_write(bucket: String, key: String, request: WriteRequest) -> ObjectWrite {
     ObjectWrite {
         bucket,
         key,
-        content_type,
-        user_metadata: metadata
+        content_type: request.content_type,
+        headers: request.headers,
+        user_metadata: request
+            .metadata
             .map(|metadata| metadata.into_iter().collect())
             .unwrap_or_default(),
+        lock: request.lock,
         body_check: BodyCheck::none(),
         bucket_record: None,
     }
@@ -676,8 +885,12 @@ impl<E: Env> S3 for Gateway<E> {
         request: S3Request<dto::CreateBucketInput>,
     ) -> S3Result<S3Response<dto::CreateBucketOutput>> {
         let owner = request_key_id(&request.credentials)?;
+        let options = BucketOptions {
+            object_lock_enabled: request.input.object_lock_enabled_for_bucket.unwrap_or(false),
+            ..BucketOptions::default()
+        };
         self.cluster
-            .create_bucket(&request.input.bucket, &owner)
+            .create_bucket_with(&request.input.bucket, &owner, options)
             .await
             .map_err(s3_error_of)?;
         Ok(S3Response::new(dto::CreateBucketOutput {
@@ -712,8 +925,9 @@ impl<E: Env> S3 for Gateway<E> {
     ) -> S3Result<S3Response<dto::DeleteBucketOutput>> {
         let bucket = &request.input.bucket;
         self.request_bucket(&request.extensions, bucket).await?;
-        let page = self.list_page(bucket, "", None, None, 1).await?;
-        if !page.objects.is_empty() {
+        // Every version and delete marker counts, as in S3: a versioned bucket whose
+        // objects were all deleted still holds their versions.
+        if !self.cluster.bucket_is_empty(bucket).await.map_err(s3_error_of)? {
             return Err(s3_error!(BucketNotEmpty, "bucket {bucket} is not empty"));
         }
         // Uploads in progress too: they are keyed by bucket name, and would otherwise pass
@@ -735,16 +949,17 @@ impl<E: Env> S3 for Gateway<E> {
 
     async fn put_object(&self, request: S3Request<dto::PutObjectInput>) -> S3Result<S3Response<dto::PutObjectOutput>> {
         let verifier = ChecksumVerifier::for_request(&request.headers, request.trailing_headers.clone())?;
-        let input = request.input;
+        let mut input = request.input;
         let body = input
             .body
+            .take()
             .ok_or_else(|| s3_error!(IncompleteBody, "a PUT needs a body"))?;
         let bucket = self.request_bucket(&request.extensions, &input.bucket).await?;
         // Errors inside the stream (client gone, bad chunk signature, payload hash
         // mismatch at the end) fail the whole put, and so does a checksum that does not
         // match: no manifest is committed.
-        let mut write = object_write(input.bucket, input.key, input.content_type, input.metadata);
-        write.bucket_record = Some(bucket);
+        let mut write = object_write(input.bucket.clone(), input.key.clone(), write_request!(input));
+        write.bucket_record = Some(bucket.clone());
         write.body_check = verifier
             .as_ref()
             .map_or_else(BodyCheck::none, ChecksumVerifier::body_check);
@@ -753,6 +968,7 @@ impl<E: Env> S3 for Gateway<E> {
         let checksums = checksum_fields(&record.checksums);
         Ok(S3Response::new(dto::PutObjectOutput {
             e_tag: Some(etag_of(&record)),
+            version_id: version_answer(&bucket, &record.version_id),
             checksum_crc32: checksums.checksum_crc32,
             checksum_crc32c: checksums.checksum_crc32c,
             checksum_sha1: checksums.checksum_sha1,
@@ -767,7 +983,10 @@ impl<E: Env> S3 for Gateway<E> {
         request: S3Request<dto::HeadObjectInput>,
     ) -> S3Result<S3Response<dto::HeadObjectOutput>> {
         let input = request.input;
-        let record = self.object_record(&input.bucket, &input.key).await?;
+        let bucket = self.request_bucket(&request.extensions, &input.bucket).await?;
+        let record = self
+            .read_version(&bucket, &input.key, input.version_id.as_deref())
+            .await?;
         Conditions {
             if_match: input.if_match,
             if_none_match: input.if_none_match,
@@ -776,7 +995,17 @@ impl<E: Env> S3 for Gateway<E> {
         }
         .check_read(&record)?;
         let checksums = checksums_if_enabled(input.checksum_mode.as_ref(), &record, false);
+        let lock = lock_answer(&bucket, &record);
         Ok(S3Response::new(dto::HeadObjectOutput {
+            version_id: version_answer(&bucket, &record.version_id),
+            cache_control: record.headers.cache_control.clone(),
+            content_disposition: record.headers.content_disposition.clone(),
+            content_encoding: record.headers.content_encoding.clone(),
+            content_language: record.headers.content_language.clone(),
+            expires: expires_of(&record.headers),
+            object_lock_mode: lock.mode,
+            object_lock_retain_until_date: lock.retain_until,
+            object_lock_legal_hold_status: lock.legal_hold,
             checksum_crc32: checksums.checksum_crc32,
             checksum_crc32c: checksums.checksum_crc32c,
             checksum_sha1: checksums.checksum_sha1,
@@ -794,7 +1023,10 @@ impl<E: Env> S3 for Gateway<E> {
 
     async fn get_object(&self, request: S3Request<dto::GetObjectInput>) -> S3Result<S3Response<dto::GetObjectOutput>> {
         let input = request.input;
-        let record = self.object_record(&input.bucket, &input.key).await?;
+        let bucket = self.request_bucket(&request.extensions, &input.bucket).await?;
+        let record = self
+            .read_version(&bucket, &input.key, input.version_id.as_deref())
+            .await?;
         let etag = etag_of(&record);
         Conditions {
             if_match: input.if_match,
@@ -816,7 +1048,17 @@ impl<E: Env> S3 for Gateway<E> {
         };
         let length = range.end - range.start;
         let checksums = checksums_if_enabled(input.checksum_mode.as_ref(), &record, content_range.is_some());
+        let lock = lock_answer(&bucket, &record);
         let output = dto::GetObjectOutput {
+            version_id: version_answer(&bucket, &record.version_id),
+            cache_control: record.headers.cache_control.clone(),
+            content_disposition: record.headers.content_disposition.clone(),
+            content_encoding: record.headers.content_encoding.clone(),
+            content_language: record.headers.content_language.clone(),
+            expires: expires_of(&record.headers),
+            object_lock_mode: lock.mode,
+            object_lock_retain_until_date: lock.retain_until,
+            object_lock_legal_hold_status: lock.legal_hold,
             checksum_crc32: checksums.checksum_crc32,
             checksum_crc32c: checksums.checksum_crc32c,
             checksum_sha1: checksums.checksum_sha1,
@@ -845,13 +1087,26 @@ impl<E: Env> S3 for Gateway<E> {
         &self,
         request: S3Request<dto::DeleteObjectInput>,
     ) -> S3Result<S3Response<dto::DeleteObjectOutput>> {
+        let bypass_governance = self
+            .bypasses_governance(
+                &request.credentials,
+                &request.extensions,
+                &request.input.bucket,
+                request.input.bypass_governance_retention,
+            )
+            .await?;
         let input = request.input;
-        self.request_bucket(&request.extensions, &input.bucket).await?;
-        self.cluster
-            .delete_object(&input.bucket, &input.key)
+        let bucket = self.request_bucket(&request.extensions, &input.bucket).await?;
+        let outcome = self
+            .cluster
+            .delete_object_version(&bucket, &input.key, input.version_id.as_deref(), bypass_governance)
             .await
             .map_err(s3_error_of)?;
-        Ok(S3Response::new(dto::DeleteObjectOutput::default()))
+        Ok(S3Response::new(dto::DeleteObjectOutput {
+            delete_marker: outcome.delete_marker.then_some(true),
+            version_id: outcome.version_id,
+            ..Default::default()
+        }))
     }
 
     async fn delete_objects(
@@ -866,30 +1121,38 @@ impl<E: Env> S3 for Gateway<E> {
                 "at most {DELETE_OBJECTS_KEYS_MAX} keys per DeleteObjects request"
             ));
         }
-        self.request_bucket(&request.extensions, &input.bucket).await?;
+        let bucket = self.request_bucket(&request.extensions, &input.bucket).await?;
+        let bypass_governance = self
+            .bypasses_governance(
+                &request.credentials,
+                &request.extensions,
+                &input.bucket,
+                input.bypass_governance_retention,
+            )
+            .await?;
         let quiet = input.delete.quiet.unwrap_or(false);
         let mut deleted = Vec::new();
         let mut errors = Vec::new();
         // One after another: each is a metadata quorum write, and a request of 1000 keys
         // must not become 1000 writes in flight from one client.
         for object in objects {
-            let error = match object.version_id.as_deref() {
-                Some(version) if version != NULL_VERSION => None,
-                _ => self
-                    .cluster
-                    .delete_object(&input.bucket, &object.key)
-                    .await
-                    .err()
-                    .map(s3_error_of),
-            };
-            match error {
-                None if quiet => {}
-                None => deleted.push(dto::DeletedObject {
+            let result = self
+                .cluster
+                .delete_object_version(&bucket, &object.key, object.version_id.as_deref(), bypass_governance)
+                .await
+                .map_err(s3_error_of);
+            match result {
+                Ok(_) if quiet => {}
+                Ok(outcome) => deleted.push(dto::DeletedObject {
                     key: Some(object.key),
+                    delete_marker: outcome.delete_marker.then_some(true),
+                    delete_marker_version_id: outcome
+                        .version_id
+                        .clone()
+                        .filter(|_| outcome.delete_marker && object.version_id.is_none()),
                     version_id: object.version_id,
-                    ..Default::default()
                 }),
-                Some(error) => errors.push(dto::Error {
+                Err(error) => errors.push(dto::Error {
                     code: Some(error.code().as_str().to_string()),
                     message: error.message().map(str::to_string),
                     key: Some(object.key),
@@ -908,15 +1171,15 @@ impl<E: Env> S3 for Gateway<E> {
         &self,
         request: S3Request<dto::CopyObjectInput>,
     ) -> S3Result<S3Response<dto::CopyObjectOutput>> {
-        let input = request.input;
+        let mut input = request.input;
         let conditions = Conditions {
-            if_match: input.copy_source_if_match,
-            if_none_match: input.copy_source_if_none_match,
-            if_modified_since: input.copy_source_if_modified_since,
-            if_unmodified_since: input.copy_source_if_unmodified_since,
+            if_match: input.copy_source_if_match.take(),
+            if_none_match: input.copy_source_if_none_match.take(),
+            if_modified_since: input.copy_source_if_modified_since.take(),
+            if_unmodified_since: input.copy_source_if_unmodified_since.take(),
         };
         let source = self.copy_source_record(&input.copy_source, &conditions).await?;
-        self.request_bucket(&request.extensions, &input.bucket).await?;
+        let bucket = self.request_bucket(&request.extensions, &input.bucket).await?;
         let replace = input
             .metadata_directive
             .as_ref()
@@ -929,21 +1192,30 @@ impl<E: Env> S3 for Gateway<E> {
                 "copying an object onto itself needs the REPLACE metadata directive"
             ));
         }
-        let write = match replace {
-            true => object_write(input.bucket, input.key, input.content_type, input.metadata),
-            false => ObjectWrite {
-                bucket: input.bucket,
-                key: input.key,
-                content_type: source.content_type.clone(),
-                user_metadata: source.user_metadata.clone(),
-                body_check: BodyCheck::none(),
-                bucket_record: None,
-            },
-        };
+        let mut request_fields = write_request!(input);
+        // COPY keeps the source's metadata and headers; the lock is the request's own.
+        if !replace {
+            request_fields.content_type = source.content_type.clone();
+            request_fields.headers = source.headers.clone();
+            request_fields.metadata = Some(source.user_metadata.clone().into_iter().collect());
+        }
+        let mut write = object_write(input.bucket.clone(), input.key.clone(), request_fields);
+        write.bucket_record = Some(bucket.clone());
         let size = source.size_bytes;
+        let source_version = source.version_id.clone();
         let reader = self.object_reader(source, 0..size)?;
         let record = self.cluster.put_object(write, reader).await.map_err(s3_error_of)?;
         Ok(S3Response::new(dto::CopyObjectOutput {
+            version_id: version_answer(&bucket, &record.version_id),
+            copy_source_version_id: Some(source_version).filter(|_| {
+                matches!(
+                    &input.copy_source,
+                    dto::CopySource::Bucket {
+                        version_id: Some(_),
+                        ..
+                    }
+                )
+            }),
             copy_object_result: Some(dto::CopyObjectResult {
                 e_tag: Some(etag_of(&record)),
                 last_modified: Some(timestamp_of(record.created_at_ms)),
@@ -1103,45 +1375,106 @@ impl<E: Env> S3 for Gateway<E> {
         }))
     }
 
-    /// Without versioning every object has exactly one version, "null", the latest.
+    /// Versions and delete markers, keys in order; a key's versions newest first, except
+    /// that its "null" version (written while versioning was off or suspended) comes
+    /// after the others, where its row is. `IsLatest` marks the current version.
     async fn list_object_versions(
         &self,
         request: S3Request<dto::ListObjectVersionsInput>,
     ) -> S3Result<S3Response<dto::ListObjectVersionsOutput>> {
         let input = request.input;
-        let (page, max_keys) = self
-            .marker_page(
-                &request.extensions,
-                &input.bucket,
-                input.prefix.as_deref(),
-                input.delimiter.as_deref(),
-                input.key_marker.as_deref(),
-                input.max_keys,
-            )
-            .await?;
-        let truncated = page.next_after.is_some();
+        let bucket = self.request_bucket(&request.extensions, &input.bucket).await?;
+        let prefix = input.prefix.clone().unwrap_or_default();
+        let max_keys = input.max_keys.unwrap_or(LIST_KEYS_MAX).clamp(0, LIST_KEYS_MAX) as usize;
+        let delimiter = input.delimiter.clone().filter(|delimiter| !delimiter.is_empty());
+        // Where the scan stands: a (key, version id) row, or a whole key (or common prefix
+        // followed by U+10FFFF) to skip.
+        let mut after: Option<(String, Option<String>)> = input
+            .key_marker
+            .clone()
+            .filter(|marker| !marker.is_empty())
+            .map(|key| (key, input.version_id_marker.clone().filter(|id| !id.is_empty())));
+        let mut versions: Vec<ListedVersion> = Vec::new();
+        let mut common_prefixes: Vec<String> = Vec::new();
+        let mut next: Option<(String, Option<String>)> = None;
+        'pages: loop {
+            let listing = self
+                .cluster
+                .list_versions(
+                    &bucket,
+                    &prefix,
+                    after.as_ref().map(|(key, id)| (key.as_str(), id.as_deref())),
+                    LIST_KEYS_MAX as u32,
+                )
+                .await
+                .map_err(s3_error_of)?;
+            for version in listing.versions {
+                let key = &version.record.key;
+                if common_prefixes
+                    .last()
+                    .is_some_and(|common| key.starts_with(common.as_str()))
+                {
+                    continue;
+                }
+                if versions.len() + common_prefixes.len() >= max_keys {
+                    next = after.clone();
+                    break 'pages;
+                }
+                let rest = &key[prefix.len()..];
+                let common = delimiter.as_deref().and_then(|delimiter| {
+                    rest.find(delimiter)
+                        .map(|position| format!("{prefix}{}", &rest[..position + delimiter.len()]))
+                });
+                match common {
+                    Some(common) => {
+                        after = Some((format!("{common}\u{10ffff}"), None));
+                        common_prefixes.push(common);
+                    }
+                    None => {
+                        after = Some((key.clone(), Some(version.record.version_id.clone())));
+                        versions.push(version);
+                    }
+                }
+            }
+            match listing.next_after {
+                Some((key, version_id)) => {
+                    let scanned = (key, Some(version_id));
+                    if after.as_ref().is_none_or(|current| *current < scanned) {
+                        after = Some(scanned);
+                    }
+                }
+                None => break,
+            }
+        }
+        let (next_key_marker, next_version_id_marker) = match next {
+            Some((key, version_id)) => (Some(key), version_id),
+            None => (None, None),
+        };
         let encoding = KeyEncoding::of(input.encoding_type.as_ref());
+        let (markers, objects): (Vec<ListedVersion>, Vec<ListedVersion>) = versions
+            .into_iter()
+            .partition(|version| version.record.is_delete_marker());
         Ok(S3Response::new(dto::ListObjectVersionsOutput {
             name: Some(input.bucket),
             prefix: encoding.option(input.prefix),
             delimiter: encoding.option(input.delimiter),
             key_marker: encoding.option(input.key_marker),
             version_id_marker: input.version_id_marker,
-            max_keys: Some(max_keys),
-            is_truncated: Some(truncated),
-            next_version_id_marker: page.next_after.as_ref().map(|_| NULL_VERSION.to_string()),
-            next_key_marker: encoding.option(page.next_after),
+            max_keys: Some(max_keys as i32),
+            is_truncated: Some(next_key_marker.is_some()),
+            next_key_marker: encoding.option(next_key_marker),
+            next_version_id_marker,
             encoding_type: input.encoding_type,
             versions: Some(
-                page.objects
+                objects
                     .iter()
-                    .map(|record| dto::ObjectVersion {
-                        key: Some(encoding.text(record.key.clone())),
-                        version_id: Some(record.version_id.clone()),
-                        is_latest: Some(true),
-                        size: Some(record.size_bytes as i64),
-                        e_tag: Some(etag_of(record)),
-                        last_modified: Some(timestamp_of(record.created_at_ms)),
+                    .map(|version| dto::ObjectVersion {
+                        key: Some(encoding.text(version.record.key.clone())),
+                        version_id: Some(version.record.version_id.clone()),
+                        is_latest: Some(version.is_latest),
+                        size: Some(version.record.size_bytes as i64),
+                        e_tag: Some(etag_of(&version.record)),
+                        last_modified: Some(timestamp_of(version.record.created_at_ms)),
                         storage_class: Some(dto::ObjectVersionStorageClass::from_static(
                             dto::ObjectVersionStorageClass::STANDARD,
                         )),
@@ -1149,8 +1482,254 @@ impl<E: Env> S3 for Gateway<E> {
                     })
                     .collect(),
             ),
-            common_prefixes: common_prefix_entries(page.common_prefixes, encoding),
+            delete_markers: Some(
+                markers
+                    .iter()
+                    .map(|marker| dto::DeleteMarkerEntry {
+                        key: Some(encoding.text(marker.record.key.clone())),
+                        version_id: Some(marker.record.version_id.clone()),
+                        is_latest: Some(marker.is_latest),
+                        last_modified: Some(timestamp_of(marker.record.created_at_ms)),
+                        ..Default::default()
+                    })
+                    .collect(),
+            ),
+            common_prefixes: common_prefix_entries(common_prefixes, encoding),
             ..Default::default()
+        }))
+    }
+
+    async fn put_bucket_versioning(
+        &self,
+        request: S3Request<dto::PutBucketVersioningInput>,
+    ) -> S3Result<S3Response<dto::PutBucketVersioningOutput>> {
+        let input = request.input;
+        let configuration = input.versioning_configuration;
+        if configuration
+            .mfa_delete
+            .as_ref()
+            .is_some_and(|mfa| mfa.as_str().eq_ignore_ascii_case(dto::MFADelete::ENABLED))
+        {
+            return Err(s3_error!(NotImplemented, "MFA delete is not supported"));
+        }
+        let versioning = match configuration.status.as_ref().map(|status| status.as_str()) {
+            Some(dto::BucketVersioningStatus::ENABLED) => VersioningState::Enabled,
+            Some(dto::BucketVersioningStatus::SUSPENDED) => VersioningState::Suspended,
+            other => {
+                return Err(s3_error!(
+                    MalformedXML,
+                    "versioning status must be Enabled or Suspended, not {other:?}"
+                ))
+            }
+        };
+        self.cluster
+            .set_bucket_versioning(&input.bucket, versioning)
+            .await
+            .map_err(s3_error_of)?;
+        Ok(S3Response::new(dto::PutBucketVersioningOutput::default()))
+    }
+
+    async fn get_bucket_versioning(
+        &self,
+        request: S3Request<dto::GetBucketVersioningInput>,
+    ) -> S3Result<S3Response<dto::GetBucketVersioningOutput>> {
+        let bucket = self.request_bucket(&request.extensions, &request.input.bucket).await?;
+        let status = match bucket.versioning {
+            VersioningState::Unversioned => None,
+            VersioningState::Enabled => Some(dto::BucketVersioningStatus::ENABLED),
+            VersioningState::Suspended => Some(dto::BucketVersioningStatus::SUSPENDED),
+        };
+        Ok(S3Response::new(dto::GetBucketVersioningOutput {
+            status: status.map(dto::BucketVersioningStatus::from_static),
+            ..Default::default()
+        }))
+    }
+
+    async fn put_object_lock_configuration(
+        &self,
+        request: S3Request<dto::PutObjectLockConfigurationInput>,
+    ) -> S3Result<S3Response<dto::PutObjectLockConfigurationOutput>> {
+        let input = request.input;
+        let configuration = input
+            .object_lock_configuration
+            .ok_or_else(|| s3_error!(MalformedXML, "an Object Lock configuration is needed"))?;
+        if configuration
+            .object_lock_enabled
+            .as_ref()
+            .is_none_or(|enabled| enabled.as_str() != dto::ObjectLockEnabled::ENABLED)
+        {
+            return Err(s3_error!(MalformedXML, "ObjectLockEnabled must be Enabled"));
+        }
+        let default_retention = match configuration.rule.and_then(|rule| rule.default_retention) {
+            None => None,
+            Some(default) => {
+                let mode = default
+                    .mode
+                    .as_ref()
+                    .ok_or_else(|| s3_error!(MalformedXML, "a default retention needs a mode"))?;
+                let days = match (default.days, default.years) {
+                    (Some(days), None) => days,
+                    (None, Some(years)) => years.saturating_mul(365),
+                    _ => {
+                        return Err(s3_error!(
+                            MalformedXML,
+                            "a default retention needs either Days or Years"
+                        ))
+                    }
+                };
+                Some(DefaultRetention {
+                    mode: retention_mode_of(mode.as_str())?,
+                    days: u32::try_from(days)
+                        .map_err(|_| s3_error!(InvalidArgument, "retention period must be positive"))?,
+                })
+            }
+        };
+        self.cluster
+            .set_object_lock_configuration(&input.bucket, default_retention)
+            .await
+            .map_err(s3_error_of)?;
+        Ok(S3Response::new(dto::PutObjectLockConfigurationOutput::default()))
+    }
+
+    async fn get_object_lock_configuration(
+        &self,
+        request: S3Request<dto::GetObjectLockConfigurationInput>,
+    ) -> S3Result<S3Response<dto::GetObjectLockConfigurationOutput>> {
+        let bucket = self.request_bucket(&request.extensions, &request.input.bucket).await?;
+        if !bucket.object_lock_enabled {
+            return Err(s3_error!(
+                ObjectLockConfigurationNotFoundError,
+                "bucket {} has no Object Lock configuration",
+                bucket.name
+            ));
+        }
+        let rule = bucket.default_retention.map(|default| dto::ObjectLockRule {
+            default_retention: Some(dto::DefaultRetention {
+                days: Some(default.days as i32),
+                mode: Some(dto::ObjectLockRetentionMode::from_static(retention_mode_text(
+                    default.mode,
+                ))),
+                years: None,
+            }),
+        });
+        Ok(S3Response::new(dto::GetObjectLockConfigurationOutput {
+            object_lock_configuration: Some(dto::ObjectLockConfiguration {
+                object_lock_enabled: Some(dto::ObjectLockEnabled::from_static(dto::ObjectLockEnabled::ENABLED)),
+                rule,
+            }),
+        }))
+    }
+
+    async fn put_object_retention(
+        &self,
+        request: S3Request<dto::PutObjectRetentionInput>,
+    ) -> S3Result<S3Response<dto::PutObjectRetentionOutput>> {
+        let bypass_governance = self
+            .bypasses_governance(
+                &request.credentials,
+                &request.extensions,
+                &request.input.bucket,
+                request.input.bypass_governance_retention,
+            )
+            .await?;
+        let input = request.input;
+        let bucket = self.request_bucket(&request.extensions, &input.bucket).await?;
+        let retention = match input.retention {
+            Some(dto::ObjectLockRetention {
+                mode: Some(mode),
+                retain_until_date: Some(until),
+            }) => Some(Retention {
+                mode: retention_mode_of(mode.as_str())?,
+                retain_until_ms: ms_of(&until),
+            }),
+            Some(dto::ObjectLockRetention {
+                mode: None,
+                retain_until_date: None,
+            })
+            | None => None,
+            Some(_) => {
+                return Err(s3_error!(
+                    MalformedXML,
+                    "a retention needs both a mode and a retain-until date"
+                ))
+            }
+        };
+        self.cluster
+            .change_object_lock(
+                &bucket,
+                &input.key,
+                input.version_id.as_deref(),
+                LockChange::Retention(retention),
+                bypass_governance,
+            )
+            .await
+            .map_err(s3_error_of)?;
+        Ok(S3Response::new(dto::PutObjectRetentionOutput::default()))
+    }
+
+    async fn get_object_retention(
+        &self,
+        request: S3Request<dto::GetObjectRetentionInput>,
+    ) -> S3Result<S3Response<dto::GetObjectRetentionOutput>> {
+        let input = request.input;
+        let bucket = self.request_bucket(&request.extensions, &input.bucket).await?;
+        let record = self
+            .read_version(&bucket, &input.key, input.version_id.as_deref())
+            .await?;
+        let retention = record
+            .lock
+            .retention
+            .ok_or_else(|| s3_error!(NoSuchObjectLockConfiguration, "the object has no retention"))?;
+        Ok(S3Response::new(dto::GetObjectRetentionOutput {
+            retention: Some(dto::ObjectLockRetention {
+                mode: Some(dto::ObjectLockRetentionMode::from_static(retention_mode_text(
+                    retention.mode,
+                ))),
+                retain_until_date: Some(timestamp_of(retention.retain_until_ms)),
+            }),
+        }))
+    }
+
+    async fn put_object_legal_hold(
+        &self,
+        request: S3Request<dto::PutObjectLegalHoldInput>,
+    ) -> S3Result<S3Response<dto::PutObjectLegalHoldOutput>> {
+        let input = request.input;
+        let bucket = self.request_bucket(&request.extensions, &input.bucket).await?;
+        let on = legal_hold_of(input.legal_hold.as_ref().and_then(|hold| hold.status.as_ref()))?;
+        self.cluster
+            .change_object_lock(
+                &bucket,
+                &input.key,
+                input.version_id.as_deref(),
+                LockChange::LegalHold(on),
+                false,
+            )
+            .await
+            .map_err(s3_error_of)?;
+        Ok(S3Response::new(dto::PutObjectLegalHoldOutput::default()))
+    }
+
+    async fn get_object_legal_hold(
+        &self,
+        request: S3Request<dto::GetObjectLegalHoldInput>,
+    ) -> S3Result<S3Response<dto::GetObjectLegalHoldOutput>> {
+        let input = request.input;
+        let bucket = self.request_bucket(&request.extensions, &input.bucket).await?;
+        if !bucket.object_lock_enabled {
+            return Err(s3_error!(
+                InvalidRequest,
+                "bucket {} does not have Object Lock enabled",
+                bucket.name
+            ));
+        }
+        let record = self
+            .read_version(&bucket, &input.key, input.version_id.as_deref())
+            .await?;
+        Ok(S3Response::new(dto::GetObjectLegalHoldOutput {
+            legal_hold: Some(dto::ObjectLockLegalHold {
+                status: Some(legal_hold_status(record.lock.legal_hold)),
+            }),
         }))
     }
 
@@ -1159,7 +1738,7 @@ impl<E: Env> S3 for Gateway<E> {
         request: S3Request<dto::ListObjectsV2Input>,
     ) -> S3Result<S3Response<dto::ListObjectsV2Output>> {
         let input = request.input;
-        self.request_bucket(&request.extensions, &input.bucket).await?;
+        let bucket = self.request_bucket(&request.extensions, &input.bucket).await?;
         let prefix = input.prefix.clone().unwrap_or_default();
         let max_keys = input.max_keys.unwrap_or(LIST_KEYS_MAX).clamp(0, LIST_KEYS_MAX);
         let after = match &input.continuation_token {
@@ -1172,13 +1751,7 @@ impl<E: Env> S3 for Gateway<E> {
             None => input.start_after.clone().filter(|start| !start.is_empty()),
         };
         let page = self
-            .list_page(
-                &input.bucket,
-                &prefix,
-                input.delimiter.as_deref(),
-                after,
-                max_keys as usize,
-            )
+            .list_page(&bucket, &prefix, input.delimiter.as_deref(), after, max_keys as usize)
             .await?;
         let key_count = (page.objects.len() + page.common_prefixes.len()) as i32;
         let encoding = KeyEncoding::of(input.encoding_type.as_ref());
@@ -1208,13 +1781,8 @@ impl<E: Env> S3 for Gateway<E> {
         &self,
         request: S3Request<dto::CreateMultipartUploadInput>,
     ) -> S3Result<S3Response<dto::CreateMultipartUploadOutput>> {
-        let input = request.input;
-        let write = object_write(
-            input.bucket.clone(),
-            input.key.clone(),
-            input.content_type,
-            input.metadata,
-        );
+        let mut input = request.input;
+        let write = object_write(input.bucket.clone(), input.key.clone(), write_request!(input));
         let upload_id = self.cluster.create_multipart_upload(write).await.map_err(s3_error_of)?;
         Ok(S3Response::new(dto::CreateMultipartUploadOutput {
             bucket: Some(input.bucket),
@@ -1286,7 +1854,9 @@ impl<E: Env> S3 for Gateway<E> {
             .complete_multipart_upload(&input.bucket, &input.key, &input.upload_id, &listed)
             .await
             .map_err(s3_error_of)?;
+        let bucket = self.request_bucket(&request.extensions, &input.bucket).await?;
         Ok(S3Response::new(dto::CompleteMultipartUploadOutput {
+            version_id: version_answer(&bucket, &record.version_id),
             bucket: Some(input.bucket.clone()),
             key: Some(input.key.clone()),
             e_tag: Some(etag_of(&record)),

@@ -1,0 +1,619 @@
+//! Object versions, delete markers and Object Lock.
+//!
+//! Every version of a key is a row `bucket / key NUL version_id`. Versions written while
+//! versioning is enabled get ids from their stamps ([`version_id_of`]) that sort newest
+//! first; versions written while it is off or suspended share the id "null" (one row,
+//! overwritten), which sorts after every other id. A version's `version_stamp` orders
+//! it among the others: the current version of a key is the greater-stamped of its
+//! newest versioned row and its "null" row. A writer takes its stamp above every version
+//! it saw (as `meta_put` does for single rows), so a version written after another was
+//! acknowledged is always the newer one, whatever the two gateways' clocks say.
+//!
+//! Deleting without a version id writes a delete marker (a version with no data) when
+//! versioning is on, and a tombstone on the "null" row when it is off. Deleting a version
+//! by id writes its row's tombstone; Object Lock refuses that while the version is under
+//! retention or legal hold. Versions are never overwritten while versioning is enabled,
+//! and a bucket with Object Lock cannot suspend versioning, so a locked version is
+//! neither deleted nor overwritten by anyone until its retention ends.
+
+use std::sync::Arc;
+
+use bdr_protocol::hlc::HlcTimestamp;
+use bdr_protocol::records::{
+    version_id_of, BucketRecord, DefaultRetention, Lww, ObjectData, ObjectLock, ObjectVersionRecord, Record, Retention,
+    RetentionMode, StandardHeaders, VersioningState,
+};
+use bdr_protocol::wire::Table;
+
+use super::data::{bucket_row, object_row, validate_key, DataError, ObjectListing, NULL_VERSION};
+use super::ClusterNode;
+use crate::env::Env;
+
+/// Rows read per page while looking for a key's newest live version (deleted versions'
+/// tombstones are skipped until they are purged).
+pub const VERSION_SCAN_ROWS: u32 = 8;
+/// Rows read per page while checking whether a bucket holds any version.
+pub const EMPTINESS_SCAN_ROWS: u32 = 1_000;
+/// Longest default retention a bucket may set (S3 allows 100 years).
+pub const DEFAULT_RETENTION_DAYS_MAX: u32 = 36_500;
+const DAY_MS: u64 = 86_400_000;
+
+/// Where a new version of a key goes: its id and its stamp.
+#[derive(Debug, Clone)]
+pub(crate) struct VersionSlot {
+    pub version_id: String,
+    pub stamp: HlcTimestamp,
+}
+
+/// What a delete did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeleteOutcome {
+    /// The version deleted or the delete marker written; None in an unversioned bucket.
+    pub version_id: Option<String>,
+    /// A delete marker was written, or the version deleted by id was one.
+    pub delete_marker: bool,
+}
+
+/// One listed version (or delete marker).
+#[derive(Debug, Clone)]
+pub struct ListedVersion {
+    pub record: ObjectVersionRecord,
+    pub is_latest: bool,
+}
+
+/// One page of ListObjectVersions rows.
+pub struct VersionListing {
+    /// Keys in order; a key's versioned rows newest first, then its "null" version.
+    pub versions: Vec<ListedVersion>,
+    /// The (key, version id) of the last row scanned, when the scan was cut at its limit.
+    pub next_after: Option<(String, String)>,
+}
+
+/// What PutObjectRetention and PutObjectLegalHold change.
+#[derive(Debug, Clone, Copy)]
+pub enum LockChange {
+    Retention(Option<Retention>),
+    LegalHold(bool),
+}
+
+/// A version id is "null" or one of ours (40 lowercase hex digits).
+pub fn validate_version_id(version_id: &str) -> Result<(), DataError> {
+    let ours = version_id.len() == 40 && version_id.bytes().all(|byte| matches!(byte, b'0'..=b'9' | b'a'..=b'f'));
+    if version_id == NULL_VERSION || ours {
+        return Ok(());
+    }
+    Err(DataError::InvalidVersionId(version_id.to_string()))
+}
+
+fn object_of(register: Option<&Lww<Record>>) -> Option<&ObjectVersionRecord> {
+    match register.and_then(|register| register.value.as_ref()) {
+        Some(Record::ObjectVersion(record)) => Some(record),
+        _ => None,
+    }
+}
+
+/// The greater-stamped of two candidates for a key's current version.
+fn newer(a: Option<ObjectVersionRecord>, b: Option<ObjectVersionRecord>) -> Option<ObjectVersionRecord> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(if a.version_stamp > b.version_stamp { a } else { b }),
+        (a, b) => a.or(b),
+    }
+}
+
+/// The key of an object row's sort key (`key NUL version`).
+fn key_of_sort_key(sort_key: &[u8]) -> Option<&[u8]> {
+    sort_key.split(|byte| *byte == 0).next()
+}
+
+/// The current version among one key's rows as scanned (newest versioned row first,
+/// "null" last): the first live versioned row against the "null" row.
+fn current_in_group(group: &[ObjectVersionRecord]) -> Option<ObjectVersionRecord> {
+    let newest_versioned = group.iter().find(|record| record.version_id != NULL_VERSION).cloned();
+    let null = group.iter().find(|record| record.version_id == NULL_VERSION).cloned();
+    newer(newest_versioned, null)
+}
+
+impl<E: Env> ClusterNode<E> {
+    /// The newest live version of `key` other than "null", skipping deleted versions.
+    async fn newest_versioned(
+        self: &Arc<Self>,
+        bucket: &str,
+        key: &str,
+    ) -> Result<Option<ObjectVersionRecord>, DataError> {
+        let mut sort_prefix = key.as_bytes().to_vec();
+        sort_prefix.push(0);
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let page = self
+                .meta_scan(
+                    Table::Objects,
+                    bucket.as_bytes(),
+                    &sort_prefix,
+                    after.as_deref(),
+                    VERSION_SCAN_ROWS,
+                )
+                .await?;
+            if let Some(record) = page
+                .iter()
+                .filter_map(|(_, register)| object_of(Some(register)))
+                .find(|record| record.version_id != NULL_VERSION)
+            {
+                return Ok(Some(record.clone()));
+            }
+            match page.last() {
+                Some((row, _)) if page.len() == VERSION_SCAN_ROWS as usize => after = Some(row.sort_key.clone()),
+                _ => return Ok(None),
+            }
+        }
+    }
+
+    /// The "null" row's register (live, delete marker or tombstone) and the newest
+    /// versioned record of `key`. Only the "null" row can exist in a bucket that never
+    /// had versioning, so that is all it reads.
+    async fn version_heads(
+        self: &Arc<Self>,
+        bucket: &BucketRecord,
+        key: &str,
+    ) -> Result<(Option<Lww<Record>>, Option<ObjectVersionRecord>), DataError> {
+        let null_row = object_row(&bucket.name, key, NULL_VERSION);
+        if bucket.versioning == VersioningState::Unversioned {
+            return Ok((self.meta_get(Table::Objects, &null_row).await?, None));
+        }
+        let (null, newest) = futures::join!(
+            self.meta_get(Table::Objects, &null_row),
+            self.newest_versioned(&bucket.name, key)
+        );
+        Ok((null?, newest?))
+    }
+
+    /// The current version of `key` (possibly a delete marker), or None.
+    pub async fn current_version(
+        self: &Arc<Self>,
+        bucket: &BucketRecord,
+        key: &str,
+    ) -> Result<Option<ObjectVersionRecord>, DataError> {
+        let (null, newest) = self.version_heads(bucket, key).await?;
+        Ok(newer(object_of(null.as_ref()).cloned(), newest))
+    }
+
+    /// A version by id, or the current version (possibly a delete marker).
+    pub async fn object_version(
+        self: &Arc<Self>,
+        bucket: &BucketRecord,
+        key: &str,
+        version_id: Option<&str>,
+    ) -> Result<ObjectVersionRecord, DataError> {
+        validate_key(key)?;
+        let Some(version_id) = version_id else {
+            return self.current_version(bucket, key).await?.ok_or(DataError::NoSuchKey);
+        };
+        validate_version_id(version_id)?;
+        let register = self
+            .meta_get(Table::Objects, &object_row(&bucket.name, key, version_id))
+            .await?;
+        object_of(register.as_ref()).cloned().ok_or(DataError::NoSuchVersion)
+    }
+
+    /// Where the next version of `key` goes: a fresh id when versioning is enabled, the
+    /// "null" row otherwise (refused while the "null" version is locked); stamped above
+    /// every version seen, and above the "null" row's register (even a tombstone), so
+    /// the write wins over everything acknowledged before it.
+    pub(crate) async fn version_slot(
+        self: &Arc<Self>,
+        bucket: &BucketRecord,
+        key: &str,
+    ) -> Result<VersionSlot, DataError> {
+        let (null, newest) = self.version_heads(bucket, key).await?;
+        let null_record = object_of(null.as_ref());
+        let floor = [
+            newest.as_ref().map(|record| record.version_stamp),
+            null.as_ref().map(|register| register.timestamp),
+            null_record.map(|record| record.version_stamp),
+        ]
+        .into_iter()
+        .max()
+        .flatten();
+        let versioned = bucket.versioning == VersioningState::Enabled;
+        if let Some(null_record) = null_record.filter(|_| !versioned) {
+            if null_record.lock.forbids_delete(self.env.now_ms(), false) {
+                return Err(DataError::ObjectLocked(format!(
+                    "the null version of {key:?} is locked and cannot be overwritten"
+                )));
+            }
+        }
+        let stamp = {
+            let now_ms = self.env.now_ms();
+            let mut membership = self.membership.lock().expect("not poisoned");
+            match &floor {
+                Some(floor) => membership.timestamp_after(now_ms, floor),
+                None => membership.timestamp(now_ms),
+            }
+        };
+        let version_id = match versioned {
+            true => version_id_of(&stamp),
+            false => NULL_VERSION.to_string(),
+        };
+        Ok(VersionSlot { version_id, stamp })
+    }
+
+    /// Commits a version to its row, stamped with its version stamp.
+    pub(crate) async fn commit_version(self: &Arc<Self>, record: &ObjectVersionRecord) -> Result<(), DataError> {
+        let register = Lww::new(record.version_stamp, Record::ObjectVersion(record.clone()));
+        self.meta_write_register(
+            Table::Objects,
+            &object_row(&record.bucket, &record.key, &record.version_id),
+            &register,
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// The lock a new version gets: what the request asked for (only in a bucket with
+    /// Object Lock, and only with a future date), with the bucket's default retention
+    /// where it asked for none.
+    pub(crate) fn lock_for_new_version(
+        &self,
+        bucket: &BucketRecord,
+        requested: ObjectLock,
+    ) -> Result<ObjectLock, DataError> {
+        let now_ms = self.env.now_ms();
+        if requested != ObjectLock::default() && !bucket.object_lock_enabled {
+            return Err(DataError::InvalidLockRequest(format!(
+                "bucket {:?} does not have Object Lock enabled",
+                bucket.name
+            )));
+        }
+        if let Some(retention) = requested.retention {
+            if retention.retain_until_ms <= now_ms {
+                return Err(DataError::InvalidLockRequest(
+                    "the retain-until date must be in the future".into(),
+                ));
+            }
+        }
+        let default_retention = bucket
+            .default_retention
+            .filter(|_| bucket.object_lock_enabled)
+            .map(|default| Retention {
+                mode: default.mode,
+                retain_until_ms: now_ms.saturating_add(u64::from(default.days).saturating_mul(DAY_MS)),
+            });
+        Ok(ObjectLock {
+            retention: requested.retention.or(default_retention),
+            legal_hold: requested.legal_hold,
+        })
+    }
+
+    /// Deletes the current object (a delete marker when versioning is on, the "null"
+    /// row's tombstone when it is off) or one version by id (refused while it is
+    /// locked; GOVERNANCE retention yields to `bypass_governance`). Deleting a version
+    /// that does not exist succeeds, as in S3.
+    pub async fn delete_object_version(
+        self: &Arc<Self>,
+        bucket: &BucketRecord,
+        key: &str,
+        version_id: Option<&str>,
+        bypass_governance: bool,
+    ) -> Result<DeleteOutcome, DataError> {
+        validate_key(key)?;
+        if let Some(version_id) = version_id {
+            validate_version_id(version_id)?;
+            let row = object_row(&bucket.name, key, version_id);
+            let register = self.meta_get(Table::Objects, &row).await?;
+            let Some(existing) = object_of(register.as_ref()) else {
+                return Ok(DeleteOutcome {
+                    version_id: Some(version_id.to_string()),
+                    delete_marker: false,
+                });
+            };
+            if existing.lock.forbids_delete(self.env.now_ms(), bypass_governance) {
+                return Err(DataError::ObjectLocked(format!(
+                    "version {version_id} of {key:?} is under retention or legal hold"
+                )));
+            }
+            let delete_marker = existing.is_delete_marker();
+            self.meta_put(Table::Objects, &row, None).await?;
+            return Ok(DeleteOutcome {
+                version_id: Some(version_id.to_string()),
+                delete_marker,
+            });
+        }
+        if bucket.versioning == VersioningState::Unversioned {
+            self.meta_put(Table::Objects, &object_row(&bucket.name, key, NULL_VERSION), None)
+                .await?;
+            return Ok(DeleteOutcome {
+                version_id: None,
+                delete_marker: false,
+            });
+        }
+        let slot = self.version_slot(bucket, key).await?;
+        let marker = ObjectVersionRecord {
+            bucket: bucket.name.clone(),
+            key: key.to_string(),
+            version_id: slot.version_id,
+            version_stamp: slot.stamp,
+            created_at_ms: self.env.now_ms(),
+            size_bytes: 0,
+            etag: String::new(),
+            content_type: None,
+            headers: StandardHeaders::default(),
+            user_metadata: Default::default(),
+            checksums: Default::default(),
+            data: ObjectData::DeleteMarker,
+            lock: ObjectLock::default(),
+        };
+        self.commit_version(&marker).await?;
+        Ok(DeleteOutcome {
+            version_id: Some(marker.version_id),
+            delete_marker: true,
+        })
+    }
+
+    /// Sets a version's retention or legal hold. Retention under COMPLIANCE can only be
+    /// extended; under GOVERNANCE, shortening or removing it needs `bypass_governance`.
+    pub async fn change_object_lock(
+        self: &Arc<Self>,
+        bucket: &BucketRecord,
+        key: &str,
+        version_id: Option<&str>,
+        change: LockChange,
+        bypass_governance: bool,
+    ) -> Result<ObjectVersionRecord, DataError> {
+        if !bucket.object_lock_enabled {
+            return Err(DataError::InvalidLockRequest(format!(
+                "bucket {:?} does not have Object Lock enabled",
+                bucket.name
+            )));
+        }
+        let mut record = self.object_version(bucket, key, version_id).await?;
+        if record.is_delete_marker() {
+            return Err(DataError::InvalidLockRequest("a delete marker cannot be locked".into()));
+        }
+        let now_ms = self.env.now_ms();
+        match change {
+            LockChange::LegalHold(on) => record.lock.legal_hold = on,
+            LockChange::Retention(wanted) => {
+                if let Some(current) = record.lock.retention.filter(|current| current.retain_until_ms > now_ms) {
+                    let weakens = match wanted {
+                        None => true,
+                        Some(wanted) => {
+                            wanted.retain_until_ms < current.retain_until_ms
+                                || (current.mode == RetentionMode::Compliance
+                                    && wanted.mode == RetentionMode::Governance)
+                        }
+                    };
+                    if weakens && (current.mode == RetentionMode::Compliance || !bypass_governance) {
+                        return Err(DataError::ObjectLocked(format!(
+                            "the {:?} retention of {key:?} can only be extended",
+                            current.mode
+                        )));
+                    }
+                }
+                if wanted.is_some_and(|wanted| wanted.retain_until_ms <= now_ms) {
+                    return Err(DataError::InvalidLockRequest(
+                        "the retain-until date must be in the future".into(),
+                    ));
+                }
+                record.lock.retention = wanted;
+            }
+        }
+        self.meta_put(
+            Table::Objects,
+            &object_row(&bucket.name, key, &record.version_id),
+            Some(Record::ObjectVersion(record.clone())),
+        )
+        .await?;
+        Ok(record)
+    }
+
+    /// Turns versioning on or suspends it (a bucket never returns to unversioned, and one
+    /// with Object Lock never suspends).
+    pub async fn set_bucket_versioning(
+        self: &Arc<Self>,
+        name: &str,
+        versioning: VersioningState,
+    ) -> Result<BucketRecord, DataError> {
+        let mut bucket = self
+            .bucket(name)
+            .await?
+            .ok_or_else(|| DataError::NoSuchBucket(name.to_string()))?;
+        if versioning == VersioningState::Unversioned {
+            return Err(DataError::InvalidBucketState(
+                "versioning can be enabled or suspended, not turned off".into(),
+            ));
+        }
+        if bucket.object_lock_enabled && versioning != VersioningState::Enabled {
+            return Err(DataError::InvalidBucketState(
+                "versioning cannot be suspended on a bucket with Object Lock".into(),
+            ));
+        }
+        bucket.versioning = versioning;
+        self.meta_put(Table::Buckets, &bucket_row(name), Some(Record::Bucket(bucket.clone())))
+            .await?;
+        Ok(bucket)
+    }
+
+    /// Enables Object Lock on a bucket (it must have versioning enabled) and sets its
+    /// default retention. Object Lock, once on, stays on.
+    pub async fn set_object_lock_configuration(
+        self: &Arc<Self>,
+        name: &str,
+        default_retention: Option<DefaultRetention>,
+    ) -> Result<BucketRecord, DataError> {
+        let mut bucket = self
+            .bucket(name)
+            .await?
+            .ok_or_else(|| DataError::NoSuchBucket(name.to_string()))?;
+        if !bucket.object_lock_enabled && bucket.versioning != VersioningState::Enabled {
+            return Err(DataError::InvalidBucketState(
+                "Object Lock needs versioning enabled on the bucket first".into(),
+            ));
+        }
+        if let Some(default) = default_retention {
+            if default.days == 0 || default.days > DEFAULT_RETENTION_DAYS_MAX {
+                return Err(DataError::InvalidLockRequest(format!(
+                    "default retention must be 1..={DEFAULT_RETENTION_DAYS_MAX} days"
+                )));
+            }
+        }
+        bucket.object_lock_enabled = true;
+        bucket.default_retention = default_retention;
+        self.meta_put(Table::Buckets, &bucket_row(name), Some(Record::Bucket(bucket.clone())))
+            .await?;
+        Ok(bucket)
+    }
+
+    /// Whether the bucket holds no version and no delete marker.
+    pub async fn bucket_is_empty(self: &Arc<Self>, name: &str) -> Result<bool, DataError> {
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let page = self
+                .meta_scan(
+                    Table::Objects,
+                    name.as_bytes(),
+                    b"",
+                    after.as_deref(),
+                    EMPTINESS_SCAN_ROWS,
+                )
+                .await?;
+            if page.iter().any(|(_, register)| register.value.is_some()) {
+                return Ok(false);
+            }
+            match page.last() {
+                Some((row, _)) if page.len() == EMPTINESS_SCAN_ROWS as usize => after = Some(row.sort_key.clone()),
+                _ => return Ok(true),
+            }
+        }
+    }
+
+    /// Lists current objects (not delete markers) of a bucket in key order: up to
+    /// `limit` rows scanned after the key `after`. Deleted objects and older versions
+    /// count towards the page but are not returned.
+    pub async fn list_current_objects(
+        self: &Arc<Self>,
+        bucket: &BucketRecord,
+        prefix: &str,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<ObjectListing, DataError> {
+        // Rows are `key NUL version`; `key NUL 0xff` sorts after every version of `key`
+        // and before any longer key (keys are UTF-8, which never contains 0xff).
+        let after_sort_key = after.map(|key| {
+            let mut sort_key = key.as_bytes().to_vec();
+            sort_key.extend_from_slice(&[0, 0xff]);
+            sort_key
+        });
+        let rows = self
+            .meta_scan(
+                Table::Objects,
+                bucket.name.as_bytes(),
+                prefix.as_bytes(),
+                after_sort_key.as_deref(),
+                limit,
+            )
+            .await?;
+        let full_page = rows.len() as u32 >= limit;
+        let last_row = rows
+            .last()
+            .map(|(row, register)| (row.sort_key.clone(), object_of(Some(register)).cloned()));
+        let next_after = full_page
+            .then_some(last_row.as_ref())
+            .flatten()
+            .and_then(|(sort_key, _)| key_of_sort_key(sort_key).map(<[u8]>::to_vec))
+            .and_then(|key| String::from_utf8(key).ok());
+        // Group the live rows by key, in key order.
+        let mut groups: Vec<(String, Vec<ObjectVersionRecord>)> = Vec::new();
+        for (_, register) in rows {
+            let Some(Record::ObjectVersion(record)) = register.value else {
+                continue;
+            };
+            match groups.last_mut() {
+                Some((key, group)) if *key == record.key => group.push(record),
+                _ => groups.push((record.key.clone(), vec![record])),
+            }
+        }
+        // The last key of a cut page may have versions past the cut ("null" sorts last):
+        // its current version is read whole, unless the cut fell on its "null" row.
+        let cut_mid_key = full_page
+            && last_row
+                .as_ref()
+                .is_some_and(|(_, record)| record.as_ref().is_none_or(|record| record.version_id != NULL_VERSION));
+        let mut records = Vec::with_capacity(groups.len());
+        let group_count = groups.len();
+        for (position, (key, group)) in groups.into_iter().enumerate() {
+            let current = match cut_mid_key && position + 1 == group_count && next_after.as_deref() == Some(&key) {
+                true => self.current_version(bucket, &key).await?,
+                false => current_in_group(&group),
+            };
+            records.extend(current.filter(|record| !record.is_delete_marker()));
+        }
+        Ok(ObjectListing { records, next_after })
+    }
+
+    /// Lists versions and delete markers of a bucket: keys in order, a key's versioned
+    /// rows newest first and its "null" version after them; up to `limit` rows scanned
+    /// strictly after the row `after` (a key, and a version id within it or none to
+    /// start after all of the key's versions).
+    pub async fn list_versions(
+        self: &Arc<Self>,
+        bucket: &BucketRecord,
+        prefix: &str,
+        after: Option<(&str, Option<&str>)>,
+        limit: u32,
+    ) -> Result<VersionListing, DataError> {
+        let after_sort_key = after.map(|(key, version_id)| {
+            let mut sort_key = key.as_bytes().to_vec();
+            sort_key.push(0);
+            match version_id {
+                Some(version_id) => sort_key.extend_from_slice(version_id.as_bytes()),
+                None => sort_key.push(0xff),
+            }
+            sort_key
+        });
+        let rows = self
+            .meta_scan(
+                Table::Objects,
+                bucket.name.as_bytes(),
+                prefix.as_bytes(),
+                after_sort_key.as_deref(),
+                limit,
+            )
+            .await?;
+        let full_page = rows.len() as u32 >= limit;
+        let next_after = full_page.then(|| rows.last()).flatten().and_then(|(row, _)| {
+            let (key, version_id) = row.sort_key.split_at(row.sort_key.iter().position(|byte| *byte == 0)?);
+            Some((
+                String::from_utf8(key.to_vec()).ok()?,
+                String::from_utf8(version_id[1..].to_vec()).ok()?,
+            ))
+        });
+        let first_key_cut = after.is_some_and(|(_, version_id)| version_id.is_some());
+        let mut groups: Vec<(String, Vec<ObjectVersionRecord>)> = Vec::new();
+        for (_, register) in rows {
+            let Some(Record::ObjectVersion(record)) = register.value else {
+                continue;
+            };
+            match groups.last_mut() {
+                Some((key, group)) if *key == record.key => group.push(record),
+                _ => groups.push((record.key.clone(), vec![record])),
+            }
+        }
+        let group_count = groups.len();
+        let mut versions = Vec::new();
+        for (position, (key, group)) in groups.into_iter().enumerate() {
+            // A key whose versions the page does not hold whole (begun on an earlier
+            // page, or going on past this one) has its current version read directly.
+            let partial = (position == 0 && first_key_cut && after.is_some_and(|(after_key, _)| after_key == key))
+                || (full_page && position + 1 == group_count);
+            let current = match partial {
+                true => self.current_version(bucket, &key).await?,
+                false => current_in_group(&group),
+            };
+            let latest_id = current.map(|record| record.version_id);
+            versions.extend(group.into_iter().map(|record| ListedVersion {
+                is_latest: latest_id.as_deref() == Some(record.version_id.as_str()),
+                record,
+            }));
+        }
+        Ok(VersionListing { versions, next_after })
+    }
+}
