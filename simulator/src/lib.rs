@@ -2,7 +2,10 @@
 //! `node/src/cluster/`) in one thread with virtual time, a simulated network and
 //! crashable in-memory disks, injects faults, and checks that no acknowledged write is
 //! lost and no read returns wrong bytes. Same seed and build, same trace hash.
+//! [`durability`] is separate: a failure-and-repair model of clusters far larger than a
+//! run can hold (`bdr-sim durability`).
 
+pub mod durability;
 pub mod executor;
 pub mod sim;
 pub mod world;
