@@ -14,7 +14,7 @@ use bdr_protocol::erasure::{CodecId, StripeCodec};
 use bdr_protocol::ids::{NodeId, ZoneName};
 use bdr_protocol::layout::{NodeRoles, NodeSpec, NodeStatus};
 use bdr_protocol::placement::place;
-use bdr_protocol::records::{RowKey, METADATA_PARTITIONS};
+use bdr_protocol::records::{RowKey, VersioningState, METADATA_PARTITIONS};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
@@ -25,7 +25,9 @@ const START_MS: u64 = 1_790_000_000_000;
 const BUCKET: &str = "sim";
 /// Bucket creation is retried (the booting cluster may still be handing metadata over)
 /// this often, this far apart, all before the fault phase begins.
-const BUCKET_CREATE_ATTEMPTS_MAX: u32 = 9;
+const BUCKET_CREATE_ATTEMPTS_MAX: u32 = 60;
+/// Longest the cluster may take to boot and create the workload's bucket (virtual).
+const SETUP_MS_MAX: u64 = 40_000;
 const BUCKET_CREATE_RETRY_MS: u64 = 500;
 /// Planted in every object's content: must never be found on any node's "disk".
 pub const PLAINTEXT_MARKER: &[u8] = b"SIM-PLAINTEXT-MARKER-7d2e";
@@ -56,6 +58,11 @@ pub struct Scenario {
     pub clock_skew: bool,
     pub bit_rot: bool,
     pub zone_outage: bool,
+    /// Turn versioning on for the workload's bucket (with `swarm`, for half the seeds):
+    /// puts add versions, deletes add delete markers, and every acknowledged version must
+    /// read back by its id at the end.
+    #[serde(default)]
+    pub versioning: bool,
 }
 
 impl Default for Scenario {
@@ -80,6 +87,7 @@ impl Default for Scenario {
             clock_skew: true,
             bit_rot: true,
             zone_outage: false,
+            versioning: true,
         }
     }
 }
@@ -93,6 +101,8 @@ pub struct Outcome {
     pub operations: u64,
     pub acknowledged_writes: u64,
     pub unavailable_operations: u64,
+    /// Acknowledged versions read back by id at the end (0 when versioning was off).
+    pub versions_checked: u64,
     pub faults_injected: Vec<String>,
     pub events: u64,
     pub messages: u64,
@@ -139,6 +149,12 @@ struct Shared {
     /// Nodes booted (or booting) and not crashed since: a node's store must never be
     /// driven by two instances at once.
     running: Mutex<std::collections::BTreeSet<usize>>,
+    /// Set once the workload's bucket exists: the fault phase waits for it.
+    bucket_created: Mutex<bool>,
+    /// Whether the bucket keeps versions.
+    versioned: bool,
+    /// Every acknowledged version: (key, version id, content hash).
+    versions: Mutex<Vec<(String, String, [u8; 32])>>,
 }
 
 fn maintenance_config() -> MaintenanceConfig {
@@ -188,7 +204,11 @@ impl Shared {
     }
 
     fn count(&self, counter: &'static str) {
-        *self.counters.lock().expect("not poisoned").entry(counter).or_default() += 1;
+        self.count_by(counter, 1);
+    }
+
+    fn count_by(&self, counter: &'static str, amount: u64) {
+        *self.counters.lock().expect("not poisoned").entry(counter).or_default() += amount;
     }
 
     fn up_nodes(&self) -> Vec<(usize, Arc<ClusterNode<SimEnv>>)> {
@@ -316,7 +336,8 @@ impl Shared {
     }
 
     async fn put(&self, gateway: &Arc<ClusterNode<SimEnv>>, key: &str, data: Vec<u8>) {
-        let value = Some(*blake3::hash(&data).as_bytes());
+        let hash = *blake3::hash(&data).as_bytes();
+        let value = Some(hash);
         self.note_attempt(key, value);
         let write = ObjectWrite {
             bucket: BUCKET.into(),
@@ -326,12 +347,58 @@ impl Shared {
         let result = gateway.put_object(write, futures::io::Cursor::new(data)).await;
         self.world.record(&[b"put", key.as_bytes(), &[result.is_ok() as u8]]);
         match result {
-            Ok(_) => {
+            Ok(record) => {
                 self.count("acknowledged_writes");
                 self.note_acknowledged(key, value);
+                if self.versioned {
+                    self.versions
+                        .lock()
+                        .expect("not poisoned")
+                        .push((key.to_string(), record.version_id, hash));
+                }
             }
             Err(_) => self.count("unavailable"),
         }
+    }
+
+    /// Reads every acknowledged version by its id: none may be lost or wrong, whatever
+    /// was written or deleted after it (older versions stay live for repair and GC).
+    async fn check_versions(&self, up: &[(usize, Arc<ClusterNode<SimEnv>>)]) {
+        let versions = self.versions.lock().expect("not poisoned").clone();
+        for (position, (key, version_id, hash)) in versions.iter().enumerate() {
+            let gateway = &up[position % up.len()].1;
+            let observed: Result<[u8; 32], DataError> = async {
+                let bucket = gateway
+                    .bucket(BUCKET)
+                    .await?
+                    .ok_or_else(|| DataError::NoSuchBucket(BUCKET.into()))?;
+                let record = gateway.object_version(&bucket, key, Some(version_id)).await?;
+                let size = record.size_bytes;
+                let mut stream = Box::pin(gateway.read_object(record, 0..size)?);
+                let mut bytes = Vec::new();
+                while let Some(chunk) = stream.next().await {
+                    bytes.extend_from_slice(&chunk?);
+                }
+                Ok(*blake3::hash(&bytes).as_bytes())
+            }
+            .await;
+            let tag: &[u8] = match &observed {
+                Ok(hash) => hash,
+                Err(_) => b"unavailable",
+            };
+            self.world
+                .record(&[b"get-version", key.as_bytes(), version_id.as_bytes(), tag]);
+            match observed {
+                Ok(observed) if observed == *hash => {}
+                Ok(observed) => self.fail(format!(
+                    "version {version_id} of {key} reads {} instead of {}",
+                    hex::encode(&observed[..6]),
+                    hex::encode(&hash[..6])
+                )),
+                Err(error) => self.fail(format!("version {version_id} of {key} is lost: {error}")),
+            }
+        }
+        self.count_by("versions_checked", versions.len() as u64);
     }
 
     async fn delete(&self, gateway: &Arc<ClusterNode<SimEnv>>, key: &str) {
@@ -700,6 +767,7 @@ impl Shared {
             let gateway = &up[position % up.len()].1;
             self.get(gateway, key, true).await;
         }
+        self.check_versions(&up).await;
         // No plaintext on any node's disk (shards and metadata).
         for (index, env) in self.envs.iter().enumerate() {
             for key in env.shards.list().await.unwrap_or_default() {
@@ -754,6 +822,7 @@ pub fn run(seed: u64, scenario: &Scenario) -> Outcome {
     toggle(scenario.zone_outage, "zone-outage");
     let message_loss = scenario.message_loss && (!scenario.swarm || world.random_below(4) != 0);
     let clock_skew = scenario.clock_skew && (!scenario.swarm || world.random_below(4) != 0);
+    let versioned = scenario.versioning && (!scenario.swarm || world.random_below(2) != 0);
     if message_loss {
         world.set_network(NetworkSettings {
             latency_ms_min: 1,
@@ -801,6 +870,9 @@ pub fn run(seed: u64, scenario: &Scenario) -> Outcome {
         rot_node,
         rotten_stripes: Mutex::new(std::collections::BTreeSet::new()),
         running: Mutex::new(std::collections::BTreeSet::new()),
+        bucket_created: Mutex::new(false),
+        versioned,
+        versions: Mutex::new(Vec::new()),
     });
     for index in 0..scenario.nodes as usize {
         shared.boot(index);
@@ -826,11 +898,15 @@ pub fn run(seed: u64, scenario: &Scenario) -> Outcome {
                 return;
             };
             // Like a client, retry while the metadata replicas finish the handover of the
-            // layout the booting nodes just built (they refuse reads until then).
+            // layout the booting nodes just built (they refuse reads until then). Setup is
+            // not under test: it may take as long as the cluster needs to converge.
             for attempt in 1..=BUCKET_CREATE_ATTEMPTS_MAX {
                 match node.create_bucket_with(BUCKET, "sim", options).await {
-                    Ok(_) => return,
-                    Err(DataError::BucketExists(_)) if attempt > 1 => return,
+                    Ok(_) => {
+                        creator.world.record(&[b"bucket-created", &attempt.to_le_bytes()]);
+                        break;
+                    }
+                    Err(DataError::BucketExists(_)) if attempt > 1 => break,
                     Err(DataError::Meta(_)) if attempt < BUCKET_CREATE_ATTEMPTS_MAX => {
                         creator.world.executor.sleep(BUCKET_CREATE_RETRY_MS).await;
                     }
@@ -840,12 +916,37 @@ pub fn run(seed: u64, scenario: &Scenario) -> Outcome {
                     }
                 }
             }
+            for attempt in 1..=BUCKET_CREATE_ATTEMPTS_MAX {
+                if !creator.versioned {
+                    break;
+                }
+                match node.set_bucket_versioning(BUCKET, VersioningState::Enabled).await {
+                    Ok(_) => break,
+                    Err(DataError::Meta(_)) if attempt < BUCKET_CREATE_ATTEMPTS_MAX => {
+                        creator.world.executor.sleep(BUCKET_CREATE_RETRY_MS).await;
+                    }
+                    Err(error) => {
+                        creator.fail(format!("cannot turn versioning on: {error}"));
+                        return;
+                    }
+                }
+            }
+            *creator.bucket_created.lock().expect("not poisoned") = true;
         }),
     );
-    world.executor.run_until(START_MS + 10_000);
+    // The fault phase starts once the bucket exists (or creation gave up).
+    let mut setup_end_ms = START_MS + 10_000;
+    world.executor.run_until(setup_end_ms);
+    while !*shared.bucket_created.lock().expect("not poisoned")
+        && shared.failures.lock().expect("not poisoned").is_empty()
+        && setup_end_ms < START_MS + SETUP_MS_MAX
+    {
+        setup_end_ms += 1_000;
+        world.executor.run_until(setup_end_ms);
+    }
 
     // Fault phase: clients and the fault injector run together.
-    let fault_end = START_MS + 10_000 + scenario.fault_phase_ms;
+    let fault_end = setup_end_ms + scenario.fault_phase_ms;
     for client in 0..scenario.clients {
         let shared = Arc::clone(&shared);
         world.executor.spawn(
@@ -900,6 +1001,7 @@ pub fn run(seed: u64, scenario: &Scenario) -> Outcome {
         operations: counters.get("operations").copied().unwrap_or(0),
         acknowledged_writes: counters.get("acknowledged_writes").copied().unwrap_or(0),
         unavailable_operations: counters.get("unavailable").copied().unwrap_or(0),
+        versions_checked: counters.get("versions_checked").copied().unwrap_or(0),
         faults_injected: shared.faults.lock().expect("not poisoned").clone(),
         events: world.event_count(),
         messages: world.message_count(),

@@ -57,6 +57,11 @@ fn many_seeds_of_every_scenario_pass() {
         "the workload did too little: {acknowledged} acknowledged writes"
     );
     assert!(faults > 100, "too few faults were injected: {faults}");
+    let versions_checked: u64 = outcomes.iter().map(|outcome| outcome.versions_checked).sum();
+    assert!(
+        versions_checked > 100,
+        "too few old versions were read back: {versions_checked}"
+    );
     println!(
         "{} seeds, {acknowledged} acknowledged writes, {faults} faults",
         outcomes.len()
