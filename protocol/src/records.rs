@@ -262,6 +262,9 @@ pub struct MultipartUploadRecord {
     pub user_metadata: BTreeMap<String, String>,
     /// Applied to the object when the upload completes.
     pub lock: ObjectLock,
+    /// The checksum algorithm the upload declared: its parts carry one, and the object
+    /// gets the composite of theirs.
+    pub checksum_algorithm: Option<ChecksumAlgorithm>,
 }
 
 /// One uploaded part (keyed by upload id and part number).
@@ -271,6 +274,8 @@ pub struct MultipartPartRecord {
     pub part_number: u32,
     pub size_bytes: u64,
     pub etag: String,
+    /// The checksums the client sent with the part and the gateway verified.
+    pub checksums: BTreeMap<ChecksumAlgorithm, String>,
     pub data: ObjectData,
 }
 
@@ -460,13 +465,22 @@ mod legacy {
     }
 
     #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct MultipartPartRecordV1 {
+        pub upload_id: String,
+        pub part_number: u32,
+        pub size_bytes: u64,
+        pub etag: String,
+        pub data: ObjectData,
+    }
+
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
     pub enum RecordV1 {
         Bucket(BucketRecord),
         BucketGrant(BucketGrant),
         AccessKey(AccessKeyRecord),
         ObjectVersion(ObjectVersionRecordV1),
         MultipartUpload(MultipartUploadRecordV1),
-        MultipartPart(MultipartPartRecord),
+        MultipartPart(MultipartPartRecordV1),
         Stripe(StripeRecord),
     }
 
@@ -505,8 +519,16 @@ mod legacy {
                 headers: StandardHeaders::default(),
                 user_metadata: upload.user_metadata,
                 lock: ObjectLock::default(),
+                checksum_algorithm: None,
             }),
-            RecordV1::MultipartPart(part) => Record::MultipartPart(part),
+            RecordV1::MultipartPart(part) => Record::MultipartPart(MultipartPartRecord {
+                upload_id: part.upload_id,
+                part_number: part.part_number,
+                size_bytes: part.size_bytes,
+                etag: part.etag,
+                checksums: BTreeMap::new(),
+                data: part.data,
+            }),
             RecordV1::Stripe(stripe) => Record::Stripe(stripe),
         });
         Lww {

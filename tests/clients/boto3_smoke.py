@@ -40,6 +40,25 @@ check(s3.head_object(Bucket=bucket, Key="big")["ETag"].endswith('-3"'), "multipa
 ranged = s3.get_object(Bucket=bucket, Key="big", Range="bytes=5242870-5242890")["Body"].read()
 check(ranged == big[5242870:5242891], "range differs")
 
+# A multipart upload declaring CRC32 gets S3's composite checksum: the CRC32 of the
+# parts' (decoded) CRC32s, then "-N".
+parts_data = [os.urandom(5 * 1024 * 1024), os.urandom(100)]
+upload = s3.create_multipart_upload(Bucket=bucket, Key="composite", ChecksumAlgorithm="CRC32")
+completed_parts = []
+for number, part_data in enumerate(parts_data, start=1):
+    answer = s3.upload_part(Bucket=bucket, Key="composite", UploadId=upload["UploadId"], PartNumber=number,
+                            Body=part_data, ChecksumAlgorithm="CRC32")
+    completed_parts.append({"PartNumber": number, "ETag": answer["ETag"], "ChecksumCRC32": answer["ChecksumCRC32"]})
+done = s3.complete_multipart_upload(Bucket=bucket, Key="composite", UploadId=upload["UploadId"],
+                                    MultipartUpload={"Parts": completed_parts})
+crc_of = lambda data: zlib.crc32(data).to_bytes(4, "big")
+expected = base64.b64encode(crc_of(b"".join(crc_of(part) for part in parts_data))).decode() + "-2"
+check(done.get("ChecksumCRC32") == expected, f"composite on completion {done.get('ChecksumCRC32')} != {expected}")
+head = s3.head_object(Bucket=bucket, Key="composite", ChecksumMode="ENABLED")
+check(head.get("ChecksumCRC32") == expected, f"composite on HEAD {head}")
+got = s3.get_object(Bucket=bucket, Key="composite", ChecksumMode="ENABLED")
+check(got["Body"].read() == b"".join(parts_data), "composite object differs")
+
 # Listing with prefix, delimiter and pagination.
 for index in range(7):
     s3.put_object(Bucket=bucket, Key=f"dir/{index % 2}/k{index}", Body=b"x")

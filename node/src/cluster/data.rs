@@ -205,6 +205,8 @@ pub struct ObjectWrite {
     /// The retention and legal hold the request asked for (the bucket's default
     /// retention applies where it asked for none).
     pub lock: ObjectLock,
+    /// For a multipart upload: the checksum algorithm every part will carry.
+    pub checksum_algorithm: Option<ChecksumAlgorithm>,
     pub body_check: BodyCheck,
     /// The bucket's record if the caller has just read it (the gateway's access check
     /// does), so the put does not read it again.
@@ -213,6 +215,10 @@ pub struct ObjectWrite {
 
 /// Checksums of a body, base64 as S3 shows them, by algorithm.
 pub type Checksums = BTreeMap<ChecksumAlgorithm, String>;
+
+/// Makes a multipart object's composite checksum from its parts' checksums (the
+/// gateway's hash functions; None if it cannot).
+pub type ChecksumCombine = dyn Fn(ChecksumAlgorithm, &[String]) -> Option<String> + Send + Sync;
 
 type BodyCheckFn = dyn Fn() -> Result<Checksums, String> + Send + Sync;
 
@@ -1256,6 +1262,7 @@ impl<E: Env> ClusterNode<E> {
             headers: write.headers,
             user_metadata: write.user_metadata,
             lock: write.lock,
+            checksum_algorithm: write.checksum_algorithm,
         };
         self.meta_put(
             Table::MultipartUploads,
@@ -1366,15 +1373,15 @@ impl<E: Env> ClusterNode<E> {
         let (manifest, size_bytes) = self
             .write_stripes(&bucket_record, &owner, started_at_ms, &mut body, Vec::new(), &mut md5)
             .await?;
-        // Verified, not stored: part records have no checksum field (the gateway returns
-        // the verified value with the part's answer).
-        body_check.run()?;
+        // Stored: the object's composite checksum is made of its parts'.
+        let checksums = body_check.run()?;
         self.check_write_deadline(started_at_ms)?;
         let record = MultipartPartRecord {
             upload_id: upload_id.to_string(),
             part_number,
             size_bytes,
             etag: format!("\"{}\"", hex::encode(md5.finalize())),
+            checksums,
             data: ObjectData::Striped(manifest),
         };
         self.meta_put(
@@ -1426,6 +1433,20 @@ impl<E: Env> ClusterNode<E> {
         upload_id: &str,
         listed: &[(u32, String)],
     ) -> Result<ObjectVersionRecord, DataError> {
+        self.complete_multipart_upload_with(bucket, key, upload_id, listed, &|_, _| None)
+            .await
+    }
+
+    /// Completes an upload; when it declared a checksum algorithm and every listed part
+    /// carries that checksum, the object gets `combine`'s composite of them.
+    pub async fn complete_multipart_upload_with(
+        self: &Arc<Self>,
+        bucket: &str,
+        key: &str,
+        upload_id: &str,
+        listed: &[(u32, String)],
+        combine: &ChecksumCombine,
+    ) -> Result<ObjectVersionRecord, DataError> {
         let bucket_record = self.existing_bucket(bucket).await?;
         let upload = self.multipart_upload(bucket, key, upload_id).await?;
         if listed.is_empty() {
@@ -1444,6 +1465,7 @@ impl<E: Env> ClusterNode<E> {
         let mut codec = None;
         let mut size_bytes = 0u64;
         let mut md5_of_md5s = Md5::new();
+        let mut part_checksums: Option<Vec<String>> = upload.checksum_algorithm.map(|_| Vec::new());
         for (position, (part_number, etag)) in listed.iter().enumerate() {
             let part = stored
                 .get(part_number)
@@ -1467,7 +1489,21 @@ impl<E: Env> ClusterNode<E> {
             stripes.extend(manifest.stripes.iter().cloned());
             size_bytes += part.size_bytes;
             md5_of_md5s.update(hex::decode(part.etag.trim_matches('"')).unwrap_or_default());
+            // One part without the upload's checksum: no composite for the object.
+            let part_checksum = upload
+                .checksum_algorithm
+                .and_then(|algorithm| part.checksums.get(&algorithm).cloned());
+            match (part_checksum, part_checksums.as_mut()) {
+                (Some(checksum), Some(checksums)) => checksums.push(checksum),
+                _ => part_checksums = None,
+            }
         }
+        let checksums: Checksums = upload
+            .checksum_algorithm
+            .zip(part_checksums)
+            .and_then(|(algorithm, parts)| combine(algorithm, &parts).map(|value| (algorithm, value)))
+            .into_iter()
+            .collect();
         let lock = self.lock_for_new_version(&bucket_record, upload.lock)?;
         let slot = self.version_slot(&bucket_record, key).await?;
         let record = ObjectVersionRecord {
@@ -1481,7 +1517,7 @@ impl<E: Env> ClusterNode<E> {
             content_type: upload.content_type,
             headers: upload.headers,
             user_metadata: upload.user_metadata,
-            checksums: BTreeMap::new(),
+            checksums,
             data: ObjectData::Striped(Manifest {
                 codec: codec.expect("at least one part"),
                 key_epoch: 0,

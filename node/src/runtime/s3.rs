@@ -30,6 +30,7 @@ use crate::cluster::data::{BodyCheck, BucketOptions, BucketRights, Checksums, Da
 use crate::cluster::versions::{ListedVersion, LockChange};
 use crate::cluster::ClusterNode;
 use crate::env::Env;
+use base64::Engine as _;
 
 /// Connections the S3 listener serves at once; more wait in the kernel's accept backlog.
 pub const S3_CONNECTIONS_MAX: usize = 1_024;
@@ -688,6 +689,29 @@ fn hasher_for(algorithm: ChecksumAlgorithm) -> s3s::checksum::ChecksumHasher {
     hasher
 }
 
+/// S3's composite checksum of a multipart object: the checksum of the concatenated
+/// (decoded) part checksums, then `-N` for N parts.
+fn composite_checksum(algorithm: ChecksumAlgorithm, parts: &[String]) -> Option<String> {
+    let mut hasher = hasher_for(algorithm);
+    for part in parts {
+        hasher.update(&base64::engine::general_purpose::STANDARD.decode(part.trim()).ok()?);
+    }
+    let value = checksum_value(&hasher.finalize(), algorithm)?;
+    Some(format!("{value}-{}", parts.len()))
+}
+
+fn checksum_algorithm_of(algorithm: Option<&dto::ChecksumAlgorithm>) -> S3Result<Option<ChecksumAlgorithm>> {
+    let Some(algorithm) = algorithm else { return Ok(None) };
+    match algorithm.as_str().to_ascii_uppercase().as_str() {
+        dto::ChecksumAlgorithm::CRC32 => Ok(Some(ChecksumAlgorithm::Crc32)),
+        dto::ChecksumAlgorithm::CRC32C => Ok(Some(ChecksumAlgorithm::Crc32c)),
+        dto::ChecksumAlgorithm::SHA1 => Ok(Some(ChecksumAlgorithm::Sha1)),
+        dto::ChecksumAlgorithm::SHA256 => Ok(Some(ChecksumAlgorithm::Sha256)),
+        dto::ChecksumAlgorithm::CRC64NVME => Ok(Some(ChecksumAlgorithm::Crc64Nvme)),
+        other => Err(s3_error!(InvalidArgument, "unknown checksum algorithm {other:?}")),
+    }
+}
+
 fn checksum_value(checksum: &dto::Checksum, algorithm: ChecksumAlgorithm) -> Option<String> {
     match algorithm {
         ChecksumAlgorithm::Crc32 => checksum.checksum_crc32.clone(),
@@ -717,7 +741,15 @@ fn checksum_fields(checksums: &Checksums) -> dto::Checksum {
         checksum_sha1: value(ChecksumAlgorithm::Sha1),
         checksum_sha256: value(ChecksumAlgorithm::Sha256),
         checksum_crc64nvme: value(ChecksumAlgorithm::Crc64Nvme),
-        checksum_type: None,
+        // Composite values (multipart objects) end in `-N`.
+        checksum_type: checksums
+            .values()
+            .next()
+            .map(|value| match value.contains('-') {
+                true => dto::ChecksumType::COMPOSITE,
+                false => dto::ChecksumType::FULL_OBJECT,
+            })
+            .map(dto::ChecksumType::from_static),
     }
 }
 
@@ -774,6 +806,7 @@ fn object_write(bucket: String, key: String, request: WriteRequest) -> ObjectWri
             .map(|metadata| metadata.into_iter().collect())
             .unwrap_or_default(),
         lock: request.lock,
+        checksum_algorithm: None,
         body_check: BodyCheck::none(),
         bucket_record: None,
     }
@@ -1782,7 +1815,14 @@ impl<E: Env> S3 for Gateway<E> {
         request: S3Request<dto::CreateMultipartUploadInput>,
     ) -> S3Result<S3Response<dto::CreateMultipartUploadOutput>> {
         let mut input = request.input;
-        let write = object_write(input.bucket.clone(), input.key.clone(), write_request!(input));
+        let mut write = object_write(input.bucket.clone(), input.key.clone(), write_request!(input));
+        // Only composite checksums can be made of part checksums (a full-object CRC needs
+        // CRC combination, not supported): an upload asking for one gets none.
+        let composite = input
+            .checksum_type
+            .as_ref()
+            .is_none_or(|kind| kind.as_str().eq_ignore_ascii_case(dto::ChecksumType::COMPOSITE));
+        write.checksum_algorithm = checksum_algorithm_of(input.checksum_algorithm.as_ref())?.filter(|_| composite);
         let upload_id = self.cluster.create_multipart_upload(write).await.map_err(s3_error_of)?;
         Ok(S3Response::new(dto::CreateMultipartUploadOutput {
             bucket: Some(input.bucket),
@@ -1851,11 +1891,24 @@ impl<E: Env> S3 for Gateway<E> {
             .collect();
         let record = self
             .cluster
-            .complete_multipart_upload(&input.bucket, &input.key, &input.upload_id, &listed)
+            .complete_multipart_upload_with(
+                &input.bucket,
+                &input.key,
+                &input.upload_id,
+                &listed,
+                &composite_checksum,
+            )
             .await
             .map_err(s3_error_of)?;
         let bucket = self.request_bucket(&request.extensions, &input.bucket).await?;
+        let checksums = checksum_fields(&record.checksums);
         Ok(S3Response::new(dto::CompleteMultipartUploadOutput {
+            checksum_crc32: checksums.checksum_crc32,
+            checksum_crc32c: checksums.checksum_crc32c,
+            checksum_sha1: checksums.checksum_sha1,
+            checksum_sha256: checksums.checksum_sha256,
+            checksum_crc64nvme: checksums.checksum_crc64nvme,
+            checksum_type: checksums.checksum_type,
             version_id: version_answer(&bucket, &record.version_id),
             bucket: Some(input.bucket.clone()),
             key: Some(input.key.clone()),
