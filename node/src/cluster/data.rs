@@ -62,6 +62,36 @@ pub const BUCKET_NAME_BYTES_MAX: usize = 63;
 pub const PART_BYTES_MIN: u64 = 5 * 1024 * 1024;
 pub const PART_NUMBER_MAX: u32 = 10_000;
 
+/// How long a gateway answers S3 requests with a bucket record or access key it read
+/// before, instead of two more quorum reads per request. A bucket's settings and a
+/// deletion reach other gateways within this long (S3's own propagate with delay too);
+/// this gateway's own changes apply at once. Grants are not cached: a revoked grant
+/// stops working at once.
+pub const REQUEST_CACHE_TTL_MS: u64 = 1_000;
+/// Entries per cache; a full cache is emptied (entries live a second anyway).
+pub const REQUEST_CACHE_ENTRIES_MAX: usize = 4_096;
+
+/// See [`REQUEST_CACHE_TTL_MS`]: existing buckets and keys only (a miss is read again).
+#[derive(Default)]
+pub(crate) struct RequestCache {
+    buckets: BTreeMap<String, (BucketRecord, u64)>,
+    access_keys: BTreeMap<String, (AccessKeyRecord, u64)>,
+}
+
+fn cache_get<T: Clone>(entries: &BTreeMap<String, (T, u64)>, name: &str, now_ms: u64) -> Option<T> {
+    entries
+        .get(name)
+        .filter(|(_, read_at_ms)| now_ms.saturating_sub(*read_at_ms) < REQUEST_CACHE_TTL_MS && now_ms >= *read_at_ms)
+        .map(|(value, _)| value.clone())
+}
+
+fn cache_put<T>(entries: &mut BTreeMap<String, (T, u64)>, name: &str, value: T, now_ms: u64) {
+    if entries.len() >= REQUEST_CACHE_ENTRIES_MAX {
+        entries.clear();
+    }
+    entries.insert(name.to_string(), (value, now_ms));
+}
+
 /// The version id of objects written while versioning is off.
 pub const NULL_VERSION: &str = "null";
 
@@ -421,9 +451,58 @@ impl<E: Env> ClusterNode<E> {
             stripe_length_bytes: options.stripe_length_bytes,
             inline_threshold_bytes: options.inline_threshold_bytes,
         };
+        self.forget_cached_bucket(name);
         self.meta_put(Table::Buckets, &bucket_row(name), Some(Record::Bucket(record.clone())))
             .await?;
         Ok(record)
+    }
+
+    /// A bucket record for an S3 request: as read within [`REQUEST_CACHE_TTL_MS`], or read
+    /// now.
+    pub async fn bucket_for_request(self: &Arc<Self>, name: &str) -> Result<Option<BucketRecord>, DataError> {
+        let now_ms = self.env.now_ms();
+        let cached = cache_get(&self.request_cache.lock().expect("not poisoned").buckets, name, now_ms);
+        if cached.is_some() {
+            return Ok(cached);
+        }
+        let record = self.bucket(name).await?;
+        if let Some(record) = &record {
+            cache_put(
+                &mut self.request_cache.lock().expect("not poisoned").buckets,
+                name,
+                record.clone(),
+                now_ms,
+            );
+        }
+        Ok(record)
+    }
+
+    /// An access key for an S3 request's signature check, cached like buckets.
+    pub async fn access_key_for_request(self: &Arc<Self>, key_id: &str) -> Result<Option<AccessKeyRecord>, DataError> {
+        let now_ms = self.env.now_ms();
+        let cached = cache_get(
+            &self.request_cache.lock().expect("not poisoned").access_keys,
+            key_id,
+            now_ms,
+        );
+        if cached.is_some() {
+            return Ok(cached);
+        }
+        let record = self.access_key(key_id).await?;
+        if let Some(record) = &record {
+            cache_put(
+                &mut self.request_cache.lock().expect("not poisoned").access_keys,
+                key_id,
+                record.clone(),
+                now_ms,
+            );
+        }
+        Ok(record)
+    }
+
+    /// Drops this gateway's cached record of a bucket it changes.
+    pub(crate) fn forget_cached_bucket(&self, name: &str) {
+        self.request_cache.lock().expect("not poisoned").buckets.remove(name);
     }
 
     pub async fn bucket(self: &Arc<Self>, name: &str) -> Result<Option<BucketRecord>, DataError> {
@@ -870,7 +949,9 @@ impl<E: Env> ClusterNode<E> {
         for (row, _) in self.grant_rows(name).await? {
             self.meta_put(Table::BucketGrants, &row, None).await?;
         }
+        self.forget_cached_bucket(name);
         self.meta_put(Table::Buckets, &bucket_row(name), None).await?;
+        self.forget_cached_bucket(name);
         Ok(())
     }
 

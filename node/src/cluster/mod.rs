@@ -143,6 +143,9 @@ pub struct ClusterNode<E: Env> {
     /// One repair pass, one tidy pass and one scrub pass at a time per node (the loops
     /// and an operator's or test's explicit call may overlap).
     maintenance_passes: maintenance::PassLocks,
+    /// Bucket records and access keys recently read for S3 requests (see
+    /// [`data::REQUEST_CACHE_TTL_MS`]).
+    request_cache: Mutex<data::RequestCache>,
 }
 
 fn load_system_record(env: &impl Env, key: &'static [u8]) -> Result<Option<SystemRecord>, ClusterError> {
@@ -226,6 +229,7 @@ impl<E: Env> ClusterNode<E> {
             data_keys,
             joined: AtomicBool::new(alone),
             digest_cache: Mutex::new(BTreeMap::new()),
+            request_cache: Mutex::new(data::RequestCache::default()),
             handover: Mutex::new(handover_state),
             maintenance_config,
             maintenance: Mutex::new(MaintenanceState::default()),

@@ -429,6 +429,7 @@ impl<E: Env> ClusterNode<E> {
         bucket.versioning = versioning;
         self.meta_put(Table::Buckets, &bucket_row(name), Some(Record::Bucket(bucket.clone())))
             .await?;
+        self.forget_cached_bucket(name);
         Ok(bucket)
     }
 
@@ -459,6 +460,7 @@ impl<E: Env> ClusterNode<E> {
         bucket.default_retention = default_retention;
         self.meta_put(Table::Buckets, &bucket_row(name), Some(Record::Bucket(bucket.clone())))
             .await?;
+        self.forget_cached_bucket(name);
         Ok(bucket)
     }
 

@@ -2134,7 +2134,7 @@ impl<E: Env> ClusterAccess<E> {
         // between this check and the handler can never be written through this request.
         let record = self
             .cluster
-            .bucket(bucket)
+            .bucket_for_request(bucket)
             .await
             .map_err(s3_error_of)?
             .ok_or_else(|| s3_error!(NoSuchBucket, "no such bucket: {bucket}"))?;
@@ -2169,7 +2169,7 @@ pub struct ClusterAuth<E: Env> {
 #[async_trait::async_trait]
 impl<E: Env> s3s::auth::S3Auth for ClusterAuth<E> {
     async fn get_secret_key(&self, access_key: &str) -> S3Result<s3s::auth::SecretKey> {
-        match self.cluster.access_key(access_key).await {
+        match self.cluster.access_key_for_request(access_key).await {
             Ok(Some(record)) => Ok(s3s::auth::SecretKey::from(record.secret_key)),
             Ok(None) => Err(s3_error!(InvalidAccessKeyId, "unknown access key")),
             Err(error) => Err(s3_error_of(error)),
