@@ -2222,7 +2222,14 @@ async fn accept_loop(listener: tokio::net::TcpListener, app: axum::Router) {
             return;
         };
         let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
+            Ok((stream, _)) => {
+                // A response is a head and then body chunks: with Nagle's algorithm a small
+                // body waits for the client's delayed ACK of the head (~25 ms per GET).
+                if let Err(error) = stream.set_nodelay(true) {
+                    tracing::debug!(%error, "cannot set TCP_NODELAY on an S3 connection");
+                }
+                stream
+            }
             Err(error) => {
                 // Out of file descriptors and the like: wait rather than spin.
                 tracing::warn!(%error, "S3 listener cannot accept");
