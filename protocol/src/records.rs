@@ -241,13 +241,13 @@ impl ObjectVersionRecord {
 }
 
 /// The id of a version stamped `stamp`: 40 hex digits that sort newest first (inverted
-/// wall time and counter, then the node), so a key's newest version is the first row of
-/// its versions. "null" sorts after every such id.
+/// wall time, counter and node prefix, in the stamp's own order), so a key's newest
+/// version is the first row of its versions. "null" sorts after every such id.
 pub fn version_id_of(stamp: &HlcTimestamp) -> String {
     let mut bytes = Vec::with_capacity(20);
     bytes.extend_from_slice(&(!stamp.wall_ms).to_be_bytes());
     bytes.extend_from_slice(&(!stamp.logical).to_be_bytes());
-    bytes.extend_from_slice(&stamp.node.0[..8]);
+    bytes.extend(stamp.node.0[..8].iter().map(|byte| !byte));
     bytes.iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
@@ -639,6 +639,8 @@ mod tests {
             stamp(5, 0, 1),
             stamp(5, 1, 1),
             stamp(6, 0, 0),
+            // Equal wall time and counter: the node orders them, as in the stamps.
+            stamp(6, 0, 3),
             stamp(u64::MAX >> 1, 9, 2),
         ]
         .iter()

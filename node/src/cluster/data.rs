@@ -457,13 +457,14 @@ impl<E: Env> ClusterNode<E> {
         Ok(record)
     }
 
-    /// A bucket record for an S3 request: as read within [`REQUEST_CACHE_TTL_MS`], or read
-    /// now.
-    pub async fn bucket_for_request(self: &Arc<Self>, name: &str) -> Result<Option<BucketRecord>, DataError> {
+    /// A bucket record for an S3 request's access check: as read within
+    /// [`REQUEST_CACHE_TTL_MS`] (`cached`), or read now. Writes must not act on a cached
+    /// record (its versioning state or Object Lock may be a second old): they read again.
+    pub async fn bucket_for_request(self: &Arc<Self>, name: &str) -> Result<Option<(BucketRecord, bool)>, DataError> {
         let now_ms = self.env.now_ms();
         let cached = cache_get(&self.request_cache.lock().expect("not poisoned").buckets, name, now_ms);
-        if cached.is_some() {
-            return Ok(cached);
+        if let Some(record) = cached {
+            return Ok(Some((record, true)));
         }
         let record = self.bucket(name).await?;
         if let Some(record) = &record {
@@ -474,7 +475,7 @@ impl<E: Env> ClusterNode<E> {
                 now_ms,
             );
         }
-        Ok(record)
+        Ok(record.map(|record| (record, false)))
     }
 
     /// An access key for an S3 request's signature check, cached like buckets.

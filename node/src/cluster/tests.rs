@@ -1617,3 +1617,35 @@ async fn object_lock_refuses_deletes_and_weaker_retention_until_it_ends() {
         Err(DataError::ObjectLocked(_))
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listing_page_cut_inside_a_key_of_deleted_versions_still_lists_it() {
+    let cluster = TestCluster::start(&SIX_NODES).await;
+    let node = cluster.node(0);
+    node.create_bucket("backups", "owner").await.unwrap();
+    node.set_bucket_versioning("backups", VersioningState::Enabled)
+        .await
+        .unwrap();
+    put(node, "backups", "a", b"a").await.unwrap();
+    put(node, "backups", "b", b"old").await.unwrap();
+    let newest = put_version(node, "backups", "b", b"new", ObjectLock::default())
+        .await
+        .unwrap();
+    let bucket = node.bucket("backups").await.unwrap().unwrap();
+    node.delete_object_version(&bucket, "b", Some(&newest.version_id), false)
+        .await
+        .unwrap();
+    // Rows: a/v, b/newest (a tombstone), b/old. A two-row page ends on the tombstone.
+    let page = node.list_current_objects(&bucket, "", None, 2).await.unwrap();
+    assert_eq!(page.next_after.as_deref(), Some("b"));
+    assert_eq!(
+        page.records
+            .iter()
+            .map(|record| record.key.as_str())
+            .collect::<Vec<_>>(),
+        ["a", "b"]
+    );
+    assert_eq!(page.records[1].size_bytes, 3, "b's current version is the old one");
+    let rest = node.list_current_objects(&bucket, "", Some("b"), 2).await.unwrap();
+    assert!(rest.records.is_empty() && rest.next_after.is_none());
+}

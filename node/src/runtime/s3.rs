@@ -401,7 +401,25 @@ impl<E: Env> Gateway<E> {
     /// read now.
     async fn request_bucket(&self, extensions: &http::Extensions, name: &str) -> S3Result<BucketRecord> {
         match extensions.get::<CheckedBucket>() {
-            Some(CheckedBucket(record)) if record.name == name => Ok(record.clone()),
+            Some(CheckedBucket { record, .. }) if record.name == name => Ok(record.clone()),
+            _ => self.existing_bucket(name).await,
+        }
+    }
+
+    /// The bucket a write works on: the access check's record if it was read fresh, else
+    /// read now (a cached record's versioning state or Object Lock may be a second old,
+    /// and a write must not overwrite a version it should have kept). A bucket deleted and
+    /// created again since the access check is refused: the check was for the old one.
+    async fn write_bucket(&self, extensions: &http::Extensions, name: &str) -> S3Result<BucketRecord> {
+        match extensions.get::<CheckedBucket>() {
+            Some(CheckedBucket { record, cached: false }) if record.name == name => Ok(record.clone()),
+            Some(CheckedBucket { record, cached: true }) if record.name == name => {
+                let fresh = self.existing_bucket(name).await?;
+                if fresh.created_at_ms != record.created_at_ms || fresh.owner_key_id != record.owner_key_id {
+                    return Err(access_denied());
+                }
+                Ok(fresh)
+            }
             _ => self.existing_bucket(name).await,
         }
     }
@@ -419,7 +437,7 @@ impl<E: Env> Gateway<E> {
             return Ok(false);
         }
         let key_id = request_key_id(credentials)?;
-        let bucket = self.request_bucket(extensions, bucket).await?;
+        let bucket = self.write_bucket(extensions, bucket).await?;
         Ok(bucket.owner_key_id == key_id)
     }
 
@@ -987,7 +1005,7 @@ impl<E: Env> S3 for Gateway<E> {
             .body
             .take()
             .ok_or_else(|| s3_error!(IncompleteBody, "a PUT needs a body"))?;
-        let bucket = self.request_bucket(&request.extensions, &input.bucket).await?;
+        let bucket = self.write_bucket(&request.extensions, &input.bucket).await?;
         // Errors inside the stream (client gone, bad chunk signature, payload hash
         // mismatch at the end) fail the whole put, and so does a checksum that does not
         // match: no manifest is committed.
@@ -1129,7 +1147,7 @@ impl<E: Env> S3 for Gateway<E> {
             )
             .await?;
         let input = request.input;
-        let bucket = self.request_bucket(&request.extensions, &input.bucket).await?;
+        let bucket = self.write_bucket(&request.extensions, &input.bucket).await?;
         let outcome = self
             .cluster
             .delete_object_version(&bucket, &input.key, input.version_id.as_deref(), bypass_governance)
@@ -1154,7 +1172,7 @@ impl<E: Env> S3 for Gateway<E> {
                 "at most {DELETE_OBJECTS_KEYS_MAX} keys per DeleteObjects request"
             ));
         }
-        let bucket = self.request_bucket(&request.extensions, &input.bucket).await?;
+        let bucket = self.write_bucket(&request.extensions, &input.bucket).await?;
         let bypass_governance = self
             .bypasses_governance(
                 &request.credentials,
@@ -1179,10 +1197,7 @@ impl<E: Env> S3 for Gateway<E> {
                 Ok(outcome) => deleted.push(dto::DeletedObject {
                     key: Some(object.key),
                     delete_marker: outcome.delete_marker.then_some(true),
-                    delete_marker_version_id: outcome
-                        .version_id
-                        .clone()
-                        .filter(|_| outcome.delete_marker && object.version_id.is_none()),
+                    delete_marker_version_id: outcome.version_id.clone().filter(|_| outcome.delete_marker),
                     version_id: object.version_id,
                 }),
                 Err(error) => errors.push(dto::Error {
@@ -1212,13 +1227,14 @@ impl<E: Env> S3 for Gateway<E> {
             if_unmodified_since: input.copy_source_if_unmodified_since.take(),
         };
         let source = self.copy_source_record(&input.copy_source, &conditions).await?;
-        let bucket = self.request_bucket(&request.extensions, &input.bucket).await?;
+        let bucket = self.write_bucket(&request.extensions, &input.bucket).await?;
         let replace = input
             .metadata_directive
             .as_ref()
             .is_some_and(|directive| directive.as_str() == dto::MetadataDirective::REPLACE);
+        // Copying an older version onto its own key is how S3 restores it: not a self-copy.
         let same_object = matches!(&input.copy_source,
-            dto::CopySource::Bucket { bucket, key, .. } if **bucket == *input.bucket && **key == *input.key);
+            dto::CopySource::Bucket { bucket, key, version_id: None } if **bucket == *input.bucket && **key == *input.key);
         if same_object && !replace {
             return Err(s3_error!(
                 InvalidRequest,
@@ -1666,7 +1682,7 @@ impl<E: Env> S3 for Gateway<E> {
             )
             .await?;
         let input = request.input;
-        let bucket = self.request_bucket(&request.extensions, &input.bucket).await?;
+        let bucket = self.write_bucket(&request.extensions, &input.bucket).await?;
         let retention = match input.retention {
             Some(dto::ObjectLockRetention {
                 mode: Some(mode),
@@ -1727,9 +1743,16 @@ impl<E: Env> S3 for Gateway<E> {
         &self,
         request: S3Request<dto::PutObjectLegalHoldInput>,
     ) -> S3Result<S3Response<dto::PutObjectLegalHoldOutput>> {
+        let key_id = request_key_id(&request.credentials)?;
         let input = request.input;
-        let bucket = self.request_bucket(&request.extensions, &input.bucket).await?;
+        let bucket = self.write_bucket(&request.extensions, &input.bucket).await?;
         let on = legal_hold_of(input.legal_hold.as_ref().and_then(|hold| hold.status.as_ref()))?;
+        // Placing a hold protects data: a write grant may. Lifting one exposes it to
+        // deletion: only the owner may (S3 needs s3:PutObjectLegalHold, which backup
+        // keys do not get).
+        if !on && bucket.owner_key_id != key_id {
+            return Err(s3_error!(AccessDenied, "only the bucket's owner may lift a legal hold"));
+        }
         self.cluster
             .change_object_lock(
                 &bucket,
@@ -2111,8 +2134,8 @@ impl<E: Env> s3s::access::S3Access for ClusterAccess<E> {
             s3s::path::S3Path::Bucket { bucket } | s3s::path::S3Path::Object { bucket, .. } => bucket.to_string(),
             s3s::path::S3Path::Root => return Err(access_denied()),
         };
-        let record = self.check_bucket(&bucket, &key_id, needed).await?;
-        cx.extensions_mut().insert(CheckedBucket(record));
+        let (record, cached) = self.check_bucket(&bucket, &key_id, needed).await?;
+        cx.extensions_mut().insert(CheckedBucket { record, cached });
         Ok(())
     }
 
@@ -2129,10 +2152,12 @@ impl<E: Env> s3s::access::S3Access for ClusterAccess<E> {
 
 impl<E: Env> ClusterAccess<E> {
     /// The bucket's record once `key_id` may do what `needed` says with it.
-    async fn check_bucket(&self, bucket: &str, key_id: &str, needed: Needed) -> S3Result<BucketRecord> {
+    /// The bucket's record if the key may do what `needed` says, and whether the record
+    /// came from the request cache.
+    async fn check_bucket(&self, bucket: &str, key_id: &str, needed: Needed) -> S3Result<(BucketRecord, bool)> {
         // A missing bucket answers NoSuchBucket here, so a bucket created by someone else
         // between this check and the handler can never be written through this request.
-        let record = self
+        let (record, cached) = self
             .cluster
             .bucket_for_request(bucket)
             .await
@@ -2145,14 +2170,18 @@ impl<E: Env> ClusterAccess<E> {
             Needed::Owner => rights.owner,
             Needed::AnyKey | Needed::CreateBucket => unreachable!("decided before the bucket is read"),
         };
-        allowed.then_some(record).ok_or_else(access_denied)
+        allowed.then_some((record, cached)).ok_or_else(access_denied)
     }
 }
 
 /// The bucket record the access check read, handed to the operation (in the request's
 /// extensions) so it is not read again.
 #[derive(Clone)]
-struct CheckedBucket(BucketRecord);
+struct CheckedBucket {
+    record: BucketRecord,
+    /// Read from the gateway's request cache rather than a metadata quorum just now.
+    cached: bool,
+}
 
 fn request_key_id(credentials: &Option<s3s::auth::Credentials>) -> S3Result<String> {
     credentials
