@@ -265,6 +265,15 @@ pub struct MultipartUploadRecord {
     /// The checksum algorithm the upload declared: its parts carry one, and the object
     /// gets the composite of theirs.
     pub checksum_algorithm: Option<ChecksumAlgorithm>,
+    /// The `created_at_ms` of the bucket the upload was started in (0: unknown, a V1
+    /// record): an upload never completes into a later bucket of the same name.
+    pub bucket_created_at_ms: u64,
+}
+
+impl MultipartUploadRecord {
+    pub fn belongs_to(&self, bucket: &BucketRecord) -> bool {
+        self.bucket_created_at_ms == 0 || self.bucket_created_at_ms == bucket.created_at_ms
+    }
 }
 
 /// One uploaded part (keyed by upload id and part number).
@@ -520,6 +529,7 @@ mod legacy {
                 user_metadata: upload.user_metadata,
                 lock: ObjectLock::default(),
                 checksum_algorithm: None,
+                bucket_created_at_ms: 0,
             }),
             RecordV1::MultipartPart(part) => Record::MultipartPart(MultipartPartRecord {
                 upload_id: part.upload_id,

@@ -1345,6 +1345,7 @@ impl<E: Env> ClusterNode<E> {
             user_metadata: write.user_metadata,
             lock: write.lock,
             checksum_algorithm: write.checksum_algorithm,
+            bucket_created_at_ms: bucket.created_at_ms,
         };
         self.meta_put(
             Table::MultipartUploads,
@@ -1443,7 +1444,13 @@ impl<E: Env> ClusterNode<E> {
             .bucket(bucket)
             .await?
             .ok_or_else(|| DataError::NoSuchBucket(bucket.to_string()))?;
-        self.multipart_upload(bucket, key, upload_id).await?;
+        if !self
+            .multipart_upload(bucket, key, upload_id)
+            .await?
+            .belongs_to(&bucket_record)
+        {
+            return Err(DataError::NoSuchUpload);
+        }
         let started_at_ms = self.env.now_ms();
         let owner = StripeOwner::Part {
             bucket: bucket.to_string(),
@@ -1531,6 +1538,10 @@ impl<E: Env> ClusterNode<E> {
     ) -> Result<ObjectVersionRecord, DataError> {
         let bucket_record = self.existing_bucket(bucket).await?;
         let upload = self.multipart_upload(bucket, key, upload_id).await?;
+        // Started in an earlier bucket of this name (deleted while it was being started).
+        if !upload.belongs_to(&bucket_record) {
+            return Err(DataError::NoSuchUpload);
+        }
         if listed.is_empty() {
             return Err(DataError::InvalidPart("no parts listed".into()));
         }

@@ -1649,3 +1649,49 @@ async fn a_listing_page_cut_inside_a_key_of_deleted_versions_still_lists_it() {
     let rest = node.list_current_objects(&bucket, "", Some("b"), 2).await.unwrap();
     assert!(rest.records.is_empty() && rest.next_after.is_none());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_never_completes_into_a_later_bucket_of_the_same_name() {
+    let cluster = TestCluster::start(&SIX_NODES).await;
+    let node = cluster.node(0);
+    node.create_bucket("backups", "first-owner").await.unwrap();
+    let write = ObjectWrite {
+        bucket: "backups".into(),
+        key: "big".into(),
+        ..ObjectWrite::default()
+    };
+    let upload_id = node.create_multipart_upload(write).await.unwrap();
+    let part = node
+        .upload_part(
+            "backups",
+            "big",
+            &upload_id,
+            1,
+            futures::io::Cursor::new(b"part".to_vec()),
+            BodyCheck::none(),
+        )
+        .await
+        .unwrap();
+    // The bucket goes (as if the upload began while it was being deleted) and another
+    // key creates a bucket of the same name.
+    node.delete_bucket("backups").await.unwrap();
+    node.create_bucket("backups", "second-owner").await.unwrap();
+    assert!(matches!(
+        node.upload_part(
+            "backups",
+            "big",
+            &upload_id,
+            2,
+            futures::io::Cursor::new(b"more".to_vec()),
+            BodyCheck::none(),
+        )
+        .await,
+        Err(DataError::NoSuchUpload)
+    ));
+    assert!(matches!(
+        node.complete_multipart_upload("backups", "big", &upload_id, &[(1, part.etag.clone())])
+            .await,
+        Err(DataError::NoSuchUpload)
+    ));
+    assert!(matches!(get(node, "backups", "big").await, Err(DataError::NoSuchKey)));
+}

@@ -975,7 +975,7 @@ impl<E: Env> S3 for Gateway<E> {
         request: S3Request<dto::DeleteBucketInput>,
     ) -> S3Result<S3Response<dto::DeleteBucketOutput>> {
         let bucket = &request.input.bucket;
-        self.request_bucket(&request.extensions, bucket).await?;
+        let record = self.write_bucket(&request.extensions, bucket).await?;
         // Every version and delete marker counts, as in S3: a versioned bucket whose
         // objects were all deleted still holds their versions.
         if !self.cluster.bucket_is_empty(bucket).await.map_err(s3_error_of)? {
@@ -985,10 +985,12 @@ impl<E: Env> S3 for Gateway<E> {
         // to the next bucket of that name (its owner could complete them).
         let uploads = self
             .cluster
-            .list_multipart_uploads(bucket, "", None, 1)
+            .list_multipart_uploads(bucket, "", None, LIST_UPLOADS_MAX as u32)
             .await
             .map_err(s3_error_of)?;
-        if !uploads.uploads.is_empty() {
+        // Uploads an earlier bucket of the name left behind do not count (they can never
+        // complete here); a full page of them is taken as uploads in progress.
+        if uploads.uploads.iter().any(|upload| upload.belongs_to(&record)) || uploads.next_after.is_some() {
             return Err(s3_error!(
                 BucketNotEmpty,
                 "bucket {bucket} has multipart uploads in progress: complete or abort them first"
@@ -1329,7 +1331,7 @@ impl<E: Env> S3 for Gateway<E> {
         request: S3Request<dto::ListMultipartUploadsInput>,
     ) -> S3Result<S3Response<dto::ListMultipartUploadsOutput>> {
         let input = request.input;
-        self.request_bucket(&request.extensions, &input.bucket).await?;
+        let bucket = self.request_bucket(&request.extensions, &input.bucket).await?;
         let prefix = input.prefix.clone().unwrap_or_default();
         let max_uploads = input.max_uploads.unwrap_or(LIST_UPLOADS_MAX).clamp(0, LIST_UPLOADS_MAX) as usize;
         let delimiter = input.delimiter.clone().filter(|delimiter| !delimiter.is_empty());
@@ -1355,6 +1357,9 @@ impl<E: Env> S3 for Gateway<E> {
                 .await
                 .map_err(s3_error_of)?;
             for upload in listing.uploads {
+                if !upload.belongs_to(&bucket) {
+                    continue;
+                }
                 if common_prefixes
                     .last()
                     .is_some_and(|common| upload.key.starts_with(common.as_str()))
