@@ -354,6 +354,29 @@ pub(crate) fn part_row(upload_id: &str, part_number: u32) -> RowKey {
     RowKey::new(upload_id.as_bytes(), part_number.to_be_bytes().to_vec())
 }
 
+/// The sort key to scan strictly after, for rows `key NUL id` (object versions,
+/// multipart uploads): after the row of `id`, or without one after every row of `key`
+/// (`key NUL 0xff` sorts after them all and before any longer key: keys are UTF-8,
+/// which never contains 0xff).
+pub(crate) fn marker_sort_key(key: &str, id: Option<&str>) -> Vec<u8> {
+    let mut sort_key = key.as_bytes().to_vec();
+    sort_key.push(0);
+    match id {
+        Some(id) => sort_key.extend_from_slice(id.as_bytes()),
+        None => sort_key.push(0xff),
+    }
+    sort_key
+}
+
+/// The (key, id) of a `key NUL id` row's sort key.
+pub(crate) fn split_marker_sort_key(sort_key: &[u8]) -> Option<(String, String)> {
+    let (key, id) = sort_key.split_at(sort_key.iter().position(|byte| *byte == 0)?);
+    Some((
+        String::from_utf8(key.to_vec()).ok()?,
+        String::from_utf8(id[1..].to_vec()).ok()?,
+    ))
+}
+
 /// One page of multipart uploads in progress.
 pub struct UploadListing {
     pub uploads: Vec<MultipartUploadRecord>,
@@ -1367,15 +1390,7 @@ impl<E: Env> ClusterNode<E> {
         after: Option<(&str, Option<&str>)>,
         limit: u32,
     ) -> Result<UploadListing, DataError> {
-        let after_sort_key = after.map(|(key, upload_id)| {
-            let mut sort_key = key.as_bytes().to_vec();
-            sort_key.push(0);
-            match upload_id {
-                Some(upload_id) => sort_key.extend_from_slice(upload_id.as_bytes()),
-                None => sort_key.push(0xff),
-            }
-            sort_key
-        });
+        let after_sort_key = after.map(|(key, upload_id)| marker_sort_key(key, upload_id));
         let rows = self
             .meta_scan(
                 Table::MultipartUploads,
@@ -1386,13 +1401,10 @@ impl<E: Env> ClusterNode<E> {
             )
             .await?;
         let full_page = rows.len() as u32 >= limit;
-        let next_after = full_page.then(|| rows.last()).flatten().and_then(|(row, _)| {
-            let (key, upload_id) = row.sort_key.split_at(row.sort_key.iter().position(|byte| *byte == 0)?);
-            Some((
-                String::from_utf8(key.to_vec()).ok()?,
-                String::from_utf8(upload_id[1..].to_vec()).ok()?,
-            ))
-        });
+        let next_after = full_page
+            .then(|| rows.last())
+            .flatten()
+            .and_then(|(row, _)| split_marker_sort_key(&row.sort_key));
         let uploads = rows
             .into_iter()
             .filter_map(|(_, register)| match register.value {

@@ -25,9 +25,13 @@ use bdr_protocol::records::{
 };
 use bdr_protocol::wire::Table;
 
-use super::data::{bucket_row, object_row, validate_key, DataError, ObjectListing, NULL_VERSION};
+use super::data::{
+    bucket_row, marker_sort_key, object_row, split_marker_sort_key, validate_key, DataError, ObjectListing,
+    NULL_VERSION,
+};
 use super::ClusterNode;
 use crate::env::Env;
+use bdr_protocol::records::RowKey;
 
 /// Rows read per page while looking for a key's newest live version (deleted versions'
 /// tombstones are skipped until they are purged).
@@ -103,6 +107,21 @@ fn newer(a: Option<ObjectVersionRecord>, b: Option<ObjectVersionRecord>) -> Opti
 /// The key of an object row's sort key (`key NUL version`).
 fn key_of_sort_key(sort_key: &[u8]) -> Option<&[u8]> {
     sort_key.split(|byte| *byte == 0).next()
+}
+
+/// The live versions (and delete markers) of scanned rows, grouped by key in key order.
+fn group_by_key(rows: Vec<(RowKey, Lww<Record>)>) -> Vec<(String, Vec<ObjectVersionRecord>)> {
+    let mut groups: Vec<(String, Vec<ObjectVersionRecord>)> = Vec::new();
+    for (_, register) in rows {
+        let Some(Record::ObjectVersion(record)) = register.value else {
+            continue;
+        };
+        match groups.last_mut() {
+            Some((key, group)) if *key == record.key => group.push(record),
+            _ => groups.push((record.key.clone(), vec![record])),
+        }
+    }
+    groups
 }
 
 /// The current version among one key's rows as scanned (newest versioned row first,
@@ -499,13 +518,7 @@ impl<E: Env> ClusterNode<E> {
         after: Option<&str>,
         limit: u32,
     ) -> Result<ObjectListing, DataError> {
-        // Rows are `key NUL version`; `key NUL 0xff` sorts after every version of `key`
-        // and before any longer key (keys are UTF-8, which never contains 0xff).
-        let after_sort_key = after.map(|key| {
-            let mut sort_key = key.as_bytes().to_vec();
-            sort_key.extend_from_slice(&[0, 0xff]);
-            sort_key
-        });
+        let after_sort_key = after.map(|key| marker_sort_key(key, None));
         let rows = self
             .meta_scan(
                 Table::Objects,
@@ -524,17 +537,7 @@ impl<E: Env> ClusterNode<E> {
             .flatten()
             .and_then(|(sort_key, _)| key_of_sort_key(sort_key).map(<[u8]>::to_vec))
             .and_then(|key| String::from_utf8(key).ok());
-        // Group the live rows by key, in key order.
-        let mut groups: Vec<(String, Vec<ObjectVersionRecord>)> = Vec::new();
-        for (_, register) in rows {
-            let Some(Record::ObjectVersion(record)) = register.value else {
-                continue;
-            };
-            match groups.last_mut() {
-                Some((key, group)) if *key == record.key => group.push(record),
-                _ => groups.push((record.key.clone(), vec![record])),
-            }
-        }
+        let groups = group_by_key(rows);
         // The last key of a cut page may have versions past the cut ("null" sorts last):
         // its current version is read whole, unless the cut fell on its "null" row.
         let cut_mid_key = full_page
@@ -570,15 +573,7 @@ impl<E: Env> ClusterNode<E> {
         after: Option<(&str, Option<&str>)>,
         limit: u32,
     ) -> Result<VersionListing, DataError> {
-        let after_sort_key = after.map(|(key, version_id)| {
-            let mut sort_key = key.as_bytes().to_vec();
-            sort_key.push(0);
-            match version_id {
-                Some(version_id) => sort_key.extend_from_slice(version_id.as_bytes()),
-                None => sort_key.push(0xff),
-            }
-            sort_key
-        });
+        let after_sort_key = after.map(|(key, version_id)| marker_sort_key(key, version_id));
         let rows = self
             .meta_scan(
                 Table::Objects,
@@ -589,24 +584,12 @@ impl<E: Env> ClusterNode<E> {
             )
             .await?;
         let full_page = rows.len() as u32 >= limit;
-        let next_after = full_page.then(|| rows.last()).flatten().and_then(|(row, _)| {
-            let (key, version_id) = row.sort_key.split_at(row.sort_key.iter().position(|byte| *byte == 0)?);
-            Some((
-                String::from_utf8(key.to_vec()).ok()?,
-                String::from_utf8(version_id[1..].to_vec()).ok()?,
-            ))
-        });
+        let next_after = full_page
+            .then(|| rows.last())
+            .flatten()
+            .and_then(|(row, _)| split_marker_sort_key(&row.sort_key));
         let first_key_cut = after.is_some_and(|(_, version_id)| version_id.is_some());
-        let mut groups: Vec<(String, Vec<ObjectVersionRecord>)> = Vec::new();
-        for (_, register) in rows {
-            let Some(Record::ObjectVersion(record)) = register.value else {
-                continue;
-            };
-            match groups.last_mut() {
-                Some((key, group)) if *key == record.key => group.push(record),
-                _ => groups.push((record.key.clone(), vec![record])),
-            }
-        }
+        let groups = group_by_key(rows);
         let group_count = groups.len();
         let mut versions = Vec::new();
         for (position, (key, group)) in groups.into_iter().enumerate() {
