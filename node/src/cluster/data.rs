@@ -550,10 +550,7 @@ impl<E: Env> ClusterNode<E> {
         let keys = self.data_keys()?.clone();
         let bucket = match write.bucket_record.clone() {
             Some(record) if record.name == write.bucket => record,
-            _ => self
-                .bucket(&write.bucket)
-                .await?
-                .ok_or_else(|| DataError::NoSuchBucket(write.bucket.clone()))?,
+            _ => self.existing_bucket(&write.bucket).await?,
         };
         let lock = self.lock_for_new_version(&bucket, write.lock)?;
         let slot = self.version_slot(&bucket, &write.key).await?;
@@ -914,7 +911,7 @@ impl<E: Env> ClusterNode<E> {
         }
     }
 
-    async fn existing_bucket(self: &Arc<Self>, name: &str) -> Result<BucketRecord, DataError> {
+    pub(crate) async fn existing_bucket(self: &Arc<Self>, name: &str) -> Result<BucketRecord, DataError> {
         self.bucket(name)
             .await?
             .ok_or_else(|| DataError::NoSuchBucket(name.to_string()))
@@ -1001,10 +998,7 @@ impl<E: Env> ClusterNode<E> {
         read: bool,
         write: bool,
     ) -> Result<BucketGrant, DataError> {
-        let bucket_record = self
-            .bucket(bucket)
-            .await?
-            .ok_or_else(|| DataError::NoSuchBucket(bucket.to_string()))?;
+        let bucket_record = self.existing_bucket(bucket).await?;
         if key_id == bucket_record.owner_key_id {
             return Err(DataError::OwnerRights(key_id.to_string()));
         }
@@ -1452,10 +1446,7 @@ impl<E: Env> ClusterNode<E> {
             )));
         }
         self.data_keys()?;
-        let bucket_record = self
-            .bucket(bucket)
-            .await?
-            .ok_or_else(|| DataError::NoSuchBucket(bucket.to_string()))?;
+        let bucket_record = self.existing_bucket(bucket).await?;
         if !self
             .multipart_upload(bucket, key, upload_id)
             .await?

@@ -431,10 +431,7 @@ impl<E: Env> ClusterNode<E> {
         name: &str,
         versioning: VersioningState,
     ) -> Result<BucketRecord, DataError> {
-        let mut bucket = self
-            .bucket(name)
-            .await?
-            .ok_or_else(|| DataError::NoSuchBucket(name.to_string()))?;
+        let mut bucket = self.existing_bucket(name).await?;
         if versioning == VersioningState::Unversioned {
             return Err(DataError::InvalidBucketState(
                 "versioning can be enabled or suspended, not turned off".into(),
@@ -460,10 +457,7 @@ impl<E: Env> ClusterNode<E> {
         name: &str,
         default_retention: Option<DefaultRetention>,
     ) -> Result<BucketRecord, DataError> {
-        let mut bucket = self
-            .bucket(name)
-            .await?
-            .ok_or_else(|| DataError::NoSuchBucket(name.to_string()))?;
+        let mut bucket = self.existing_bucket(name).await?;
         if !bucket.object_lock_enabled && bucket.versioning != VersioningState::Enabled {
             return Err(DataError::InvalidBucketState(
                 "Object Lock needs versioning enabled on the bucket first".into(),
