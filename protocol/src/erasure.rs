@@ -21,6 +21,8 @@
 //!
 //! The checksum covers the header too, so a flipped bit anywhere in a shard file is found.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::ids::StripeId;
@@ -69,6 +71,13 @@ pub enum ShardDecodeError {
     BadHeader(String),
 }
 
+thread_local! {
+    /// One reed-solomon-simd encoder per thread, reset for each stripe. Not state that
+    /// changes results: only the allocation is kept.
+    static SIMD_ENCODER: std::cell::RefCell<Option<reed_solomon_simd::ReedSolomonEncoder>> =
+        const { std::cell::RefCell::new(None) };
+}
+
 /// Which Reed-Solomon implementation produced a shard.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum CodecId {
@@ -102,8 +111,9 @@ impl CodecId {
         }
     }
 
-    /// Computes `parity.len()` parity shards from `data` (all the same, non-zero, even length).
-    fn encode_parity(self, data: &[Vec<u8>], parity: &mut [Vec<u8>]) -> Result<(), ErasureError> {
+    /// Computes `parity.len()` parity shards from `data` (all the same, non-zero, even
+    /// length) into `parity` (the same length).
+    fn encode_parity(self, data: &[&[u8]], parity: &mut [&mut [u8]]) -> Result<(), ErasureError> {
         let backend_error = |error: String| ErasureError::Backend(error);
         match self {
             CodecId::ReedSolomonErasure => {
@@ -114,43 +124,74 @@ impl CodecId {
                     .map_err(|error| backend_error(format!("{error:?}")))
             }
             CodecId::ReedSolomonSimd => {
-                let recovery = reed_solomon_simd::encode(data.len(), parity.len(), data)
-                    .map_err(|error| backend_error(error.to_string()))?;
-                for (slot, shard) in parity.iter_mut().zip(recovery) {
-                    *slot = shard;
-                }
-                Ok(())
+                let shard_length = data.first().map_or(0, |shard| shard.len());
+                SIMD_ENCODER.with(|cell| {
+                    let mut cached = cell.borrow_mut();
+                    // The encoder's work buffers are reused: allocating megabytes per stripe
+                    // cost page faults and zeroing on every write (seen in profiles).
+                    let encoder = match cached.as_mut() {
+                        Some(encoder) => {
+                            encoder
+                                .reset(data.len(), parity.len(), shard_length)
+                                .map_err(|error| backend_error(error.to_string()))?;
+                            encoder
+                        }
+                        None => cached.insert(
+                            reed_solomon_simd::ReedSolomonEncoder::new(data.len(), parity.len(), shard_length)
+                                .map_err(|error| backend_error(error.to_string()))?,
+                        ),
+                    };
+                    for shard in data {
+                        encoder
+                            .add_original_shard(shard)
+                            .map_err(|error| backend_error(error.to_string()))?;
+                    }
+                    let result = encoder.encode().map_err(|error| backend_error(error.to_string()))?;
+                    for (slot, recovery) in parity.iter_mut().zip(result.recovery_iter()) {
+                        slot.copy_from_slice(recovery);
+                    }
+                    Ok(())
+                })
             }
         }
     }
 
-    /// Fills every missing data shard (indexes `0..k`) in `shards` (length k+m).
-    fn reconstruct_data(self, data_shards: usize, shards: &mut [Option<Vec<u8>>]) -> Result<(), ErasureError> {
+    /// Computes every missing data shard (indexes `0..k`) of `shards` (length k+m,
+    /// payloads borrowed); returns them by index.
+    fn reconstruct_data(
+        self,
+        data_shards: usize,
+        shards: &[Option<&[u8]>],
+    ) -> Result<BTreeMap<usize, Vec<u8>>, ErasureError> {
         let parity_shards = shards.len() - data_shards;
         let backend_error = |error: String| ErasureError::Backend(error);
         match self {
             CodecId::ReedSolomonErasure => {
                 let codec = reed_solomon_erasure::galois_8::ReedSolomon::new(data_shards, parity_shards)
                     .map_err(|error| backend_error(format!("{error:?}")))?;
+                let mut owned: Vec<Option<Vec<u8>>> = shards.iter().map(|shard| shard.map(<[u8]>::to_vec)).collect();
                 codec
-                    .reconstruct_data(shards)
-                    .map_err(|error| backend_error(format!("{error:?}")))
+                    .reconstruct_data(&mut owned)
+                    .map_err(|error| backend_error(format!("{error:?}")))?;
+                Ok(owned
+                    .into_iter()
+                    .take(data_shards)
+                    .enumerate()
+                    .filter(|(index, _)| shards[*index].is_none())
+                    .filter_map(|(index, shard)| shard.map(|bytes| (index, bytes)))
+                    .collect())
             }
             CodecId::ReedSolomonSimd => {
                 let originals = shards[..data_shards]
                     .iter()
                     .enumerate()
-                    .filter_map(|(index, shard)| shard.as_deref().map(|bytes| (index, bytes)));
+                    .filter_map(|(index, shard)| shard.map(|bytes| (index, bytes)));
                 let recoveries = shards[data_shards..]
                     .iter()
                     .enumerate()
-                    .filter_map(|(index, shard)| shard.as_deref().map(|bytes| (index, bytes)));
-                let restored = reed_solomon_simd::decode(data_shards, parity_shards, originals, recoveries)
-                    .map_err(|error| backend_error(error.to_string()))?;
-                for (index, shard) in restored {
-                    shards[index] = Some(shard);
-                }
-                Ok(())
+                    .filter_map(|(index, shard)| shard.map(|bytes| (index, bytes)));
+                reed_solomon_simd::decode(data_shards, parity_shards, originals, recoveries)
+                    .map_err(|error| backend_error(error.to_string()))
             }
         }
     }
@@ -194,15 +235,34 @@ impl ShardHeader {
 }
 
 /// One shard: header plus payload. Constructed only by encoding, rebuilding or by
-/// [`Shard::from_bytes`], which verifies the checksum, so a `Shard` value is always intact.
+/// [`Shard::from_vec`], which verifies the checksum, so a `Shard` value is always intact.
+///
+/// It keeps its encoded form (header, then payload) in one buffer: sending, storing and
+/// receiving a shard then moves that buffer instead of copying megabytes each time.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Shard {
     header: ShardHeader,
-    payload: Vec<u8>,
+    /// [`SHARD_HEADER_LENGTH_BYTES`] of encoded header, then the payload.
+    bytes: Vec<u8>,
+}
+
+/// A buffer with room for a shard header in front of `payload_length` payload bytes.
+fn shard_buffer(payload: &[u8], payload_length: usize) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(SHARD_HEADER_LENGTH_BYTES + payload_length);
+    bytes.resize(SHARD_HEADER_LENGTH_BYTES, 0);
+    bytes.extend_from_slice(payload);
+    bytes.resize(SHARD_HEADER_LENGTH_BYTES + payload_length, 0);
+    bytes
 }
 
 impl Shard {
-    fn new(codec: &StripeCodec, index: u8, stripe_id: StripeId, stripe_length_bytes: u64, payload: Vec<u8>) -> Shard {
+    /// Fills in the header of `bytes`, a [`shard_buffer`] whose payload is in place.
+    fn new(codec: &StripeCodec, index: u8, stripe_id: StripeId, stripe_length_bytes: u64, mut bytes: Vec<u8>) -> Shard {
+        assert!(
+            bytes.len() >= SHARD_HEADER_LENGTH_BYTES,
+            "shard buffer has room for the header"
+        );
+        let payload_length = bytes.len() - SHARD_HEADER_LENGTH_BYTES;
         let mut header = ShardHeader {
             codec: codec.codec,
             data_shards: codec.data_shards,
@@ -210,11 +270,13 @@ impl Shard {
             index,
             stripe_id,
             stripe_length_bytes,
-            payload_length_bytes: u32::try_from(payload.len()).expect("shard payload bounded by stripe maximum"),
+            payload_length_bytes: u32::try_from(payload_length).expect("shard payload bounded by stripe maximum"),
             checksum: [0; 32],
         };
-        header.checksum = header.compute_checksum(&payload);
-        Shard { header, payload }
+        header.checksum = header.compute_checksum(&bytes[SHARD_HEADER_LENGTH_BYTES..]);
+        bytes[..CHECKSUM_OFFSET].copy_from_slice(&header.encode_without_checksum());
+        bytes[CHECKSUM_OFFSET..SHARD_HEADER_LENGTH_BYTES].copy_from_slice(&header.checksum);
+        Shard { header, bytes }
     }
 
     pub fn header(&self) -> &ShardHeader {
@@ -222,24 +284,40 @@ impl Shard {
     }
 
     pub fn payload(&self) -> &[u8] {
-        &self.payload
+        &self.bytes[SHARD_HEADER_LENGTH_BYTES..]
     }
 
     pub fn encoded_length_bytes(&self) -> u64 {
-        (SHARD_HEADER_LENGTH_BYTES + self.payload.len()) as u64
+        self.bytes.len() as u64
     }
 
     /// The shard's on-disk and on-wire form.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// The shard's on-disk and on-wire form, without a copy.
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.bytes
+    }
+
+    /// A copy of the shard's on-disk and on-wire form.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut bytes = Vec::with_capacity(SHARD_HEADER_LENGTH_BYTES + self.payload.len());
-        bytes.extend_from_slice(&self.header.encode_without_checksum());
-        bytes.extend_from_slice(&self.header.checksum);
-        bytes.extend_from_slice(&self.payload);
-        bytes
+        self.bytes.clone()
     }
 
     /// Parses and verifies a shard. Never panics, whatever the bytes.
     pub fn from_bytes(bytes: &[u8]) -> Result<Shard, ShardDecodeError> {
+        Shard::from_vec(bytes.to_vec())
+    }
+
+    /// Parses and verifies a shard, keeping `bytes` as its buffer. Never panics.
+    pub fn from_vec(bytes: Vec<u8>) -> Result<Shard, ShardDecodeError> {
+        let header = Shard::verified_header(&bytes)?;
+        Ok(Shard { header, bytes })
+    }
+
+    fn verified_header(bytes: &[u8]) -> Result<ShardHeader, ShardDecodeError> {
         if bytes.len() < SHARD_HEADER_LENGTH_BYTES {
             return Err(ShardDecodeError::TooShort {
                 length_bytes: bytes.len() as u64,
@@ -299,15 +377,12 @@ impl Shard {
                 "payload length does not match stripe length".into(),
             ));
         }
-        Ok(Shard {
-            header,
-            payload: payload.to_vec(),
-        })
+        Ok(header)
     }
 }
 
 /// (stripe length in bytes, one slot per shard index holding its payload if present)
-type SlottedShards = (u64, Vec<Option<Vec<u8>>>);
+type SlottedShards<'a> = (u64, Vec<Option<&'a [u8]>>);
 
 /// Encodes and decodes stripes with one codec and one (k, m).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -355,28 +430,32 @@ impl StripeCodec {
             .map(|index| {
                 let start = (index * shard_length).min(stripe.len());
                 let end = ((index + 1) * shard_length).min(stripe.len());
-                let mut shard = Vec::with_capacity(shard_length);
-                shard.extend_from_slice(&stripe[start..end]);
-                shard.resize(shard_length, 0);
-                shard
+                shard_buffer(&stripe[start..end], shard_length)
             })
             .collect();
-        let mut parity = vec![vec![0u8; shard_length]; usize::from(self.parity_shards)];
+        let mut parity: Vec<Vec<u8>> = (0..self.parity_shards)
+            .map(|_| shard_buffer(&[], shard_length))
+            .collect();
         if self.parity_shards > 0 {
-            self.codec.encode_parity(&data, &mut parity)?;
+            let data_payloads: Vec<&[u8]> = data.iter().map(|bytes| &bytes[SHARD_HEADER_LENGTH_BYTES..]).collect();
+            let mut parity_payloads: Vec<&mut [u8]> = parity
+                .iter_mut()
+                .map(|bytes| &mut bytes[SHARD_HEADER_LENGTH_BYTES..])
+                .collect();
+            self.codec.encode_parity(&data_payloads, &mut parity_payloads)?;
         }
         Ok(data
             .into_iter()
             .chain(parity)
             .enumerate()
-            .map(|(index, payload)| Shard::new(self, index as u8, stripe_id, stripe_length_bytes, payload))
+            .map(|(index, bytes)| Shard::new(self, index as u8, stripe_id, stripe_length_bytes, bytes))
             .collect())
     }
 
     /// Checks that `shards` belong to `stripe_id` under this codec and agree with each
     /// other; returns them slotted by index (k+m slots), duplicates dropped.
-    fn slot_shards(&self, stripe_id: StripeId, shards: &[Shard]) -> Result<SlottedShards, ErasureError> {
-        let mut slots: Vec<Option<Vec<u8>>> = vec![None; usize::from(self.total_shards())];
+    fn slot_shards<'a>(&self, stripe_id: StripeId, shards: &'a [Shard]) -> Result<SlottedShards<'a>, ErasureError> {
+        let mut slots: Vec<Option<&[u8]>> = vec![None; usize::from(self.total_shards())];
         let mut stripe_length_bytes = None;
         for shard in shards {
             let header = &shard.header;
@@ -401,7 +480,7 @@ impl StripeCodec {
             if *stripe_length_bytes.get_or_insert(header.stripe_length_bytes) != header.stripe_length_bytes {
                 return Err(ErasureError::Mismatch("shards disagree on the stripe length".into()));
             }
-            slots[usize::from(header.index)].get_or_insert_with(|| shard.payload.clone());
+            slots[usize::from(header.index)].get_or_insert_with(|| shard.payload());
         }
         let available = slots.iter().filter(|slot| slot.is_some()).count() as u32;
         if available < u32::from(self.data_shards) {
@@ -415,19 +494,22 @@ impl StripeCodec {
 
     /// Rebuilds the stripe from any k distinct shards of it.
     pub fn decode(&self, stripe_id: StripeId, shards: &[Shard]) -> Result<Vec<u8>, ErasureError> {
-        let (stripe_length_bytes, mut slots) = self.slot_shards(stripe_id, shards)?;
+        let (stripe_length_bytes, slots) = self.slot_shards(stripe_id, shards)?;
         let data_shards = usize::from(self.data_shards);
-        if slots[..data_shards].iter().any(Option::is_none) {
-            self.codec.reconstruct_data(data_shards, &mut slots)?;
-        }
+        let restored = if slots[..data_shards].iter().any(Option::is_none) {
+            self.codec.reconstruct_data(data_shards, &slots)?
+        } else {
+            BTreeMap::new()
+        };
+        // With every data shard at hand (the usual read) this is the stripe's only copy.
         let mut stripe = Vec::with_capacity(stripe_length_bytes as usize);
-        for slot in &slots[..data_shards] {
+        for (index, slot) in slots[..data_shards].iter().enumerate() {
             let shard = slot
-                .as_ref()
+                .or_else(|| restored.get(&index).map(Vec::as_slice))
                 .ok_or_else(|| ErasureError::Backend("data shard not restored".into()))?;
-            stripe.extend_from_slice(shard);
+            let wanted = (stripe_length_bytes as usize - stripe.len()).min(shard.len());
+            stripe.extend_from_slice(&shard[..wanted]);
         }
-        stripe.truncate(stripe_length_bytes as usize);
         Ok(stripe)
     }
 

@@ -398,10 +398,18 @@ fn encode_bounded<T: Serialize>(frame: &T) -> Result<Vec<u8>, WireError> {
     Ok(body)
 }
 
+/// [`RequestFrame`] and [`ResponseFrame`] borrowing their payload: serde writes a
+/// reference exactly as the value, so encoding a megabyte shard does not clone it first.
+#[derive(Serialize)]
+struct FrameRef<'a, T> {
+    version: u16,
+    payload: &'a T,
+}
+
 pub fn encode_request(request: &Request) -> Result<Vec<u8>, WireError> {
-    encode_bounded(&RequestFrame {
+    encode_bounded(&FrameRef {
         version: WIRE_VERSION,
-        request: request.clone(),
+        payload: request,
     })
 }
 
@@ -410,9 +418,9 @@ pub fn decode_request(body: &[u8]) -> Result<Request, WireError> {
 }
 
 pub fn encode_response(response: &Response) -> Result<Vec<u8>, WireError> {
-    encode_bounded(&ResponseFrame {
+    encode_bounded(&FrameRef {
         version: WIRE_VERSION,
-        response: response.clone(),
+        payload: response,
     })
 }
 
@@ -468,7 +476,14 @@ mod tests {
     #[test]
     fn requests_and_responses_round_trip() {
         for request in sample_requests() {
-            assert_eq!(decode_request(&encode_request(&request).unwrap()).unwrap(), request);
+            let encoded = encode_request(&request).unwrap();
+            assert_eq!(decode_request(&encoded).unwrap(), request);
+            // The borrowing encoder writes exactly the owned frame's bytes.
+            let owned = RequestFrame {
+                version: WIRE_VERSION,
+                request: request.clone(),
+            };
+            assert_eq!(encoded, postcard::to_allocvec(&owned).unwrap());
         }
         for response in [
             Response::ShardStored,
@@ -476,7 +491,13 @@ mod tests {
             Response::MetaValue { value: Some(vec![1]) },
             Response::error(RemoteErrorKind::DiskFull, "no space"),
         ] {
-            assert_eq!(decode_response(&encode_response(&response).unwrap()).unwrap(), response);
+            let encoded = encode_response(&response).unwrap();
+            assert_eq!(decode_response(&encoded).unwrap(), response);
+            let owned = ResponseFrame {
+                version: WIRE_VERSION,
+                response: response.clone(),
+            };
+            assert_eq!(encoded, postcard::to_allocvec(&owned).unwrap());
         }
     }
 

@@ -193,11 +193,11 @@ impl Inner {
             stripe_id: shard.header().stripe_id,
             index: shard.header().index,
         };
-        let bytes = shard.to_bytes();
+        let bytes = shard.as_bytes();
         let length_bytes = bytes.len() as u64;
         self.reserve(length_bytes)?;
         let committed =
-            self.write_temporary(key, &bytes)
+            self.write_temporary(key, bytes)
                 .and_then(|temporary| match self.commit_temporary(&temporary, key) {
                     Ok(replaced) => Ok(replaced),
                     Err(error) => {
@@ -225,15 +225,17 @@ impl Inner {
             Err(error) if error.kind() == ErrorKind::NotFound => return Err(StoreError::NotFound),
             Err(error) => return Err(io_error("read", &path, error)),
         };
+        let length_bytes = bytes.len();
         let corrupt = |reason: String| {
             self.corrupt_reads.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(path = %path.display(), %reason, "corrupt shard quarantined");
-            if let Err(error) = self.quarantine(key, bytes.len() as u64) {
+            if let Err(error) = self.quarantine(key, length_bytes as u64) {
                 tracing::error!(%error, "cannot quarantine a corrupt shard");
             }
             StoreError::Corrupt(format!("{}: {reason}", path.display()))
         };
-        let shard = Shard::from_bytes(&bytes).map_err(|error| corrupt(error.to_string()))?;
+        // The file's buffer becomes the shard's: no copy of the megabyte.
+        let shard = Shard::from_vec(bytes).map_err(|error| corrupt(error.to_string()))?;
         if shard.header().stripe_id != key.stripe_id || shard.header().index != key.index {
             return Err(corrupt("file holds a different shard than its name says".into()));
         }
