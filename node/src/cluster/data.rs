@@ -3,7 +3,7 @@
 //!
 //! Write: the body is read stripe by stripe (never whole); each stripe is named by a keyed
 //! hash, sealed, encoded into k+m shards and sent to its placement holders in parallel,
-//! with at most [`STRIPES_IN_FLIGHT_MAX`] stripes in flight. A shard whose holder fails is
+//! with at most [`PUT_BYTES_IN_FLIGHT_MAX`] of plaintext in flight. A shard whose holder fails is
 //! retried on the next placement candidate in the same zone. A stripe counts as written
 //! only when the shards that are durable survive the loss of a zone (and of a node) as
 //! far as the layout allows; the object is acknowledged only after its manifest is
@@ -44,9 +44,19 @@ pub const INLINE_OBJECT_BYTES_DEFAULT: u32 = 64 * 1024;
 pub const STRIPE_LENGTH_BYTES_DEFAULT: u32 = 4 * 1024 * 1024;
 pub const DATA_SHARDS_DEFAULT: u8 = 4;
 pub const PARITY_SHARDS_DEFAULT: u8 = 2;
-/// Stripes being encoded and sent at once during one put: bounds a put's memory to about
-/// this many times (stripe + sealed stripe + shards).
-pub const STRIPES_IN_FLIGHT_MAX: usize = 2;
+/// Plaintext bytes of one put being encoded and sent at once. A put holds about 2.5x this
+/// (the shards, and the frames carrying them) whatever the stripe length; a stripe's round
+/// trip (record on a metadata quorum, shards fsynced on six nodes) is latency, so several
+/// stripes overlap to keep disks and network busy.
+pub const PUT_BYTES_IN_FLIGHT_MAX: u64 = 32 * 1024 * 1024;
+/// Plaintext bytes of one read being fetched and decoded ahead of the reader.
+pub const READ_AHEAD_BYTES_MAX: u64 = 16 * 1024 * 1024;
+
+/// How many units of `unit_bytes` fit in `budget_bytes`: at least one, so any stripe
+/// length makes progress.
+fn units_within(budget_bytes: u64, unit_bytes: u64) -> usize {
+    (budget_bytes / unit_bytes.max(1)).max(1) as usize
+}
 pub const SHARD_WRITE_TIMEOUT_MS: u64 = 30_000;
 pub const SHARD_READ_TIMEOUT_MS: u64 = 15_000;
 /// How often a shard request in flight looks whether its peer has been reported down.
@@ -613,6 +623,7 @@ impl<E: Env> ClusterNode<E> {
         md5: &mut Md5,
     ) -> Result<(Manifest, u64), DataError> {
         let stripe_length = bucket.stripe_length_bytes as usize;
+        let stripes_in_flight_max = units_within(PUT_BYTES_IN_FLIGHT_MAX, u64::from(bucket.stripe_length_bytes));
         let codec = bucket.codec;
         let mut in_flight: std::collections::VecDeque<oneshot::Receiver<Result<StripeRef, DataError>>> =
             std::collections::VecDeque::new();
@@ -628,7 +639,7 @@ impl<E: Env> ClusterNode<E> {
             md5.update(&plaintext);
             size_bytes += plaintext.len() as u64;
             let end_of_body = plaintext.len() < stripe_length;
-            if in_flight.len() >= STRIPES_IN_FLIGHT_MAX {
+            if in_flight.len() >= stripes_in_flight_max {
                 stripes.push(Self::stripe_result(in_flight.pop_front().expect("non-empty")).await?);
             }
             let (sender, receiver) = oneshot::channel();
@@ -692,6 +703,7 @@ impl<E: Env> ClusterNode<E> {
     ) -> Result<StripeRef, DataError> {
         let keys = self.data_keys()?;
         let nonce = self.random_nonce();
+        let plaintext_length_bytes = plaintext.len() as u64;
         let stripe_id = StripeId::for_sealed_write(&keys.stripe_naming, &nonce, &plaintext);
         let sealed = envelope::seal(
             &keys.stripe_data,
@@ -699,9 +711,13 @@ impl<E: Env> ClusterNode<E> {
             &envelope::stripe_binding(&stripe_id),
             &plaintext,
         );
+        drop(plaintext);
+        let sealed_length_bytes = sealed.len() as u64;
         let shards = codec
             .encode(stripe_id, &sealed)
             .map_err(|error| DataError::NotDurable(error.to_string()))?;
+        // Only the shards stay while they travel: a put's memory is its shards in flight.
+        drop(sealed);
         let layout = self.layout();
         let (k, m) = (codec.data_shards, codec.parity_shards);
         let canonical = place(&layout, &stripe_id, k, m).map_err(|error| DataError::NotDurable(error.to_string()))?;
@@ -713,7 +729,7 @@ impl<E: Env> ClusterNode<E> {
         let mut stripe_record = StripeRecord {
             owner,
             codec,
-            sealed_length_bytes: sealed.len() as u64,
+            sealed_length_bytes,
             started_at_ms,
             holders: canonical.holders.clone(),
         };
@@ -786,8 +802,8 @@ impl<E: Env> ClusterNode<E> {
         }
         Ok(StripeRef {
             stripe_id,
-            plaintext_length_bytes: plaintext.len() as u64,
-            sealed_length_bytes: sealed.len() as u64,
+            plaintext_length_bytes,
+            sealed_length_bytes,
             holders,
         })
     }
@@ -890,7 +906,7 @@ impl<E: Env> ClusterNode<E> {
             StoreError::Io(reason) => Response::error(RemoteErrorKind::Internal, reason),
         };
         match request {
-            Request::PutShard { shard } => match Shard::from_bytes(&shard) {
+            Request::PutShard { shard } => match Shard::from_vec(shard) {
                 Ok(shard) => match store.put(shard).await {
                     Ok(()) => Response::ShardStored,
                     Err(error) => store_error(error),
@@ -899,7 +915,7 @@ impl<E: Env> ClusterNode<E> {
             },
             Request::GetShard { stripe_id, index } => match store.get(ShardKey { stripe_id, index }).await {
                 Ok(shard) => Response::Shard {
-                    shard: shard.to_bytes(),
+                    shard: shard.into_bytes(),
                 },
                 Err(error) => store_error(error),
             },
@@ -1097,7 +1113,8 @@ impl<E: Env> ClusterNode<E> {
         }
     }
 
-    /// Streams `range` of an object's bytes, verified, with one stripe of read-ahead.
+    /// Streams `range` of an object's bytes, verified, with up to [`READ_AHEAD_BYTES_MAX`]
+    /// of stripes read ahead.
     pub fn read_object(
         self: &Arc<Self>,
         record: ObjectVersionRecord,
@@ -1132,6 +1149,12 @@ impl<E: Env> ClusterNode<E> {
             }
             ObjectData::DeleteMarker => return Err(DataError::NoSuchKey),
         }
+        let stripe_length_bytes_max = pieces
+            .iter()
+            .filter_map(|(stripe, _)| stripe.as_ref().map(|stripe| stripe.plaintext_length_bytes))
+            .max()
+            .unwrap_or(1);
+        let read_ahead = units_within(READ_AHEAD_BYTES_MAX, stripe_length_bytes_max);
         let node = Arc::clone(self);
         let record = Arc::new(record);
         let fetch = move |piece: (Option<StripeRef>, Range<usize>)| {
@@ -1150,30 +1173,38 @@ impl<E: Env> ClusterNode<E> {
                         (Some(stripe), _, Some(codec)) => node.read_stripe(&keys, codec, stripe).await,
                         _ => Err(DataError::Corrupt("manifest and piece disagree".into())),
                     };
-                    let sliced = bytes.and_then(|bytes| {
-                        bytes
-                            .get(piece.1.clone())
-                            .map(<[u8]>::to_vec)
-                            .ok_or_else(|| DataError::Corrupt("stripe shorter than its manifest says".into()))
+                    let sliced = bytes.and_then(|mut bytes| {
+                        if piece.1.end > bytes.len() {
+                            return Err(DataError::Corrupt("stripe shorter than its manifest says".into()));
+                        }
+                        // A whole stripe (the usual case) is handed on without a copy.
+                        bytes.truncate(piece.1.end);
+                        if piece.1.start > 0 {
+                            bytes.drain(..piece.1.start);
+                        }
+                        Ok(bytes)
                     });
                     let _ = sender.send(sliced);
                 }),
             );
             receiver
         };
+        // Stripes fetched ahead of the reader, in order: each stripe is a few round trips,
+        // so several overlap; the bound keeps a read's memory at READ_AHEAD_BYTES_MAX.
         let mut pieces = pieces.into_iter();
-        let first = pieces.next().map(&fetch);
-        let state = (first, pieces, fetch);
+        let started: std::collections::VecDeque<_> = pieces.by_ref().take(read_ahead).map(&fetch).collect();
+        let state = (started, pieces, fetch);
         Ok(futures::stream::unfold(
             state,
-            |(current, mut pieces, fetch)| async move {
-                let current = current?;
-                // Start the next stripe before waiting for this one: one stripe of read-ahead.
-                let next = pieces.next().map(&fetch);
+            |(mut started, mut pieces, fetch)| async move {
+                let current = started.pop_front()?;
+                if let Some(piece) = pieces.next() {
+                    started.push_back(fetch(piece));
+                }
                 let result = current
                     .await
                     .unwrap_or_else(|_| Err(DataError::Corrupt("stripe reader stopped".into())));
-                Some((result, (next, pieces, fetch)))
+                Some((result, (started, pieces, fetch)))
             },
         ))
     }
@@ -1228,7 +1259,7 @@ impl<E: Env> ClusterNode<E> {
         {
             // A shard damaged in transit is as bad as one damaged on disk.
             Ok(Response::Shard { shard }) => {
-                Shard::from_bytes(&shard).map_err(|error| FetchError::Corrupt(error.to_string()))
+                Shard::from_vec(shard).map_err(|error| FetchError::Corrupt(error.to_string()))
             }
             Ok(Response::Error {
                 kind: RemoteErrorKind::Corrupt,
