@@ -5,6 +5,7 @@
 //! [`durability`] is separate: a failure-and-repair model of clusters far larger than a
 //! run can hold (`bdr-sim durability`).
 
+pub mod disk;
 pub mod durability;
 pub mod executor;
 pub mod sim;
@@ -16,7 +17,7 @@ pub use sim::{run, Outcome, Scenario};
 
 /// The scenarios shipped in `simulator/scenarios/`, built in so `bdr-sim` works from
 /// any folder.
-pub const BUILTIN_SCENARIOS: [(&str, &str); 5] = [
+pub const BUILTIN_SCENARIOS: [(&str, &str); 7] = [
     ("swarm", include_str!("../scenarios/swarm.toml")),
     ("zone-outage", include_str!("../scenarios/zone-outage.toml")),
     ("rolling-restart", include_str!("../scenarios/rolling-restart.toml")),
@@ -25,11 +26,13 @@ pub const BUILTIN_SCENARIOS: [(&str, &str); 5] = [
         "partition-and-heal",
         include_str!("../scenarios/partition-and-heal.toml"),
     ),
+    ("disk-faults", include_str!("../scenarios/disk-faults.toml")),
+    ("beyond-budget", include_str!("../scenarios/beyond-budget.toml")),
 ];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ScenarioError {
-    #[error("no scenario named {0:?} and no such file (built in: swarm, zone-outage, rolling-restart, bit-rot-storm, partition-and-heal)")]
+    #[error("no scenario named {0:?} and no such file (built in: swarm, zone-outage, rolling-restart, bit-rot-storm, partition-and-heal, disk-faults, beyond-budget)")]
     Unknown(String),
     #[error("scenario {0}: {1}")]
     Invalid(String, String),

@@ -1,7 +1,7 @@
 //! One simulation run: boot a cluster of real `ClusterNode`s in the simulated world, run a
 //! client workload while injecting faults, then heal everything and check the invariants.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
 use bdr_node::cluster::data::{BucketOptions, DataError, DataKeys, ObjectWrite};
@@ -11,13 +11,14 @@ use bdr_node::cluster::{ClusterInbound, ClusterNode};
 use bdr_node::env::{Env, InboundHandler, ShardStore, Tree};
 use bdr_protocol::envelope::RootKey;
 use bdr_protocol::erasure::{CodecId, StripeCodec};
-use bdr_protocol::ids::{NodeId, ZoneName};
+use bdr_protocol::ids::{NodeId, StripeId, ZoneName};
 use bdr_protocol::layout::{NodeRoles, NodeSpec, NodeStatus};
 use bdr_protocol::placement::place;
 use bdr_protocol::records::{RowKey, VersioningState, METADATA_PARTITIONS};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
+use crate::disk::{DiskFaultCounters, FaultAtlas, LostWrites};
 use crate::world::{NetworkSettings, SimEnv, World};
 
 /// Virtual start time: a plausible wall clock, so HLC timestamps look real.
@@ -29,6 +30,15 @@ const BUCKET_CREATE_ATTEMPTS_MAX: u32 = 60;
 /// Longest the cluster may take to boot and create the workload's bucket (virtual).
 const SETUP_MS_MAX: u64 = 40_000;
 const BUCKET_CREATE_RETRY_MS: u64 = 500;
+/// Fault kinds that hit the one failing disk (`Shared::disk_node`).
+const DISK_FAULTS: [&str; 5] = ["bit-rot", "torn-write", "lost-write", "read-error", "disk-full"];
+/// A torn-write fault makes that disk's writes take this long (+ up to the spread), then
+/// crashes the node as soon as one is in flight, polling this often.
+const TORN_WRITE_LATENCY_MS_MIN: u64 = 20;
+const TORN_WRITE_LATENCY_MS_SPREAD: u64 = 180;
+const TORN_WRITE_POLL_MS: u64 = 5;
+/// Beyond the budget: how many live stripes lose m+1 shards.
+const BEYOND_BUDGET_STRIPES: usize = 3;
 /// Planted in every object's content: must never be found on any node's "disk".
 pub const PLAINTEXT_MARKER: &[u8] = b"SIM-PLAINTEXT-MARKER-7d2e";
 
@@ -58,6 +68,17 @@ pub struct Scenario {
     pub clock_skew: bool,
     pub bit_rot: bool,
     pub zone_outage: bool,
+    /// Disk faults on one node's shard disk (each a fault kind of its own, swarm-toggled):
+    /// torn writes, lost writes, latent read errors, a full disk. Not meant to be combined
+    /// with `zone_outage` (a zone outage alone uses the whole budget of m shards).
+    #[serde(default)]
+    pub disk_faults: bool,
+    /// Go beyond the budget: when the faults heal, m+1 shards of a few live stripes are
+    /// destroyed (deleted or rotten on every node). Reads must then return the exact
+    /// acknowledged bytes or fail, never wrong bytes; reads of the lost objects must fail
+    /// and the maintainers must count the stripes as lost.
+    #[serde(default)]
+    pub beyond_budget: bool,
     /// Turn versioning on for the workload's bucket (with `swarm`, for half the seeds):
     /// puts add versions, deletes add delete markers, and every acknowledged version must
     /// read back by its id at the end.
@@ -87,6 +108,8 @@ impl Default for Scenario {
             clock_skew: true,
             bit_rot: true,
             zone_outage: false,
+            disk_faults: true,
+            beyond_budget: false,
             versioning: true,
         }
     }
@@ -104,6 +127,13 @@ pub struct Outcome {
     /// Acknowledged versions read back by id at the end (0 when versioning was off).
     pub versions_checked: u64,
     pub faults_injected: Vec<String>,
+    /// What the disk faults did, summed over the nodes.
+    pub disk_faults: DiskFaultCounters,
+    /// Beyond the budget: stripes destroyed, reads (final and by version) that failed on
+    /// them as they must, and the stripes the maintainers' last surveys count as lost.
+    pub stripes_destroyed: u64,
+    pub detected_losses: u64,
+    pub lost_stripes_reported: u64,
     pub events: u64,
     pub messages: u64,
     pub virtual_ms: u64,
@@ -142,10 +172,13 @@ struct Shared {
     failures: Mutex<Vec<String>>,
     counters: Mutex<BTreeMap<&'static str, u64>>,
     faults: Mutex<Vec<String>>,
-    /// The one node whose shards may rot, and at most one shard per stripe: with one
-    /// other node down a stripe then loses at most 2 = m shards.
-    rot_node: Option<usize>,
-    rotten_stripes: Mutex<std::collections::BTreeSet<bdr_protocol::ids::StripeId>>,
+    /// The one node whose disk fails (bit rot, torn and lost writes, read errors, full),
+    /// each fault on at most one shard per stripe (the atlas): with one other node
+    /// impaired a stripe then misses at most 2 = m shards.
+    disk_node: Option<usize>,
+    atlas: Arc<FaultAtlas>,
+    /// Stripes destroyed beyond the budget: reads of objects using them may fail.
+    destroyed: Mutex<BTreeSet<StripeId>>,
     /// Nodes booted (or booting) and not crashed since: a node's store must never be
     /// driven by two instances at once.
     running: Mutex<std::collections::BTreeSet<usize>>,
@@ -211,6 +244,156 @@ impl Shared {
         *self.counters.lock().expect("not poisoned").entry(counter).or_default() += amount;
     }
 
+    /// Whether a read of an object made of `stripes` may fail: one of them was destroyed
+    /// beyond the budget.
+    fn lost_beyond_budget(&self, stripes: &[StripeId]) -> bool {
+        let destroyed = self.destroyed.lock().expect("not poisoned");
+        stripes.iter().any(|stripe_id| destroyed.contains(stripe_id))
+    }
+
+    /// The latest record of every row of `table`, merged over every node's local rows.
+    fn merged_rows(
+        &self,
+        table: bdr_protocol::wire::Table,
+    ) -> BTreeMap<Vec<u8>, bdr_protocol::records::Lww<bdr_protocol::records::Record>> {
+        let mut merged: BTreeMap<Vec<u8>, bdr_protocol::records::Lww<bdr_protocol::records::Record>> = BTreeMap::new();
+        for env in &self.envs {
+            let rows = env
+                .meta_store()
+                .scan(Tree::Table(table), b"", None, 1_000_000)
+                .unwrap_or_default();
+            for (key, value) in rows {
+                let Ok(register) = bdr_protocol::records::decode_stored_value(&value) else {
+                    self.fail(format!("undecodable {} row", table.name()));
+                    continue;
+                };
+                match merged.get_mut(&key) {
+                    Some(existing) => {
+                        existing.merge(&register);
+                    }
+                    None => {
+                        merged.insert(key, register);
+                    }
+                }
+            }
+        }
+        merged
+    }
+
+    /// Stripes that committed object versions use, with their codes.
+    fn object_stripes(&self) -> BTreeMap<StripeId, StripeCodec> {
+        use bdr_protocol::records::{ObjectData, Record};
+        let mut live = BTreeMap::new();
+        for register in self.merged_rows(bdr_protocol::wire::Table::Objects).values() {
+            if let Some(Record::ObjectVersion(object)) = &register.value {
+                if let ObjectData::Striped(manifest) = &object.data {
+                    for stripe in &manifest.stripes {
+                        live.insert(stripe.stripe_id, manifest.codec);
+                    }
+                }
+            }
+        }
+        live
+    }
+
+    /// Stripes of the parts of multipart uploads still in progress (neither completed
+    /// nor aborted): they must be kept, at full redundancy, like objects'.
+    fn upload_part_stripes(&self) -> BTreeMap<StripeId, StripeCodec> {
+        use bdr_protocol::records::{ObjectData, Record};
+        let uploads: BTreeSet<String> = self
+            .merged_rows(bdr_protocol::wire::Table::MultipartUploads)
+            .into_values()
+            .filter_map(|register| match register.value {
+                Some(Record::MultipartUpload(upload)) => Some(upload.upload_id),
+                _ => None,
+            })
+            .collect();
+        let mut live = BTreeMap::new();
+        for register in self.merged_rows(bdr_protocol::wire::Table::MultipartParts).values() {
+            if let Some(Record::MultipartPart(part)) = &register.value {
+                if !uploads.contains(&part.upload_id) {
+                    continue;
+                }
+                if let ObjectData::Striped(manifest) = &part.data {
+                    for stripe in &manifest.stripes {
+                        live.insert(stripe.stripe_id, manifest.codec);
+                    }
+                }
+            }
+        }
+        live
+    }
+
+    /// Beyond the budget: m+1 shards of a few live object stripes are destroyed on every
+    /// node (deleted, or rotten so that reads find them corrupt).
+    fn destroy_beyond_budget(&self) {
+        let mut candidates: Vec<(StripeId, StripeCodec)> = self.object_stripes().into_iter().collect();
+        let count = BEYOND_BUDGET_STRIPES.min(candidates.len());
+        for pick in 0..count {
+            let at = pick + self.world.random_below((candidates.len() - pick) as u64) as usize;
+            candidates.swap(pick, at);
+            let (stripe_id, codec) = candidates[pick];
+            let mut indexes: Vec<u8> = (0..codec.total_shards()).collect();
+            let doomed = usize::from(codec.parity_shards) + 1;
+            for slot in 0..doomed {
+                let at = slot + self.world.random_below((indexes.len() - slot) as u64) as usize;
+                indexes.swap(slot, at);
+            }
+            for index in &indexes[..doomed] {
+                let key = bdr_node::env::ShardKey {
+                    stripe_id,
+                    index: *index,
+                };
+                let by_rot = self.world.random_below(2) == 0;
+                let position = self.world.random_below(64) as usize;
+                for env in &self.envs {
+                    if by_rot {
+                        env.shards.destroy_by_rot(key, position);
+                    } else {
+                        env.shards.destroy(key);
+                    }
+                }
+            }
+            self.world.record(&[b"destroy", stripe_id.as_bytes()]);
+            self.destroyed.lock().expect("not poisoned").insert(stripe_id);
+            self.faults.lock().expect("not poisoned").push(format!(
+                "beyond budget: stripe {} loses {doomed} of {} shards",
+                stripe_id.short(),
+                codec.total_shards()
+            ));
+        }
+        self.count_by("stripes_destroyed", count as u64);
+    }
+
+    /// Beyond the budget: the maintainers must count the destroyed stripes still in use
+    /// as lost (their surveys ran during the settle phase).
+    fn check_loss_reported(&self) {
+        let object_stripes = self.object_stripes();
+        let destroyed_in_use = self
+            .destroyed
+            .lock()
+            .expect("not poisoned")
+            .iter()
+            .filter(|stripe_id| object_stripes.contains_key(stripe_id))
+            .count() as u64;
+        let lost_reported: u64 = self
+            .up_nodes()
+            .iter()
+            .map(|(_, node)| node.maintenance_report().stripes.lost)
+            .sum();
+        self.count_by("lost_stripes_reported", lost_reported);
+        self.world.record(&[
+            b"loss-reported",
+            &destroyed_in_use.to_le_bytes(),
+            &lost_reported.to_le_bytes(),
+        ]);
+        if destroyed_in_use > 0 && lost_reported == 0 {
+            self.fail(format!(
+                "{destroyed_in_use} stripes in use lost m+1 shards, but no maintainer reports a lost stripe"
+            ));
+        }
+    }
+
     fn up_nodes(&self) -> Vec<(usize, Arc<ClusterNode<SimEnv>>)> {
         let nodes = self.nodes.lock().expect("not poisoned");
         self.envs
@@ -270,6 +453,7 @@ impl Shared {
         self.nodes.lock().expect("not poisoned").remove(&env.id);
         self.world.executor.kill_node_tasks(&env.id);
         env.meta.crash();
+        env.shards.crash();
     }
 
     fn zone_of(&self, index: usize) -> u32 {
@@ -367,12 +551,14 @@ impl Shared {
         let versions = self.versions.lock().expect("not poisoned").clone();
         for (position, (key, version_id, hash)) in versions.iter().enumerate() {
             let gateway = &up[position % up.len()].1;
+            let mut stripes_read: Vec<StripeId> = Vec::new();
             let observed: Result<[u8; 32], DataError> = async {
                 let bucket = gateway
                     .bucket(BUCKET)
                     .await?
                     .ok_or_else(|| DataError::NoSuchBucket(BUCKET.into()))?;
                 let record = gateway.object_version(&bucket, key, Some(version_id)).await?;
+                stripes_read = stripes_of(&record);
                 let size = record.size_bytes;
                 let mut stream = Box::pin(gateway.read_object(record, 0..size)?);
                 let mut bytes = Vec::new();
@@ -395,6 +581,7 @@ impl Shared {
                     hex::encode(&observed[..6]),
                     hex::encode(&hash[..6])
                 )),
+                Err(_) if self.lost_beyond_budget(&stripes_read) => self.count("detected_losses"),
                 Err(error) => self.fail(format!("version {version_id} of {key} is lost: {error}")),
             }
         }
@@ -424,12 +611,14 @@ impl Shared {
             .get(key)
             .cloned()
             .unwrap_or_default();
+        let mut stripes_read: Vec<StripeId> = Vec::new();
         let observed: Result<Value, DataError> = async {
             let record = match gateway.head_object(BUCKET, key).await {
                 Ok(record) => record,
                 Err(DataError::NoSuchKey) => return Ok(None),
                 Err(error) => return Err(error),
             };
+            stripes_read = stripes_of(&record);
             let size = record.size_bytes;
             let mut stream = Box::pin(gateway.read_object(record, 0..size)?);
             let mut bytes = Vec::new();
@@ -458,6 +647,7 @@ impl Shared {
                     .unwrap_or_else(|| "absent".into()),
                 model.maybe.len()
             )),
+            Err(_) if must_succeed && self.lost_beyond_budget(&stripes_read) => self.count("detected_losses"),
             Err(error) if must_succeed => self.fail(format!("read of {key} failed after healing: {error}")),
             Err(_) => self.count("unavailable"),
         }
@@ -485,7 +675,13 @@ impl Shared {
         while !enabled.is_empty() && self.world.executor.now_ms() + 10_000 < end_ms {
             self.world.executor.sleep(1_000 + self.world.random_below(4_000)).await;
             let fault = enabled[self.world.random_below(enabled.len() as u64) as usize];
-            let victim = self.world.random_below(u64::from(self.scenario.nodes)) as usize;
+            let mut victim = self.world.random_below(u64::from(self.scenario.nodes)) as usize;
+            if DISK_FAULTS.contains(&fault) {
+                match self.disk_node {
+                    Some(disk_node) => victim = disk_node,
+                    None => continue,
+                }
+            }
             let duration_ms = 1_000 + self.world.random_below(8_000);
             self.world.record(&[b"fault", fault.as_bytes(), &[victim as u8]]);
             self.faults
@@ -533,23 +729,66 @@ impl Shared {
                     }
                 }
                 "bit-rot" => {
-                    if let Some(rot) = self.rot_node {
-                        let store = Arc::clone(&self.envs[rot].shards);
-                        let keys = store.list().await.unwrap_or_default();
-                        if !keys.is_empty() {
-                            let key = keys[self.world.random_below(keys.len() as u64) as usize];
-                            if !self.rotten_stripes.lock().expect("not poisoned").insert(key.stripe_id) {
-                                continue;
+                    let store = Arc::clone(&self.envs[victim].shards);
+                    let keys = store.list().await.unwrap_or_default();
+                    if !keys.is_empty() {
+                        let key = keys[self.world.random_below(keys.len() as u64) as usize];
+                        let position = self.world.random_below(64) as usize;
+                        store.rot(key, |bytes| {
+                            let at = position % bytes.len().max(1);
+                            if let Some(byte) = bytes.get_mut(at) {
+                                *byte ^= 0x20;
                             }
-                            let position = self.world.random_below(64) as usize;
-                            store.damage(key, |bytes| {
-                                let at = position % bytes.len().max(1);
-                                if let Some(byte) = bytes.get_mut(at) {
-                                    *byte ^= 0x20;
-                                }
-                            });
-                        }
+                        });
                     }
+                }
+                "torn-write" => {
+                    // Crash the node while one of its shard writes is half done.
+                    let store = Arc::clone(&self.envs[victim].shards);
+                    store.set_torn_writes(Some(
+                        TORN_WRITE_LATENCY_MS_MIN + self.world.random_below(TORN_WRITE_LATENCY_MS_SPREAD),
+                    ));
+                    let give_up_ms = self.world.executor.now_ms() + duration_ms;
+                    while store.puts_in_flight() == 0 && self.world.executor.now_ms() < give_up_ms {
+                        self.world.executor.sleep(TORN_WRITE_POLL_MS).await;
+                    }
+                    store.set_torn_writes(None);
+                    self.crash(victim);
+                    self.world.executor.sleep(duration_ms).await;
+                    self.boot(victim);
+                }
+                "lost-write" => {
+                    let store = Arc::clone(&self.envs[victim].shards);
+                    let mode = if self.world.random_below(2) == 0 {
+                        LostWrites::Cached
+                    } else {
+                        LostWrites::Silent
+                    };
+                    store.set_lost_writes(Some(mode));
+                    self.world.executor.sleep(duration_ms).await;
+                    if mode == LostWrites::Cached && self.world.random_below(2) == 0 {
+                        // The cache dies with the node; it comes back without those shards.
+                        self.crash(victim);
+                        store.set_lost_writes(None);
+                        self.world.executor.sleep(duration_ms).await;
+                        self.boot(victim);
+                    } else {
+                        // Firmware drops its cache while the node runs on, none the wiser.
+                        store.lose_cached_writes();
+                        store.set_lost_writes(None);
+                    }
+                }
+                "read-error" => {
+                    let store = Arc::clone(&self.envs[victim].shards);
+                    store.set_read_errors(Some(self.world.random_below(256) as u8));
+                    self.world.executor.sleep(duration_ms).await;
+                    store.set_read_errors(None);
+                }
+                "disk-full" => {
+                    let store = Arc::clone(&self.envs[victim].shards);
+                    store.set_disk_full(true);
+                    self.world.executor.sleep(duration_ms).await;
+                    store.set_disk_full(false);
                 }
                 _ => {}
             }
@@ -560,39 +799,12 @@ impl Shared {
     /// shard verified at its canonical holder, and no other shard is left anywhere (all
     /// garbage collected, every stand-in copy removed).
     async fn check_redundancy_and_garbage(&self, layout: &bdr_protocol::layout::Layout) {
-        use bdr_protocol::records::{decode_stored_value, Lww, ObjectData, Record};
-        // The latest object records, merged over every node's local rows.
-        let mut objects: BTreeMap<Vec<u8>, Lww<Record>> = BTreeMap::new();
-        for env in &self.envs {
-            let rows = env
-                .meta_store()
-                .scan(Tree::Table(bdr_protocol::wire::Table::Objects), b"", None, 1_000_000)
-                .unwrap_or_default();
-            for (key, value) in rows {
-                let Ok(register) = decode_stored_value(&value) else {
-                    self.fail("undecodable object row".into());
-                    continue;
-                };
-                match objects.get_mut(&key) {
-                    Some(existing) => {
-                        existing.merge(&register);
-                    }
-                    None => {
-                        objects.insert(key, register);
-                    }
-                }
-            }
-        }
-        let mut live: BTreeMap<bdr_protocol::ids::StripeId, StripeCodec> = BTreeMap::new();
-        for register in objects.values() {
-            if let Some(Record::ObjectVersion(object)) = &register.value {
-                if let ObjectData::Striped(manifest) = &object.data {
-                    for stripe in &manifest.stripes {
-                        live.insert(stripe.stripe_id, manifest.codec);
-                    }
-                }
-            }
-        }
+        use bdr_protocol::records::{decode_stored_value, Record};
+        let destroyed = self.destroyed.lock().expect("not poisoned").clone();
+        let mut live = self.object_stripes();
+        live.extend(self.upload_part_stripes());
+        // Destroyed beyond the budget: cannot come back, and their survivors stay put.
+        live.retain(|stripe_id, _| !destroyed.contains(stripe_id));
         let mut wanted: BTreeMap<(bdr_protocol::ids::StripeId, u8), NodeId> = BTreeMap::new();
         for (stripe_id, codec) in &live {
             let Ok(placement) = place(layout, stripe_id, codec.data_shards, codec.parity_shards) else {
@@ -610,6 +822,9 @@ impl Shared {
         let mut found: std::collections::BTreeSet<(bdr_protocol::ids::StripeId, u8)> = Default::default();
         for env in &self.envs {
             for key in env.shards.list().await.unwrap_or_default() {
+                if destroyed.contains(&key.stripe_id) {
+                    continue;
+                }
                 let at_home = wanted.get(&(key.stripe_id, key.index)) == Some(&env.id);
                 if !at_home {
                     extra += 1;
@@ -768,6 +983,9 @@ impl Shared {
             self.get(gateway, key, true).await;
         }
         self.check_versions(&up).await;
+        if self.scenario.beyond_budget {
+            self.check_loss_reported();
+        }
         // No plaintext on any node's disk (shards and metadata).
         for (index, env) in self.envs.iter().enumerate() {
             for key in env.shards.list().await.unwrap_or_default() {
@@ -820,6 +1038,10 @@ pub fn run(seed: u64, scenario: &Scenario) -> Outcome {
     toggle(scenario.partitions, "one-way-partition");
     toggle(scenario.bit_rot, "bit-rot");
     toggle(scenario.zone_outage, "zone-outage");
+    toggle(scenario.disk_faults, "torn-write");
+    toggle(scenario.disk_faults, "lost-write");
+    toggle(scenario.disk_faults, "read-error");
+    toggle(scenario.disk_faults, "disk-full");
     let message_loss = scenario.message_loss && (!scenario.swarm || world.random_below(4) != 0);
     let clock_skew = scenario.clock_skew && (!scenario.swarm || world.random_below(4) != 0);
     let versioned = scenario.versioning && (!scenario.swarm || world.random_below(2) != 0);
@@ -831,6 +1053,7 @@ pub fn run(seed: u64, scenario: &Scenario) -> Outcome {
         });
     }
 
+    let atlas = Arc::new(FaultAtlas::default());
     let envs: Vec<Arc<SimEnv>> = (0..scenario.nodes as usize)
         .map(|index| {
             let env = SimEnv::new(
@@ -838,6 +1061,7 @@ pub fn run(seed: u64, scenario: &Scenario) -> Outcome {
                 Arc::clone(&world),
                 seed ^ ((index as u64 + 1) * 0x9e37),
                 1 << 40,
+                Arc::clone(&atlas),
             );
             if clock_skew {
                 let skew_ms = world.random_below(10 * 60 * 1000) as i64 - 5 * 60 * 1000;
@@ -854,8 +1078,9 @@ pub fn run(seed: u64, scenario: &Scenario) -> Outcome {
             status: NodeStatus::Active,
         })
         .collect();
-    let rot_node = enabled
-        .contains(&"bit-rot")
+    let disk_node = enabled
+        .iter()
+        .any(|fault| DISK_FAULTS.contains(fault))
         .then(|| world.random_below(u64::from(scenario.nodes)) as usize);
     let shared = Arc::new(Shared {
         world: Arc::clone(&world),
@@ -867,8 +1092,9 @@ pub fn run(seed: u64, scenario: &Scenario) -> Outcome {
         failures: Mutex::new(Vec::new()),
         counters: Mutex::new(BTreeMap::new()),
         faults: Mutex::new(Vec::new()),
-        rot_node,
-        rotten_stripes: Mutex::new(std::collections::BTreeSet::new()),
+        disk_node,
+        atlas,
+        destroyed: Mutex::new(BTreeSet::new()),
         running: Mutex::new(std::collections::BTreeSet::new()),
         bucket_created: Mutex::new(false),
         versioned,
@@ -963,6 +1189,9 @@ pub fn run(seed: u64, scenario: &Scenario) -> Outcome {
     // Liveness phase: heal everything, let repair and anti-entropy run, then check.
     world.record(&[b"heal"]);
     world.heal_all_links();
+    for env in &shared.envs {
+        env.shards.heal();
+    }
     world.set_network(NetworkSettings {
         latency_ms_min: 1,
         latency_ms_max: 40,
@@ -970,6 +1199,9 @@ pub fn run(seed: u64, scenario: &Scenario) -> Outcome {
     });
     for index in 0..scenario.nodes as usize {
         shared.boot(index);
+    }
+    if scenario.beyond_budget {
+        shared.destroy_beyond_budget();
     }
     world.executor.run_until(fault_end + scenario.settle_ms);
     let checker = Arc::clone(&shared);
@@ -992,6 +1224,17 @@ pub fn run(seed: u64, scenario: &Scenario) -> Outcome {
         shared.fail("the final checks did not finish within two virtual minutes".into());
     }
 
+    let mut disk_faults = DiskFaultCounters::default();
+    for env in &shared.envs {
+        disk_faults.add(&env.shards.counters());
+    }
+    disk_faults.stripes_claimed = shared.atlas.claimed_stripes() as u64;
+    if disk_faults.torn_read_as_data > 0 {
+        shared.fail(format!(
+            "{} torn shard files read back as data instead of corrupt",
+            disk_faults.torn_read_as_data
+        ));
+    }
     let counters = shared.counters.lock().expect("not poisoned").clone();
     let outcome = Outcome {
         seed,
@@ -1002,7 +1245,11 @@ pub fn run(seed: u64, scenario: &Scenario) -> Outcome {
         acknowledged_writes: counters.get("acknowledged_writes").copied().unwrap_or(0),
         unavailable_operations: counters.get("unavailable").copied().unwrap_or(0),
         versions_checked: counters.get("versions_checked").copied().unwrap_or(0),
+        stripes_destroyed: counters.get("stripes_destroyed").copied().unwrap_or(0),
+        detected_losses: counters.get("detected_losses").copied().unwrap_or(0),
+        lost_stripes_reported: counters.get("lost_stripes_reported").copied().unwrap_or(0),
         faults_injected: shared.faults.lock().expect("not poisoned").clone(),
+        disk_faults,
         events: world.event_count(),
         messages: world.message_count(),
         virtual_ms: world.executor.now_ms() - START_MS,
@@ -1012,4 +1259,14 @@ pub fn run(seed: u64, scenario: &Scenario) -> Outcome {
         world.executor.kill_node_tasks(&env.id);
     }
     outcome
+}
+
+/// The stripes an object version's data lives in (none when inline).
+fn stripes_of(record: &bdr_protocol::records::ObjectVersionRecord) -> Vec<StripeId> {
+    match &record.data {
+        bdr_protocol::records::ObjectData::Striped(manifest) => {
+            manifest.stripes.iter().map(|stripe| stripe.stripe_id).collect()
+        }
+        _ => Vec::new(),
+    }
 }

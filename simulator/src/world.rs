@@ -6,12 +6,13 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bdr_node::env::{BoxFuture, Env, InboundHandler, KeyValue, MetaStore, NetworkError, ShardStore, StoreError, Tree};
-use bdr_node::stores::memory::{scan_ordered, MemoryShardStore};
+use bdr_node::stores::memory::scan_ordered;
 use bdr_protocol::ids::NodeId;
 use bdr_protocol::wire::{self, Request, Response};
 use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use crate::disk::{FaultAtlas, FaultyShardStore};
 use crate::executor::Executor;
 
 /// Network behaviour, chosen per seed.
@@ -254,18 +255,18 @@ impl MetaStore for CrashableMetaStore {
 pub struct SimEnv {
     pub id: NodeId,
     pub world: Arc<World>,
-    pub shards: Arc<MemoryShardStore>,
+    pub shards: Arc<FaultyShardStore>,
     pub meta: Arc<CrashableMetaStore>,
     pub clock_skew_ms: AtomicI64,
     rng: Mutex<ChaCha8Rng>,
 }
 
 impl SimEnv {
-    pub fn new(id: NodeId, world: Arc<World>, seed: u64, capacity_bytes: u64) -> SimEnv {
+    pub fn new(id: NodeId, world: Arc<World>, seed: u64, capacity_bytes: u64, atlas: Arc<FaultAtlas>) -> SimEnv {
         SimEnv {
             id,
+            shards: Arc::new(FaultyShardStore::new(id, capacity_bytes, atlas, world.executor.clone())),
             world,
-            shards: Arc::new(MemoryShardStore::new(capacity_bytes)),
             meta: Arc::new(CrashableMetaStore::default()),
             clock_skew_ms: AtomicI64::new(0),
             rng: Mutex::new(ChaCha8Rng::seed_from_u64(seed)),

@@ -43,13 +43,14 @@ fn assert_all_pass(outcomes: &[Outcome]) {
 
 #[test]
 fn many_seeds_of_every_scenario_pass() {
-    let per_scenario = SEEDS_TOTAL / BUILTIN_SCENARIOS.len() as u64;
+    let per_scenario = SEEDS_TOTAL.div_ceil(BUILTIN_SCENARIOS.len() as u64);
     let jobs: Vec<(String, u64)> = BUILTIN_SCENARIOS
         .iter()
         .flat_map(|(name, _)| (1000..1000 + per_scenario).map(move |seed| (name.to_string(), seed)))
         .collect();
     let outcomes = run_in_parallel(jobs);
     assert_eq!(outcomes.len() as u64, per_scenario * BUILTIN_SCENARIOS.len() as u64);
+    assert!(outcomes.len() as u64 >= SEEDS_TOTAL);
     let acknowledged: u64 = outcomes.iter().map(|outcome| outcome.acknowledged_writes).sum();
     let faults: usize = outcomes.iter().map(|outcome| outcome.faults_injected.len()).sum();
     assert!(
@@ -62,8 +63,32 @@ fn many_seeds_of_every_scenario_pass() {
         versions_checked > 100,
         "too few old versions were read back: {versions_checked}"
     );
+    // Every disk fault kind did something somewhere (each is its own fault kind).
+    let mut disk = bdr_sim::disk::DiskFaultCounters::default();
+    for outcome in &outcomes {
+        disk.add(&outcome.disk_faults);
+    }
+    assert!(disk.torn_files_left > 0, "no torn write was left by a crash: {disk:?}");
+    assert!(disk.writes_lost > 0, "no acknowledged write was lost: {disk:?}");
+    assert!(
+        disk.read_errors_returned > 0,
+        "no latent read error was returned: {disk:?}"
+    );
+    assert!(disk.puts_refused_disk_full > 0, "no put met a full disk: {disk:?}");
+    // Beyond the budget, losses happen: they must be seen (failed reads) and reported
+    // (maintenance counts lost stripes); wrong bytes fail the seed like anywhere else.
+    let beyond: Vec<&Outcome> = outcomes
+        .iter()
+        .filter(|outcome| outcome.scenario == "beyond-budget")
+        .collect();
+    let destroyed: u64 = beyond.iter().map(|outcome| outcome.stripes_destroyed).sum();
+    let detected: u64 = beyond.iter().map(|outcome| outcome.detected_losses).sum();
+    let reported: u64 = beyond.iter().map(|outcome| outcome.lost_stripes_reported).sum();
+    assert!(destroyed > 0 && detected > 0 && reported > 0,
+        "beyond the budget: {destroyed} stripes destroyed, {detected} losses detected by reads, {reported} reported lost");
     println!(
-        "{} seeds, {acknowledged} acknowledged writes, {faults} faults",
+        "{} seeds, {acknowledged} acknowledged writes, {faults} faults, disk faults {disk:?}, beyond budget: \
+         {destroyed} stripes destroyed, {detected} failed reads, {reported} reported lost",
         outcomes.len()
     );
     assert_all_pass(&outcomes);
