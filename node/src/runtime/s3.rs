@@ -536,23 +536,29 @@ impl<E: Env> Gateway<E> {
 /// An S3 request body as a stream of io results (what `into_async_read` wants), fed
 /// through the request's checksum verifier if it declared a checksum. A named type rather
 /// than a `map_err` closure: closures here trip a higher-ranked lifetime limitation of the
-/// compiler inside `async_trait` methods.
+/// compiler inside `async_trait` methods. Stalls are cut by [`IdleTimeoutBody`] under
+/// every request body; its error arrives here as `TimedOut` (RequestTimeout to S3).
 struct IoBody {
     body: StreamingBlob,
     verifier: Option<Arc<ChecksumVerifier>>,
-    /// Fires when the client has sent nothing for [`S3_BODY_IDLE_TIMEOUT_MS`]; reset by
-    /// every chunk, so a slow but steady upload is never cut.
-    idle: std::pin::Pin<Box<tokio::time::Sleep>>,
 }
 
 impl IoBody {
     fn new(body: StreamingBlob, verifier: Option<Arc<ChecksumVerifier>>) -> IoBody {
-        IoBody {
-            body,
-            verifier,
-            idle: Box::pin(tokio::time::sleep(Duration::from_millis(S3_BODY_IDLE_TIMEOUT_MS))),
-        }
+        IoBody { body, verifier }
     }
+}
+
+/// A body error as an io error, `TimedOut` if [`IdleTimeoutBody`] cut the body.
+fn io_error_of_body(error: s3s::StdError) -> std::io::Error {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error.as_ref());
+    while let Some(current) = cause {
+        if current.downcast_ref::<BodyIdleTimeout>().is_some() {
+            return std::io::Error::new(std::io::ErrorKind::TimedOut, current.to_string());
+        }
+        cause = current.source();
+    }
+    std::io::Error::other(error.to_string())
 }
 
 impl futures::Stream for IoBody {
@@ -563,22 +569,89 @@ impl futures::Stream for IoBody {
         context: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Self::Item>> {
         let polled = self.body.poll_next_unpin(context);
-        if polled.is_pending() {
-            if self.idle.as_mut().poll(context).is_ready() {
-                return std::task::Poll::Ready(Some(Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!("no body bytes for {S3_BODY_IDLE_TIMEOUT_MS} ms"),
-                ))));
-            }
-            return std::task::Poll::Pending;
-        }
-        let deadline = tokio::time::Instant::now() + Duration::from_millis(S3_BODY_IDLE_TIMEOUT_MS);
-        self.idle.as_mut().reset(deadline);
         if let (std::task::Poll::Ready(Some(Ok(chunk))), Some(verifier)) = (&polled, &self.verifier) {
             verifier.update(chunk);
         }
-        polled.map(|item| item.map(|chunk| chunk.map_err(|error| std::io::Error::other(error.to_string()))))
+        polled.map(|item| item.map(|chunk| chunk.map_err(io_error_of_body)))
     }
+}
+
+/// What a request body that stalled fails with.
+#[derive(Debug, thiserror::Error)]
+#[error("no body bytes for {S3_BODY_IDLE_TIMEOUT_MS} ms")]
+struct BodyIdleTimeout;
+
+/// Every request body, bounded in idleness: one that sends nothing for
+/// [`S3_BODY_IDLE_TIMEOUT_MS`] fails, whoever reads it (the object data path, or s3s
+/// reading the XML of DeleteObjects or CompleteMultipartUpload). The timer measures only
+/// continuous waiting for the client: it starts when a read finds nothing and stops at
+/// the next frame, so a slow but steady upload, or a reader busy storing what came, is
+/// never cut.
+struct IdleTimeoutBody<B> {
+    inner: B,
+    idle: std::pin::Pin<Box<tokio::time::Sleep>>,
+    /// Whether the last read found nothing (the timer is armed).
+    waiting: bool,
+}
+
+impl<B> IdleTimeoutBody<B> {
+    fn new(inner: B) -> IdleTimeoutBody<B> {
+        IdleTimeoutBody {
+            inner,
+            idle: Box::pin(tokio::time::sleep(Duration::from_millis(S3_BODY_IDLE_TIMEOUT_MS))),
+            waiting: false,
+        }
+    }
+}
+
+impl<B> http_body::Body for IdleTimeoutBody<B>
+where
+    B: http_body::Body + Unpin,
+    B::Error: Into<axum::BoxError>,
+{
+    type Data = B::Data;
+    type Error = axum::BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = &mut *self;
+        match std::pin::Pin::new(&mut this.inner).poll_frame(context) {
+            std::task::Poll::Pending => {
+                if !this.waiting {
+                    this.waiting = true;
+                    let deadline = tokio::time::Instant::now() + Duration::from_millis(S3_BODY_IDLE_TIMEOUT_MS);
+                    this.idle.as_mut().reset(deadline);
+                }
+                if this.idle.as_mut().poll(context).is_ready() {
+                    return std::task::Poll::Ready(Some(Err(Box::new(BodyIdleTimeout))));
+                }
+                std::task::Poll::Pending
+            }
+            std::task::Poll::Ready(frame) => {
+                this.waiting = false;
+                std::task::Poll::Ready(frame.map(|result| result.map_err(Into::into)))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Puts every request body under [`IdleTimeoutBody`].
+async fn bound_body_idleness(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    next.run(request.map(|body| axum::body::Body::new(IdleTimeoutBody::new(body))))
+        .await
 }
 
 /// The checksum headers S3 clients send, by algorithm.
@@ -2238,6 +2311,7 @@ pub async fn serve<E: Env>(
             observer,
             super::metrics::observe_s3,
         ))
+        .layer(axum::middleware::from_fn(bound_body_idleness))
         .layer(axum::middleware::from_fn_with_state(requests, limit_requests));
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -2403,24 +2477,81 @@ async fn limit_requests(
 mod tests {
     use super::*;
 
-    #[tokio::test(start_paused = true)]
-    async fn a_body_that_stalls_fails_with_a_timeout_and_a_slow_one_does_not() {
-        // Sends a chunk every half timeout, then stalls for good.
-        let chunks = futures::stream::unfold(0u32, |sent| async move {
-            if sent == 3 {
+    /// Chunks of "chunk" sent every `gap_ms`, `count` of them, then a stall for good.
+    fn chunks_then_stall(
+        count: u32,
+        gap_ms: u64,
+    ) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> + Send + Sync + 'static {
+        futures::stream::unfold(0u32, move |sent| async move {
+            if sent == count {
                 futures::future::pending::<()>().await;
             }
-            tokio::time::sleep(Duration::from_millis(S3_BODY_IDLE_TIMEOUT_MS / 2)).await;
+            tokio::time::sleep(Duration::from_millis(gap_ms)).await;
             Some((Ok::<_, std::io::Error>(Bytes::from_static(b"chunk")), sent + 1))
-        });
-        let mut body = IoBody::new(StreamingBlob::wrap(chunks), None);
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_stalls_fails_with_a_timeout_and_a_slow_one_does_not() {
+        // A chunk every half timeout, then a stall, under the wrapper every request
+        // body gets, read the way the data path reads it.
+        let idle_bounded = IdleTimeoutBody::new(axum::body::Body::from_stream(chunks_then_stall(
+            3,
+            S3_BODY_IDLE_TIMEOUT_MS / 2,
+        )));
+        let mut body = IoBody::new(
+            StreamingBlob::wrap(sync_wrapper::SyncStream::new(
+                axum::body::Body::new(idle_bounded).into_data_stream(),
+            )),
+            None,
+        );
         for _ in 0..3 {
             assert_eq!(body.next().await.unwrap().unwrap(), Bytes::from_static(b"chunk"));
         }
         let started = tokio::time::Instant::now();
         let error = body.next().await.unwrap().unwrap_err();
+        // TimedOut is what the data path turns into S3's RequestTimeout.
         assert_eq!(error.kind(), std::io::ErrorKind::TimedOut);
         assert_eq!(started.elapsed(), Duration::from_millis(S3_BODY_IDLE_TIMEOUT_MS));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reader_busy_longer_than_the_timeout_is_not_taken_for_a_stalled_client() {
+        use http_body_util::BodyExt;
+        let mut body = IdleTimeoutBody::new(axum::body::Body::from_stream(chunks_then_stall(2, 10)));
+        assert!(body.frame().await.unwrap().is_ok());
+        // The reader stores what came for twice the timeout; the client meanwhile sent on.
+        tokio::time::sleep(Duration::from_millis(2 * S3_BODY_IDLE_TIMEOUT_MS)).await;
+        assert!(body.frame().await.unwrap().is_ok());
+        let started = tokio::time::Instant::now();
+        let error = body.frame().await.unwrap().unwrap_err();
+        assert!(error.downcast_ref::<BodyIdleTimeout>().is_some(), "{error}");
+        assert_eq!(started.elapsed(), Duration::from_millis(S3_BODY_IDLE_TIMEOUT_MS));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_xml_body_ends_its_request_through_the_router() {
+        // What s3s sees for DeleteObjects: the body under the middleware fails once idle.
+        use tower::ServiceExt;
+        let app = axum::Router::new()
+            .route(
+                "/",
+                axum::routing::post(|body: axum::body::Body| async move {
+                    match axum::body::to_bytes(body, 1 << 20).await {
+                        Ok(_) => "complete".to_string(),
+                        Err(error) => format!("failed: {}", io_error_of_body(Box::new(error)).kind()),
+                    }
+                }),
+            )
+            .layer(axum::middleware::from_fn(bound_body_idleness));
+        let request = http::Request::post("/")
+            .body(axum::body::Body::from_stream(chunks_then_stall(1, 10)))
+            .unwrap();
+        let started = tokio::time::Instant::now();
+        let response = app.oneshot(request).await.unwrap();
+        let text = axum::body::to_bytes(response.into_body(), 1024).await.unwrap();
+        assert_eq!(&text[..], b"failed: timed out");
+        assert_eq!(started.elapsed(), Duration::from_millis(10 + S3_BODY_IDLE_TIMEOUT_MS));
     }
 
     #[tokio::test]
