@@ -10,8 +10,9 @@
 //! committed to a metadata quorum.
 //!
 //! Read: the manifest comes from a metadata quorum; per stripe, shards are fetched from
-//! the nearest candidates first and the next candidate is tried on any failure, until k
-//! verified shards decode. The AEAD then authenticates the whole stripe, and its keyed
+//! the nearest candidates first and the next candidate is tried on any failure, or as a
+//! hedge when nothing arrived for [`SHARD_READ_HEDGE_AFTER_MS`], until k verified shards
+//! decode. The AEAD then authenticates the whole stripe, and its keyed
 //! hash must match the stripe id, so wrong bytes are never returned.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -59,6 +60,11 @@ fn units_within(budget_bytes: u64, unit_bytes: u64) -> usize {
 }
 pub const SHARD_WRITE_TIMEOUT_MS: u64 = 30_000;
 pub const SHARD_READ_TIMEOUT_MS: u64 = 15_000;
+/// A stripe read that receives no shard for this long asks one more candidate (a hedge),
+/// up to m extra shards: a slow node delays a read by about this, not by the read
+/// timeout. Long enough that a 1 MiB shard over a slow inter-site link is not hedged on
+/// every read.
+pub const SHARD_READ_HEDGE_AFTER_MS: u64 = 1_000;
 /// How often a shard request in flight looks whether its peer has been reported down.
 pub const PEER_DOWN_POLL_MS: u64 = 250;
 /// Holders tried per shard index before the index counts as failed.
@@ -1300,12 +1306,14 @@ impl<E: Env> ClusterNode<E> {
             order.into_iter().map(|(_, _, index, node)| (index, node)).collect();
 
         let needed = usize::from(codec.data_shards);
+        // Extra fetches started because the ones in flight were slow, at most m.
+        let (mut hedges, hedges_max) = (0usize, usize::from(codec.parity_shards));
         let mut obtained: BTreeMap<usize, Shard> = BTreeMap::new();
         let mut pending_indexes: BTreeSet<usize> = BTreeSet::new();
         let mut in_flight = FuturesUnordered::new();
         let mut errors = Vec::new();
         loop {
-            while obtained.len() + in_flight.len() < needed {
+            while obtained.len() + in_flight.len() < needed + hedges {
                 let Some((index, node)) = queue.pop_front() else { break };
                 if obtained.contains_key(&index) || pending_indexes.contains(&index) {
                     continue;
@@ -1314,7 +1322,20 @@ impl<E: Env> ClusterNode<E> {
                 let stripe_id = stripe.stripe_id;
                 in_flight.push(async move { (index, node, self.fetch_shard(node, stripe_id, index as u8).await) });
             }
-            let Some((index, node, result)) = in_flight.next().await else {
+            let arrived = {
+                let next = in_flight.next();
+                let hedge = self.env.sleep(SHARD_READ_HEDGE_AFTER_MS);
+                match futures::future::select(next, hedge).await {
+                    futures::future::Either::Left((arrived, _)) => Some(arrived),
+                    futures::future::Either::Right(((), _)) => None,
+                }
+            };
+            let Some(arrived) = arrived else {
+                // Nothing came for a while: ask one more holder, keeping the slow ones.
+                hedges = (hedges + 1).min(hedges_max);
+                continue;
+            };
+            let Some((index, node, result)) = arrived else {
                 break;
             };
             pending_indexes.remove(&index);

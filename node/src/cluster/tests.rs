@@ -28,6 +28,8 @@ use crate::stores::memory::{MemoryMetaStore, MemoryShardStore};
 struct Hub {
     handlers: Mutex<BTreeMap<NodeId, Arc<dyn InboundHandler>>>,
     down: Mutex<BTreeSet<NodeId>>,
+    /// Nodes slow to serve shards (a busy disk): their GetShard answers wait this long.
+    slow_shard_reads_ms: Mutex<BTreeMap<NodeId, u64>>,
 }
 
 struct TestEnv {
@@ -84,6 +86,10 @@ impl Env for TestEnv {
                 }
             }
             let handler = hub.handlers.lock().unwrap().get(&to).cloned().ok_or_else(unreachable)?;
+            let slow_ms = hub.slow_shard_reads_ms.lock().unwrap().get(&to).copied();
+            if let (Some(slow_ms), Request::GetShard { .. }) = (slow_ms, &request) {
+                tokio::time::sleep(Duration::from_millis(slow_ms)).await;
+            }
             // Through the wire encoding, as in production.
             let request = wire::decode_request(&wire::encode_request(&request).unwrap()).unwrap();
             let response = handler.handle(from, request).await;
@@ -430,6 +436,32 @@ async fn objects_of_every_size_round_trip_and_survive_losing_a_zone() {
         get_range(cluster.node(1), "backups", "object-1", Some(0..2)).await,
         Err(DataError::InvalidRange { .. })
     ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_hedge_around_a_node_slow_to_serve_shards() {
+    let cluster = TestCluster::start(&SIX_NODES).await;
+    cluster.node(0).create_bucket("backups", "owner").await.unwrap();
+    let data = pattern(3 * 4 * 1024 * 1024 + 5, 9);
+    put(cluster.node(0), "backups", "striped", &data).await.unwrap();
+    // Node 1 shares the reader's zone, so every stripe asks it first; it now takes far
+    // longer than a hedge (and, in this test network, never times out).
+    let slow_ms = 30 * super::data::SHARD_READ_HEDGE_AFTER_MS;
+    cluster
+        .hub
+        .slow_shard_reads_ms
+        .lock()
+        .unwrap()
+        .insert(cluster.node(1).env().node_id(), slow_ms);
+    let started = std::time::Instant::now();
+    let read = get(cluster.node(0), "backups", "striped").await.unwrap();
+    let elapsed_ms = started.elapsed().as_millis() as u64;
+    assert!(read == data, "hedged read returned other bytes");
+    // Four stripes read in parallel, each hedged once: about one hedge delay in all.
+    assert!(
+        elapsed_ms < 5 * super::data::SHARD_READ_HEDGE_AFTER_MS,
+        "read took {elapsed_ms} ms behind a node {slow_ms} ms slow"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
