@@ -864,8 +864,15 @@ impl<E: Env> ClusterNode<E> {
                 places.insert((holder, index as u8));
             }
         }
+        // A removed node never answers again (its disk is gone or wiped): waiting for it
+        // would keep the record, and the shards it protects elsewhere, forever.
         let deletes = places
             .into_iter()
+            .filter(|(node, _)| {
+                layout
+                    .get(node)
+                    .is_none_or(|entry| entry.status != bdr_protocol::layout::NodeStatus::Removed)
+            })
             .map(|(node, index)| self.delete_shard_on(node, *stripe_id, index));
         let results = futures::future::join_all(deletes).await;
         let deleted = results.iter().filter(|result| matches!(result, Ok(true))).count() as u64;
