@@ -140,6 +140,13 @@ impl FaultyShardStore {
         futures::executor::block_on(self.inner.delete(key)).unwrap_or(false)
     }
 
+    /// Empties the disk (a node lost with its disk, or decommissioned and wiped).
+    pub fn wipe(&self) {
+        for key in futures::executor::block_on(self.inner.list()).unwrap_or_default() {
+            self.destroy(key);
+        }
+    }
+
     /// Flips a byte of a stored shard, whatever the budget (beyond-budget rot).
     pub fn destroy_by_rot(&self, key: ShardKey, position: usize) -> bool {
         self.inner.damage(key, |bytes| {

@@ -8,6 +8,7 @@
 pub mod disk;
 pub mod durability;
 pub mod executor;
+pub mod plots;
 pub mod sim;
 pub mod world;
 
@@ -17,7 +18,7 @@ pub use sim::{run, Outcome, Scenario};
 
 /// The scenarios shipped in `simulator/scenarios/`, built in so `bdr-sim` works from
 /// any folder.
-pub const BUILTIN_SCENARIOS: [(&str, &str); 7] = [
+pub const BUILTIN_SCENARIOS: [(&str, &str); 9] = [
     ("swarm", include_str!("../scenarios/swarm.toml")),
     ("zone-outage", include_str!("../scenarios/zone-outage.toml")),
     ("rolling-restart", include_str!("../scenarios/rolling-restart.toml")),
@@ -28,11 +29,13 @@ pub const BUILTIN_SCENARIOS: [(&str, &str); 7] = [
     ),
     ("disk-faults", include_str!("../scenarios/disk-faults.toml")),
     ("beyond-budget", include_str!("../scenarios/beyond-budget.toml")),
+    ("node-replacement", include_str!("../scenarios/node-replacement.toml")),
+    ("layout-growth", include_str!("../scenarios/layout-growth.toml")),
 ];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ScenarioError {
-    #[error("no scenario named {0:?} and no such file (built in: swarm, zone-outage, rolling-restart, bit-rot-storm, partition-and-heal, disk-faults, beyond-budget)")]
+    #[error("no scenario named {0:?} and no such file (built in: swarm, zone-outage, rolling-restart, bit-rot-storm, partition-and-heal, disk-faults, beyond-budget, node-replacement, layout-growth)")]
     Unknown(String),
     #[error("scenario {0}: {1}")]
     Invalid(String, String),

@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use bdr_sim::durability::{self, run_durability, DurabilityArguments};
-use bdr_sim::{load_scenario, run, Outcome};
+use bdr_sim::{load_scenario, plots, run, Outcome, Scenario};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -33,6 +33,21 @@ enum Command {
         /// Write the outcome as JSON here.
         #[arg(long)]
         report: Option<PathBuf>,
+        /// Write SVG plots here: redundancy.svg (stripes by health over virtual time) and
+        /// repair-queue.svg.
+        #[arg(long)]
+        plots: Option<PathBuf>,
+    },
+    /// Simulation speed: one run of a cluster under client load and crashes, printed as
+    /// virtual seconds per wall second (use a release build).
+    Bench {
+        #[arg(long, default_value_t = 20)]
+        nodes: u32,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Runs to time (different seeds from --seed on); the figure is their total.
+        #[arg(long, default_value_t = 3)]
+        runs: u32,
     },
     /// Run many seeds; on failure print the seed and the command that replays it.
     Explore {
@@ -95,7 +110,22 @@ enum Command {
         /// Write the report as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Write durability-vs-repair-bandwidth.svg here: the model run again at 1/8 to 8
+        /// times --repair-bandwidth (the same seed and trials each time).
+        #[arg(long)]
+        plots: Option<PathBuf>,
     },
+}
+
+/// The durability plot runs the model at these multiples of --repair-bandwidth.
+const DURABILITY_PLOT_BANDWIDTH_FACTORS: [f64; 7] = [0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0];
+
+fn write_plot(folder: &std::path::Path, name: &str, svg: &str) -> Result<(), String> {
+    std::fs::create_dir_all(folder).map_err(|error| format!("cannot create {}: {error}", folder.display()))?;
+    let path = folder.join(name);
+    std::fs::write(&path, svg).map_err(|error| format!("cannot write {}: {error}", path.display()))?;
+    println!("plot: {}", path.display());
+    Ok(())
 }
 
 fn summary(outcome: &Outcome) -> String {
@@ -134,6 +164,7 @@ fn main() -> ExitCode {
             trials,
             seed,
             json,
+            plots,
         } => {
             let arguments = DurabilityArguments {
                 nodes,
@@ -168,9 +199,79 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             }
+            if let Some(folder) = plots {
+                let base = report.model.repair_bandwidth_bytes_per_second;
+                let mut points = Vec::new();
+                for factor in DURABILITY_PLOT_BANDWIDTH_FACTORS {
+                    let bandwidth = base * factor;
+                    let arguments = DurabilityArguments {
+                        repair_bandwidth: format!("{}B/s", bandwidth.round() as u64),
+                        ..arguments.clone()
+                    };
+                    match run_durability(&arguments) {
+                        Ok(report) => {
+                            println!(
+                                "repair bandwidth {:.1} MiB/s: nines {:?} (analytic {:?})",
+                                bandwidth / (1024.0 * 1024.0),
+                                report.monte_carlo.nines,
+                                report.analytic.nines
+                            );
+                            points.push((bandwidth, report.monte_carlo.nines, report.analytic.nines));
+                        }
+                        Err(error) => {
+                            eprintln!("bdr-sim durability: {error}");
+                            return ExitCode::FAILURE;
+                        }
+                    }
+                }
+                let svg = plots::durability_chart(&points);
+                if let Err(error) = write_plot(&folder, "durability-vs-repair-bandwidth.svg", &svg) {
+                    eprintln!("bdr-sim: {error}");
+                    return ExitCode::FAILURE;
+                }
+            }
             ExitCode::SUCCESS
         }
-        Command::Run { seed, scenario, report } => {
+        Command::Bench { nodes, seed, runs } => {
+            let scenario = Scenario {
+                name: format!("bench-{nodes}-nodes"),
+                nodes,
+                zones: 4.min(nodes),
+                swarm: false,
+                crashes: true,
+                partitions: false,
+                message_loss: false,
+                clock_skew: false,
+                bit_rot: false,
+                disk_faults: false,
+                ..Scenario::default()
+            };
+            let started = Instant::now();
+            let mut virtual_ms = 0u64;
+            let mut messages = 0u64;
+            for run_seed in seed..seed + u64::from(runs) {
+                let outcome = run(run_seed, &scenario);
+                if !outcome.ok() {
+                    println!("seed {run_seed} failed: {:?}", outcome.failures);
+                }
+                virtual_ms += outcome.virtual_ms;
+                messages += outcome.messages;
+            }
+            let wall_s = started.elapsed().as_secs_f64();
+            println!(
+                "{nodes} nodes, {runs} runs: {:.0} virtual s in {wall_s:.2} wall s = {:.0} virtual s per wall s ({:.0} messages per wall s)",
+                virtual_ms as f64 / 1000.0,
+                virtual_ms as f64 / 1000.0 / wall_s,
+                messages as f64 / wall_s
+            );
+            ExitCode::SUCCESS
+        }
+        Command::Run {
+            seed,
+            scenario,
+            report,
+            plots,
+        } => {
             let scenario = match load_scenario(&scenario) {
                 Ok(scenario) => scenario,
                 Err(error) => {
@@ -199,6 +300,17 @@ fn main() -> ExitCode {
                 if let Err(error) = std::fs::write(&path, json) {
                     eprintln!("bdr-sim: cannot write {}: {error}", path.display());
                     return ExitCode::FAILURE;
+                }
+            }
+            if let Some(folder) = plots {
+                for (name, svg) in [
+                    ("redundancy.svg", plots::redundancy_chart(&outcome.samples)),
+                    ("repair-queue.svg", plots::repair_queue_chart(&outcome.samples)),
+                ] {
+                    if let Err(error) = write_plot(&folder, name, &svg) {
+                        eprintln!("bdr-sim: {error}");
+                        return ExitCode::FAILURE;
+                    }
                 }
             }
             println!("{}", summary(&outcome));

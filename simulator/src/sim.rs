@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
-use bdr_node::cluster::data::{BucketOptions, DataError, DataKeys, ObjectWrite};
+use bdr_node::cluster::data::{BodyCheck, BucketOptions, DataError, DataKeys, ObjectWrite};
 use bdr_node::cluster::maintenance::MaintenanceConfig;
 use bdr_node::cluster::membership::MembershipConfig;
 use bdr_node::cluster::{ClusterInbound, ClusterNode};
@@ -19,6 +19,7 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use crate::disk::{DiskFaultCounters, FaultAtlas, LostWrites};
+use crate::plots::RedundancySample;
 use crate::world::{NetworkSettings, SimEnv, World};
 
 /// Virtual start time: a plausible wall clock, so HLC timestamps look real.
@@ -37,6 +38,15 @@ const DISK_FAULTS: [&str; 5] = ["bit-rot", "torn-write", "lost-write", "read-err
 const TORN_WRITE_LATENCY_MS_MIN: u64 = 20;
 const TORN_WRITE_LATENCY_MS_SPREAD: u64 = 180;
 const TORN_WRITE_POLL_MS: u64 = 5;
+/// The cluster's redundancy and repair queue are sampled this often (virtual time, on
+/// the multiples since the start; sampling only reads, so the trace does not change).
+const SAMPLE_INTERVAL_MS: u64 = 1_000;
+/// Rolls (of 100) below this are multipart uploads when the scenario has them.
+const MULTIPART_ROLL_BELOW: u64 = 10;
+/// Parts uploaded per multipart upload, at most.
+const MULTIPART_PARTS_MAX: u64 = 3;
+/// Layout changes (drain, remove) are retried this often until they succeed.
+const LAYOUT_RETRY_MS: u64 = 5_000;
 /// Beyond the budget: how many live stripes lose m+1 shards.
 const BEYOND_BUDGET_STRIPES: usize = 3;
 /// Planted in every object's content: must never be found on any node's "disk".
@@ -79,6 +89,17 @@ pub struct Scenario {
     /// and the maintainers must count the stripes as lost.
     #[serde(default)]
     pub beyond_budget: bool,
+    /// Multipart uploads in the workload (create, upload parts, complete or abort),
+    /// checked by the model like puts.
+    #[serde(default)]
+    pub multipart: bool,
+    /// Nodes that join during the fault phase (zones round-robin), spread over it.
+    #[serde(default)]
+    pub joining_nodes: u32,
+    /// One node is replaced during the fault phase: lost with its disk (half the seeds)
+    /// or drained (the others); a new node joins in its zone and the old one is removed.
+    #[serde(default)]
+    pub node_replacement: bool,
     /// Turn versioning on for the workload's bucket (with `swarm`, for half the seeds):
     /// puts add versions, deletes add delete markers, and every acknowledged version must
     /// read back by its id at the end.
@@ -110,6 +131,9 @@ impl Default for Scenario {
             zone_outage: false,
             disk_faults: true,
             beyond_budget: false,
+            multipart: true,
+            joining_nodes: 0,
+            node_replacement: false,
             versioning: true,
         }
     }
@@ -134,6 +158,14 @@ pub struct Outcome {
     pub stripes_destroyed: u64,
     pub detected_losses: u64,
     pub lost_stripes_reported: u64,
+    /// Multipart uploads completed (acknowledged) and aborted.
+    pub multipart_completed: u64,
+    pub multipart_aborted: u64,
+    /// Layout changes done: nodes joined, nodes removed.
+    pub nodes_joined: u64,
+    pub nodes_removed: u64,
+    /// The cluster's redundancy and repair queue over virtual time (for the plots).
+    pub samples: Vec<RedundancySample>,
     pub events: u64,
     pub messages: u64,
     pub virtual_ms: u64,
@@ -177,6 +209,15 @@ struct Shared {
     /// impaired a stripe then misses at most 2 = m shards.
     disk_node: Option<usize>,
     atlas: Arc<FaultAtlas>,
+    /// Nodes that belong to the cluster now (booted at the heal): the first `nodes` at
+    /// the start, joiners once they join, less any node removed.
+    members: Mutex<BTreeSet<usize>>,
+    /// Zone of every node (index), joiners and replacements included.
+    zones: Vec<u32>,
+    /// With `node_replacement`: (the node replaced, its replacement).
+    replacement: Option<(usize, usize)>,
+    /// The redundancy and repair queue, every `SAMPLE_INTERVAL_MS`.
+    samples: Mutex<Vec<RedundancySample>>,
     /// Stripes destroyed beyond the budget: reads of objects using them may fail.
     destroyed: Mutex<BTreeSet<StripeId>>,
     /// Nodes booted (or booting) and not crashed since: a node's store must never be
@@ -404,6 +445,10 @@ impl Shared {
     }
 
     fn boot(self: &Arc<Self>, index: usize) {
+        // A node removed from the cluster (or lost) never comes back.
+        if !self.members.lock().expect("not poisoned").contains(&index) {
+            return;
+        }
         if !self.running.lock().expect("not poisoned").insert(index) {
             return;
         }
@@ -457,7 +502,50 @@ impl Shared {
     }
 
     fn zone_of(&self, index: usize) -> u32 {
-        index as u32 % self.scenario.zones
+        self.zones[index]
+    }
+
+    /// Runs the world until `until_ms`, sampling at every multiple of
+    /// `SAMPLE_INTERVAL_MS` on the way. Running in steps runs exactly the same schedule.
+    fn run_until_sampled(&self, until_ms: u64) {
+        let executor = &self.world.executor;
+        if executor.now_ms() >= until_ms {
+            executor.run_until(until_ms);
+            return;
+        }
+        while executor.now_ms() < until_ms {
+            let elapsed_ms = executor.now_ms() - START_MS;
+            let next_sample_ms = START_MS + (elapsed_ms / SAMPLE_INTERVAL_MS + 1) * SAMPLE_INTERVAL_MS;
+            let step_end_ms = next_sample_ms.min(until_ms);
+            executor.run_until(step_end_ms);
+            if step_end_ms == next_sample_ms {
+                self.sample();
+            }
+        }
+    }
+
+    /// Records the summed maintenance reports of the nodes up (reads only).
+    fn sample(&self) {
+        let mut sample = RedundancySample {
+            at_ms: self.world.executor.now_ms() - START_MS,
+            ..RedundancySample::default()
+        };
+        for (_, node) in self.up_nodes() {
+            let report = node.maintenance_report();
+            sample.healthy += report.stripes.healthy;
+            sample.misplaced += report.stripes.misplaced;
+            sample.degraded += report.stripes.degraded;
+            sample.at_risk += report.stripes.at_risk;
+            sample.lost += report.stripes.lost;
+            sample.unknown += report.stripes.unknown;
+            sample.repair_queued_stripes += report.repair_queued_stripes;
+            sample.nodes_up += 1;
+        }
+        self.samples.lock().expect("not poisoned").push(sample);
+    }
+
+    fn member_list(&self) -> Vec<usize> {
+        self.members.lock().expect("not poisoned").iter().copied().collect()
     }
 
     /// Runs one client operation on `gateway` as that node's task, so a crash of the
@@ -484,7 +572,9 @@ impl Shared {
         self.world.executor.spawn(
             Some(gateway_id),
             Box::pin(async move {
-                if roll < 45 {
+                if roll < MULTIPART_ROLL_BELOW && shared.scenario.multipart {
+                    shared.multipart(&gateway, &key, value_seed, max_length).await;
+                } else if roll < 45 {
                     shared.put(&gateway, &key, content(value_seed, length)).await;
                 } else if roll < 85 {
                     shared.get(&gateway, &key, false).await;
@@ -500,6 +590,157 @@ impl Shared {
             self.count("cut_off");
         }
         self.count("operations");
+    }
+
+    /// A multipart upload: create, upload up to `MULTIPART_PARTS_MAX` parts, then abort
+    /// (a quarter of the time) or complete. Every part but the last must hold at least
+    /// 5 MiB, far more than a simulated object, so completion lists one part (the others
+    /// become garbage, as an S3 client leaves them when it retries a part).
+    async fn multipart(&self, gateway: &Arc<ClusterNode<SimEnv>>, key: &str, value_seed: u64, max_length: u64) {
+        let write = ObjectWrite {
+            bucket: BUCKET.into(),
+            key: key.into(),
+            ..ObjectWrite::default()
+        };
+        let upload_id = match gateway.create_multipart_upload(write).await {
+            Ok(upload_id) => upload_id,
+            Err(_) => {
+                self.world.record(&[b"multipart-create", key.as_bytes(), &[0]]);
+                self.count("unavailable");
+                return;
+            }
+        };
+        self.world
+            .record(&[b"multipart-create", key.as_bytes(), upload_id.as_bytes()]);
+        let part_count = 1 + self.world.random_below(MULTIPART_PARTS_MAX) as u32;
+        let mut uploaded: Vec<(u32, String, [u8; 32])> = Vec::new();
+        for part_number in 1..=part_count {
+            let length = 1 + self.world.random_below(max_length) as usize;
+            let data = content(value_seed ^ (u64::from(part_number) << 8), length);
+            let hash = *blake3::hash(&data).as_bytes();
+            let result = gateway
+                .upload_part(
+                    BUCKET,
+                    key,
+                    &upload_id,
+                    part_number,
+                    futures::io::Cursor::new(data),
+                    BodyCheck::none(),
+                )
+                .await;
+            self.world.record(&[
+                b"multipart-part",
+                key.as_bytes(),
+                &[part_number as u8, result.is_ok() as u8],
+            ]);
+            if let Ok(part) = result {
+                uploaded.push((part_number, part.etag, hash));
+            }
+        }
+        if uploaded.is_empty() || self.world.random_below(4) == 0 {
+            let result = gateway.abort_multipart_upload(BUCKET, key, &upload_id).await;
+            self.world
+                .record(&[b"multipart-abort", key.as_bytes(), &[result.is_ok() as u8]]);
+            match result {
+                Ok(()) => self.count("multipart_aborted"),
+                Err(_) => self.count("unavailable"),
+            }
+            return;
+        }
+        let (part_number, etag, hash) = uploaded[self.world.random_below(uploaded.len() as u64) as usize].clone();
+        self.note_attempt(key, Some(hash));
+        let result = gateway
+            .complete_multipart_upload(BUCKET, key, &upload_id, &[(part_number, etag)])
+            .await;
+        self.world
+            .record(&[b"multipart-complete", key.as_bytes(), &[result.is_ok() as u8]]);
+        match result {
+            Ok(record) => {
+                self.count("acknowledged_writes");
+                self.count("multipart_completed");
+                self.note_acknowledged(key, Some(hash));
+                if self.versioned {
+                    self.versions
+                        .lock()
+                        .expect("not poisoned")
+                        .push((key.to_string(), record.version_id, hash));
+                }
+            }
+            Err(_) => self.count("unavailable"),
+        }
+    }
+
+    /// Layout changes during the fault phase: nodes join, and with `node_replacement` one
+    /// node is replaced (lost with its disk, or drained) and removed once safe.
+    async fn layout_changes(self: Arc<Self>) {
+        let phase_ms = self.scenario.fault_phase_ms;
+        let joining = self.scenario.joining_nodes as usize;
+        if let Some((old, new)) = self.replacement {
+            self.world.executor.sleep(phase_ms / 4).await;
+            let lost = self.world.random_below(2) == 0;
+            self.world.record(&[b"replace", &[old as u8, new as u8, lost as u8]]);
+            self.faults.lock().expect("not poisoned").push(format!(
+                "node {old} {} and replaced by node {new}",
+                if lost { "lost with its disk" } else { "drained" }
+            ));
+            if lost {
+                self.members.lock().expect("not poisoned").remove(&old);
+                self.crash(old);
+                self.envs[old].shards.wipe();
+            }
+            self.members.lock().expect("not poisoned").insert(new);
+            self.boot(new);
+            self.count("nodes_joined");
+            if !lost {
+                let old_id = self.envs[old].id;
+                loop {
+                    self.world.executor.sleep(LAYOUT_RETRY_MS).await;
+                    let Some((_, node)) = self.up_nodes().into_iter().find(|(index, _)| *index != old) else {
+                        continue;
+                    };
+                    if node.set_node_status(old_id, NodeStatus::Draining).await.is_ok() {
+                        break;
+                    }
+                }
+            }
+            self.remove_when_safe(old, !lost).await;
+        }
+        for number in 0..joining {
+            self.world.executor.sleep(phase_ms / (joining as u64 + 2)).await;
+            let index = self.scenario.nodes as usize + number;
+            self.world.record(&[b"join", &[index as u8]]);
+            self.faults
+                .lock()
+                .expect("not poisoned")
+                .push(format!("node {index} joins zone-{}", self.zone_of(index)));
+            self.members.lock().expect("not poisoned").insert(index);
+            self.boot(index);
+            self.count("nodes_joined");
+        }
+    }
+
+    /// Removes `old` from the layout through another node, retrying (without --force)
+    /// until every stripe is at full redundancy without it; then a node that was still
+    /// running (drained) is stopped and its disk wiped, as an operator would.
+    async fn remove_when_safe(&self, old: usize, running: bool) {
+        let old_id = self.envs[old].id;
+        loop {
+            self.world.executor.sleep(LAYOUT_RETRY_MS).await;
+            let Some((_, node)) = self.up_nodes().into_iter().find(|(index, _)| *index != old) else {
+                continue;
+            };
+            let result = node.remove_node(old_id, false).await;
+            self.world.record(&[b"remove", &[old as u8, result.is_ok() as u8]]);
+            if result.is_ok() {
+                break;
+            }
+        }
+        self.count("nodes_removed");
+        if running {
+            self.members.lock().expect("not poisoned").remove(&old);
+            self.crash(old);
+            self.envs[old].shards.wipe();
+        }
     }
 
     fn note_attempt(&self, key: &str, value: Value) {
@@ -675,7 +916,8 @@ impl Shared {
         while !enabled.is_empty() && self.world.executor.now_ms() + 10_000 < end_ms {
             self.world.executor.sleep(1_000 + self.world.random_below(4_000)).await;
             let fault = enabled[self.world.random_below(enabled.len() as u64) as usize];
-            let mut victim = self.world.random_below(u64::from(self.scenario.nodes)) as usize;
+            let members = self.member_list();
+            let mut victim = members[self.world.random_below(members.len() as u64) as usize];
             if DISK_FAULTS.contains(&fault) {
                 match self.disk_node {
                     Some(disk_node) => victim = disk_node,
@@ -717,7 +959,9 @@ impl Shared {
                 }
                 "zone-outage" => {
                     let zone = self.zone_of(victim);
-                    let members: Vec<usize> = (0..self.envs.len())
+                    let members: Vec<usize> = self
+                        .member_list()
+                        .into_iter()
                         .filter(|index| self.zone_of(*index) == zone)
                         .collect();
                     for member in &members {
@@ -819,6 +1063,7 @@ impl Shared {
         let mut extra = 0usize;
         let mut extra_of_live = 0usize;
         let mut first_garbage: Option<bdr_protocol::ids::StripeId> = None;
+        let mut first_garbage_holder: Option<(String, u8)> = None;
         let mut found: std::collections::BTreeSet<(bdr_protocol::ids::StripeId, u8)> = Default::default();
         for env in &self.envs {
             for key in env.shards.list().await.unwrap_or_default() {
@@ -832,6 +1077,7 @@ impl Shared {
                         extra_of_live += 1;
                     } else if first_garbage.is_none() {
                         first_garbage = Some(key.stripe_id);
+                        first_garbage_holder = Some((env.id.short(), key.index));
                     }
                     continue;
                 }
@@ -893,7 +1139,7 @@ impl Shared {
             }
             self.fail(format!(
                 "{extra} shards remain that no live stripe needs there ({extra_of_live} stand-in copies of live \
-                 stripes, the rest garbage; first garbage stripe {:?} record{detail})",
+                 stripes, the rest garbage; first garbage stripe {:?} (node, shard) {first_garbage_holder:?} record{detail})",
                 first_garbage.map(|stripe| stripe.short())
             ));
         }
@@ -972,6 +1218,12 @@ impl Shared {
                     "metadata replicas of partition {partition} did not converge (roots {roots:?}, cache fresh \
                      {fresh:?}): {detail}"
                 ));
+            }
+        }
+        if let Some((old, _)) = self.replacement {
+            let status = layout.get(&self.envs[old].id).map(|entry| entry.status);
+            if status != Some(NodeStatus::Removed) {
+                self.fail(format!("the replaced node {old} was never removed (status {status:?})"));
             }
         }
         self.check_redundancy_and_garbage(&layout).await;
@@ -1053,8 +1305,19 @@ pub fn run(seed: u64, scenario: &Scenario) -> Outcome {
         });
     }
 
+    // Joiners and the replacement get their own indexes after the first `nodes`.
+    let total_nodes =
+        scenario.nodes as usize + scenario.joining_nodes as usize + usize::from(scenario.node_replacement);
+    let mut zones: Vec<u32> = (0..total_nodes as u32).map(|index| index % scenario.zones).collect();
+    let replacement = scenario.node_replacement.then(|| {
+        let old = world.random_below(u64::from(scenario.nodes)) as usize;
+        (old, total_nodes - 1)
+    });
+    if let Some((old, new)) = replacement {
+        zones[new] = zones[old];
+    }
     let atlas = Arc::new(FaultAtlas::default());
-    let envs: Vec<Arc<SimEnv>> = (0..scenario.nodes as usize)
+    let envs: Vec<Arc<SimEnv>> = (0..total_nodes)
         .map(|index| {
             let env = SimEnv::new(
                 node_id(index),
@@ -1070,9 +1333,9 @@ pub fn run(seed: u64, scenario: &Scenario) -> Outcome {
             Arc::new(env)
         })
         .collect();
-    let specs: Vec<NodeSpec> = (0..scenario.nodes as usize)
+    let specs: Vec<NodeSpec> = (0..total_nodes)
         .map(|index| NodeSpec {
-            zone: ZoneName::new(format!("zone-{}", index as u32 % scenario.zones)).expect("valid zone"),
+            zone: ZoneName::new(format!("zone-{}", zones[index])).expect("valid zone"),
             capacity_bytes: 1 << 40,
             roles: NodeRoles::STORAGE_AND_GATEWAY,
             status: NodeStatus::Active,
@@ -1095,6 +1358,10 @@ pub fn run(seed: u64, scenario: &Scenario) -> Outcome {
         disk_node,
         atlas,
         destroyed: Mutex::new(BTreeSet::new()),
+        samples: Mutex::new(Vec::new()),
+        members: Mutex::new((0..scenario.nodes as usize).collect()),
+        zones,
+        replacement,
         running: Mutex::new(std::collections::BTreeSet::new()),
         bucket_created: Mutex::new(false),
         versioned,
@@ -1104,7 +1371,7 @@ pub fn run(seed: u64, scenario: &Scenario) -> Outcome {
         shared.boot(index);
     }
     // Let membership converge, then create the bucket.
-    world.executor.run_until(START_MS + 5_000);
+    shared.run_until_sampled(START_MS + 5_000);
     let creator = Arc::clone(&shared);
     let codec = StripeCodec::new(CodecId::DEFAULT, scenario.data_shards, scenario.parity_shards);
     world.executor.spawn(
@@ -1162,13 +1429,13 @@ pub fn run(seed: u64, scenario: &Scenario) -> Outcome {
     );
     // The fault phase starts once the bucket exists (or creation gave up).
     let mut setup_end_ms = START_MS + 10_000;
-    world.executor.run_until(setup_end_ms);
+    shared.run_until_sampled(setup_end_ms);
     while !*shared.bucket_created.lock().expect("not poisoned")
         && shared.failures.lock().expect("not poisoned").is_empty()
         && setup_end_ms < START_MS + SETUP_MS_MAX
     {
         setup_end_ms += 1_000;
-        world.executor.run_until(setup_end_ms);
+        shared.run_until_sampled(setup_end_ms);
     }
 
     // Fault phase: clients and the fault injector run together.
@@ -1180,11 +1447,17 @@ pub fn run(seed: u64, scenario: &Scenario) -> Outcome {
             Box::pin(async move { shared.client_loop(client, fault_end).await }),
         );
     }
+    if scenario.joining_nodes > 0 || scenario.node_replacement {
+        let changer = Arc::clone(&shared);
+        world
+            .executor
+            .spawn(None, Box::pin(async move { changer.layout_changes().await }));
+    }
     let injector = Arc::clone(&shared);
     world
         .executor
         .spawn(None, Box::pin(async move { injector.fault_loop(enabled).await }));
-    world.executor.run_until(fault_end);
+    shared.run_until_sampled(fault_end);
 
     // Liveness phase: heal everything, let repair and anti-entropy run, then check.
     world.record(&[b"heal"]);
@@ -1197,13 +1470,13 @@ pub fn run(seed: u64, scenario: &Scenario) -> Outcome {
         latency_ms_max: 40,
         loss_per_mille: 0,
     });
-    for index in 0..scenario.nodes as usize {
+    for index in shared.member_list() {
         shared.boot(index);
     }
     if scenario.beyond_budget {
         shared.destroy_beyond_budget();
     }
-    world.executor.run_until(fault_end + scenario.settle_ms);
+    shared.run_until_sampled(fault_end + scenario.settle_ms);
     let checker = Arc::clone(&shared);
     let checks_done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let done = Arc::clone(&checks_done);
@@ -1218,7 +1491,7 @@ pub fn run(seed: u64, scenario: &Scenario) -> Outcome {
     // stop as soon as they are done.
     let checks_deadline_ms = fault_end + scenario.settle_ms + 120_000;
     while !checks_done.load(std::sync::atomic::Ordering::Relaxed) && world.executor.now_ms() < checks_deadline_ms {
-        world.executor.run_until(world.executor.now_ms() + 1_000);
+        shared.run_until_sampled(world.executor.now_ms() + 1_000);
     }
     if !checks_done.load(std::sync::atomic::Ordering::Relaxed) {
         shared.fail("the final checks did not finish within two virtual minutes".into());
@@ -1248,6 +1521,11 @@ pub fn run(seed: u64, scenario: &Scenario) -> Outcome {
         stripes_destroyed: counters.get("stripes_destroyed").copied().unwrap_or(0),
         detected_losses: counters.get("detected_losses").copied().unwrap_or(0),
         lost_stripes_reported: counters.get("lost_stripes_reported").copied().unwrap_or(0),
+        multipart_completed: counters.get("multipart_completed").copied().unwrap_or(0),
+        multipart_aborted: counters.get("multipart_aborted").copied().unwrap_or(0),
+        nodes_joined: counters.get("nodes_joined").copied().unwrap_or(0),
+        nodes_removed: counters.get("nodes_removed").copied().unwrap_or(0),
+        samples: std::mem::take(&mut *shared.samples.lock().expect("not poisoned")),
         faults_injected: shared.faults.lock().expect("not poisoned").clone(),
         disk_faults,
         events: world.event_count(),

@@ -75,6 +75,21 @@ fn many_seeds_of_every_scenario_pass() {
         "no latent read error was returned: {disk:?}"
     );
     assert!(disk.puts_refused_disk_full > 0, "no put met a full disk: {disk:?}");
+    // Multipart uploads completed and aborted; nodes joined, and replaced nodes removed.
+    let multipart_completed: u64 = outcomes.iter().map(|outcome| outcome.multipart_completed).sum();
+    let multipart_aborted: u64 = outcomes.iter().map(|outcome| outcome.multipart_aborted).sum();
+    assert!(
+        multipart_completed > 10 && multipart_aborted > 0,
+        "too few multipart uploads: {multipart_completed} completed, {multipart_aborted} aborted"
+    );
+    let joined: u64 = outcomes.iter().map(|outcome| outcome.nodes_joined).sum();
+    let removed: u64 = outcomes.iter().map(|outcome| outcome.nodes_removed).sum();
+    let replacements = outcomes
+        .iter()
+        .filter(|outcome| outcome.scenario == "node-replacement")
+        .count() as u64;
+    assert_eq!(removed, replacements, "every replaced node must be removed");
+    assert!(joined > replacements, "no node joined a growing layout");
     // Beyond the budget, losses happen: they must be seen (failed reads) and reported
     // (maintenance counts lost stripes); wrong bytes fail the seed like anywhere else.
     let beyond: Vec<&Outcome> = outcomes
