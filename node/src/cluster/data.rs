@@ -45,11 +45,12 @@ pub const INLINE_OBJECT_BYTES_DEFAULT: u32 = 64 * 1024;
 pub const STRIPE_LENGTH_BYTES_DEFAULT: u32 = 4 * 1024 * 1024;
 pub const DATA_SHARDS_DEFAULT: u8 = 4;
 pub const PARITY_SHARDS_DEFAULT: u8 = 2;
-/// Plaintext bytes of one put being encoded and sent at once. A put holds about 2.5x this
-/// (the shards, and the frames carrying them) whatever the stripe length; a stripe's round
-/// trip (record on a metadata quorum, shards fsynced on six nodes) is latency, so several
-/// stripes overlap to keep disks and network busy.
-pub const PUT_BYTES_IN_FLIGHT_MAX: u64 = 32 * 1024 * 1024;
+/// Plaintext bytes of one put being encoded and sent at once, whatever the stripe length
+/// (a put holds a few times this: shards, and the frames carrying them). A stripe's round
+/// trip (record on a metadata quorum, shards fsynced on six nodes) is mostly waiting, so
+/// several stripes overlap; 16 MiB kept a 2 GiB put's gateway at 143 MiB peak RSS where
+/// 32 MiB took 215 MiB for no more throughput on two cores (bench/data_path.py).
+pub const PUT_BYTES_IN_FLIGHT_MAX: u64 = 16 * 1024 * 1024;
 /// Plaintext bytes of one read being fetched and decoded ahead of the reader.
 pub const READ_AHEAD_BYTES_MAX: u64 = 16 * 1024 * 1024;
 
