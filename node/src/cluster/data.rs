@@ -1311,12 +1311,20 @@ impl<E: Env> ClusterNode<E> {
         let (mut hedges, hedges_max) = (0usize, usize::from(codec.parity_shards));
         let mut obtained: BTreeMap<usize, Shard> = BTreeMap::new();
         let mut pending_indexes: BTreeSet<usize> = BTreeSet::new();
+        // Candidates for an index that was being fetched elsewhere when their turn came:
+        // they come back if that fetch fails (after a move, the recorded holder may no
+        // longer have the shard that its new holder has).
+        let mut waiting_behind: Vec<(usize, NodeId)> = Vec::new();
         let mut in_flight = FuturesUnordered::new();
         let mut errors = Vec::new();
         loop {
             while obtained.len() + in_flight.len() < needed + hedges {
                 let Some((index, node)) = queue.pop_front() else { break };
-                if obtained.contains_key(&index) || pending_indexes.contains(&index) {
+                if obtained.contains_key(&index) {
+                    continue;
+                }
+                if pending_indexes.contains(&index) {
+                    waiting_behind.push((index, node));
                     continue;
                 }
                 pending_indexes.insert(index);
@@ -1340,12 +1348,21 @@ impl<E: Env> ClusterNode<E> {
                 break;
             };
             pending_indexes.remove(&index);
+            let failed = !matches!(&result, Ok(shard)
+                if shard.header().stripe_id == stripe.stripe_id
+                    && usize::from(shard.header().index) == index
+                    && shard.header().codec == codec.codec);
+            if failed {
+                // The index's other candidates go next, in their order.
+                let (retry, still_waiting): (Vec<_>, Vec<_>) =
+                    waiting_behind.drain(..).partition(|(waiting, _)| *waiting == index);
+                waiting_behind = still_waiting;
+                for candidate in retry.into_iter().rev() {
+                    queue.push_front(candidate);
+                }
+            }
             match result {
-                Ok(shard)
-                    if shard.header().stripe_id == stripe.stripe_id
-                        && usize::from(shard.header().index) == index
-                        && shard.header().codec == codec.codec =>
-                {
+                Ok(shard) if !failed => {
                     obtained.insert(index, shard);
                     if obtained.len() >= needed {
                         break;

@@ -465,6 +465,52 @@ async fn reads_hedge_around_a_node_slow_to_serve_shards() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_tries_every_holder_of_a_shard_even_behind_a_slow_stale_one() {
+    // After a move, a stripe's recorded holder of an index may no longer have it while
+    // its canonical holder does. The read asks the stale holder first; a hedge reaches
+    // the canonical one while that fetch is still out, and must not drop it.
+    let cluster = TestCluster::start(&SIX_NODES).await;
+    cluster.node(0).create_bucket("backups", "owner").await.unwrap();
+    let data = pattern(100 * 1024, 3);
+    put(cluster.node(0), "backups", "moved", &data).await.unwrap();
+    let mut record = cluster.node(0).head_object("backups", "moved").await.unwrap();
+    let bdr_protocol::records::ObjectData::Striped(manifest) = &mut record.data else {
+        panic!("a 100 KiB object is striped");
+    };
+    let stripe = &mut manifest.stripes[0];
+    let index_at = |node: usize| {
+        let id = cluster.node(node).env().node_id();
+        stripe.holders.iter().position(|holder| *holder == id).unwrap()
+    };
+    let (moved_index, lost_a, lost_b) = (index_at(2), index_at(3), index_at(4));
+    // Only k shards are left: node 0's, node 1's, node 5's, and the moved one at node 2.
+    for (node, index) in [(3, lost_a), (4, lost_b)] {
+        let key = ShardKey {
+            stripe_id: stripe.stripe_id,
+            index: index as u8,
+        };
+        assert!(cluster.node(node).env().shard_store().delete(key).await.unwrap());
+    }
+    // The manifest names node 1 (the reader's zone, asked early) for the moved index,
+    // and node 1 answers shard reads slowly.
+    stripe.holders[moved_index] = cluster.node(1).env().node_id();
+    let slow_ms = 3 * super::data::SHARD_READ_HEDGE_AFTER_MS;
+    cluster
+        .hub
+        .slow_shard_reads_ms
+        .lock()
+        .unwrap()
+        .insert(cluster.node(1).env().node_id(), slow_ms);
+    let size_bytes = record.size_bytes;
+    let mut stream = Box::pin(cluster.node(0).read_object(record, 0..size_bytes).unwrap());
+    let mut read = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        read.extend_from_slice(&chunk.unwrap());
+    }
+    assert!(read == data, "read returned other bytes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_are_refused_when_they_could_not_survive_a_zone_loss() {
     let cluster = TestCluster::start(&SIX_NODES).await;
     cluster.node(0).create_bucket("backups", "owner").await.unwrap();
