@@ -36,15 +36,24 @@ use network::{NetworkHandle, NetworkSettings};
 /// in profiles. Served from the heap and trimmed only above 256 MiB free, they are reused.
 /// Call once at start, before the runtime's threads exist.
 pub fn tune_allocator_for_large_buffers() {
-    /// Allocations up to this size come from the heap (reused) instead of fresh mappings.
-    const MMAP_THRESHOLD_BYTES: i32 = 64 * 1024 * 1024;
+    /// Allocations up to this size come from the heap (reused) instead of fresh mappings;
+    /// glibc's own ceiling for it on 64-bit, and well above a stripe's buffers.
+    const MMAP_THRESHOLD_BYTES: i32 = 32 * 1024 * 1024;
     /// Free heap memory kept before it is handed back to the kernel.
     const TRIM_THRESHOLD_BYTES: i32 = 256 * 1024 * 1024;
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets allocator parameters; called before other threads start.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES);
+    for (parameter, name, value) in [
+        (libc::M_MMAP_THRESHOLD, "M_MMAP_THRESHOLD", MMAP_THRESHOLD_BYTES),
+        (libc::M_TRIM_THRESHOLD, "M_TRIM_THRESHOLD", TRIM_THRESHOLD_BYTES),
+    ] {
+        // SAFETY: mallopt only sets allocator parameters; called before other threads start.
+        if unsafe { libc::mallopt(parameter, value) } == 0 {
+            tracing::warn!(
+                parameter = name,
+                value,
+                "the allocator refused a setting; buffers are mapped anew"
+            );
+        }
     }
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
     let _ = (MMAP_THRESHOLD_BYTES, TRIM_THRESHOLD_BYTES);
