@@ -17,14 +17,13 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use bdr_protocol::ids::NodeId;
-use bdr_protocol::placement::place;
 use bdr_protocol::records::{decode_stored_value, Lww, RowKey, METADATA_PARTITIONS};
 use bdr_protocol::wire::{
     MetaRow, RemoteErrorKind, Request, Response, Table, TableDigest, DIGEST_BUCKETS, SCAN_ROWS_MAX,
 };
 
 use super::membership::Liveness;
-use super::metadata::{MetaError, METADATA_REPLICAS, METADATA_TIMEOUT_MS};
+use super::metadata::{MetaError, METADATA_TIMEOUT_MS};
 use super::ClusterNode;
 use crate::env::{Env, Tree};
 
@@ -195,20 +194,14 @@ impl<E: Env> ClusterNode<E> {
         // For each partition we replicate, one random live other replica to compare with.
         let mut by_peer: BTreeMap<NodeId, Vec<u32>> = BTreeMap::new();
         for partition in 0..METADATA_PARTITIONS {
-            let Ok(placement) = place(
-                &layout,
-                &RowKey::partition_placement_id(partition),
-                1,
-                METADATA_REPLICAS - 1,
-            ) else {
+            let Some(holders) = self.partition_placement_holders(&layout, partition) else {
                 return;
             };
-            if !placement.holders.contains(&me) {
+            if !holders.contains(&me) {
                 continue;
             }
             self.collect_tombstones(partition);
-            let peers: Vec<NodeId> = placement
-                .holders
+            let peers: Vec<NodeId> = holders
                 .iter()
                 .copied()
                 .filter(|node| *node != me && self.liveness(node) != Liveness::Down)

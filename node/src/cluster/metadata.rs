@@ -60,6 +60,16 @@ fn quorum_of(replica_count: usize) -> usize {
     replica_count / 2 + 1
 }
 
+/// The replicas of metadata partitions under the last layout asked about. Placement is
+/// a pure function of the layout, and every repair tick and anti-entropy round asks for
+/// all partitions: recomputing them was most of an idle node's CPU.
+#[derive(Default)]
+pub(crate) struct PartitionReplicasCache {
+    layout: Layout,
+    /// None: no placement (too few nodes).
+    holders: BTreeMap<u32, Option<Vec<NodeId>>>,
+}
+
 impl<E: Env> ClusterNode<E> {
     /// The distinct replicas of the partition holding `partition_key`.
     pub fn metadata_replicas(&self, partition_key: &[u8]) -> Result<Vec<NodeId>, MetaError> {
@@ -72,17 +82,35 @@ impl<E: Env> ClusterNode<E> {
     /// The distinct replicas of metadata partition `partition` under `layout`, in
     /// placement order (the same on every node with the same layout).
     pub(crate) fn partition_replicas(&self, layout: &Layout, partition: u32) -> Result<Vec<NodeId>, MetaError> {
-        let placement = place(
+        let mut replicas = self
+            .partition_placement_holders(layout, partition)
+            .ok_or(MetaError::NoReplicas)?;
+        let mut seen = std::collections::BTreeSet::new();
+        replicas.retain(|node| seen.insert(*node));
+        Ok(replicas)
+    }
+
+    /// The placement holders of metadata partition `partition` under `layout` (a node
+    /// may appear twice when zones are few), or None when there is no placement.
+    pub(crate) fn partition_placement_holders(&self, layout: &Layout, partition: u32) -> Option<Vec<NodeId>> {
+        let mut cache = self.partition_replicas_cache.lock().expect("not poisoned");
+        if cache.layout != *layout {
+            cache.layout = layout.clone();
+            cache.holders.clear();
+        }
+        if let Some(holders) = cache.holders.get(&partition) {
+            return holders.clone();
+        }
+        let holders = place(
             layout,
             &RowKey::partition_placement_id(partition),
             1,
             METADATA_REPLICAS - 1,
         )
-        .map_err(|_| MetaError::NoReplicas)?;
-        let mut replicas = placement.holders;
-        let mut seen = std::collections::BTreeSet::new();
-        replicas.retain(|node| seen.insert(*node));
-        Ok(replicas)
+        .ok()
+        .map(|placement| placement.holders);
+        cache.holders.insert(partition, holders.clone());
+        holders
     }
 
     /// Merges `value` into the local row; returns whether the row changed. Not durable

@@ -146,6 +146,7 @@ pub struct ClusterNode<E: Env> {
     /// Bucket records and access keys recently read for S3 requests (see
     /// [`data::REQUEST_CACHE_TTL_MS`]).
     request_cache: Mutex<data::RequestCache>,
+    partition_replicas_cache: Mutex<metadata::PartitionReplicasCache>,
 }
 
 fn load_system_record(env: &impl Env, key: &'static [u8]) -> Result<Option<SystemRecord>, ClusterError> {
@@ -230,6 +231,7 @@ impl<E: Env> ClusterNode<E> {
             joined: AtomicBool::new(alone),
             digest_cache: Mutex::new(BTreeMap::new()),
             request_cache: Mutex::new(data::RequestCache::default()),
+            partition_replicas_cache: Mutex::new(metadata::PartitionReplicasCache::default()),
             handover: Mutex::new(handover_state),
             maintenance_config,
             maintenance: Mutex::new(MaintenanceState::default()),
