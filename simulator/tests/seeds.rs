@@ -127,7 +127,15 @@ fn regression_seeds_pass() {
 
 #[test]
 fn the_same_seed_gives_the_same_trace() {
-    for (scenario, seed) in [("swarm", 7u64), ("rolling-restart", 3), ("partition-and-heal", 11)] {
+    // Disk faults (their own store and timers) and layout changes (joins, multipart
+    // uploads) are covered too.
+    for (scenario, seed) in [
+        ("swarm", 7u64),
+        ("rolling-restart", 3),
+        ("partition-and-heal", 11),
+        ("disk-faults", 5),
+        ("layout-growth", 2),
+    ] {
         let scenario = load_scenario(scenario).unwrap();
         let first = run(seed, &scenario);
         let second = run(seed, &scenario);
