@@ -656,15 +656,8 @@ impl Shared {
             .record(&[b"multipart-complete", key.as_bytes(), &[result.is_ok() as u8]]);
         match result {
             Ok(record) => {
-                self.count("acknowledged_writes");
                 self.count("multipart_completed");
-                self.note_acknowledged(key, Some(hash));
-                if self.versioned {
-                    self.versions
-                        .lock()
-                        .expect("not poisoned")
-                        .push((key.to_string(), record.version_id, hash));
-                }
+                self.note_acknowledged_write(key, Some(hash), record.version_id, hash);
             }
             Err(_) => self.count("unavailable"),
         }
@@ -760,6 +753,19 @@ impl Shared {
         model.maybe.clear();
     }
 
+    /// An acknowledged write of `key` (a put or a completed multipart upload): the model's
+    /// value, and on a versioned bucket the version to read back by id at the end.
+    fn note_acknowledged_write(&self, key: &str, value: Value, version_id: String, hash: [u8; 32]) {
+        self.count("acknowledged_writes");
+        self.note_acknowledged(key, value);
+        if self.versioned {
+            self.versions
+                .lock()
+                .expect("not poisoned")
+                .push((key.to_string(), version_id, hash));
+        }
+    }
+
     async fn put(&self, gateway: &Arc<ClusterNode<SimEnv>>, key: &str, data: Vec<u8>) {
         let hash = *blake3::hash(&data).as_bytes();
         let value = Some(hash);
@@ -772,16 +778,7 @@ impl Shared {
         let result = gateway.put_object(write, futures::io::Cursor::new(data)).await;
         self.world.record(&[b"put", key.as_bytes(), &[result.is_ok() as u8]]);
         match result {
-            Ok(record) => {
-                self.count("acknowledged_writes");
-                self.note_acknowledged(key, value);
-                if self.versioned {
-                    self.versions
-                        .lock()
-                        .expect("not poisoned")
-                        .push((key.to_string(), record.version_id, hash));
-                }
-            }
+            Ok(record) => self.note_acknowledged_write(key, value, record.version_id, hash),
             Err(_) => self.count("unavailable"),
         }
     }

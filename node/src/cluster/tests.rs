@@ -208,6 +208,12 @@ impl TestCluster {
         panic!("in-memory cluster did not converge");
     }
 
+    /// Node `index` answers shard reads only after `delay_ms` (a busy disk).
+    fn slow_shard_reads(&self, index: usize, delay_ms: u64) {
+        let id = self.nodes[index].env().node_id();
+        self.hub.slow_shard_reads_ms.lock().unwrap().insert(id, delay_ms);
+    }
+
     fn set_down(&self, index: usize, down: bool) {
         let id = self.nodes[index].env().node_id();
         let mut set = self.hub.down.lock().unwrap();
@@ -447,12 +453,7 @@ async fn reads_hedge_around_a_node_slow_to_serve_shards() {
     // Node 1 shares the reader's zone, so every stripe asks it first; it now takes far
     // longer than a hedge (and, in this test network, never times out).
     let slow_ms = 30 * super::data::SHARD_READ_HEDGE_AFTER_MS;
-    cluster
-        .hub
-        .slow_shard_reads_ms
-        .lock()
-        .unwrap()
-        .insert(cluster.node(1).env().node_id(), slow_ms);
+    cluster.slow_shard_reads(1, slow_ms);
     let started = std::time::Instant::now();
     let read = get(cluster.node(0), "backups", "striped").await.unwrap();
     let elapsed_ms = started.elapsed().as_millis() as u64;
@@ -494,13 +495,7 @@ async fn a_read_tries_every_holder_of_a_shard_even_behind_a_slow_stale_one() {
     // The manifest names node 1 (the reader's zone, asked early) for the moved index,
     // and node 1 answers shard reads slowly.
     stripe.holders[moved_index] = cluster.node(1).env().node_id();
-    let slow_ms = 3 * super::data::SHARD_READ_HEDGE_AFTER_MS;
-    cluster
-        .hub
-        .slow_shard_reads_ms
-        .lock()
-        .unwrap()
-        .insert(cluster.node(1).env().node_id(), slow_ms);
+    cluster.slow_shard_reads(1, 3 * super::data::SHARD_READ_HEDGE_AFTER_MS);
     let size_bytes = record.size_bytes;
     let mut stream = Box::pin(cluster.node(0).read_object(record, 0..size_bytes).unwrap());
     let mut read = Vec::new();
