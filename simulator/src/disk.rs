@@ -62,13 +62,8 @@ struct DiskFaultState {
     /// Reads of keys chosen by this salt fail with an I/O error.
     read_error_salt: Option<u8>,
     disk_full: bool,
-    /// Counters for the report.
-    torn_files_left: u64,
-    writes_lost: u64,
-    read_errors_returned: u64,
-    puts_refused_disk_full: u64,
-    /// A torn file that read back as a valid shard: must never happen.
-    torn_read_as_data: u64,
+    /// What the faults did so far (`stripes_claimed` is the atlas's, filled in by the run).
+    counters: DiskFaultCounters,
 }
 
 /// Counters of what the disk faults did, for the outcome.
@@ -78,6 +73,7 @@ pub struct DiskFaultCounters {
     pub writes_lost: u64,
     pub read_errors_returned: u64,
     pub puts_refused_disk_full: u64,
+    /// A torn file that read back as a valid shard: must never happen.
     pub torn_read_as_data: u64,
     /// Stripes some disk fault touched (the atlas's claims).
     pub stripes_claimed: u64,
@@ -182,7 +178,7 @@ impl FaultyShardStore {
         let cached = std::mem::take(&mut self.state().cached);
         for key in cached {
             if futures::executor::block_on(self.inner.delete(key)).unwrap_or(false) {
-                self.state().writes_lost += 1;
+                self.state().counters.writes_lost += 1;
             }
         }
     }
@@ -205,15 +201,7 @@ impl FaultyShardStore {
     }
 
     pub fn counters(&self) -> DiskFaultCounters {
-        let state = self.state();
-        DiskFaultCounters {
-            torn_files_left: state.torn_files_left,
-            writes_lost: state.writes_lost,
-            read_errors_returned: state.read_errors_returned,
-            puts_refused_disk_full: state.puts_refused_disk_full,
-            torn_read_as_data: state.torn_read_as_data,
-            stripes_claimed: 0,
-        }
+        self.state().counters
     }
 
     /// Whether a latent read error hides `key` now.
@@ -247,7 +235,7 @@ impl Drop for PutInFlight {
         if self.completed {
             state.torn.remove(&self.key);
         } else if state.torn.contains(&self.key) {
-            state.torn_files_left += 1;
+            state.counters.torn_files_left += 1;
         }
     }
 }
@@ -281,9 +269,9 @@ impl ShardStore for FaultyShardStore {
             (state.disk_full, state.torn_write_latency_ms, state.lost_writes)
         };
         if disk_full {
-            self.state().puts_refused_disk_full += 1;
+            self.state().counters.puts_refused_disk_full += 1;
             return ready(Err(StoreError::DiskFull {
-                needed_bytes: shard.to_bytes().len() as u64,
+                needed_bytes: shard.encoded_length_bytes(),
                 available_bytes: 0,
             }));
         }
@@ -291,7 +279,7 @@ impl ShardStore for FaultyShardStore {
             if self.atlas.claim(self.node, key) {
                 match mode {
                     LostWrites::Silent => {
-                        self.state().writes_lost += 1;
+                        self.state().counters.writes_lost += 1;
                         return ready(Ok(()));
                     }
                     LostWrites::Cached => {
@@ -343,14 +331,14 @@ impl ShardStore for FaultyShardStore {
 
     fn get(&self, key: ShardKey) -> BoxFuture<'static, Result<Shard, StoreError>> {
         if self.read_error_hits(key) {
-            self.state().read_errors_returned += 1;
+            self.state().counters.read_errors_returned += 1;
             return ready(Err(StoreError::Io("latent sector error (simulated)".into())));
         }
         let result = futures::executor::block_on(self.inner.get(key));
         let mut state = self.state();
         if state.torn.contains(&key) {
             match result {
-                Ok(_) => state.torn_read_as_data += 1,
+                Ok(_) => state.counters.torn_read_as_data += 1,
                 // Quarantined: the torn file is gone.
                 Err(_) => {
                     state.torn.remove(&key);

@@ -249,9 +249,11 @@ fn main() -> ExitCode {
             let started = Instant::now();
             let mut virtual_ms = 0u64;
             let mut messages = 0u64;
+            let mut failed = false;
             for run_seed in seed..seed + u64::from(runs) {
                 let outcome = run(run_seed, &scenario);
                 if !outcome.ok() {
+                    failed = true;
                     println!("seed {run_seed} failed: {:?}", outcome.failures);
                 }
                 virtual_ms += outcome.virtual_ms;
@@ -264,6 +266,10 @@ fn main() -> ExitCode {
                 virtual_ms as f64 / 1000.0 / wall_s,
                 messages as f64 / wall_s
             );
+            // A speed figure of a run that broke an invariant is no figure.
+            if failed {
+                return ExitCode::FAILURE;
+            }
             ExitCode::SUCCESS
         }
         Command::Run {

@@ -3,6 +3,7 @@
 
 use std::fmt::Write as _;
 
+use bdr_protocol::wire::StripeHealth;
 use serde::Serialize;
 
 /// One sample of the cluster's maintenance state, summed over the nodes that are up: the
@@ -11,12 +12,7 @@ use serde::Serialize;
 pub struct RedundancySample {
     /// Virtual milliseconds since the run started.
     pub at_ms: u64,
-    pub healthy: u64,
-    pub misplaced: u64,
-    pub degraded: u64,
-    pub at_risk: u64,
-    pub lost: u64,
-    pub unknown: u64,
+    pub stripes: StripeHealth,
     pub repair_queued_stripes: u64,
     pub nodes_up: u64,
 }
@@ -278,12 +274,12 @@ pub fn redundancy_chart(samples: &[RedundancySample]) -> String {
         x_log2_labels: None,
         style: Style::StackedAreas,
         series: vec![
-            series("healthy", "#2e9e44", |sample| sample.healthy),
-            series("misplaced", "#3b7dd8", |sample| sample.misplaced),
-            series("degraded", "#e0c020", |sample| sample.degraded),
-            series("at risk", "#f08020", |sample| sample.at_risk),
-            series("lost", "#d02020", |sample| sample.lost),
-            series("unknown", "#999999", |sample| sample.unknown),
+            series("healthy", "#2e9e44", |sample| sample.stripes.healthy),
+            series("misplaced", "#3b7dd8", |sample| sample.stripes.misplaced),
+            series("degraded", "#e0c020", |sample| sample.stripes.degraded),
+            series("at risk", "#f08020", |sample| sample.stripes.at_risk),
+            series("lost", "#d02020", |sample| sample.stripes.lost),
+            series("unknown", "#999999", |sample| sample.stripes.unknown),
         ],
     }
     .render()
@@ -368,11 +364,13 @@ mod tests {
         let samples: Vec<RedundancySample> = (0..10)
             .map(|second| RedundancySample {
                 at_ms: second * 1000,
-                healthy: 10 + second,
-                degraded: 10 - second,
+                stripes: StripeHealth {
+                    healthy: 10 + second,
+                    degraded: 10 - second,
+                    ..StripeHealth::default()
+                },
                 repair_queued_stripes: 10 - second,
                 nodes_up: 6,
-                ..RedundancySample::default()
             })
             .collect();
         for svg in [redundancy_chart(&samples), repair_queue_chart(&samples)] {

@@ -532,12 +532,7 @@ impl Shared {
         };
         for (_, node) in self.up_nodes() {
             let report = node.maintenance_report();
-            sample.healthy += report.stripes.healthy;
-            sample.misplaced += report.stripes.misplaced;
-            sample.degraded += report.stripes.degraded;
-            sample.at_risk += report.stripes.at_risk;
-            sample.lost += report.stripes.lost;
-            sample.unknown += report.stripes.unknown;
+            sample.stripes.add(&report.stripes);
             sample.repair_queued_stripes += report.repair_queued_stripes;
             sample.nodes_up += 1;
         }
