@@ -3,17 +3,17 @@
 //!
 //! Write: the body is read stripe by stripe (never whole); each stripe is named by a keyed
 //! hash, sealed, encoded into k+m shards and sent to its placement holders in parallel,
-//! with at most [`PUT_BYTES_IN_FLIGHT_MAX`] of plaintext in flight. A shard whose holder fails is
-//! retried on the next placement candidate in the same zone. A stripe counts as written
-//! only when the shards that are durable survive the loss of a zone (and of a node) as
-//! far as the layout allows; the object is acknowledged only after its manifest is
-//! committed to a metadata quorum.
+//! with at most [`PUT_BYTES_IN_FLIGHT_MAX`] of plaintext in flight. A shard whose holder
+//! fails is retried on the next placement candidate in the same zone. A stripe counts as
+//! written only when the shards that are durable survive the loss of a zone (and of a
+//! node) as far as the layout allows; the object is acknowledged only after its manifest
+//! is committed to a metadata quorum.
 //!
 //! Read: the manifest comes from a metadata quorum; per stripe, shards are fetched from
 //! the nearest candidates first and the next candidate is tried on any failure, or as a
 //! hedge when nothing arrived for [`SHARD_READ_HEDGE_AFTER_MS`], until k verified shards
-//! decode. The AEAD then authenticates the whole stripe, and its keyed
-//! hash must match the stripe id, so wrong bytes are never returned.
+//! decode. The AEAD then authenticates the whole stripe, and its keyed hash must match
+//! the stripe id, so wrong bytes are never returned.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
