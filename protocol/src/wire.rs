@@ -13,9 +13,9 @@ use crate::ids::{NodeId, StripeId};
 use crate::layout::Layout;
 
 /// Version of the request/response schema below. Bump on any incompatible change.
-pub const WIRE_VERSION: u16 = 2;
+pub const WIRE_VERSION: u16 = 3;
 /// The libp2p request-response protocol name; carries the major wire version.
-pub const RPC_PROTOCOL_NAME: &str = "/bdr/rpc/2";
+pub const RPC_PROTOCOL_NAME: &str = "/bdr/rpc/3";
 /// Largest frame body: one shard of the largest stripe (k = 1) plus headers and slack.
 pub const FRAME_BYTES_MAX: u64 = STRIPE_LENGTH_BYTES_MAX + 64 * 1024;
 /// Longest error message carried in a response.
@@ -94,16 +94,29 @@ impl PeerHeartbeat {
     }
 }
 
+/// The layout part of a gossip message: always the sender's digest, and the whole layout
+/// when the sender believes the receiver's digest differs (the receiver's last heartbeat
+/// said so, or the sender has none). A receiver that finds the digest different from its
+/// own answers with its whole layout, so a belief gone stale costs one round, not
+/// convergence.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GossipLayout {
+    pub digest: [u8; 32],
+    pub layout: Option<Layout>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
     /// Sent first on every new connection. Until it is verified, the peer gets no answer.
     Admit {
         proof: AdmissionProof,
     },
-    /// Push-pull gossip: the sender's layout and heartbeats; the answer is the receiver's
-    /// after merging.
+    /// Push-pull gossip: the sender's layout digest and heartbeats; the answer is the
+    /// receiver's after merging. The whole layout travels only where the digests may
+    /// differ (see [`GossipLayout`]): it grows with the cluster, and resending it every
+    /// round cost most of the gossip's bytes and CPU.
     Gossip {
-        layout: Layout,
+        layout: GossipLayout,
         heartbeats: Vec<PeerHeartbeat>,
     },
     /// Stores a shard (its [`crate::erasure::Shard::to_bytes`] form). Answered only after fsync.
@@ -303,7 +316,7 @@ pub enum Response {
         proof: AdmissionProof,
     },
     Gossip {
-        layout: Layout,
+        layout: GossipLayout,
         heartbeats: Vec<PeerHeartbeat>,
     },
     ShardStored,
@@ -456,7 +469,17 @@ mod tests {
                 proof: ClusterSecret::from_bytes([1; 32]).prove(NodeId([1; 32]), NodeId([2; 32])),
             },
             Request::Gossip {
-                layout: Layout::new(),
+                layout: GossipLayout {
+                    digest: Layout::new().digest(),
+                    layout: Some(Layout::new()),
+                },
+                heartbeats: vec![heartbeat.clone()],
+            },
+            Request::Gossip {
+                layout: GossipLayout {
+                    digest: [9; 32],
+                    layout: None,
+                },
                 heartbeats: vec![heartbeat],
             },
             Request::PutShard { shard: vec![1, 2, 3] },
@@ -508,8 +531,11 @@ mod tests {
             index: 0,
         })
         .unwrap();
-        body[0] = 3;
-        assert_eq!(decode_request(&body), Err(WireError::UnsupportedVersion(3)));
+        // The previous version (whole layouts in every gossip) and the next are refused.
+        for other_version in [WIRE_VERSION - 1, WIRE_VERSION + 1] {
+            body[0] = other_version as u8;
+            assert_eq!(decode_request(&body), Err(WireError::UnsupportedVersion(other_version)));
+        }
         assert!(matches!(
             check_frame_length(u32::MAX.to_le_bytes()),
             Err(WireError::FrameTooLarge { .. })

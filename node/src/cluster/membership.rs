@@ -9,11 +9,12 @@
 //! Pure state, no IO: time comes in as `now_ms`, randomness as a `u64`.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use bdr_protocol::hlc::{HlcTimestamp, HybridClock};
 use bdr_protocol::ids::NodeId;
 use bdr_protocol::layout::{Layout, LayoutError, NodeSpec, NodeStatus};
-use bdr_protocol::wire::{PeerHeartbeat, LAYOUT_HEARTBEATS_MAX};
+use bdr_protocol::wire::{GossipLayout, PeerHeartbeat, LAYOUT_HEARTBEATS_MAX};
 use serde::{Deserialize, Serialize};
 
 /// How many peers each gossip round talks to.
@@ -47,7 +48,8 @@ struct HeartbeatView {
 pub struct Membership {
     me: NodeId,
     config: MembershipConfig,
-    layout: Layout,
+    /// Shared, so readers take it without copying; changes copy it first (rare).
+    layout: Arc<Layout>,
     /// `layout.digest()`, kept current by every change (metadata requests carry it).
     layout_digest: [u8; 32],
     clock: HybridClock,
@@ -78,7 +80,7 @@ impl Membership {
             me,
             config,
             layout_digest: layout.digest(),
-            layout,
+            layout: Arc::new(layout),
             clock: HybridClock::new(me),
             own_heartbeat: PeerHeartbeat {
                 node: me,
@@ -93,7 +95,7 @@ impl Membership {
             started_at_ms: now_ms,
         };
         let stamp = membership.clock.now(now_ms);
-        membership.layout.set_node(me, own_spec, stamp)?;
+        Arc::make_mut(&mut membership.layout).set_node(me, own_spec, stamp)?;
         membership.layout_digest = membership.layout.digest();
         membership.own_heartbeat.layout_digest = membership.layout_digest;
         Ok(membership)
@@ -105,6 +107,11 @@ impl Membership {
 
     pub fn layout(&self) -> &Layout {
         &self.layout
+    }
+
+    /// The layout, shared: the same allocation until the layout next changes.
+    pub fn shared_layout(&self) -> Arc<Layout> {
+        Arc::clone(&self.layout)
     }
 
     pub fn layout_digest(&self) -> [u8; 32] {
@@ -168,7 +175,7 @@ impl Membership {
             status,
         };
         let stamp = self.clock.now(now_ms);
-        let changed = self.layout.set_node(node, spec, stamp)?;
+        let changed = Arc::make_mut(&mut self.layout).set_node(node, spec, stamp)?;
         self.layout_digest = self.layout.digest();
         Ok(changed)
     }
@@ -181,17 +188,67 @@ impl Membership {
         self.own_heartbeat.layout_digest = self.layout_digest;
     }
 
-    /// What we send in a gossip exchange: the layout and every heartbeat we know.
-    pub fn gossip_payload(&self) -> (Layout, Vec<PeerHeartbeat>) {
-        let mut heartbeats = vec![self.own_heartbeat.clone()];
-        heartbeats.extend(self.heartbeats.values().map(|view| view.heartbeat.clone()));
-        (self.layout.clone(), heartbeats)
+    /// What we send to `peer` in a gossip exchange: our layout digest, the whole layout
+    /// only if `peer` may not have it, and every heartbeat we know.
+    pub fn gossip_payload_for(&self, peer: &NodeId) -> (GossipLayout, Vec<PeerHeartbeat>) {
+        let peer_digest = self.heartbeats.get(peer).map(|view| view.heartbeat.layout_digest);
+        (
+            self.gossip_layout(peer_digest != Some(self.layout_digest)),
+            self.known_heartbeats(),
+        )
     }
 
-    /// Merges a peer's gossip. Returns whether our layout changed (so it must be persisted)
-    /// and the heartbeats that advanced (so their addresses can be learned).
-    pub fn absorb(&mut self, layout: &Layout, heartbeats: &[PeerHeartbeat], now_ms: u64) -> (bool, Vec<PeerHeartbeat>) {
-        let layout_changed = self.layout.merge(layout);
+    /// What we answer a gossip whose sender's layout digest was `sender_digest` (our
+    /// layout already merged with whatever it sent): the whole layout unless they match.
+    pub fn gossip_answer(&self, sender_digest: &[u8; 32]) -> (GossipLayout, Vec<PeerHeartbeat>) {
+        (
+            self.gossip_layout(*sender_digest != self.layout_digest),
+            self.known_heartbeats(),
+        )
+    }
+
+    /// What we send to a peer known to have another layout (it refused a request for
+    /// that): the whole layout, whatever its last heartbeat said.
+    pub fn gossip_payload_whole(&self) -> (GossipLayout, Vec<PeerHeartbeat>) {
+        (self.gossip_layout(true), self.known_heartbeats())
+    }
+
+    fn gossip_layout(&self, whole: bool) -> GossipLayout {
+        GossipLayout {
+            digest: self.layout_digest,
+            layout: whole.then(|| Layout::clone(&self.layout)),
+        }
+    }
+
+    fn known_heartbeats(&self) -> Vec<PeerHeartbeat> {
+        let mut heartbeats = vec![self.own_heartbeat.clone()];
+        heartbeats.extend(self.heartbeats.values().map(|view| view.heartbeat.clone()));
+        heartbeats
+    }
+
+    /// Merges a peer's gossip message. A layout whose digest matches ours is not merged:
+    /// merging copies the shared layout, and a new allocation costs every cache keyed
+    /// by it a recomputation.
+    pub fn absorb_gossip(
+        &mut self,
+        gossip: &GossipLayout,
+        heartbeats: &[PeerHeartbeat],
+        now_ms: u64,
+    ) -> (bool, Vec<PeerHeartbeat>) {
+        let layout = gossip.layout.as_ref().filter(|_| gossip.digest != self.layout_digest);
+        self.absorb(layout, heartbeats, now_ms)
+    }
+
+    /// Merges a peer's gossip (its layout, when it sent one). Returns whether our layout
+    /// changed (so it must be persisted) and the heartbeats that advanced (so their
+    /// addresses can be learned).
+    pub fn absorb(
+        &mut self,
+        layout: Option<&Layout>,
+        heartbeats: &[PeerHeartbeat],
+        now_ms: u64,
+    ) -> (bool, Vec<PeerHeartbeat>) {
+        let layout_changed = layout.is_some_and(|layout| Arc::make_mut(&mut self.layout).merge(layout));
         if layout_changed {
             self.layout_digest = self.layout.digest();
         }
@@ -298,11 +355,43 @@ mod tests {
         Membership::new(NodeId([index; 32]), CONFIG, Layout::new(), spec(zone), 1, 0).unwrap()
     }
 
-    fn exchange(a: &mut Membership, b: &mut Membership, now_ms: u64) {
-        let (layout, heartbeats) = a.gossip_payload();
-        b.absorb(&layout, &heartbeats, now_ms);
-        let (layout, heartbeats) = b.gossip_payload();
-        a.absorb(&layout, &heartbeats, now_ms);
+    /// One push-pull exchange as the node runs it; returns how many whole layouts travelled.
+    fn exchange(a: &mut Membership, b: &mut Membership, now_ms: u64) -> u32 {
+        let (request_layout, heartbeats) = a.gossip_payload_for(&b.me());
+        b.absorb_gossip(&request_layout, &heartbeats, now_ms);
+        let (answer_layout, heartbeats) = b.gossip_answer(&request_layout.digest);
+        a.absorb_gossip(&answer_layout, &heartbeats, now_ms);
+        u32::from(request_layout.layout.is_some()) + u32::from(answer_layout.layout.is_some())
+    }
+
+    #[test]
+    fn the_whole_layout_travels_only_while_digests_differ() {
+        let mut a = member(1, "a");
+        let mut b = member(2, "b");
+        // Strangers: both layouts travel.
+        assert_eq!(exchange(&mut a, &mut b, 10), 2);
+        assert_eq!(a.layout_digest(), b.layout_digest());
+        // a has not seen b beat since b merged, so a's belief is stale: a sends once more.
+        a.beat(0, vec![]);
+        b.beat(0, vec![]);
+        assert_eq!(exchange(&mut a, &mut b, 20), 1);
+        // Now each has seen the other's beat after the merge.
+        assert_eq!(exchange(&mut b, &mut a, 30), 0, "agreeing nodes send digests only");
+        assert_eq!(exchange(&mut a, &mut b, 30), 0, "agreeing nodes send digests only");
+        // b changes the layout behind a's back; a still believes they agree, so a sends
+        // no layout, and b's answer carries the change.
+        b.set_status(b.me(), NodeStatus::Draining, 40).unwrap();
+        assert_ne!(a.layout_digest(), b.layout_digest());
+        assert_eq!(exchange(&mut a, &mut b, 50), 1);
+        assert_eq!(a.layout_digest(), b.layout_digest());
+        // Changes on both sides (neither has seen the other's beat since): converge too.
+        a.set_status(a.me(), NodeStatus::Draining, 60).unwrap();
+        let c = member(3, "c");
+        let (c_layout, c_heartbeats) = c.gossip_payload_whole();
+        b.absorb(c_layout.layout.as_ref(), &c_heartbeats, 60);
+        exchange(&mut a, &mut b, 70);
+        assert_eq!(a.layout_digest(), b.layout_digest());
+        assert_eq!(a.layout().len(), 3);
     }
 
     #[test]
@@ -338,9 +427,9 @@ mod tests {
         let mut a = member(1, "a");
         let mut b = member(2, "b");
         b.beat(0, vec![]);
-        let (layout, stale) = b.gossip_payload();
-        a.absorb(&layout, &stale, 0);
-        a.absorb(&layout, &stale, 900);
+        let (layout, stale) = b.gossip_payload_whole();
+        a.absorb(layout.layout.as_ref(), &stale, 0);
+        a.absorb(layout.layout.as_ref(), &stale, 900);
         assert_eq!(a.liveness(&b.me(), 1000), Liveness::Down);
     }
 
@@ -356,12 +445,12 @@ mod tests {
             layout_digest: [0; 32],
             metadata_synced_digest: [0; 32],
         };
-        let (_, advanced) = a.absorb(&Layout::new(), &[stranger], 0);
+        let (_, advanced) = a.absorb(Some(&Layout::new()), &[stranger], 0);
         assert!(advanced.is_empty());
         let b = member(2, "b");
-        let mut oversized = b.gossip_payload().1.remove(0);
+        let mut oversized = b.gossip_payload_whole().1.remove(0);
         oversized.addresses = vec!["x".repeat(10_000)];
-        let (_, advanced) = a.absorb(b.layout(), &[oversized], 0);
+        let (_, advanced) = a.absorb(Some(b.layout()), &[oversized], 0);
         assert!(advanced.is_empty());
     }
 

@@ -65,9 +65,20 @@ fn quorum_of(replica_count: usize) -> usize {
 /// all partitions: recomputing them was most of an idle node's CPU.
 #[derive(Default)]
 pub(crate) struct PartitionReplicasCache {
-    layout: Layout,
+    /// The layout the placements were computed for: usually the very allocation callers
+    /// pass, so checking it is a pointer comparison.
+    layout: Option<Arc<Layout>>,
     /// None: no placement (too few nodes).
-    holders: BTreeMap<u32, Option<Vec<NodeId>>>,
+    placements: BTreeMap<u32, Option<Arc<PartitionPlacement>>>,
+}
+
+/// Where one metadata partition lives under one layout.
+pub(crate) struct PartitionPlacement {
+    /// The placement holders (a node may appear twice when zones are few).
+    pub holders: Vec<NodeId>,
+    /// The distinct holders, in placement order (the same on every node with the same
+    /// layout).
+    pub replicas: Vec<NodeId>,
 }
 
 impl<E: Env> ClusterNode<E> {
@@ -76,41 +87,57 @@ impl<E: Env> ClusterNode<E> {
         if !self.is_joined() {
             return Err(MetaError::NotJoined);
         }
-        self.partition_replicas(&self.layout(), RowKey::partition_of(partition_key))
+        let placement = self.partition_replicas(&self.layout(), RowKey::partition_of(partition_key))?;
+        Ok(placement.replicas.clone())
     }
 
-    /// The distinct replicas of metadata partition `partition` under `layout`, in
-    /// placement order (the same on every node with the same layout).
-    pub(crate) fn partition_replicas(&self, layout: &Layout, partition: u32) -> Result<Vec<NodeId>, MetaError> {
-        let mut replicas = self
-            .partition_placement_holders(layout, partition)
-            .ok_or(MetaError::NoReplicas)?;
-        let mut seen = std::collections::BTreeSet::new();
-        replicas.retain(|node| seen.insert(*node));
-        Ok(replicas)
+    /// Where metadata partition `partition` lives under `layout`.
+    pub(crate) fn partition_replicas(
+        &self,
+        layout: &Arc<Layout>,
+        partition: u32,
+    ) -> Result<Arc<PartitionPlacement>, MetaError> {
+        self.partition_placement(layout, partition).ok_or(MetaError::NoReplicas)
     }
 
-    /// The placement holders of metadata partition `partition` under `layout` (a node
-    /// may appear twice when zones are few), or None when there is no placement.
-    pub(crate) fn partition_placement_holders(&self, layout: &Layout, partition: u32) -> Option<Vec<NodeId>> {
+    /// Where metadata partition `partition` lives under `layout`, or None when there is
+    /// no placement.
+    pub(crate) fn partition_placement(&self, layout: &Arc<Layout>, partition: u32) -> Option<Arc<PartitionPlacement>> {
         let mut cache = self.partition_replicas_cache.lock().expect("not poisoned");
-        if cache.layout != *layout {
-            cache.layout = layout.clone();
-            cache.holders.clear();
+        let same_layout = cache
+            .layout
+            .as_ref()
+            .is_some_and(|cached| Arc::ptr_eq(cached, layout) || **cached == **layout);
+        if !same_layout {
+            cache.placements.clear();
         }
-        if let Some(holders) = cache.holders.get(&partition) {
-            return holders.clone();
+        // Keep the caller's allocation, so the next call with it takes the pointer check.
+        cache.layout = Some(Arc::clone(layout));
+        if let Some(placement) = cache.placements.get(&partition) {
+            return placement.clone();
         }
-        let holders = place(
+        let placement = place(
             layout,
             &RowKey::partition_placement_id(partition),
             1,
             METADATA_REPLICAS - 1,
         )
         .ok()
-        .map(|placement| placement.holders);
-        cache.holders.insert(partition, holders.clone());
-        holders
+        .map(|placement| {
+            let mut seen = std::collections::BTreeSet::new();
+            let replicas = placement
+                .holders
+                .iter()
+                .copied()
+                .filter(|node| seen.insert(*node))
+                .collect();
+            Arc::new(PartitionPlacement {
+                holders: placement.holders,
+                replicas,
+            })
+        });
+        cache.placements.insert(partition, placement.clone());
+        placement
     }
 
     /// Merges `value` into the local row; returns whether the row changed. Not durable
@@ -236,8 +263,8 @@ impl<E: Env> ClusterNode<E> {
                     kind: RemoteErrorKind::LayoutMismatch,
                     ..
                 }) if attempt < LAYOUT_MISMATCH_RETRIES_MAX => {
-                    let (layout, heartbeats) = self.membership.lock().expect("not poisoned").gossip_payload();
-                    self.exchange(replica, layout, heartbeats).await;
+                    let (layout, heartbeats) = self.membership.lock().expect("not poisoned").gossip_payload_whole();
+                    self.exchange(replica, Request::Gossip { layout, heartbeats }).await;
                     let digest = self.layout_digest();
                     match &mut request {
                         Request::MetaMerge { layout_digest, .. }

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 
 use bdr_protocol::ids::{NodeId, ZoneName};
 use bdr_protocol::layout::{Layout, LayoutError, NodeSpec, NodeStatus};
-use bdr_protocol::wire::{PeerHeartbeat, RemoteErrorKind, Request, Response};
+use bdr_protocol::wire::{GossipLayout, PeerHeartbeat, RemoteErrorKind, Request, Response};
 use serde::{Deserialize, Serialize};
 
 use crate::env::{BoxFuture, Env, InboundHandler, StoreError, Tree};
@@ -135,7 +135,7 @@ pub struct ClusterNode<E: Env> {
     joined: AtomicBool,
     /// Anti-entropy digests of metadata partitions, dropped when a row of the partition
     /// changes (every local metadata write goes through `merge_local` or tombstone GC).
-    digest_cache: Mutex<BTreeMap<u32, Vec<bdr_protocol::wire::TableDigest>>>,
+    digest_cache: Mutex<BTreeMap<u32, anti_entropy::PartitionDigest>>,
     /// Which metadata partitions this node holds completely under which layout.
     handover: Mutex<handover::HandoverState>,
     maintenance_config: MaintenanceConfig,
@@ -290,21 +290,26 @@ impl<E: Env> ClusterNode<E> {
         let used_bytes = self.env.shard_store().usage().used_bytes;
         let addresses = self.env.local_addresses();
         let now_ms = self.env.now_ms();
-        let (targets, layout, heartbeats) = {
+        let requests: Vec<(NodeId, Request)> = {
             let mut membership = self.membership.lock().expect("not poisoned");
             membership.beat(used_bytes, addresses);
             let targets = membership.gossip_targets(now_ms, || self.env.random_u64());
-            let (layout, heartbeats) = membership.gossip_payload();
-            (targets, layout, heartbeats)
+            targets
+                .into_iter()
+                .map(|target| {
+                    let (layout, heartbeats) = membership.gossip_payload_for(&target);
+                    (target, Request::Gossip { layout, heartbeats })
+                })
+                .collect()
         };
-        let exchanges = targets
+        let exchanges = requests
             .into_iter()
-            .map(|target| self.exchange(target, layout.clone(), heartbeats.clone()));
+            .map(|(target, request)| self.exchange(target, request));
         futures::future::join_all(exchanges).await;
     }
 
-    pub(crate) async fn exchange(&self, target: NodeId, layout: Layout, heartbeats: Vec<PeerHeartbeat>) {
-        let request = Request::Gossip { layout, heartbeats };
+    pub(crate) async fn exchange(&self, target: NodeId, request: Request) {
+        debug_assert!(matches!(request, Request::Gossip { .. }));
         match self.env.request(target, request, self.gossip_timeout_ms()).await {
             Ok(Response::Gossip { layout, heartbeats }) => {
                 self.absorb(&layout, &heartbeats);
@@ -315,11 +320,11 @@ impl<E: Env> ClusterNode<E> {
         }
     }
 
-    fn absorb(&self, layout: &Layout, heartbeats: &[PeerHeartbeat]) {
+    fn absorb(&self, layout: &GossipLayout, heartbeats: &[PeerHeartbeat]) {
         let now_ms = self.env.now_ms();
         let (changed, advanced, layout) = {
             let mut membership = self.membership.lock().expect("not poisoned");
-            let (changed, advanced) = membership.absorb(layout, heartbeats, now_ms);
+            let (changed, advanced) = membership.absorb_gossip(layout, heartbeats, now_ms);
             (changed, advanced, changed.then(|| membership.layout().clone()))
         };
         for heartbeat in &advanced {
@@ -417,7 +422,11 @@ impl<E: Env> ClusterNode<E> {
             Request::Gossip { layout, heartbeats } => {
                 self.absorb(&layout, &heartbeats);
                 self.mark_joined();
-                let (layout, heartbeats) = self.membership.lock().expect("not poisoned").gossip_payload();
+                let (layout, heartbeats) = self
+                    .membership
+                    .lock()
+                    .expect("not poisoned")
+                    .gossip_answer(&layout.digest);
                 Response::Gossip { layout, heartbeats }
             }
             Request::Admit { .. } => Response::error(RemoteErrorKind::BadRequest, "admission is the network's job"),
@@ -460,8 +469,9 @@ impl<E: Env> ClusterNode<E> {
         self.joined.load(Ordering::Relaxed)
     }
 
-    pub fn layout(&self) -> Layout {
-        self.membership.lock().expect("not poisoned").layout().clone()
+    /// The layout as of now, shared (see [`Membership::shared_layout`]).
+    pub fn layout(&self) -> Arc<Layout> {
+        self.membership.lock().expect("not poisoned").shared_layout()
     }
 
     pub fn layout_digest(&self) -> [u8; 32] {
@@ -518,8 +528,8 @@ impl<E: Env> InboundHandler for ClusterInbound<E> {
         self.0.env.spawn(
             "gossip-on-admit",
             Box::pin(async move {
-                let (layout, heartbeats) = node.membership.lock().expect("not poisoned").gossip_payload();
-                node.exchange(peer, layout, heartbeats).await;
+                let (layout, heartbeats) = node.membership.lock().expect("not poisoned").gossip_payload_for(&peer);
+                node.exchange(peer, Request::Gossip { layout, heartbeats }).await;
             }),
         );
     }
