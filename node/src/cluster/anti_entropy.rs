@@ -57,6 +57,13 @@ pub(crate) fn empty_partition_root() -> [u8; 32] {
     root_of(&tables)
 }
 
+/// A replica's digest of one partition and its root, kept until a row of the partition
+/// changes: every anti-entropy round asks for the roots of every partition replicated.
+pub(crate) struct PartitionDigest {
+    tables: Vec<TableDigest>,
+    root: [u8; 32],
+}
+
 impl<E: Env> ClusterNode<E> {
     /// Visits every local row of `table` in `partition`, in key order.
     pub(crate) fn for_each_local_row(
@@ -80,17 +87,31 @@ impl<E: Env> ClusterNode<E> {
         }
     }
 
-    /// Per table, the 16 bucket hashes of this replica's rows of `partition`.
-    pub fn partition_digest(&self, partition: u32) -> Result<Vec<TableDigest>, MetaError> {
+    /// This replica's digest of `partition`, from the cache or computed (and cached).
+    fn cached_partition_digest<T>(
+        &self,
+        partition: u32,
+        read: impl FnOnce(&PartitionDigest) -> T,
+    ) -> Result<T, MetaError> {
         if let Some(cached) = self.digest_cache.lock().expect("not poisoned").get(&partition) {
-            return Ok(cached.clone());
+            return Ok(read(cached));
         }
-        let digest = self.compute_partition_digest(partition)?;
+        let tables = self.compute_partition_digest(partition)?;
+        let digest = PartitionDigest {
+            root: root_of(&tables),
+            tables,
+        };
+        let value = read(&digest);
         self.digest_cache
             .lock()
             .expect("not poisoned")
-            .insert(partition, digest.clone());
-        Ok(digest)
+            .insert(partition, digest);
+        Ok(value)
+    }
+
+    /// Per table, the 16 bucket hashes of this replica's rows of `partition`.
+    pub fn partition_digest(&self, partition: u32) -> Result<Vec<TableDigest>, MetaError> {
+        self.cached_partition_digest(partition, |digest| digest.tables.clone())
     }
 
     /// Forgets the cached digest of the partition holding `row_key` (after a change).
@@ -121,7 +142,7 @@ impl<E: Env> ClusterNode<E> {
 
     /// The root hash of a partition: the hash of its table digests.
     pub fn partition_root(&self, partition: u32) -> Result<[u8; 32], MetaError> {
-        Ok(root_of(&self.partition_digest(partition)?))
+        self.cached_partition_digest(partition, |digest| digest.root)
     }
 
     /// Replica side of MetaPartitionRoots / MetaDigest / MetaBucketRows.
@@ -194,9 +215,10 @@ impl<E: Env> ClusterNode<E> {
         // For each partition we replicate, one random live other replica to compare with.
         let mut by_peer: BTreeMap<NodeId, Vec<u32>> = BTreeMap::new();
         for partition in 0..METADATA_PARTITIONS {
-            let Some(holders) = self.partition_placement_holders(&layout, partition) else {
+            let Some(placement) = self.partition_placement(&layout, partition) else {
                 return;
             };
+            let holders = &placement.holders;
             if !holders.contains(&me) {
                 continue;
             }

@@ -84,12 +84,12 @@ pub struct HandoverRound {
 
 impl<E: Env> ClusterNode<E> {
     /// The metadata partitions this node replicates under `layout`.
-    fn replicated_partitions(&self, layout: &Layout) -> BTreeSet<u32> {
+    fn replicated_partitions(&self, layout: &Arc<Layout>) -> BTreeSet<u32> {
         let me = self.env.node_id();
         (0..METADATA_PARTITIONS)
             .filter(|partition| {
                 self.partition_replicas(layout, *partition)
-                    .is_ok_and(|replicas| replicas.contains(&me))
+                    .is_ok_and(|placement| placement.replicas.contains(&me))
             })
             .collect()
     }
@@ -110,7 +110,7 @@ impl<E: Env> ClusterNode<E> {
 
     /// The handover state for the current layout (reset if the layout changed), with
     /// the partitions this node replicates under it.
-    fn current_handover(&self, layout: &Layout, digest: [u8; 32]) -> (BTreeSet<u32>, BTreeSet<u32>, bool) {
+    fn current_handover(&self, layout: &Arc<Layout>, digest: [u8; 32]) -> (BTreeSet<u32>, BTreeSet<u32>, bool) {
         let mut handover = self.handover.lock().expect("not poisoned");
         if handover.layout_digest != digest {
             *handover = HandoverState::restored(digest, BTreeSet::new());
@@ -154,7 +154,7 @@ impl<E: Env> ClusterNode<E> {
             let membership = self.membership.lock().expect("not poisoned");
             let digest = membership.layout_digest();
             (
-                membership.layout().clone(),
+                membership.shared_layout(),
                 digest,
                 membership.all_live_nodes_use_layout(&digest, now_ms),
             )
@@ -246,7 +246,12 @@ impl<E: Env> ClusterNode<E> {
     /// Drops the local rows of partitions this node no longer replicates, once every
     /// replica of each announced a complete copy under the current layout. Returns how
     /// many partitions it dropped and whether none is left.
-    async fn drop_former_partitions(&self, layout: &Layout, digest: &[u8; 32], mine: &BTreeSet<u32>) -> (u32, bool) {
+    async fn drop_former_partitions(
+        &self,
+        layout: &Arc<Layout>,
+        digest: &[u8; 32],
+        mine: &BTreeSet<u32>,
+    ) -> (u32, bool) {
         let empty_root = empty_partition_root();
         let (mut dropped, mut all_gone) = (0u32, true);
         for partition in (0..METADATA_PARTITIONS).filter(|partition| !mine.contains(partition)) {
@@ -260,6 +265,7 @@ impl<E: Env> ClusterNode<E> {
             let all_complete = {
                 let membership = self.membership.lock().expect("not poisoned");
                 replicas
+                    .replicas
                     .iter()
                     .all(|replica| membership.metadata_synced_digest(replica) == Some(*digest))
             };

@@ -537,19 +537,20 @@ impl<E: Env> ClusterNode<E> {
 
     /// Which metadata partitions this node maintains: those whose first replica that is
     /// not down (in our view) is us.
-    fn maintained_partitions(&self, layout: &Layout) -> Vec<u32> {
+    fn maintained_partitions(&self, layout: &Arc<Layout>) -> Vec<u32> {
         let me = self.env.node_id();
         let now_ms = self.env.now_ms();
         let membership = self.membership.lock().expect("not poisoned");
         (0..METADATA_PARTITIONS)
             .filter(|partition| {
-                let Ok(replicas) = self.partition_replicas(layout, *partition) else {
+                let Ok(placement) = self.partition_replicas(layout, *partition) else {
                     return false;
                 };
-                replicas
-                    .into_iter()
+                placement
+                    .replicas
+                    .iter()
                     .find(|node| membership.liveness(node, now_ms) != Liveness::Down)
-                    == Some(me)
+                    == Some(&me)
             })
             .collect()
     }
