@@ -1,5 +1,6 @@
 //! `bdr-sim`: parses the command line and calls the simulator library.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -7,6 +8,7 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use bdr_sim::durability::{self, run_durability, DurabilityArguments};
+use bdr_sim::world::MessageKindCount;
 use bdr_sim::{load_scenario, plots, run, Outcome, Scenario};
 use clap::{Parser, Subcommand};
 
@@ -249,6 +251,7 @@ fn main() -> ExitCode {
             let started = Instant::now();
             let mut virtual_ms = 0u64;
             let mut messages = 0u64;
+            let mut message_mix: BTreeMap<&'static str, MessageKindCount> = BTreeMap::new();
             let mut failed = false;
             for run_seed in seed..seed + u64::from(runs) {
                 let outcome = run(run_seed, &scenario);
@@ -258,6 +261,11 @@ fn main() -> ExitCode {
                 }
                 virtual_ms += outcome.virtual_ms;
                 messages += outcome.messages;
+                for (kind, count) in &outcome.message_mix {
+                    let total = message_mix.entry(kind).or_default();
+                    total.requests += count.requests;
+                    total.request_bytes += count.request_bytes;
+                }
             }
             let wall_s = started.elapsed().as_secs_f64();
             println!(
@@ -266,6 +274,15 @@ fn main() -> ExitCode {
                 virtual_ms as f64 / 1000.0 / wall_s,
                 messages as f64 / wall_s
             );
+            let virtual_s = (virtual_ms as f64 / 1000.0).max(f64::MIN_POSITIVE);
+            println!("requests per virtual second, by kind (request bytes per virtual second):");
+            for (kind, count) in &message_mix {
+                println!(
+                    "  {kind:<20} {:>8.1}  ({:.0} B)",
+                    count.requests as f64 / virtual_s,
+                    count.request_bytes as f64 / virtual_s
+                );
+            }
             // A speed figure of a run that broke an invariant is no figure.
             if failed {
                 return ExitCode::FAILURE;

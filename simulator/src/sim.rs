@@ -168,6 +168,8 @@ pub struct Outcome {
     pub samples: Vec<RedundancySample>,
     pub events: u64,
     pub messages: u64,
+    /// Requests sent and their encoded bytes, by kind.
+    pub message_mix: BTreeMap<&'static str, crate::world::MessageKindCount>,
     pub virtual_ms: u64,
 }
 
@@ -1522,6 +1524,7 @@ pub fn run(seed: u64, scenario: &Scenario) -> Outcome {
         disk_faults,
         events: world.event_count(),
         messages: world.message_count(),
+        message_mix: world.message_mix(),
         virtual_ms: world.executor.now_ms() - START_MS,
     };
     // Stop every node so their tasks (and the Arcs they hold) are dropped.

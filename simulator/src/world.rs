@@ -24,6 +24,13 @@ pub struct NetworkSettings {
     pub loss_per_mille: u32,
 }
 
+/// Requests of one kind sent in a run.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct MessageKindCount {
+    pub requests: u64,
+    pub request_bytes: u64,
+}
+
 /// Everything shared by the simulated nodes.
 pub struct World {
     pub executor: Executor,
@@ -35,6 +42,8 @@ pub struct World {
     trace: Mutex<blake3::Hasher>,
     events: AtomicU64,
     messages: AtomicU64,
+    /// Requests sent and their encoded bytes, by kind (what the speed work looks at).
+    message_mix: Mutex<BTreeMap<&'static str, MessageKindCount>>,
     /// Print every event as it is recorded (BDR_SIM_VERBOSE=1).
     verbose: bool,
 }
@@ -50,6 +59,7 @@ impl World {
             trace: Mutex::new(blake3::Hasher::new()),
             events: AtomicU64::new(0),
             messages: AtomicU64::new(0),
+            message_mix: Mutex::new(BTreeMap::new()),
             verbose: std::env::var("BDR_SIM_VERBOSE").is_ok_and(|value| value == "1"),
         })
     }
@@ -86,6 +96,19 @@ impl World {
 
     pub fn message_count(&self) -> u64 {
         self.messages.load(Ordering::Relaxed)
+    }
+
+    /// Requests sent so far and their encoded bytes, by kind.
+    pub fn message_mix(&self) -> BTreeMap<&'static str, MessageKindCount> {
+        self.message_mix.lock().expect("not poisoned").clone()
+    }
+
+    fn count_message(&self, kind: &'static [u8], request_bytes: usize) {
+        let kind = std::str::from_utf8(kind).expect("kinds are ASCII");
+        let mut mix = self.message_mix.lock().expect("not poisoned");
+        let count = mix.entry(kind).or_default();
+        count.requests += 1;
+        count.request_bytes += request_bytes as u64;
     }
 
     pub fn random_below(&self, bound: u64) -> u64 {
@@ -312,6 +335,7 @@ impl Env for SimEnv {
                 Ok(encoded) => encoded,
                 Err(error) => return Err(NetworkError::Failed(to.short(), error.to_string())),
             };
+            world.count_message(request_kind(&request), encoded.len());
             let (sender, receiver) = futures::channel::oneshot::channel::<Response>();
             if let Some(latency_ms) = world.transit(&from, &to) {
                 let world_inner = Arc::clone(&world);
