@@ -232,11 +232,28 @@ pub struct ObjectVersionRecord {
     pub checksums: BTreeMap<ChecksumAlgorithm, String>,
     pub data: ObjectData,
     pub lock: ObjectLock,
+    /// The `created_at_ms` of the bucket the version was written in (0: unknown, a record
+    /// from before V3). A write in flight while its bucket is deleted may still commit;
+    /// its record then names the old bucket and is never served by, nor kept alive for, a
+    /// later bucket of the same name.
+    pub bucket_created_at_ms: u64,
 }
 
 impl ObjectVersionRecord {
     pub fn is_delete_marker(&self) -> bool {
         matches!(self.data, ObjectData::DeleteMarker)
+    }
+
+    /// Whether the version belongs to `bucket` rather than to an earlier bucket of the same
+    /// name. Records that predate the field (0) are taken to belong to the current bucket,
+    /// as they always were.
+    pub fn belongs_to(&self, bucket: &BucketRecord) -> bool {
+        self.belongs_to_generation(bucket.created_at_ms)
+    }
+
+    /// [`ObjectVersionRecord::belongs_to`] for a bucket known only by its `created_at_ms`.
+    pub fn belongs_to_generation(&self, bucket_created_at_ms: u64) -> bool {
+        self.bucket_created_at_ms == 0 || self.bucket_created_at_ms == bucket_created_at_ms
     }
 }
 
@@ -436,12 +453,19 @@ impl RowKey {
 }
 
 /// The persisted envelope: the enum variant is the format version. V1 records predate
-/// versioning, Object Lock and standard headers; they are read and upgraded, never written.
+/// versioning, Object Lock and standard headers; V2 object versions predate their bucket
+/// generation. Both are read and upgraded, never written. Variants are only ever appended:
+/// postcard encodes the variant's index.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 enum StoredValue {
     V1(Lww<legacy::RecordV1>),
-    V2(Lww<Record>),
+    V2(Lww<legacy::RecordV2>),
+    V3(Lww<Record>),
 }
+
+/// The [`StoredValue`] variant index [`encode_stored_value`] writes (postcard's leading
+/// varint of the envelope).
+const STORED_VALUE_VERSION_CURRENT: u32 = 2;
 
 /// Record formats of earlier versions, kept to read what older nodes wrote.
 mod legacy {
@@ -495,13 +519,13 @@ mod legacy {
 
     /// A V1 object's stamp is its register's timestamp: V1 had only "null" versions,
     /// one per key, so nothing else orders them.
-    pub fn upgrade(register: Lww<RecordV1>) -> Lww<Record> {
+    pub fn upgrade_v1(register: Lww<RecordV1>) -> Lww<RecordV2> {
         let stamp = register.timestamp;
         let value = register.value.map(|record| match record {
-            RecordV1::Bucket(bucket) => Record::Bucket(bucket),
-            RecordV1::BucketGrant(grant) => Record::BucketGrant(grant),
-            RecordV1::AccessKey(key) => Record::AccessKey(key),
-            RecordV1::ObjectVersion(object) => Record::ObjectVersion(ObjectVersionRecord {
+            RecordV1::Bucket(bucket) => RecordV2::Bucket(bucket),
+            RecordV1::BucketGrant(grant) => RecordV2::BucketGrant(grant),
+            RecordV1::AccessKey(key) => RecordV2::AccessKey(key),
+            RecordV1::ObjectVersion(object) => RecordV2::ObjectVersion(ObjectVersionRecordV2 {
                 bucket: object.bucket,
                 key: object.key,
                 version_id: object.version_id,
@@ -519,7 +543,7 @@ mod legacy {
                     legal_hold: object.legal_hold,
                 },
             }),
-            RecordV1::MultipartUpload(upload) => Record::MultipartUpload(MultipartUploadRecord {
+            RecordV1::MultipartUpload(upload) => RecordV2::MultipartUpload(MultipartUploadRecord {
                 bucket: upload.bucket,
                 key: upload.key,
                 upload_id: upload.upload_id,
@@ -531,7 +555,7 @@ mod legacy {
                 checksum_algorithm: None,
                 bucket_created_at_ms: 0,
             }),
-            RecordV1::MultipartPart(part) => Record::MultipartPart(MultipartPartRecord {
+            RecordV1::MultipartPart(part) => RecordV2::MultipartPart(MultipartPartRecord {
                 upload_id: part.upload_id,
                 part_number: part.part_number,
                 size_bytes: part.size_bytes,
@@ -539,7 +563,71 @@ mod legacy {
                 checksums: BTreeMap::new(),
                 data: part.data,
             }),
-            RecordV1::Stripe(stripe) => Record::Stripe(stripe),
+            RecordV1::Stripe(stripe) => RecordV2::Stripe(stripe),
+        });
+        Lww {
+            timestamp: register.timestamp,
+            value,
+        }
+    }
+
+    /// An object version as V2 wrote it: without its bucket's generation.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct ObjectVersionRecordV2 {
+        pub bucket: String,
+        pub key: String,
+        pub version_id: String,
+        pub version_stamp: HlcTimestamp,
+        pub created_at_ms: u64,
+        pub size_bytes: u64,
+        pub etag: String,
+        pub content_type: Option<String>,
+        pub headers: StandardHeaders,
+        pub user_metadata: BTreeMap<String, String>,
+        pub checksums: BTreeMap<ChecksumAlgorithm, String>,
+        pub data: ObjectData,
+        pub lock: ObjectLock,
+    }
+
+    /// V2's records: V3 changed only the object version. The other variants share the
+    /// current types, so a later change to any of them needs its own snapshot here.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub enum RecordV2 {
+        Bucket(BucketRecord),
+        BucketGrant(BucketGrant),
+        AccessKey(AccessKeyRecord),
+        ObjectVersion(ObjectVersionRecordV2),
+        MultipartUpload(MultipartUploadRecord),
+        MultipartPart(MultipartPartRecord),
+        Stripe(StripeRecord),
+    }
+
+    /// A V2 object's bucket generation is unknown (0): it is served by whichever bucket
+    /// of its name exists, as it was before generations were recorded.
+    pub fn upgrade_v2(register: Lww<RecordV2>) -> Lww<Record> {
+        let value = register.value.map(|record| match record {
+            RecordV2::Bucket(bucket) => Record::Bucket(bucket),
+            RecordV2::BucketGrant(grant) => Record::BucketGrant(grant),
+            RecordV2::AccessKey(key) => Record::AccessKey(key),
+            RecordV2::ObjectVersion(object) => Record::ObjectVersion(ObjectVersionRecord {
+                bucket: object.bucket,
+                key: object.key,
+                version_id: object.version_id,
+                version_stamp: object.version_stamp,
+                created_at_ms: object.created_at_ms,
+                size_bytes: object.size_bytes,
+                etag: object.etag,
+                content_type: object.content_type,
+                headers: object.headers,
+                user_metadata: object.user_metadata,
+                checksums: object.checksums,
+                data: object.data,
+                lock: object.lock,
+                bucket_created_at_ms: 0,
+            }),
+            RecordV2::MultipartUpload(upload) => Record::MultipartUpload(upload),
+            RecordV2::MultipartPart(part) => Record::MultipartPart(part),
+            RecordV2::Stripe(stripe) => Record::Stripe(stripe),
         });
         Lww {
             timestamp: register.timestamp,
@@ -557,7 +645,17 @@ pub enum RecordDecodeError {
 }
 
 pub fn encode_stored_value(register: &Lww<Record>) -> Vec<u8> {
-    postcard::to_allocvec(&StoredValue::V2(register.clone())).expect("records encode")
+    postcard::to_allocvec(&StoredValue::V3(register.clone())).expect("records encode")
+}
+
+/// Whether `bytes` are in the format [`encode_stored_value`] writes now (not an older
+/// one that decodes only by upgrading). Replicas rewrite old rows they touch, so the
+/// anti-entropy digests, which hash the stored bytes, agree once every copy is current.
+pub fn stored_value_is_current(bytes: &[u8]) -> bool {
+    matches!(
+        postcard::take_from_bytes::<u32>(bytes),
+        Ok((STORED_VALUE_VERSION_CURRENT, _))
+    )
 }
 
 pub fn decode_stored_value(bytes: &[u8]) -> Result<Lww<Record>, RecordDecodeError> {
@@ -567,8 +665,9 @@ pub fn decode_stored_value(bytes: &[u8]) -> Result<Lww<Record>, RecordDecodeErro
         });
     }
     match postcard::from_bytes::<StoredValue>(bytes) {
-        Ok(StoredValue::V1(register)) => Ok(legacy::upgrade(register)),
-        Ok(StoredValue::V2(register)) => Ok(register),
+        Ok(StoredValue::V1(register)) => Ok(legacy::upgrade_v2(legacy::upgrade_v1(register))),
+        Ok(StoredValue::V2(register)) => Ok(legacy::upgrade_v2(register)),
+        Ok(StoredValue::V3(register)) => Ok(register),
         Err(error) => Err(RecordDecodeError::Corrupt(error.to_string())),
     }
 }
@@ -611,6 +710,7 @@ mod tests {
                 }],
             }),
             lock: ObjectLock::default(),
+            bucket_created_at_ms: 1,
         }
     }
 
@@ -641,6 +741,145 @@ mod tests {
         assert_eq!(object.content_type.as_deref(), Some("text/plain"));
         assert!(object.lock.legal_hold);
         assert_eq!(object.headers, StandardHeaders::default());
+        assert_eq!(
+            object.bucket_created_at_ms, 0,
+            "a V1 object's bucket generation is unknown"
+        );
+    }
+
+    #[test]
+    fn version_two_records_are_read_and_upgraded_with_an_unknown_bucket_generation() {
+        let current = object("a/b", 10);
+        let old = legacy::ObjectVersionRecordV2 {
+            bucket: current.bucket.clone(),
+            key: current.key.clone(),
+            version_id: current.version_id.clone(),
+            version_stamp: current.version_stamp,
+            created_at_ms: current.created_at_ms,
+            size_bytes: current.size_bytes,
+            etag: current.etag.clone(),
+            content_type: Some("text/plain".into()),
+            headers: StandardHeaders {
+                cache_control: Some("no-cache".into()),
+                ..StandardHeaders::default()
+            },
+            user_metadata: current.user_metadata.clone(),
+            checksums: BTreeMap::from([(ChecksumAlgorithm::Crc32c, "AAAAAA==".into())]),
+            data: current.data.clone(),
+            lock: ObjectLock {
+                retention: None,
+                legal_hold: true,
+            },
+        };
+        let register = Lww::new(stamp(9, 1, 3), legacy::RecordV2::ObjectVersion(old.clone()));
+        let bytes = postcard::to_allocvec(&StoredValue::V2(register)).unwrap();
+        assert!(!stored_value_is_current(&bytes));
+        let upgraded = decode_stored_value(&bytes).unwrap();
+        assert_eq!(upgraded.timestamp, stamp(9, 1, 3));
+        let Some(Record::ObjectVersion(object)) = upgraded.value else {
+            panic!("not an object: {upgraded:?}")
+        };
+        assert_eq!(
+            object,
+            ObjectVersionRecord {
+                bucket: old.bucket,
+                key: old.key,
+                version_id: old.version_id,
+                version_stamp: old.version_stamp,
+                created_at_ms: old.created_at_ms,
+                size_bytes: old.size_bytes,
+                etag: old.etag,
+                content_type: old.content_type,
+                headers: old.headers,
+                user_metadata: old.user_metadata,
+                checksums: old.checksums,
+                data: old.data,
+                lock: old.lock,
+                bucket_created_at_ms: 0,
+            }
+        );
+        // Unknown means "the bucket of its name that exists", as before generations.
+        let bucket = |created_at_ms| BucketRecord {
+            name: "backups".into(),
+            owner_key_id: "owner".into(),
+            created_at_ms,
+            versioning: VersioningState::Unversioned,
+            object_lock_enabled: false,
+            default_retention: None,
+            codec: StripeCodec::new(CodecId::DEFAULT, 4, 2).unwrap(),
+            stripe_length_bytes: 1024,
+            inline_threshold_bytes: 64,
+        };
+        assert!(object.belongs_to(&bucket(5)) && object.belongs_to(&bucket(6)));
+        // Every other V2 record decodes unchanged (V3 changed only object versions).
+        let grant = BucketGrant {
+            read: true,
+            write: false,
+            bucket_created_at_ms: 5,
+            granted_at_ms: 6,
+        };
+        let old_grant = Lww::new(stamp(2, 0, 1), legacy::RecordV2::BucketGrant(grant));
+        let decoded = decode_stored_value(&postcard::to_allocvec(&StoredValue::V2(old_grant)).unwrap()).unwrap();
+        assert_eq!(decoded, Lww::new(stamp(2, 0, 1), Record::BucketGrant(grant)));
+        let tombstone: Lww<legacy::RecordV2> = Lww::tombstone(stamp(3, 0, 1));
+        let decoded = decode_stored_value(&postcard::to_allocvec(&StoredValue::V2(tombstone)).unwrap()).unwrap();
+        assert_eq!(decoded, Lww::tombstone(stamp(3, 0, 1)));
+    }
+
+    /// A small "null" object as the V2 code wrote it (a postcard envelope of variant 1).
+    fn golden_version_two_object() -> legacy::ObjectVersionRecordV2 {
+        legacy::ObjectVersionRecordV2 {
+            bucket: "b".into(),
+            key: "k".into(),
+            version_id: "null".into(),
+            version_stamp: stamp(2, 1, 3),
+            created_at_ms: 4,
+            size_bytes: 1,
+            etag: "e".into(),
+            content_type: None,
+            headers: StandardHeaders::default(),
+            user_metadata: BTreeMap::new(),
+            checksums: BTreeMap::new(),
+            data: ObjectData::Inline { sealed: vec![9] },
+            lock: ObjectLock::default(),
+        }
+    }
+
+    #[test]
+    fn bytes_the_version_two_code_wrote_still_decode() {
+        // Pinned: what the V2 code (ObjectVersionRecord without its bucket generation,
+        // envelope variant 1) wrote for `golden_version_two_object`. If this changes, old
+        // rows on disk no longer decode.
+        let written_by_v2 = hex::decode(
+            "010500010101010101010101010101010101010101010101010101010101010101010101030162016b046e756c6c02010303\
+             0303030303030303030303030303030303030303030303030303030303030401016500000000000000000001090000",
+        )
+        .unwrap();
+        let register = Lww::new(
+            stamp(5, 0, 1),
+            legacy::RecordV2::ObjectVersion(golden_version_two_object()),
+        );
+        assert_eq!(
+            postcard::to_allocvec(&StoredValue::V2(register)).unwrap(),
+            written_by_v2
+        );
+        let decoded = decode_stored_value(&written_by_v2).unwrap();
+        let Some(Record::ObjectVersion(object)) = decoded.value else {
+            panic!("not an object: {decoded:?}")
+        };
+        assert_eq!((object.bucket.as_str(), object.key.as_str()), ("b", "k"));
+        assert_eq!(object.version_stamp, stamp(2, 1, 3));
+        assert_eq!(object.data, ObjectData::Inline { sealed: vec![9] });
+        assert_eq!(object.bucket_created_at_ms, 0);
+    }
+
+    #[test]
+    fn an_object_belongs_only_to_the_bucket_generation_it_was_written_in() {
+        let mut record = object("k", 1);
+        record.bucket_created_at_ms = 5;
+        assert!(record.belongs_to_generation(5));
+        assert!(!record.belongs_to_generation(6), "a later bucket of the same name");
+        assert!(!record.belongs_to_generation(4));
     }
 
     #[test]
@@ -695,6 +934,7 @@ mod tests {
     fn stored_values_round_trip_and_garbage_is_a_typed_error() {
         let register = Lww::new(stamp(5, 0, 1), Record::ObjectVersion(object("a/b", 10)));
         let bytes = encode_stored_value(&register);
+        assert!(stored_value_is_current(&bytes));
         assert_eq!(decode_stored_value(&bytes).unwrap(), register);
         assert!(matches!(
             decode_stored_value(&[9, 9, 9]),

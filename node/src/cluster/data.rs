@@ -474,13 +474,27 @@ impl<E: Env> ClusterNode<E> {
         {
             return Err(DataError::InvalidBucketOptions);
         }
-        if self.bucket(name).await?.is_some() {
-            return Err(DataError::BucketExists(name.to_string()));
-        }
+        // `created_at_ms` is the bucket's generation: what its grants, uploads and object
+        // versions name, so that none of them passes to a later bucket of the name. It
+        // must differ from the previous bucket's even when that one was deleted within
+        // the same millisecond, or by a gateway whose clock runs ahead. Every bucket's
+        // register is stamped at or above its `created_at_ms` (below), and the deletion's
+        // tombstone above that register, so a generation past the tombstone's wall time
+        // is new.
+        let previous = self.meta_get(Table::Buckets, &bucket_row(name)).await?;
+        let after_previous_ms = match &previous {
+            Some(Lww {
+                value: Some(Record::Bucket(_)),
+                ..
+            }) => return Err(DataError::BucketExists(name.to_string())),
+            Some(tombstone) => tombstone.timestamp.wall_ms.saturating_add(1),
+            None => 0,
+        };
+        let created_at_ms = self.env.now_ms().max(after_previous_ms);
         let record = BucketRecord {
             name: name.to_string(),
             owner_key_id: owner_key_id.to_string(),
-            created_at_ms: self.env.now_ms(),
+            created_at_ms,
             versioning: match options.object_lock_enabled {
                 true => VersioningState::Enabled,
                 false => VersioningState::Unversioned,
@@ -491,9 +505,23 @@ impl<E: Env> ClusterNode<E> {
             stripe_length_bytes: options.stripe_length_bytes,
             inline_threshold_bytes: options.inline_threshold_bytes,
         };
+        // Stamped above what was read (as `meta_put` would, without reading again) and
+        // with `created_at_ms` as the clock's physical time, so the stamp's wall time is
+        // at least the generation even when that is a millisecond ahead of the clock.
+        let stamp = {
+            let mut membership = self.membership.lock().expect("not poisoned");
+            match &previous {
+                Some(previous) => membership.timestamp_after(created_at_ms, &previous.timestamp),
+                None => membership.timestamp(created_at_ms),
+            }
+        };
         self.forget_cached_bucket(name);
-        self.meta_put(Table::Buckets, &bucket_row(name), Some(Record::Bucket(record.clone())))
-            .await?;
+        self.meta_write_register(
+            Table::Buckets,
+            &bucket_row(name),
+            &Lww::new(stamp, Record::Bucket(record.clone())),
+        )
+        .await?;
         Ok(record)
     }
 
@@ -614,6 +642,7 @@ impl<E: Env> ClusterNode<E> {
             checksums,
             data,
             lock,
+            bucket_created_at_ms: bucket.created_at_ms,
         };
         self.commit_version(&record).await?;
         Ok(record)
@@ -1690,6 +1719,7 @@ impl<E: Env> ClusterNode<E> {
                 stripes,
             }),
             lock,
+            bucket_created_at_ms: bucket_record.created_at_ms,
         };
         self.commit_version(&record).await?;
         // The upload is over; its part records and unlisted parts' shards are garbage.

@@ -6,8 +6,11 @@
 //!
 //! - **Maintainer** (per metadata partition: its first replica that is not down). Walks
 //!   the stripe records of its partitions. A stripe whose owner no longer references it
-//!   (deleted, overwritten, aborted, never committed) is garbage once the write deadline
-//!   and a grace period have passed: its shards are deleted and its record tombstoned.
+//!   (deleted, overwritten, aborted, never committed, or written in a bucket that has
+//!   since been deleted, perhaps created again: its record names another generation) is
+//!   garbage once the write deadline and a grace period have passed: its shards are
+//!   deleted and its record tombstoned. The object version rows of such deleted buckets
+//!   are tombstoned too, after the same wait.
 //!   Every other stripe is surveyed: each shard index is looked up (a batched directory
 //!   lookup, no data read) on its target (placement with down nodes left out) and on its
 //!   recorded holder. Stripes missing anything are queued, fewest surviving shards first;
@@ -44,6 +47,7 @@ use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 
 use bdr_protocol::erasure::Shard;
+use bdr_protocol::hlc::HlcTimestamp;
 use bdr_protocol::ids::{NodeId, StripeId};
 use bdr_protocol::layout::Layout;
 use bdr_protocol::placement::{place, place_with};
@@ -56,7 +60,9 @@ use bdr_protocol::wire::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::data::{object_row, part_row, stripe_row, upload_row, SHARD_READ_TIMEOUT_MS, SHARD_WRITE_TIMEOUT_MS};
+use super::data::{
+    bucket_row, object_row, part_row, stripe_row, upload_row, SHARD_READ_TIMEOUT_MS, SHARD_WRITE_TIMEOUT_MS,
+};
 use super::membership::Liveness;
 use super::ClusterNode;
 use crate::env::{Env, ShardKey, StoreError, Tree};
@@ -167,6 +173,9 @@ pub(crate) struct MaintenanceState {
     orphan_since_ms: BTreeMap<ShardKey, u64>,
     /// Holder: misplaced shards whose target confirmed a copy, and since when.
     moved_since_ms: BTreeMap<ShardKey, u64>,
+    /// Maintainer: object version rows (encoded keys) seen holding a version of a deleted
+    /// bucket, the register's timestamp seen, and since when.
+    stale_version_since_ms: BTreeMap<Vec<u8>, (HlcTimestamp, u64)>,
 }
 
 /// Whether a stripe's owner references it.
@@ -206,17 +215,106 @@ fn grace_elapsed<K: Ord + Copy>(timers: &mut BTreeMap<K, u64>, key: K, now_ms: u
     grace_ms == 0
 }
 
-fn manifest_stripes(record: Option<&Lww<Record>>) -> BTreeSet<StripeId> {
-    let data = match record.and_then(|register| register.value.as_ref()) {
-        Some(Record::ObjectVersion(object)) => &object.data,
-        Some(Record::MultipartPart(part)) => &part.data,
-        _ => return BTreeSet::new(),
-    };
+fn data_stripes(data: &ObjectData) -> BTreeSet<StripeId> {
     match data {
         ObjectData::Striped(manifest) => manifest.stripes.iter().map(|stripe| stripe.stripe_id).collect(),
         _ => BTreeSet::new(),
     }
 }
+
+fn manifest_stripes(record: Option<&Lww<Record>>) -> BTreeSet<StripeId> {
+    match record.and_then(|register| register.value.as_ref()) {
+        Some(Record::ObjectVersion(object)) => data_stripes(&object.data),
+        Some(Record::MultipartPart(part)) => data_stripes(&part.data),
+        _ => BTreeSet::new(),
+    }
+}
+
+/// The stripes an owner's records reference, by the generation (`created_at_ms`) of the
+/// bucket each record was written in. Generation 0 is unknown (a record from before
+/// generations were recorded) and always counts, as it always did.
+struct OwnerReferences {
+    bucket: String,
+    by_generation: BTreeMap<u64, BTreeSet<StripeId>>,
+}
+
+impl OwnerReferences {
+    fn new(bucket: &str) -> OwnerReferences {
+        OwnerReferences {
+            bucket: bucket.to_string(),
+            by_generation: BTreeMap::new(),
+        }
+    }
+
+    fn add(&mut self, bucket_created_at_ms: u64, stripes: BTreeSet<StripeId>) {
+        self.by_generation
+            .entry(bucket_created_at_ms)
+            .or_default()
+            .extend(stripes);
+    }
+
+    /// Whether every record that references a stripe is of no known generation or of
+    /// generation `bucket_created_at_ms`: then all its stripes are live, whatever the
+    /// bucket is now (keeping is always safe).
+    fn all_of_generation(&self, bucket_created_at_ms: u64) -> bool {
+        self.by_generation
+            .iter()
+            .all(|(generation, stripes)| *generation == 0 || *generation == bucket_created_at_ms || stripes.is_empty())
+    }
+
+    /// Whether which stripes are referenced depends on the bucket's generation now.
+    fn needs_bucket(&self) -> bool {
+        self.by_generation
+            .iter()
+            .any(|(generation, stripes)| *generation != 0 && !stripes.is_empty())
+    }
+
+    /// The stripes referenced by records of the bucket that exists now (generation
+    /// `current_bucket_created_at_ms`; None: no bucket of the name exists) or of no known
+    /// generation. Records of any other generation belong to a deleted bucket: no
+    /// request ever serves them again, so their stripes are garbage.
+    fn all_stripes(self) -> BTreeSet<StripeId> {
+        self.by_generation.into_values().flatten().collect()
+    }
+
+    fn live(self, current_bucket_created_at_ms: Option<u64>) -> BTreeSet<StripeId> {
+        self.by_generation
+            .into_iter()
+            .filter(|(generation, _)| *generation == 0 || Some(*generation) == current_bucket_created_at_ms)
+            .flat_map(|(_, stripes)| stripes)
+            .collect()
+    }
+}
+
+/// The bucket generations a repair pass has read so far. They only ever spare reads
+/// that would keep something: a record of a generation seen is live (keeping is always
+/// safe, and if its bucket went since, the next pass reads it afresh). Judging a record
+/// stale always takes a bucket read made after the record was read.
+#[derive(Default)]
+struct BucketGenerationsSeen {
+    generations: BTreeMap<String, u64>,
+}
+
+impl BucketGenerationsSeen {
+    fn note(&mut self, bucket: &str, bucket_created_at_ms: u64) {
+        if self.generations.len() < BUCKET_GENERATIONS_SEEN_MAX || self.generations.contains_key(bucket) {
+            self.generations.insert(bucket.to_string(), bucket_created_at_ms);
+        }
+    }
+
+    fn is(&self, bucket: &str, bucket_created_at_ms: u64) -> bool {
+        self.generations.get(bucket) == Some(&bucket_created_at_ms)
+    }
+
+    fn keeps_every_record(&self, references: &OwnerReferences) -> bool {
+        self.generations
+            .get(&references.bucket)
+            .is_some_and(|seen| references.all_of_generation(*seen))
+    }
+}
+
+/// Bucket generations one repair pass remembers (beyond it, buckets are read per page).
+const BUCKET_GENERATIONS_SEEN_MAX: usize = 10_000;
 
 /// What one repair pass did, for the loop deciding when the next one runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -657,6 +755,8 @@ impl<E: Env> ClusterNode<E> {
         let mut overflowed = false;
         let mut owners: BTreeMap<StripeOwner, Option<BTreeSet<StripeId>>> = BTreeMap::new();
         let mut seen: BTreeSet<StripeId> = BTreeSet::new();
+        let mut stale_rows_seen: BTreeSet<Vec<u8>> = BTreeSet::new();
+        let mut buckets_seen = BucketGenerationsSeen::default();
         for partition in self.maintained_partitions(&layout) {
             let prefix = RowKey::partition_prefix(partition);
             let mut after: Option<Vec<u8>> = None;
@@ -679,7 +779,8 @@ impl<E: Env> ClusterNode<E> {
                     .iter()
                     .filter_map(|(key, value)| decode_stripe_row(key, value))
                     .collect();
-                self.load_owner_references(&records, &mut owners).await;
+                self.load_owner_references(&records, &mut owners, &mut buckets_seen)
+                    .await;
                 let mut live = Vec::new();
                 for (stripe_id, record) in records {
                     seen.insert(stripe_id);
@@ -721,10 +822,15 @@ impl<E: Env> ClusterNode<E> {
                     break;
                 }
             }
+            self.collect_stale_versions(partition, &mut stale_rows_seen, &mut buckets_seen)
+                .await;
         }
         {
-            // Forget timers of stripes no longer ours or no longer there.
+            // Forget timers of stripes (and rows) no longer ours or no longer there.
             let mut state = self.maintenance.lock().expect("not poisoned");
+            state
+                .stale_version_since_ms
+                .retain(|row, _| stale_rows_seen.contains(row));
             state.unreferenced_since_ms.retain(|stripe, _| seen.contains(stripe));
             state.extra_copy_since_ms.retain(|key, _| seen.contains(&key.stripe_id));
             state.report.stripes = health;
@@ -741,18 +847,29 @@ impl<E: Env> ClusterNode<E> {
         }
     }
 
-    /// The stripes `owner` references now; None if that cannot be read (no quorum).
-    async fn owner_references(self: &Arc<Self>, owner: &StripeOwner) -> Option<BTreeSet<StripeId>> {
+    /// The stripes `owner`'s records reference now, by bucket generation; None if that
+    /// cannot be read (no quorum).
+    async fn owner_references(self: &Arc<Self>, owner: &StripeOwner) -> Option<OwnerReferences> {
         match owner {
             StripeOwner::Object {
                 bucket,
                 key,
                 version_id,
-            } => self
-                .meta_get(Table::Objects, &object_row(bucket, key, version_id))
-                .await
-                .ok()
-                .map(|object| manifest_stripes(object.as_ref())),
+            } => {
+                let register = self
+                    .meta_get(Table::Objects, &object_row(bucket, key, version_id))
+                    .await
+                    .ok()?;
+                let mut references = OwnerReferences::new(bucket);
+                if let Some(Lww {
+                    value: Some(Record::ObjectVersion(object)),
+                    ..
+                }) = register
+                {
+                    references.add(object.bucket_created_at_ms, data_stripes(&object.data));
+                }
+                Some(references)
+            }
             StripeOwner::Part {
                 bucket,
                 key,
@@ -768,6 +885,7 @@ impl<E: Env> ClusterNode<E> {
         self: &Arc<Self>,
         records: &[(StripeId, StripeRecord)],
         owners: &mut BTreeMap<StripeOwner, Option<BTreeSet<StripeId>>>,
+        buckets_seen: &mut BucketGenerationsSeen,
     ) {
         let missing: Vec<StripeOwner> = records
             .iter()
@@ -783,32 +901,106 @@ impl<E: Env> ClusterNode<E> {
         for batch in missing.chunks(LOOKUPS_IN_FLIGHT_MAX) {
             let reads = batch.iter().map(|owner| self.owner_references(owner));
             let results = futures::future::join_all(reads).await;
-            owners.extend(batch.iter().cloned().zip(results));
+            // The buckets are read after their owners' records, never before: a record
+            // names a generation its bucket had before the record was written, and a
+            // generation never comes back, so a bucket read later that shows another one
+            // (or none) means the record's bucket is gone for good. Read the other way
+            // round, a bucket created (and an object put in it) between the two reads
+            // would make a live record look orphaned.
+            // A generation seen earlier in the pass may only keep stripes: records of
+            // it are live without a read (and if the bucket went since, a later pass
+            // reads it afresh).
+            let names: BTreeSet<String> = results
+                .iter()
+                .flatten()
+                .filter(|references| references.needs_bucket())
+                .filter(|references| !buckets_seen.keeps_every_record(references))
+                .map(|references| references.bucket.clone())
+                .collect();
+            let generations = self.read_bucket_generations(names, buckets_seen).await;
+            let resolved = results.into_iter().map(|references| {
+                let references = references?;
+                if !references.needs_bucket() {
+                    return Some(references.live(None));
+                }
+                if let Some(current) = generations.get(&references.bucket) {
+                    // A bucket that could not be read: decide nothing.
+                    return current.map(|current| references.live(current));
+                }
+                debug_assert!(buckets_seen.keeps_every_record(&references));
+                Some(references.all_stripes())
+            });
+            owners.extend(batch.iter().cloned().zip(resolved));
         }
     }
 
-    /// Stripes a part's stripe may be referenced from: the part while its upload is open,
-    /// then the object versions of its key (a completed upload moved them there). The part
-    /// is read before the objects: completion commits the object before it closes the
-    /// upload, so this order never misses a reference.
+    /// Reads the generations of the buckets `names` now (None where one cannot be read)
+    /// and notes them as seen in this pass.
+    async fn read_bucket_generations(
+        self: &Arc<Self>,
+        names: BTreeSet<String>,
+        buckets_seen: &mut BucketGenerationsSeen,
+    ) -> BTreeMap<String, Option<Option<u64>>> {
+        let generations: BTreeMap<String, Option<Option<u64>>> =
+            futures::future::join_all(names.into_iter().map(|name| async move {
+                let generation = self.bucket_generation(&name).await;
+                (name, generation)
+            }))
+            .await
+            .into_iter()
+            .collect();
+        for (name, generation) in &generations {
+            if let Some(Some(current)) = generation {
+                buckets_seen.note(name, *current);
+            }
+        }
+        generations
+    }
+
+    /// The `created_at_ms` of the bucket named `name` (Some(None): there is none); None if
+    /// it cannot be read (no quorum).
+    async fn bucket_generation(self: &Arc<Self>, name: &str) -> Option<Option<u64>> {
+        match self.meta_get(Table::Buckets, &bucket_row(name)).await.ok()? {
+            Some(Lww {
+                value: Some(Record::Bucket(bucket)),
+                ..
+            }) => Some(Some(bucket.created_at_ms)),
+            _ => Some(None),
+        }
+    }
+
+    /// Stripes a part's stripe may be referenced from: the part while its upload is open
+    /// (under the upload's bucket generation: an upload of a deleted bucket never
+    /// completes), then the object versions of its key (a completed upload moved them
+    /// there). The part is read before the objects: completion commits the object before
+    /// it closes the upload, so this order never misses a reference.
     async fn part_references(
         self: &Arc<Self>,
         bucket: &str,
         key: &str,
         upload_id: &str,
         part_number: u32,
-    ) -> Option<BTreeSet<StripeId>> {
+    ) -> Option<OwnerReferences> {
         let upload = self
             .meta_get(Table::MultipartUploads, &upload_row(bucket, key, upload_id))
             .await
             .ok()?;
-        let mut referenced = BTreeSet::new();
-        if upload.is_some_and(|register| register.value.is_some()) {
+        let mut referenced = OwnerReferences::new(bucket);
+        if let Some(Lww {
+            value: Some(upload), ..
+        }) = upload
+        {
             let part = self
                 .meta_get(Table::MultipartParts, &part_row(upload_id, part_number))
                 .await
                 .ok()?;
-            referenced.extend(manifest_stripes(part.as_ref()));
+            // Anything else in the uploads table is unexpected: it counts as of no known
+            // generation, so it keeps the part (never drop data on a surprise).
+            let generation = match upload {
+                Record::MultipartUpload(upload) => upload.bucket_created_at_ms,
+                _ => 0,
+            };
+            referenced.add(generation, manifest_stripes(part.as_ref()));
         }
         let mut sort_prefix = key.as_bytes().to_vec();
         sort_prefix.push(0);
@@ -825,12 +1017,154 @@ impl<E: Env> ClusterNode<E> {
                 .await
                 .ok()?;
             for (_, register) in &page {
-                referenced.extend(manifest_stripes(Some(register)));
+                if let Some(Record::ObjectVersion(object)) = &register.value {
+                    referenced.add(object.bucket_created_at_ms, data_stripes(&object.data));
+                }
             }
             match page.last() {
                 Some((row, _)) if page.len() == VERSIONS_PAGE_ROWS as usize => after = Some(row.sort_key.clone()),
                 _ => return Some(referenced),
             }
+        }
+    }
+
+    /// Tombstones the object version rows of `partition` that a deleted bucket left
+    /// behind: a write that committed while (or just after) its bucket was deleted names
+    /// a generation no bucket of its name has any more. No request serves such a version;
+    /// this removes its row (and inline data), and with it the last reference to its
+    /// stripes. Versions of no known generation (0) are kept, as they always were.
+    ///
+    /// A row goes only after it was seen stale, holding the same register, continuously
+    /// for the write deadline plus the grace (on this node's clock), and only if a quorum
+    /// still holds that register. Its tombstone is stamped just above that register and
+    /// below every stamp a writer that saw the register takes (same wall time and counter,
+    /// the greatest node id), so it can only replace the stale version: a version of the
+    /// new bucket written over it (a "null" row is shared) always stays.
+    async fn collect_stale_versions(
+        self: &Arc<Self>,
+        partition: u32,
+        rows_seen: &mut BTreeSet<Vec<u8>>,
+        buckets_seen: &mut BucketGenerationsSeen,
+    ) {
+        let prefix = RowKey::partition_prefix(partition);
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let page = match self.env.meta_store().scan(
+                Tree::Table(Table::Objects),
+                &prefix,
+                after.as_deref(),
+                SURVEY_BATCH_STRIPES,
+            ) {
+                Ok(page) => page,
+                Err(error) => {
+                    tracing::error!(%error, partition, "cannot scan object versions");
+                    return;
+                }
+            };
+            after = page.last().map(|(key, _)| key.clone());
+            let full_page = page.len() == SURVEY_BATCH_STRIPES;
+            // (row, register timestamp, bucket, bucket generation) of versions whose
+            // generation is known.
+            let versions: Vec<(Vec<u8>, HlcTimestamp, String, u64)> = page
+                .into_iter()
+                .filter_map(|(key, value)| {
+                    let register = decode_stored_value(&value).ok()?;
+                    match register.value? {
+                        Record::ObjectVersion(object) if object.bucket_created_at_ms != 0 => {
+                            Some((key, register.timestamp, object.bucket, object.bucket_created_at_ms))
+                        }
+                        _ => None,
+                    }
+                })
+                .collect();
+            // Buckets are read after the rows, as in `load_owner_references`; a version
+            // of the generation seen earlier in the pass is kept without a read.
+            let names: BTreeSet<String> = versions
+                .iter()
+                .filter(|(_, _, bucket, generation)| !buckets_seen.is(bucket, *generation))
+                .map(|(_, _, bucket, _)| bucket.clone())
+                .collect();
+            let generations = self.read_bucket_generations(names, buckets_seen).await;
+            for (row, timestamp, bucket, generation) in versions {
+                let stale = match generations.get(&bucket) {
+                    Some(Some(current)) => *current != Some(generation),
+                    None => {
+                        debug_assert!(buckets_seen.is(&bucket, generation));
+                        false
+                    }
+                    // The bucket could not be read: decide nothing, keep the timer.
+                    _ => {
+                        rows_seen.insert(row);
+                        continue;
+                    }
+                };
+                if !stale {
+                    self.maintenance
+                        .lock()
+                        .expect("not poisoned")
+                        .stale_version_since_ms
+                        .remove(&row);
+                    continue;
+                }
+                rows_seen.insert(row.clone());
+                if self.stale_version_expired(&row, timestamp) {
+                    self.tombstone_stale_version(&row, timestamp).await;
+                }
+            }
+            if !full_page {
+                return;
+            }
+        }
+    }
+
+    /// Whether `row` has been seen stale, holding the register stamped `timestamp`,
+    /// continuously for the write deadline plus the grace: any write that began before
+    /// the register was there has committed or failed by then.
+    fn stale_version_expired(&self, row: &[u8], timestamp: HlcTimestamp) -> bool {
+        let now_ms = self.env.now_ms();
+        let config = self.maintenance_config;
+        let wait_ms = config.write_deadline_ms.saturating_add(config.gc_grace_ms);
+        let mut state = self.maintenance.lock().expect("not poisoned");
+        match state.stale_version_since_ms.get(row) {
+            Some((seen, since_ms)) if *seen == timestamp => now_ms.saturating_sub(*since_ms) >= wait_ms,
+            // First seen, or holding another register than before: the wait starts over.
+            seen => {
+                if seen.is_some() || state.stale_version_since_ms.len() < GRACE_TIMERS_MAX {
+                    state.stale_version_since_ms.insert(row.to_vec(), (timestamp, now_ms));
+                }
+                wait_ms == 0
+            }
+        }
+    }
+
+    async fn tombstone_stale_version(self: &Arc<Self>, encoded_row: &[u8], timestamp: HlcTimestamp) {
+        let Ok(row) = RowKey::decode(encoded_row) else { return };
+        let tombstone_at = HlcTimestamp {
+            node: NodeId([0xff; 32]),
+            ..timestamp
+        };
+        if tombstone_at <= timestamp {
+            return;
+        }
+        // Another register on a quorum (a newer write, or one this replica has not yet
+        // merged): this one is not the row any more, and its successor gets its own wait.
+        match self.meta_get(Table::Objects, &row).await {
+            Ok(Some(current)) if current.timestamp == timestamp => {}
+            _ => return,
+        }
+        match self
+            .meta_write_register(Table::Objects, &row, &Lww::tombstone(tombstone_at))
+            .await
+        {
+            Ok(()) => {
+                tracing::debug!(bucket = %String::from_utf8_lossy(&row.partition_key), "version of a deleted bucket collected");
+                self.maintenance
+                    .lock()
+                    .expect("not poisoned")
+                    .stale_version_since_ms
+                    .remove(encoded_row);
+            }
+            Err(error) => tracing::debug!(%error, "cannot tombstone a version of a deleted bucket"),
         }
     }
 
@@ -1493,5 +1827,32 @@ fn decode_stripe_row(key: &[u8], value: &[u8]) -> Option<(StripeId, StripeRecord
     match decode_stored_value(value).ok()?.value {
         Some(Record::Stripe(record)) => Some((stripe_id, record)),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_records_of_a_bucket_generation_that_no_longer_exists_stop_referencing_stripes() {
+        let stripe = |byte: u8| StripeId([byte; 32]);
+        let references = || {
+            let mut references = OwnerReferences::new("backups");
+            references.add(0, BTreeSet::from([stripe(1)]));
+            references.add(5, BTreeSet::from([stripe(2)]));
+            references.add(7, BTreeSet::from([stripe(3)]));
+            references
+        };
+        assert!(references().needs_bucket());
+        // Generation 0 (a record from before generations) always counts, even with no
+        // bucket of the name: it was never judged by its bucket, and is not now.
+        assert_eq!(references().live(None), BTreeSet::from([stripe(1)]));
+        assert_eq!(references().live(Some(5)), BTreeSet::from([stripe(1), stripe(2)]));
+        assert_eq!(references().live(Some(7)), BTreeSet::from([stripe(1), stripe(3)]));
+        let mut legacy_only = OwnerReferences::new("backups");
+        legacy_only.add(0, BTreeSet::from([stripe(1)]));
+        legacy_only.add(9, BTreeSet::new());
+        assert!(!legacy_only.needs_bucket(), "no stripe hangs on a generation");
     }
 }

@@ -16,7 +16,8 @@ use bdr_protocol::ids::NodeId;
 use bdr_protocol::layout::Layout;
 use bdr_protocol::placement::place;
 use bdr_protocol::records::{
-    decode_stored_value, encode_stored_value, Lww, Record, RecordDecodeError, RowKey, RowKeyError,
+    decode_stored_value, encode_stored_value, stored_value_is_current, Lww, Record, RecordDecodeError, RowKey,
+    RowKeyError,
 };
 use bdr_protocol::wire::{MetaRow, RemoteErrorKind, Request, Response, Table, SCAN_ROWS_MAX};
 use futures::channel::mpsc;
@@ -151,7 +152,11 @@ impl<E: Env> ClusterNode<E> {
         let changed = match store.get(tree, key)? {
             Some(existing) => {
                 let mut merged: Lww<Record> = decode_stored_value(&existing)?;
-                merged.merge(&incoming).then_some(merged)
+                // A row in an older format reads the same but hashes differently from
+                // another replica's current bytes (anti-entropy digests hash the stored
+                // bytes), so it would be pulled again every round: rewrite it when touched.
+                let outdated = !stored_value_is_current(&existing);
+                (merged.merge(&incoming) || outdated).then_some(merged)
             }
             None => Some(incoming),
         };

@@ -11,17 +11,18 @@ use bdr_protocol::envelope::RootKey;
 use bdr_protocol::ids::{NodeId, ZoneName};
 use bdr_protocol::layout::{NodeRoles, NodeSpec, NodeStatus};
 use bdr_protocol::records::{
-    BucketRecord, DefaultRetention, ObjectLock, ObjectVersionRecord, Retention, RetentionMode, VersioningState,
+    decode_stored_value, encode_stored_value, stored_value_is_current, BucketRecord, DefaultRetention, Lww, ObjectLock,
+    ObjectVersionRecord, Record, Retention, RetentionMode, VersioningState,
 };
 use bdr_protocol::wire::{self, MaintenanceCommand, Request, Response, Table};
 use futures::StreamExt;
 
-use super::data::{BodyCheck, BucketRights, DataError, DataKeys, ObjectWrite};
+use super::data::{bucket_row, object_row, BodyCheck, BucketRights, DataError, DataKeys, ObjectWrite};
 use super::maintenance::MaintenanceConfig;
 use super::membership::MembershipConfig;
 use super::versions::LockChange;
 use super::{ClusterInbound, ClusterNode};
-use crate::env::{BoxFuture, Env, InboundHandler, MetaStore, NetworkError, ShardKey, ShardStore};
+use crate::env::{BoxFuture, Env, InboundHandler, MetaStore, NetworkError, ShardKey, ShardStore, Tree};
 use crate::stores::memory::{MemoryMetaStore, MemoryShardStore};
 
 #[derive(Default)]
@@ -1508,13 +1509,13 @@ async fn versions_keep_every_write_and_the_newest_is_current_whatever_the_clocks
     assert_eq!(all_versions(node, &bucket, 1).await, versions);
 
     // The bucket is empty only once every version is gone.
-    assert!(!node.bucket_is_empty("backups").await.unwrap());
+    assert!(!node.bucket_is_empty(&bucket).await.unwrap());
     for (key, version_id, ..) in versions {
         node.delete_object_version(&bucket, &key, Some(&version_id), false)
             .await
             .unwrap();
     }
-    assert!(node.bucket_is_empty("backups").await.unwrap());
+    assert!(node.bucket_is_empty(&bucket).await.unwrap());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1767,4 +1768,254 @@ async fn an_upload_never_completes_into_a_later_bucket_of_the_same_name() {
         Err(DataError::NoSuchUpload)
     ));
     assert!(matches!(get(node, "backups", "big").await, Err(DataError::NoSuchKey)));
+}
+
+/// A request body that sends `first`, then says so on `waiting` and sends `rest` only once
+/// `release` fires: a put held in flight after it has begun.
+fn held_body(
+    first: Vec<u8>,
+    rest: Vec<u8>,
+    waiting: futures::channel::oneshot::Sender<()>,
+    release: futures::channel::oneshot::Receiver<()>,
+) -> impl futures::AsyncRead + Unpin + Send {
+    use futures::TryStreamExt;
+    let chunks = futures::stream::once(async move { first }).chain(futures::stream::once(async move {
+        let _ = waiting.send(());
+        let _ = release.await;
+        rest
+    }));
+    Box::pin(chunks.map(Ok::<_, std::io::Error>)).into_async_read()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_put_in_flight_while_its_bucket_is_deleted_and_created_again_never_lands_in_the_new_bucket() {
+    let cluster = TestCluster::start(&SIX_NODES).await;
+    let node = cluster.node(0);
+    let first = node.create_bucket("backups", "first-owner").await.unwrap();
+    for (key, length) in [("striped", 300_000), ("small", 1_000)] {
+        let data = pattern(length, 9);
+        let (waiting, waited) = futures::channel::oneshot::channel();
+        let (release, released) = futures::channel::oneshot::channel();
+        let body = held_body(
+            data[..length / 2].to_vec(),
+            data[length / 2..].to_vec(),
+            waiting,
+            released,
+        );
+        let writer = Arc::clone(node);
+        let write = ObjectWrite {
+            bucket: "backups".into(),
+            key: key.into(),
+            ..ObjectWrite::default()
+        };
+        let put = tokio::spawn(async move { writer.put_object(write, body).await });
+        // The put has checked its bucket and is reading the body when the bucket goes (an
+        // empty bucket may be deleted) and another key creates one of the same name.
+        waited.await.unwrap();
+        node.delete_bucket("backups").await.unwrap();
+        let second = node.create_bucket("backups", "second-owner").await.unwrap();
+        assert!(second.created_at_ms > first.created_at_ms, "a new generation");
+        release.send(()).unwrap();
+        let outcome = put.await.unwrap();
+        assert!(
+            matches!(outcome, Err(DataError::NoSuchBucket(_))),
+            "{key}: refused at commit, not {outcome:?}"
+        );
+        // Nothing of it is in the new bucket, through any node.
+        assert!(matches!(
+            get(cluster.node(3), "backups", key).await,
+            Err(DataError::NoSuchKey)
+        ));
+        assert!(node
+            .list_objects("backups", "", None, 100)
+            .await
+            .unwrap()
+            .records
+            .is_empty());
+        assert!(node.bucket_is_empty(&second).await.unwrap());
+        node.delete_bucket("backups").await.unwrap();
+        node.create_bucket("backups", "first-owner").await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bucket_created_again_gets_a_new_generation_even_within_a_millisecond_or_behind_the_clock() {
+    let cluster = TestCluster::start(&SIX_NODES).await;
+    // Every other round goes through a gateway whose clock is a minute behind.
+    cluster.node(1).env().clock_skew_ms.store(-60_000, Ordering::Relaxed);
+    let mut previous = cluster.node(0).create_bucket("backups", "owner").await.unwrap();
+    for round in 0..20 {
+        let gateway = cluster.node(round % 2);
+        gateway.delete_bucket("backups").await.unwrap();
+        let next = gateway.create_bucket("backups", "owner").await.unwrap();
+        assert!(
+            next.created_at_ms > previous.created_at_ms,
+            "round {round}: {} after {}",
+            next.created_at_ms,
+            previous.created_at_ms
+        );
+        previous = next;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn versions_a_deleted_bucket_left_behind_are_invisible_to_its_successor_and_collected() {
+    let cluster = TestCluster::start(&SIX_NODES).await;
+    let node = cluster.node(0);
+    let first = node.create_bucket("backups", "first-owner").await.unwrap();
+    // Versions of the first bucket: a striped "null" version, then a striped and an
+    // inline versioned one.
+    put(node, "backups", "shared", &pattern(200_000, 1)).await.unwrap();
+    node.set_bucket_versioning("backups", VersioningState::Enabled)
+        .await
+        .unwrap();
+    let striped = put_version(node, "backups", "striped", &pattern(300_000, 2), ObjectLock::default())
+        .await
+        .unwrap();
+    let small = put_version(node, "backups", "small", b"small", ObjectLock::default())
+        .await
+        .unwrap();
+    assert_eq!(striped.bucket_created_at_ms, first.created_at_ms);
+    // What a put racing DeleteBucket leaves: its version committed after the bucket was
+    // found empty (`delete_bucket` itself does not look), and another key creates a
+    // bucket of the same name.
+    node.delete_bucket("backups").await.unwrap();
+    let second = node.create_bucket("backups", "second-owner").await.unwrap();
+
+    for reader in [node, cluster.node(4)] {
+        for key in ["shared", "striped", "small"] {
+            assert!(
+                matches!(get(reader, "backups", key).await, Err(DataError::NoSuchKey)),
+                "{key}"
+            );
+        }
+        for version in [&striped, &small] {
+            assert!(matches!(
+                reader
+                    .object_version(&second, &version.key, Some(&version.version_id))
+                    .await,
+                Err(DataError::NoSuchVersion)
+            ));
+        }
+        assert!(reader
+            .list_current_objects(&second, "", None, 100)
+            .await
+            .unwrap()
+            .records
+            .is_empty());
+        assert!(all_versions(reader, &second, 1000).await.is_empty());
+        assert!(all_versions(reader, &second, 1).await.is_empty());
+        assert!(reader.bucket_is_empty(&second).await.unwrap());
+    }
+    // Deleting one by id finds nothing to delete.
+    let outcome = node
+        .delete_object_version(&second, "striped", Some(&striped.version_id), false)
+        .await
+        .unwrap();
+    assert!(!outcome.delete_marker);
+
+    // The new bucket's own object under a key of the old one wins its "null" row.
+    let fresh = pattern(150_000, 5);
+    put(node, "backups", "shared", &fresh).await.unwrap();
+    assert_eq!(get(cluster.node(2), "backups", "shared").await.unwrap(), fresh);
+    assert_eq!(
+        node.list_objects("backups", "", None, 100)
+            .await
+            .unwrap()
+            .records
+            .iter()
+            .map(|record| record.key.as_str())
+            .collect::<Vec<_>>(),
+        ["shared"]
+    );
+
+    // Garbage collection takes the old versions' rows and stripes, and nothing else.
+    let old_rows = [
+        object_row("backups", "striped", &striped.version_id),
+        object_row("backups", "small", &small.version_id),
+    ];
+    let all: Vec<usize> = (0..6).collect();
+    cluster
+        .maintain_until("only the new bucket's object left", &all, || async {
+            let mut rows_gone = true;
+            for row in &old_rows {
+                let register = node.meta_get(Table::Objects, row).await.unwrap();
+                rows_gone &= register.is_none_or(|register| register.value.is_none());
+            }
+            rows_gone && cluster.shard_map().await.len() == 6
+        })
+        .await;
+    assert_eq!(get(cluster.node(5), "backups", "shared").await.unwrap(), fresh);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_of_a_deleted_bucket_written_over_a_null_row_never_hides_the_new_buckets_version() {
+    let cluster = TestCluster::start(&SIX_NODES).await;
+    let node = cluster.node(0);
+    let first = node.create_bucket("backups", "first-owner").await.unwrap();
+    node.delete_bucket("backups").await.unwrap();
+    node.create_bucket("backups", "second-owner").await.unwrap();
+    let second = node
+        .set_bucket_versioning("backups", VersioningState::Enabled)
+        .await
+        .unwrap();
+    let current = put_version(node, "backups", "doc", b"new", ObjectLock::default())
+        .await
+        .unwrap();
+    // A put to the first bucket, slow enough to commit its "null" version last and with
+    // a greater stamp (its gateway's clock is ahead).
+    let mut late = current.clone();
+    late.version_id = "null".into();
+    late.bucket_created_at_ms = first.created_at_ms;
+    late.version_stamp.wall_ms += 60_000;
+    late.size_bytes = 99;
+    assert!(matches!(
+        node.commit_version(&late).await,
+        Err(DataError::NoSuchBucket(_))
+    ));
+    // Had it committed just before the bucket went (after its check), it is still no
+    // version of the new bucket.
+    node.write_version(&late).await.unwrap();
+    let read = read_version(node, "backups", "doc", None).await.unwrap();
+    assert_eq!(read, b"new");
+    assert_eq!(
+        node.current_version(&second, "doc").await.unwrap().unwrap().version_id,
+        current.version_id
+    );
+    assert!(matches!(
+        node.object_version(&second, "doc", Some("null")).await,
+        Err(DataError::NoSuchVersion)
+    ));
+    let listed = all_versions(node, &second, 1000).await;
+    assert_eq!(
+        listed,
+        vec![("doc".to_string(), current.version_id.clone(), true, false)]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_in_an_older_format_are_rewritten_current_when_merged_again() {
+    let cluster = TestCluster::start(&SIX_NODES).await;
+    let node = cluster.node(0);
+    node.create_bucket("backups", "owner").await.unwrap();
+    let key = bucket_row("backups").encode().unwrap();
+    let store = node.env().meta_store();
+    let current = store.get(Tree::Table(Table::Buckets), &key).unwrap().unwrap();
+    assert!(stored_value_is_current(&current));
+    // V2 wrote a bucket as V3 does, under the envelope's previous variant.
+    let mut old = current.clone();
+    old[0] -= 1;
+    assert!(!stored_value_is_current(&old));
+    assert_eq!(
+        decode_stored_value(&old).unwrap(),
+        decode_stored_value(&current).unwrap()
+    );
+    store.put(Tree::Table(Table::Buckets), &key, &old).unwrap();
+    // Anti-entropy brings the same register from a replica that wrote it current: the row
+    // is rewritten, so the two replicas' digests agree again.
+    assert!(node.merge_local(Table::Buckets, &key, &current).unwrap());
+    assert_eq!(store.get(Tree::Table(Table::Buckets), &key).unwrap().unwrap(), current);
+    assert!(!node.merge_local(Table::Buckets, &key, &current).unwrap());
+    let register: Lww<Record> = decode_stored_value(&current).unwrap();
+    assert_eq!(encode_stored_value(&register), current);
 }

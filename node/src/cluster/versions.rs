@@ -15,6 +15,12 @@
 //! retention or legal hold. Versions are never overwritten while versioning is enabled,
 //! and a bucket with Object Lock cannot suspend versioning, so a locked version is
 //! neither deleted nor overwritten by anyone until its retention ends.
+//!
+//! Rows are keyed by bucket name, and a bucket may be deleted and created again (by
+//! someone else) while a write to the old one is still in flight. Every version records
+//! the generation (`created_at_ms`) of the bucket it was written in, and everything here
+//! that serves a bucket's versions skips those of another generation: they are garbage
+//! that the maintainers collect, never objects of the new bucket.
 
 use std::sync::Arc;
 
@@ -96,6 +102,12 @@ fn object_of(register: Option<&Lww<Record>>) -> Option<&ObjectVersionRecord> {
     }
 }
 
+/// The version in `register` if it is one of `bucket`'s (not left by an earlier bucket of
+/// the same name).
+fn bucket_object_of<'a>(register: Option<&'a Lww<Record>>, bucket: &BucketRecord) -> Option<&'a ObjectVersionRecord> {
+    object_of(register).filter(|record| record.belongs_to(bucket))
+}
+
 /// The greater-stamped of two candidates for a key's current version.
 fn newer(a: Option<ObjectVersionRecord>, b: Option<ObjectVersionRecord>) -> Option<ObjectVersionRecord> {
     match (a, b) {
@@ -109,13 +121,17 @@ fn key_of_sort_key(sort_key: &[u8]) -> Option<&[u8]> {
     sort_key.split(|byte| *byte == 0).next()
 }
 
-/// The live versions (and delete markers) of scanned rows, grouped by key in key order.
-fn group_by_key(rows: Vec<(RowKey, Lww<Record>)>) -> Vec<(String, Vec<ObjectVersionRecord>)> {
+/// The live versions (and delete markers) of `bucket` among scanned rows, grouped by key
+/// in key order.
+fn group_by_key(rows: Vec<(RowKey, Lww<Record>)>, bucket: &BucketRecord) -> Vec<(String, Vec<ObjectVersionRecord>)> {
     let mut groups: Vec<(String, Vec<ObjectVersionRecord>)> = Vec::new();
     for (_, register) in rows {
         let Some(Record::ObjectVersion(record)) = register.value else {
             continue;
         };
+        if !record.belongs_to(bucket) {
+            continue;
+        }
         match groups.last_mut() {
             Some((key, group)) if *key == record.key => group.push(record),
             _ => groups.push((record.key.clone(), vec![record])),
@@ -133,10 +149,11 @@ fn current_in_group(group: &[ObjectVersionRecord]) -> Option<ObjectVersionRecord
 }
 
 impl<E: Env> ClusterNode<E> {
-    /// The newest live version of `key` other than "null", skipping deleted versions.
+    /// The newest live version of `key` other than "null", skipping deleted versions and
+    /// those of earlier buckets of the name.
     async fn newest_versioned(
         self: &Arc<Self>,
-        bucket: &str,
+        bucket: &BucketRecord,
         key: &str,
     ) -> Result<Option<ObjectVersionRecord>, DataError> {
         let mut sort_prefix = key.as_bytes().to_vec();
@@ -146,7 +163,7 @@ impl<E: Env> ClusterNode<E> {
             let page = self
                 .meta_scan(
                     Table::Objects,
-                    bucket.as_bytes(),
+                    bucket.name.as_bytes(),
                     &sort_prefix,
                     after.as_deref(),
                     VERSION_SCAN_ROWS,
@@ -154,7 +171,7 @@ impl<E: Env> ClusterNode<E> {
                 .await?;
             if let Some(record) = page
                 .iter()
-                .filter_map(|(_, register)| object_of(Some(register)))
+                .filter_map(|(_, register)| bucket_object_of(Some(register), bucket))
                 .find(|record| record.version_id != NULL_VERSION)
             {
                 return Ok(Some(record.clone()));
@@ -166,9 +183,10 @@ impl<E: Env> ClusterNode<E> {
         }
     }
 
-    /// The "null" row's register (live, delete marker or tombstone) and the newest
-    /// versioned record of `key`. Only the "null" row can exist in a bucket that never
-    /// had versioning, so that is all it reads.
+    /// The "null" row's register (live, delete marker or tombstone, of this bucket or an
+    /// earlier one of the name) and the newest versioned record of `key` in this bucket.
+    /// Only the "null" row can exist in a bucket that never had versioning, so that is all
+    /// it reads.
     async fn version_heads(
         self: &Arc<Self>,
         bucket: &BucketRecord,
@@ -180,7 +198,7 @@ impl<E: Env> ClusterNode<E> {
         }
         let (null, newest) = futures::join!(
             self.meta_get(Table::Objects, &null_row),
-            self.newest_versioned(&bucket.name, key)
+            self.newest_versioned(bucket, key)
         );
         Ok((null?, newest?))
     }
@@ -192,7 +210,7 @@ impl<E: Env> ClusterNode<E> {
         key: &str,
     ) -> Result<Option<ObjectVersionRecord>, DataError> {
         let (null, newest) = self.version_heads(bucket, key).await?;
-        Ok(newer(object_of(null.as_ref()).cloned(), newest))
+        Ok(newer(bucket_object_of(null.as_ref(), bucket).cloned(), newest))
     }
 
     /// A version by id, or the current version (possibly a delete marker).
@@ -210,19 +228,23 @@ impl<E: Env> ClusterNode<E> {
         let register = self
             .meta_get(Table::Objects, &object_row(&bucket.name, key, version_id))
             .await?;
-        object_of(register.as_ref()).cloned().ok_or(DataError::NoSuchVersion)
+        bucket_object_of(register.as_ref(), bucket)
+            .cloned()
+            .ok_or(DataError::NoSuchVersion)
     }
 
     /// Where the next version of `key` goes: a fresh id when versioning is enabled, the
     /// "null" row otherwise (refused while the "null" version is locked); stamped above
-    /// every version seen, and above the "null" row's register (even a tombstone), so
-    /// the write wins over everything acknowledged before it.
+    /// every version seen, and above the "null" row's register (even a tombstone, or a
+    /// version an earlier bucket of the name left there), so the write wins over
+    /// everything acknowledged before it.
     pub(crate) async fn version_slot(
         self: &Arc<Self>,
         bucket: &BucketRecord,
         key: &str,
     ) -> Result<VersionSlot, DataError> {
         let (null, newest) = self.version_heads(bucket, key).await?;
+        // The floor counts a version of an earlier bucket too: the new one must win its row.
         let null_record = object_of(null.as_ref());
         let floor = [
             newest.as_ref().map(|record| record.version_stamp),
@@ -233,7 +255,8 @@ impl<E: Env> ClusterNode<E> {
         .max()
         .flatten();
         let versioned = bucket.versioning == VersioningState::Enabled;
-        if let Some(null_record) = null_record.filter(|_| !versioned) {
+        // An earlier bucket's version is nobody's object here: its lock protects nothing.
+        if let Some(null_record) = null_record.filter(|record| !versioned && record.belongs_to(bucket)) {
             if null_record.lock.forbids_delete(self.env.now_ms(), false) {
                 return Err(DataError::ObjectLocked(format!(
                     "the null version of {key:?} is locked and cannot be overwritten"
@@ -255,8 +278,25 @@ impl<E: Env> ClusterNode<E> {
         Ok(VersionSlot { version_id, stamp })
     }
 
-    /// Commits a version to its row, stamped with its version stamp.
+    /// Commits a version to its row, stamped with its version stamp, if its bucket is still
+    /// the one the write began in. The bucket is read again first: a write that took long
+    /// (a large body) may have outlived its bucket, and one of the same name created since
+    /// must not be told its object was stored. The check narrows the race rather than
+    /// closing it (the bucket can go between the read and the commit), which is why
+    /// readers and garbage collection also compare generations.
     pub(crate) async fn commit_version(self: &Arc<Self>, record: &ObjectVersionRecord) -> Result<(), DataError> {
+        let still_there = self
+            .bucket(&record.bucket)
+            .await?
+            .is_some_and(|bucket| bucket.created_at_ms == record.bucket_created_at_ms);
+        if !still_there {
+            return Err(DataError::NoSuchBucket(record.bucket.clone()));
+        }
+        self.write_version(record).await
+    }
+
+    /// Writes a version to its row, stamped with its version stamp, unchecked.
+    pub(crate) async fn write_version(self: &Arc<Self>, record: &ObjectVersionRecord) -> Result<(), DataError> {
         let register = Lww::new(record.version_stamp, Record::ObjectVersion(record.clone()));
         self.meta_write_register(
             Table::Objects,
@@ -318,7 +358,9 @@ impl<E: Env> ClusterNode<E> {
             validate_version_id(version_id)?;
             let row = object_row(&bucket.name, key, version_id);
             let register = self.meta_get(Table::Objects, &row).await?;
-            let Some(existing) = object_of(register.as_ref()) else {
+            // A version an earlier bucket of the name left behind is not this bucket's:
+            // like a missing one, there is nothing to delete (garbage collection takes it).
+            let Some(existing) = bucket_object_of(register.as_ref(), bucket) else {
                 return Ok(DeleteOutcome {
                     version_id: Some(version_id.to_string()),
                     delete_marker: false,
@@ -359,6 +401,7 @@ impl<E: Env> ClusterNode<E> {
             checksums: Default::default(),
             data: ObjectData::DeleteMarker,
             lock: ObjectLock::default(),
+            bucket_created_at_ms: bucket.created_at_ms,
         };
         self.commit_version(&marker).await?;
         Ok(DeleteOutcome {
@@ -383,6 +426,7 @@ impl<E: Env> ClusterNode<E> {
                 bucket.name
             )));
         }
+        // Only a version of this bucket is found, and the write keeps its generation.
         let mut record = self.object_version(bucket, key, version_id).await?;
         if record.is_delete_marker() {
             return Err(DataError::InvalidLockRequest("a delete marker cannot be locked".into()));
@@ -479,20 +523,27 @@ impl<E: Env> ClusterNode<E> {
         Ok(bucket)
     }
 
-    /// Whether the bucket holds no version and no delete marker.
-    pub async fn bucket_is_empty(self: &Arc<Self>, name: &str) -> Result<bool, DataError> {
+    /// Whether the bucket holds no version and no delete marker. Versions an earlier
+    /// bucket of the name left behind do not count: they are garbage, not its objects.
+    pub async fn bucket_is_empty(self: &Arc<Self>, bucket: &BucketRecord) -> Result<bool, DataError> {
         let mut after: Option<Vec<u8>> = None;
         loop {
             let page = self
                 .meta_scan(
                     Table::Objects,
-                    name.as_bytes(),
+                    bucket.name.as_bytes(),
                     b"",
                     after.as_deref(),
                     EMPTINESS_SCAN_ROWS,
                 )
                 .await?;
-            if page.iter().any(|(_, register)| register.value.is_some()) {
+            let holds_any = page.iter().any(|(_, register)| match &register.value {
+                Some(Record::ObjectVersion(record)) => record.belongs_to(bucket),
+                // Not an object version: unexpected here, so it counts (never drop data).
+                Some(_) => true,
+                None => false,
+            });
+            if holds_any {
                 return Ok(false);
             }
             match page.last() {
@@ -531,7 +582,7 @@ impl<E: Env> ClusterNode<E> {
             .flatten()
             .and_then(|(sort_key, _)| key_of_sort_key(sort_key).map(<[u8]>::to_vec))
             .and_then(|key| String::from_utf8(key).ok());
-        let groups = group_by_key(rows);
+        let groups = group_by_key(rows, bucket);
         // The last key of a cut page may have versions past the cut ("null" sorts last):
         // its current version is read whole, unless the cut fell on its "null" row.
         let cut_mid_key = full_page
@@ -583,7 +634,7 @@ impl<E: Env> ClusterNode<E> {
             .flatten()
             .and_then(|(row, _)| split_marker_sort_key(&row.sort_key));
         let first_key_cut = after.is_some_and(|(_, version_id)| version_id.is_some());
-        let groups = group_by_key(rows);
+        let groups = group_by_key(rows, bucket);
         let group_count = groups.len();
         let mut versions = Vec::new();
         for (position, (key, group)) in groups.into_iter().enumerate() {

@@ -1050,8 +1050,9 @@ impl<E: Env> S3 for Gateway<E> {
         let bucket = &request.input.bucket;
         let record = self.write_bucket(&request.extensions, bucket).await?;
         // Every version and delete marker counts, as in S3: a versioned bucket whose
-        // objects were all deleted still holds their versions.
-        if !self.cluster.bucket_is_empty(bucket).await.map_err(s3_error_of)? {
+        // objects were all deleted still holds their versions. Those an earlier bucket of
+        // the name left behind do not.
+        if !self.cluster.bucket_is_empty(&record).await.map_err(s3_error_of)? {
             return Err(s3_error!(BucketNotEmpty, "bucket {bucket} is not empty"));
         }
         // Uploads in progress too: they are keyed by bucket name, and would otherwise pass
