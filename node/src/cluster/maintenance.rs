@@ -65,7 +65,7 @@ use super::data::{
 };
 use super::membership::Liveness;
 use super::ClusterNode;
-use crate::env::{Env, ShardKey, StoreError, Tree};
+use crate::env::{Env, KeyValue, ShardKey, StoreError, Tree};
 
 /// How often the maintenance loops wake to see whether work is due.
 pub const MAINTENANCE_TICK_MS: u64 = 1_000;
@@ -758,23 +758,15 @@ impl<E: Env> ClusterNode<E> {
         let mut stale_rows_seen: BTreeSet<Vec<u8>> = BTreeSet::new();
         let mut buckets_seen = BucketGenerationsSeen::default();
         for partition in self.maintained_partitions(&layout) {
-            let prefix = RowKey::partition_prefix(partition);
             let mut after: Option<Vec<u8>> = None;
             loop {
-                let page = match self.env.meta_store().scan(
-                    Tree::Table(Table::Stripes),
-                    &prefix,
-                    after.as_deref(),
-                    SURVEY_BATCH_STRIPES,
-                ) {
+                let (page, full_page) = match self.next_local_page(Table::Stripes, partition, &mut after) {
                     Ok(page) => page,
                     Err(error) => {
                         tracing::error!(%error, partition, "cannot scan stripe records");
                         break;
                     }
                 };
-                after = page.last().map(|(key, _)| key.clone());
-                let full_page = page.len() == SURVEY_BATCH_STRIPES;
                 let records: Vec<(StripeId, StripeRecord)> = page
                     .iter()
                     .filter_map(|(key, value)| decode_stripe_row(key, value))
@@ -1040,29 +1032,41 @@ impl<E: Env> ClusterNode<E> {
     /// below every stamp a writer that saw the register takes (same wall time and counter,
     /// the greatest node id), so it can only replace the stale version: a version of the
     /// new bucket written over it (a "null" row is shared) always stays.
+    /// The next page (up to [`SURVEY_BATCH_STRIPES`] rows) of this replica's rows of
+    /// `table` in `partition` after `cursor`, which it advances; and whether the page is
+    /// full (more may follow).
+    fn next_local_page(
+        &self,
+        table: Table,
+        partition: u32,
+        cursor: &mut Option<Vec<u8>>,
+    ) -> Result<(Vec<KeyValue>, bool), StoreError> {
+        let page = self.env.meta_store().scan(
+            Tree::Table(table),
+            &RowKey::partition_prefix(partition),
+            cursor.as_deref(),
+            SURVEY_BATCH_STRIPES,
+        )?;
+        *cursor = page.last().map(|(key, _)| key.clone());
+        let full_page = page.len() == SURVEY_BATCH_STRIPES;
+        Ok((page, full_page))
+    }
+
     async fn collect_stale_versions(
         self: &Arc<Self>,
         partition: u32,
         rows_seen: &mut BTreeSet<Vec<u8>>,
         buckets_seen: &mut BucketGenerationsSeen,
     ) {
-        let prefix = RowKey::partition_prefix(partition);
         let mut after: Option<Vec<u8>> = None;
         loop {
-            let page = match self.env.meta_store().scan(
-                Tree::Table(Table::Objects),
-                &prefix,
-                after.as_deref(),
-                SURVEY_BATCH_STRIPES,
-            ) {
+            let (page, full_page) = match self.next_local_page(Table::Objects, partition, &mut after) {
                 Ok(page) => page,
                 Err(error) => {
                     tracing::error!(%error, partition, "cannot scan object versions");
                     return;
                 }
             };
-            after = page.last().map(|(key, _)| key.clone());
-            let full_page = page.len() == SURVEY_BATCH_STRIPES;
             // (row, register timestamp, bucket, bucket generation) of versions whose
             // generation is known.
             let versions: Vec<(Vec<u8>, HlcTimestamp, String, u64)> = page
