@@ -18,7 +18,7 @@ pub use sim::{run, Outcome, Scenario};
 
 /// The scenarios shipped in `simulator/scenarios/`, built in so `bdr-sim` works from
 /// any folder.
-pub const BUILTIN_SCENARIOS: [(&str, &str); 9] = [
+pub const BUILTIN_SCENARIOS: [(&str, &str); 10] = [
     ("swarm", include_str!("../scenarios/swarm.toml")),
     ("zone-outage", include_str!("../scenarios/zone-outage.toml")),
     ("rolling-restart", include_str!("../scenarios/rolling-restart.toml")),
@@ -31,6 +31,7 @@ pub const BUILTIN_SCENARIOS: [(&str, &str); 9] = [
     ("beyond-budget", include_str!("../scenarios/beyond-budget.toml")),
     ("node-replacement", include_str!("../scenarios/node-replacement.toml")),
     ("layout-growth", include_str!("../scenarios/layout-growth.toml")),
+    ("bucket-churn", include_str!("../scenarios/bucket-churn.toml")),
 ];
 
 #[derive(Debug, thiserror::Error)]

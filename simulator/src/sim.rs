@@ -43,6 +43,13 @@ const TORN_WRITE_POLL_MS: u64 = 5;
 const SAMPLE_INTERVAL_MS: u64 = 1_000;
 /// Rolls (of 100) below this are multipart uploads when the scenario has them.
 const MULTIPART_ROLL_BELOW: u64 = 10;
+/// With `bucket_churn`, rolls (of 100) from this one go to the scratch bucket instead.
+const BUCKET_CHURN_ROLL_FROM: u64 = 55;
+/// The bucket that `bucket_churn` creates, fills, empties and deletes over and over.
+const SCRATCH_BUCKET: &str = "scratch";
+const SCRATCH_KEYS: u64 = 3;
+/// Objects a scratch bucket deletion lists and deletes before it deletes the bucket.
+const SCRATCH_LIST_LIMIT: u32 = 100;
 /// Parts uploaded per multipart upload, at most.
 const MULTIPART_PARTS_MAX: u64 = 3;
 /// Layout changes (drain, remove) are retried this often until they succeed.
@@ -105,6 +112,12 @@ pub struct Scenario {
     /// read back by its id at the end.
     #[serde(default)]
     pub versioning: bool,
+    /// A second bucket is created, written, emptied and deleted over and over while
+    /// puts to it are in flight: versions that commit into a deleted bucket must never be
+    /// served by the next bucket of the name, and maintenance must collect them and
+    /// their stripes (the final checks count what is left).
+    #[serde(default)]
+    pub bucket_churn: bool,
 }
 
 impl Default for Scenario {
@@ -135,6 +148,7 @@ impl Default for Scenario {
             joining_nodes: 0,
             node_replacement: false,
             versioning: true,
+            bucket_churn: false,
         }
     }
 }
@@ -161,6 +175,12 @@ pub struct Outcome {
     /// Multipart uploads completed (acknowledged) and aborted.
     pub multipart_completed: u64,
     pub multipart_aborted: u64,
+    /// With `bucket_churn`: scratch buckets deleted, scratch puts acknowledged, and
+    /// versions of deleted buckets present when the faults healed (all must be
+    /// collected by the final checks).
+    pub scratch_buckets_deleted: u64,
+    pub scratch_puts_acknowledged: u64,
+    pub stale_versions_at_heal: u64,
     /// Layout changes done: nodes joined, nodes removed.
     pub nodes_joined: u64,
     pub nodes_removed: u64,
@@ -231,6 +251,11 @@ struct Shared {
     versioned: bool,
     /// Every acknowledged version: (key, version id, content hash).
     versions: Mutex<Vec<(String, String, [u8; 32])>>,
+    /// How buckets are made (the workload's and the scratch bucket).
+    bucket_options: Option<BucketOptions>,
+    /// Content hashes of every put attempted into the scratch bucket: a read there may
+    /// fail or return one of them, never anything else.
+    scratch_attempts: Mutex<BTreeSet<[u8; 32]>>,
 }
 
 fn maintenance_config() -> MaintenanceConfig {
@@ -323,12 +348,42 @@ impl Shared {
         merged
     }
 
-    /// Stripes that committed object versions use, with their codes.
+    /// The generation (`created_at_ms`) of every bucket that exists, by name.
+    fn bucket_generations(&self) -> BTreeMap<String, u64> {
+        use bdr_protocol::records::Record;
+        self.merged_rows(bdr_protocol::wire::Table::Buckets)
+            .into_values()
+            .filter_map(|register| match register.value {
+                Some(Record::Bucket(bucket)) => Some((bucket.name, bucket.created_at_ms)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Object versions left by a bucket that was deleted (perhaps created again since):
+    /// no request serves them, and maintenance must collect them.
+    fn stale_object_versions(&self) -> usize {
+        use bdr_protocol::records::Record;
+        let generations = self.bucket_generations();
+        self.merged_rows(bdr_protocol::wire::Table::Objects)
+            .values()
+            .filter(|register| match &register.value {
+                Some(Record::ObjectVersion(object)) => !of_existing_bucket(object, &generations),
+                _ => false,
+            })
+            .count()
+    }
+
+    /// Stripes that committed object versions of existing buckets use, with their codes.
     fn object_stripes(&self) -> BTreeMap<StripeId, StripeCodec> {
         use bdr_protocol::records::{ObjectData, Record};
+        let generations = self.bucket_generations();
         let mut live = BTreeMap::new();
         for register in self.merged_rows(bdr_protocol::wire::Table::Objects).values() {
             if let Some(Record::ObjectVersion(object)) = &register.value {
+                if !of_existing_bucket(object, &generations) {
+                    continue;
+                }
                 if let ObjectData::Striped(manifest) = &object.data {
                     for stripe in &manifest.stripes {
                         live.insert(stripe.stripe_id, manifest.codec);
@@ -569,7 +624,9 @@ impl Shared {
         self.world.executor.spawn(
             Some(gateway_id),
             Box::pin(async move {
-                if roll < MULTIPART_ROLL_BELOW && shared.scenario.multipart {
+                if roll >= BUCKET_CHURN_ROLL_FROM && shared.scenario.bucket_churn {
+                    shared.churn(&gateway, value_seed, length).await;
+                } else if roll < MULTIPART_ROLL_BELOW && shared.scenario.multipart {
                     shared.multipart(&gateway, &key, value_seed, max_length).await;
                 } else if roll < 45 {
                     shared.put(&gateway, &key, content(value_seed, length)).await;
@@ -587,6 +644,106 @@ impl Shared {
             self.count("cut_off");
         }
         self.count("operations");
+    }
+
+    /// One step of the scratch bucket's life, picked at random: create it, put an
+    /// object, read one back, or empty and delete it. Steps interleave across clients,
+    /// so puts race deletions and re-creations.
+    async fn churn(&self, gateway: &Arc<ClusterNode<SimEnv>>, value_seed: u64, length: usize) {
+        let key = format!("s{}", self.world.random_below(SCRATCH_KEYS));
+        // Of 10: create 2, put 4, read 2, empty and delete 1, delete as is 1.
+        match self.world.random_below(10) {
+            0..=1 => {
+                let Some(options) = self.bucket_options else { return };
+                let result = gateway.create_bucket_with(SCRATCH_BUCKET, "sim", options).await;
+                self.world.record(&[b"scratch-create", &[result.is_ok() as u8]]);
+            }
+            2..=5 => {
+                let data = content(value_seed, length);
+                let hash = *blake3::hash(&data).as_bytes();
+                self.scratch_attempts.lock().expect("not poisoned").insert(hash);
+                let write = ObjectWrite {
+                    bucket: SCRATCH_BUCKET.into(),
+                    key: key.clone(),
+                    ..ObjectWrite::default()
+                };
+                let result = gateway.put_object(write, futures::io::Cursor::new(data)).await;
+                self.world
+                    .record(&[b"scratch-put", key.as_bytes(), &[result.is_ok() as u8]]);
+                if result.is_ok() {
+                    self.count("scratch_puts_acknowledged");
+                }
+            }
+            6..=7 => {
+                let observed: Result<[u8; 32], DataError> = async {
+                    let bucket = gateway
+                        .bucket(SCRATCH_BUCKET)
+                        .await?
+                        .ok_or_else(|| DataError::NoSuchBucket(SCRATCH_BUCKET.into()))?;
+                    let record = gateway.object_version(&bucket, &key, None).await?;
+                    let size = record.size_bytes;
+                    let mut stream = Box::pin(gateway.read_object(record, 0..size)?);
+                    let mut bytes = Vec::new();
+                    while let Some(chunk) = stream.next().await {
+                        bytes.extend_from_slice(&chunk?);
+                    }
+                    Ok(*blake3::hash(&bytes).as_bytes())
+                }
+                .await;
+                let tag: &[u8] = match &observed {
+                    Ok(hash) => hash,
+                    Err(_) => b"unavailable",
+                };
+                self.world.record(&[b"scratch-get", key.as_bytes(), tag]);
+                if let Ok(hash) = observed {
+                    if !self.scratch_attempts.lock().expect("not poisoned").contains(&hash) {
+                        self.fail(format!(
+                            "scratch object {key} reads {}, which nobody wrote",
+                            hex::encode(&hash[..6])
+                        ));
+                    }
+                }
+            }
+            8 => {
+                let deleted = self.empty_and_delete_scratch_bucket(gateway).await;
+                self.world
+                    .record(&[b"scratch-delete-bucket", &[matches!(deleted, Ok(true)) as u8]]);
+                if matches!(deleted, Ok(true)) {
+                    self.count("scratch_buckets_deleted");
+                }
+            }
+            _ => {
+                // What a DeleteBucket leaves when puts commit just after its emptiness
+                // check (a race no lock closes): the bucket goes with objects in it.
+                let deleted = gateway.delete_bucket(SCRATCH_BUCKET).await;
+                self.world
+                    .record(&[b"scratch-delete-bucket-as-is", &[deleted.is_ok() as u8]]);
+                if deleted.is_ok() {
+                    self.count("scratch_buckets_deleted");
+                }
+            }
+        }
+    }
+
+    /// Deletes the scratch bucket's objects, then the bucket if it is empty (as an S3
+    /// client does: DeleteBucket refuses a bucket with objects). Returns whether the
+    /// bucket was deleted.
+    async fn empty_and_delete_scratch_bucket(&self, gateway: &Arc<ClusterNode<SimEnv>>) -> Result<bool, DataError> {
+        let listing = gateway
+            .list_objects(SCRATCH_BUCKET, "", None, SCRATCH_LIST_LIMIT)
+            .await?;
+        for object in &listing.records {
+            gateway.delete_object(SCRATCH_BUCKET, &object.key).await?;
+        }
+        let bucket = gateway
+            .bucket(SCRATCH_BUCKET)
+            .await?
+            .ok_or_else(|| DataError::NoSuchBucket(SCRATCH_BUCKET.into()))?;
+        if !gateway.bucket_is_empty(&bucket).await? {
+            return Ok(false);
+        }
+        gateway.delete_bucket(SCRATCH_BUCKET).await?;
+        Ok(true)
     }
 
     /// A multipart upload: create, upload up to `MULTIPART_PARTS_MAX` parts, then abort
@@ -1221,6 +1378,14 @@ impl Shared {
             }
         }
         self.check_redundancy_and_garbage(&layout).await;
+        let stale_versions = self.stale_object_versions();
+        self.world
+            .record(&[b"stale-versions", &(stale_versions as u64).to_le_bytes()]);
+        if stale_versions > 0 {
+            self.fail(format!(
+                "{stale_versions} object versions of deleted buckets remain after healing"
+            ));
+        }
         // Every key reads back what the model allows, through any node.
         let up = self.up_nodes();
         let keys: Vec<String> = self.models.lock().expect("not poisoned").keys().cloned().collect();
@@ -1360,6 +1525,15 @@ pub fn run(seed: u64, scenario: &Scenario) -> Outcome {
         bucket_created: Mutex::new(false),
         versioned,
         versions: Mutex::new(Vec::new()),
+        bucket_options: StripeCodec::new(CodecId::DEFAULT, scenario.data_shards, scenario.parity_shards)
+            .ok()
+            .map(|codec| BucketOptions {
+                codec,
+                stripe_length_bytes: scenario.stripe_length_bytes,
+                inline_threshold_bytes: scenario.inline_threshold_bytes,
+                object_lock_enabled: false,
+            }),
+        scratch_attempts: Mutex::new(BTreeSet::new()),
     });
     for index in 0..scenario.nodes as usize {
         shared.boot(index);
@@ -1367,19 +1541,12 @@ pub fn run(seed: u64, scenario: &Scenario) -> Outcome {
     // Let membership converge, then create the bucket.
     shared.run_until_sampled(START_MS + 5_000);
     let creator = Arc::clone(&shared);
-    let codec = StripeCodec::new(CodecId::DEFAULT, scenario.data_shards, scenario.parity_shards);
     world.executor.spawn(
         None,
         Box::pin(async move {
-            let Ok(codec) = codec else {
+            let Some(options) = creator.bucket_options else {
                 creator.fail("invalid erasure code in the scenario".into());
                 return;
-            };
-            let options = BucketOptions {
-                codec,
-                stripe_length_bytes: creator.scenario.stripe_length_bytes,
-                inline_threshold_bytes: creator.scenario.inline_threshold_bytes,
-                object_lock_enabled: false,
             };
             let Some((_, node)) = creator.up_nodes().first().cloned() else {
                 return;
@@ -1452,6 +1619,10 @@ pub fn run(seed: u64, scenario: &Scenario) -> Outcome {
         .executor
         .spawn(None, Box::pin(async move { injector.fault_loop(enabled).await }));
     shared.run_until_sampled(fault_end);
+    if scenario.bucket_churn {
+        // What the final checks will require maintenance to have collected by then.
+        shared.count_by("stale_versions_at_heal", shared.stale_object_versions() as u64);
+    }
 
     // Liveness phase: heal everything, let repair and anti-entropy run, then check.
     world.record(&[b"heal"]);
@@ -1517,6 +1688,9 @@ pub fn run(seed: u64, scenario: &Scenario) -> Outcome {
         lost_stripes_reported: counters.get("lost_stripes_reported").copied().unwrap_or(0),
         multipart_completed: counters.get("multipart_completed").copied().unwrap_or(0),
         multipart_aborted: counters.get("multipart_aborted").copied().unwrap_or(0),
+        scratch_buckets_deleted: counters.get("scratch_buckets_deleted").copied().unwrap_or(0),
+        scratch_puts_acknowledged: counters.get("scratch_puts_acknowledged").copied().unwrap_or(0),
+        stale_versions_at_heal: counters.get("stale_versions_at_heal").copied().unwrap_or(0),
         nodes_joined: counters.get("nodes_joined").copied().unwrap_or(0),
         nodes_removed: counters.get("nodes_removed").copied().unwrap_or(0),
         samples: std::mem::take(&mut *shared.samples.lock().expect("not poisoned")),
@@ -1532,6 +1706,18 @@ pub fn run(seed: u64, scenario: &Scenario) -> Outcome {
         world.executor.kill_node_tasks(&env.id);
     }
     outcome
+}
+
+/// Whether a version belongs to the bucket of its name that exists now (versions from
+/// before generations were recorded always do).
+fn of_existing_bucket(
+    object: &bdr_protocol::records::ObjectVersionRecord,
+    generations: &BTreeMap<String, u64>,
+) -> bool {
+    generations
+        .get(&object.bucket)
+        .is_some_and(|generation| object.belongs_to_generation(*generation))
+        || object.bucket_created_at_ms == 0
 }
 
 /// The stripes an object version's data lives in (none when inline).

@@ -101,6 +101,19 @@ fn many_seeds_of_every_scenario_pass() {
     let reported: u64 = beyond.iter().map(|outcome| outcome.lost_stripes_reported).sum();
     assert!(destroyed > 0 && detected > 0 && reported > 0,
         "beyond the budget: {destroyed} stripes destroyed, {detected} losses detected by reads, {reported} reported lost");
+    // Buckets deleted under load (some with objects still in them, as a DeleteBucket
+    // racing a put leaves them): their versions must be collected (each seed's final
+    // checks fail otherwise), and some must have been there to collect.
+    let churn: Vec<&Outcome> = outcomes
+        .iter()
+        .filter(|outcome| outcome.scenario == "bucket-churn")
+        .collect();
+    let buckets_deleted: u64 = churn.iter().map(|outcome| outcome.scratch_buckets_deleted).sum();
+    let stale_versions: u64 = churn.iter().map(|outcome| outcome.stale_versions_at_heal).sum();
+    assert!(
+        buckets_deleted > 10 && stale_versions > 0,
+        "bucket churn: {buckets_deleted} buckets deleted, {stale_versions} versions of deleted buckets to collect"
+    );
     println!(
         "{} seeds, {acknowledged} acknowledged writes, {faults} faults, disk faults {disk:?}, beyond budget: \
          {destroyed} stripes destroyed, {detected} failed reads, {reported} reported lost",
@@ -135,6 +148,7 @@ fn the_same_seed_gives_the_same_trace() {
         ("partition-and-heal", 11),
         ("disk-faults", 5),
         ("layout-growth", 2),
+        ("bucket-churn", 4),
     ] {
         let scenario = load_scenario(scenario).unwrap();
         let first = run(seed, &scenario);
