@@ -675,21 +675,10 @@ impl Shared {
                 }
             }
             6..=7 => {
-                let observed: Result<[u8; 32], DataError> = async {
-                    let bucket = gateway
-                        .bucket(SCRATCH_BUCKET)
-                        .await?
-                        .ok_or_else(|| DataError::NoSuchBucket(SCRATCH_BUCKET.into()))?;
-                    let record = gateway.object_version(&bucket, &key, None).await?;
-                    let size = record.size_bytes;
-                    let mut stream = Box::pin(gateway.read_object(record, 0..size)?);
-                    let mut bytes = Vec::new();
-                    while let Some(chunk) = stream.next().await {
-                        bytes.extend_from_slice(&chunk?);
-                    }
-                    Ok(*blake3::hash(&bytes).as_bytes())
-                }
-                .await;
+                let observed = match version_of(gateway, SCRATCH_BUCKET, &key, None).await {
+                    Ok(record) => content_hash_of(gateway, record).await,
+                    Err(error) => Err(error),
+                };
                 let tag: &[u8] = match &observed {
                     Ok(hash) => hash,
                     Err(_) => b"unavailable",
@@ -944,22 +933,13 @@ impl Shared {
         for (position, (key, version_id, hash)) in versions.iter().enumerate() {
             let gateway = &up[position % up.len()].1;
             let mut stripes_read: Vec<StripeId> = Vec::new();
-            let observed: Result<[u8; 32], DataError> = async {
-                let bucket = gateway
-                    .bucket(BUCKET)
-                    .await?
-                    .ok_or_else(|| DataError::NoSuchBucket(BUCKET.into()))?;
-                let record = gateway.object_version(&bucket, key, Some(version_id)).await?;
-                stripes_read = stripes_of(&record);
-                let size = record.size_bytes;
-                let mut stream = Box::pin(gateway.read_object(record, 0..size)?);
-                let mut bytes = Vec::new();
-                while let Some(chunk) = stream.next().await {
-                    bytes.extend_from_slice(&chunk?);
+            let observed = match version_of(gateway, BUCKET, key, Some(version_id)).await {
+                Ok(record) => {
+                    stripes_read = stripes_of(&record);
+                    content_hash_of(gateway, record).await
                 }
-                Ok(*blake3::hash(&bytes).as_bytes())
-            }
-            .await;
+                Err(error) => Err(error),
+            };
             let tag: &[u8] = match &observed {
                 Ok(hash) => hash,
                 Err(_) => b"unavailable",
@@ -1011,13 +991,7 @@ impl Shared {
                 Err(error) => return Err(error),
             };
             stripes_read = stripes_of(&record);
-            let size = record.size_bytes;
-            let mut stream = Box::pin(gateway.read_object(record, 0..size)?);
-            let mut bytes = Vec::new();
-            while let Some(chunk) = stream.next().await {
-                bytes.extend_from_slice(&chunk?);
-            }
-            Ok(Some(*blake3::hash(&bytes).as_bytes()))
+            Ok(Some(content_hash_of(gateway, record).await?))
         }
         .await;
         let tag: &[u8] = match &observed {
@@ -1706,6 +1680,34 @@ pub fn run(seed: u64, scenario: &Scenario) -> Outcome {
         world.executor.kill_node_tasks(&env.id);
     }
     outcome
+}
+
+/// Version `version_id` (None: the current one) of `key` in the bucket named `bucket`.
+async fn version_of(
+    gateway: &Arc<ClusterNode<SimEnv>>,
+    bucket: &str,
+    key: &str,
+    version_id: Option<&str>,
+) -> Result<bdr_protocol::records::ObjectVersionRecord, DataError> {
+    let bucket = gateway
+        .bucket(bucket)
+        .await?
+        .ok_or_else(|| DataError::NoSuchBucket(bucket.into()))?;
+    gateway.object_version(&bucket, key, version_id).await
+}
+
+/// Reads a whole object version and hashes its bytes (what the model compares).
+async fn content_hash_of(
+    gateway: &Arc<ClusterNode<SimEnv>>,
+    record: bdr_protocol::records::ObjectVersionRecord,
+) -> Result<[u8; 32], DataError> {
+    let size = record.size_bytes;
+    let mut stream = Box::pin(gateway.read_object(record, 0..size)?);
+    let mut hasher = blake3::Hasher::new();
+    while let Some(chunk) = stream.next().await {
+        hasher.update(&chunk?);
+    }
+    Ok(*hasher.finalize().as_bytes())
 }
 
 /// Whether a version belongs to the bucket of its name that exists now (versions from

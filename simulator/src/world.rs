@@ -103,8 +103,7 @@ impl World {
         self.message_mix.lock().expect("not poisoned").clone()
     }
 
-    fn count_message(&self, kind: &'static [u8], request_bytes: usize) {
-        let kind = std::str::from_utf8(kind).expect("kinds are ASCII");
+    fn count_message(&self, kind: &'static str, request_bytes: usize) {
         let mut mix = self.message_mix.lock().expect("not poisoned");
         let count = mix.entry(kind).or_default();
         count.requests += 1;
@@ -160,22 +159,22 @@ impl World {
     }
 }
 
-fn request_kind(request: &Request) -> &'static [u8] {
+fn request_kind(request: &Request) -> &'static str {
     match request {
-        Request::Admit { .. } => b"admit",
-        Request::Gossip { .. } => b"gossip",
-        Request::PutShard { .. } => b"put-shard",
-        Request::GetShard { .. } => b"get-shard",
-        Request::DeleteShard { .. } => b"delete-shard",
-        Request::MetaMerge { .. } => b"meta-merge",
-        Request::MetaGet { .. } => b"meta-get",
-        Request::MetaScan { .. } => b"meta-scan",
-        Request::MetaDigest { .. } => b"meta-digest",
-        Request::MetaPartitionRoots { .. } => b"meta-roots",
-        Request::MetaBucketRows { .. } => b"meta-bucket-rows",
-        Request::HasShards { .. } => b"has-shards",
-        Request::MaintenanceReport => b"maintenance-report",
-        Request::MaintenanceControl { .. } => b"maintenance-control",
+        Request::Admit { .. } => "admit",
+        Request::Gossip { .. } => "gossip",
+        Request::PutShard { .. } => "put-shard",
+        Request::GetShard { .. } => "get-shard",
+        Request::DeleteShard { .. } => "delete-shard",
+        Request::MetaMerge { .. } => "meta-merge",
+        Request::MetaGet { .. } => "meta-get",
+        Request::MetaScan { .. } => "meta-scan",
+        Request::MetaDigest { .. } => "meta-digest",
+        Request::MetaPartitionRoots { .. } => "meta-roots",
+        Request::MetaBucketRows { .. } => "meta-bucket-rows",
+        Request::HasShards { .. } => "has-shards",
+        Request::MaintenanceReport => "maintenance-report",
+        Request::MaintenanceControl { .. } => "maintenance-control",
     }
 }
 
@@ -329,7 +328,12 @@ impl Env for SimEnv {
         let from = self.id;
         Box::pin(async move {
             world.messages.fetch_add(1, Ordering::Relaxed);
-            world.record(&[b"send", from.as_bytes(), to.as_bytes(), request_kind(&request)]);
+            world.record(&[
+                b"send",
+                from.as_bytes(),
+                to.as_bytes(),
+                request_kind(&request).as_bytes(),
+            ]);
             // Through the real encoding: size bounds and version checks apply.
             let encoded = match wire::encode_request(&request) {
                 Ok(encoded) => encoded,
@@ -349,7 +353,12 @@ impl Env for SimEnv {
                         let Ok(request) = wire::decode_request(&encoded) else {
                             return;
                         };
-                        world_inner.record(&[b"deliver", from.as_bytes(), to.as_bytes(), request_kind(&request)]);
+                        world_inner.record(&[
+                            b"deliver",
+                            from.as_bytes(),
+                            to.as_bytes(),
+                            request_kind(&request).as_bytes(),
+                        ]);
                         let response = handler.handle(from, request).await;
                         let Some(back_ms) = world_inner.transit(&to, &from) else {
                             world_inner.record(&[b"answer-lost", from.as_bytes(), to.as_bytes()]);
