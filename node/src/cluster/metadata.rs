@@ -105,15 +105,13 @@ impl<E: Env> ClusterNode<E> {
     /// no placement.
     pub(crate) fn partition_placement(&self, layout: &Arc<Layout>, partition: u32) -> Option<Arc<PartitionPlacement>> {
         let mut cache = self.partition_replicas_cache.lock().expect("not poisoned");
-        let same_layout = cache
-            .layout
-            .as_ref()
-            .is_some_and(|cached| Arc::ptr_eq(cached, layout) || **cached == **layout);
-        if !same_layout {
-            cache.placements.clear();
+        if !cache.layout.as_ref().is_some_and(|cached| Arc::ptr_eq(cached, layout)) {
+            if !cache.layout.as_ref().is_some_and(|cached| **cached == **layout) {
+                cache.placements.clear();
+            }
+            // Keep the caller's allocation, so the next call with it takes the pointer check.
+            cache.layout = Some(Arc::clone(layout));
         }
-        // Keep the caller's allocation, so the next call with it takes the pointer check.
-        cache.layout = Some(Arc::clone(layout));
         if let Some(placement) = cache.placements.get(&partition) {
             return placement.clone();
         }
@@ -269,7 +267,7 @@ impl<E: Env> ClusterNode<E> {
                     ..
                 }) if attempt < LAYOUT_MISMATCH_RETRIES_MAX => {
                     let (layout, heartbeats) = self.membership.lock().expect("not poisoned").gossip_payload_whole();
-                    self.exchange(replica, Request::Gossip { layout, heartbeats }).await;
+                    self.exchange(replica, layout, heartbeats).await;
                     let digest = self.layout_digest();
                     match &mut request {
                         Request::MetaMerge { layout_digest, .. }

@@ -290,7 +290,7 @@ impl<E: Env> ClusterNode<E> {
         let used_bytes = self.env.shard_store().usage().used_bytes;
         let addresses = self.env.local_addresses();
         let now_ms = self.env.now_ms();
-        let requests: Vec<(NodeId, Request)> = {
+        let payloads: Vec<(NodeId, GossipLayout, Vec<PeerHeartbeat>)> = {
             let mut membership = self.membership.lock().expect("not poisoned");
             membership.beat(used_bytes, addresses);
             let targets = membership.gossip_targets(now_ms, || self.env.random_u64());
@@ -298,18 +298,18 @@ impl<E: Env> ClusterNode<E> {
                 .into_iter()
                 .map(|target| {
                     let (layout, heartbeats) = membership.gossip_payload_for(&target);
-                    (target, Request::Gossip { layout, heartbeats })
+                    (target, layout, heartbeats)
                 })
                 .collect()
         };
-        let exchanges = requests
+        let exchanges = payloads
             .into_iter()
-            .map(|(target, request)| self.exchange(target, request));
+            .map(|(target, layout, heartbeats)| self.exchange(target, layout, heartbeats));
         futures::future::join_all(exchanges).await;
     }
 
-    pub(crate) async fn exchange(&self, target: NodeId, request: Request) {
-        debug_assert!(matches!(request, Request::Gossip { .. }));
+    pub(crate) async fn exchange(&self, target: NodeId, layout: GossipLayout, heartbeats: Vec<PeerHeartbeat>) {
+        let request = Request::Gossip { layout, heartbeats };
         match self.env.request(target, request, self.gossip_timeout_ms()).await {
             Ok(Response::Gossip { layout, heartbeats }) => {
                 self.absorb(&layout, &heartbeats);
@@ -529,7 +529,7 @@ impl<E: Env> InboundHandler for ClusterInbound<E> {
             "gossip-on-admit",
             Box::pin(async move {
                 let (layout, heartbeats) = node.membership.lock().expect("not poisoned").gossip_payload_for(&peer);
-                node.exchange(peer, Request::Gossip { layout, heartbeats }).await;
+                node.exchange(peer, layout, heartbeats).await;
             }),
         );
     }
