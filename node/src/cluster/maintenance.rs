@@ -797,7 +797,21 @@ impl<E: Env> ClusterNode<E> {
                         Reference::Unreferenced => {
                             tracing::trace!(stripe = %stripe_id.short(), "unreferenced stripe");
                             if self.is_garbage(&stripe_id) {
-                                self.collect_stripe(&layout, &stripe_id, &record).await;
+                                // The pass's owner cache may predate the write's commit
+                                // (a pass can outlast a write deadline under faults), so
+                                // the owner is read again before anything is deleted.
+                                match self.owner_references_now(&record.owner, &stripe_id).await {
+                                    Some(false) => self.collect_stripe(&layout, &stripe_id, &record).await,
+                                    Some(true) => {
+                                        self.maintenance
+                                            .lock()
+                                            .expect("not poisoned")
+                                            .unreferenced_since_ms
+                                            .remove(&stripe_id);
+                                        live.push((stripe_id, record));
+                                    }
+                                    None => health.unknown += 1,
+                                }
                             }
                             // A write in progress or garbage in its grace period: neither
                             // counted nor repaired.
@@ -869,6 +883,22 @@ impl<E: Env> ClusterNode<E> {
                 part_number,
             } => self.part_references(bucket, key, upload_id, *part_number).await,
         }
+    }
+
+    /// Whether `owner` references `stripe_id` now, its records and then its bucket read
+    /// afresh (None: they cannot be read). Garbage collection asks this last: the
+    /// unreferenced timer proves that any write of the stripe has committed or never
+    /// will only for owner reads made after it ran out.
+    async fn owner_references_now(self: &Arc<Self>, owner: &StripeOwner, stripe_id: &StripeId) -> Option<bool> {
+        let references = self.owner_references(owner).await?;
+        let live = match references.needs_bucket() {
+            true => {
+                let current = self.bucket_generation(&references.bucket).await?;
+                references.live(current)
+            }
+            false => references.live(None),
+        };
+        Some(live.contains(stripe_id))
     }
 
     /// Reads the references of every owner of `records` not yet in `owners` (a per-pass
