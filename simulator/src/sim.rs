@@ -256,6 +256,41 @@ struct Shared {
     /// Content hashes of every put attempted into the scratch bucket: a read there may
     /// fail or return one of them, never anything else.
     scratch_attempts: Mutex<BTreeSet<[u8; 32]>>,
+    /// What happened to the scratch bucket, to check that no deletion of it was
+    /// acknowledged while it held an acknowledged put.
+    scratch_history: Mutex<ScratchHistory>,
+}
+
+/// The scratch bucket's acknowledged puts and deletions, and every object delete tried
+/// there. A put acknowledged into a generation whose deletion was also acknowledged must
+/// have been deleted by an object delete that could come after it (one that ended after
+/// the put began): otherwise DeleteBucket removed a bucket holding an acknowledged put.
+#[derive(Default)]
+struct ScratchHistory {
+    /// (bucket generation, key, virtual ms the put began).
+    puts_acknowledged: Vec<(u64, String, u64)>,
+    /// (key, virtual ms the delete ended; `u64::MAX` until it does, or when its gateway
+    /// crashed and its effect is unknown).
+    object_deletes: Vec<(String, u64)>,
+    generations_deleted: BTreeSet<u64>,
+}
+
+impl ScratchHistory {
+    /// Acknowledged puts that a deletion of their bucket removed with no object delete
+    /// that could have come after them.
+    fn puts_deleted_with_their_bucket(&self) -> Vec<(u64, String)> {
+        self.puts_acknowledged
+            .iter()
+            .filter(|(generation, _, _)| self.generations_deleted.contains(generation))
+            .filter(|(_, key, began_ms)| {
+                !self
+                    .object_deletes
+                    .iter()
+                    .any(|(deleted, ended_ms)| deleted == key && ended_ms >= began_ms)
+            })
+            .map(|(generation, key, _)| (*generation, key.clone()))
+            .collect()
+    }
 }
 
 fn maintenance_config() -> MaintenanceConfig {
@@ -667,11 +702,17 @@ impl Shared {
                     key: key.clone(),
                     ..ObjectWrite::default()
                 };
+                let began_ms = self.world.executor.now_ms();
                 let result = gateway.put_object(write, futures::io::Cursor::new(data)).await;
                 self.world
                     .record(&[b"scratch-put", key.as_bytes(), &[result.is_ok() as u8]]);
-                if result.is_ok() {
+                if let Ok(record) = result {
                     self.count("scratch_puts_acknowledged");
+                    self.scratch_history
+                        .lock()
+                        .expect("not poisoned")
+                        .puts_acknowledged
+                        .push((record.bucket_created_at_ms, key, began_ms));
                 }
             }
             6..=7 => {
@@ -702,12 +743,12 @@ impl Shared {
                 }
             }
             _ => {
-                // What a DeleteBucket leaves when puts commit just after its emptiness
-                // check (a race no lock closes): the bucket goes with objects in it.
-                let deleted = gateway.delete_bucket(SCRATCH_BUCKET).await;
+                // A DeleteBucket with no emptying first: refused unless the bucket
+                // happens to be empty (its puts all failed or were deleted).
+                let deleted = self.delete_scratch_bucket(gateway).await;
                 self.world
-                    .record(&[b"scratch-delete-bucket-as-is", &[deleted.is_ok() as u8]]);
-                if deleted.is_ok() {
+                    .record(&[b"scratch-delete-bucket-as-is", &[matches!(deleted, Ok(true)) as u8]]);
+                if matches!(deleted, Ok(true)) {
                     self.count("scratch_buckets_deleted");
                 }
             }
@@ -722,17 +763,39 @@ impl Shared {
             .list_objects(SCRATCH_BUCKET, "", None, SCRATCH_LIST_LIMIT)
             .await?;
         for object in &listing.records {
-            gateway.delete_object(SCRATCH_BUCKET, &object.key).await?;
+            let position = {
+                let mut history = self.scratch_history.lock().expect("not poisoned");
+                history.object_deletes.push((object.key.clone(), u64::MAX));
+                history.object_deletes.len() - 1
+            };
+            let deleted = gateway.delete_object(SCRATCH_BUCKET, &object.key).await;
+            // Failed deletes may have taken effect too: only the end time is learnt.
+            self.scratch_history.lock().expect("not poisoned").object_deletes[position].1 =
+                self.world.executor.now_ms();
+            deleted?;
         }
+        self.delete_scratch_bucket(gateway).await
+    }
+
+    /// DeleteBucket on the scratch bucket as it is now: whether it went (false when it
+    /// was not empty).
+    async fn delete_scratch_bucket(&self, gateway: &Arc<ClusterNode<SimEnv>>) -> Result<bool, DataError> {
         let bucket = gateway
             .bucket(SCRATCH_BUCKET)
             .await?
             .ok_or_else(|| DataError::NoSuchBucket(SCRATCH_BUCKET.into()))?;
-        if !gateway.bucket_is_empty(&bucket).await? {
-            return Ok(false);
+        match gateway.delete_bucket_generation(&bucket).await {
+            Ok(()) => {
+                self.scratch_history
+                    .lock()
+                    .expect("not poisoned")
+                    .generations_deleted
+                    .insert(bucket.created_at_ms);
+                Ok(true)
+            }
+            Err(DataError::BucketNotEmpty(_)) => Ok(false),
+            Err(error) => Err(error),
         }
-        gateway.delete_bucket(SCRATCH_BUCKET).await?;
-        Ok(true)
     }
 
     /// A multipart upload: create, upload up to `MULTIPART_PARTS_MAX` parts, then abort
@@ -1360,6 +1423,16 @@ impl Shared {
                 "{stale_versions} object versions of deleted buckets remain after healing"
             ));
         }
+        let lost = self
+            .scratch_history
+            .lock()
+            .expect("not poisoned")
+            .puts_deleted_with_their_bucket();
+        for (generation, key) in lost {
+            self.fail(format!(
+                "scratch bucket generation {generation} was deleted holding acknowledged put {key}"
+            ));
+        }
         // Every key reads back what the model allows, through any node.
         let up = self.up_nodes();
         let keys: Vec<String> = self.models.lock().expect("not poisoned").keys().cloned().collect();
@@ -1508,6 +1581,7 @@ pub fn run(seed: u64, scenario: &Scenario) -> Outcome {
                 object_lock_enabled: false,
             }),
         scratch_attempts: Mutex::new(BTreeSet::new()),
+        scratch_history: Mutex::new(ScratchHistory::default()),
     });
     for index in 0..scenario.nodes as usize {
         shared.boot(index);

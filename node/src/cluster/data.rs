@@ -27,7 +27,7 @@ use bdr_protocol::placement::{failures_tolerated, place, place_with};
 use bdr_protocol::records::{
     AccessKeyRecord, BucketGrant, BucketRecord, ChecksumAlgorithm, Lww, Manifest, MultipartPartRecord,
     MultipartUploadRecord, ObjectData, ObjectLock, ObjectVersionRecord, Record, RowKey, StandardHeaders, StripeOwner,
-    StripeRecord, StripeRef, VersioningState,
+    StripeRecord, StripeRef, VersioningState, BUCKET_DELETION_DEADLINE_MS,
 };
 use bdr_protocol::wire::{RemoteErrorKind, Request, Response, Table};
 use futures::channel::oneshot;
@@ -126,6 +126,10 @@ pub enum DataError {
     NoSuchBucket(String),
     #[error("bucket {0:?} already exists")]
     BucketExists(String),
+    #[error("{0}")]
+    BucketNotEmpty(String),
+    #[error("bucket {0:?} is being deleted; retry to learn whether it went")]
+    BucketBeingDeleted(String),
     #[error("no such key")]
     NoSuchKey,
     #[error("range {start}..{end} is not satisfiable for an object of {size} bytes")]
@@ -352,6 +356,15 @@ fn grant_row(bucket: &str, key_id: &str) -> RowKey {
 
 /// Grants listed (and removed with their bucket) at most.
 pub const GRANTS_PER_BUCKET_MAX: u32 = 1_000;
+/// Multipart uploads a DeleteBucket looks at: a full page of them counts as uploads in
+/// progress, even if they were all left by an earlier bucket of the name.
+pub const BUCKET_DELETION_UPLOADS_SCANNED_MAX: u32 = 1_000;
+/// How long a write whose bucket is being deleted waits for the deletion's outcome
+/// before it fails (BucketBeingDeleted), and how often it looks meanwhile. A deletion
+/// takes a few metadata round trips; one left by a crashed gateway lasts until its mark
+/// expires, which the write does not wait for.
+pub const COMMIT_DELETION_WAIT_MS: u64 = 5_000;
+pub const COMMIT_DELETION_POLL_MS: u64 = 100;
 
 pub(crate) fn upload_row(bucket: &str, key: &str, upload_id: &str) -> RowKey {
     let mut sort_key = key.as_bytes().to_vec();
@@ -504,6 +517,7 @@ impl<E: Env> ClusterNode<E> {
             codec: options.codec,
             stripe_length_bytes: options.stripe_length_bytes,
             inline_threshold_bytes: options.inline_threshold_bytes,
+            deletion_started_at_ms: None,
         };
         // Stamped above what was read (as `meta_put` would, without reading again) and
         // with `created_at_ms` as the clock's physical time, so the stamp's wall time is
@@ -1013,11 +1027,124 @@ impl<E: Env> ClusterNode<E> {
             .collect())
     }
 
-    /// Deletes a bucket's grants, then its record (the caller checks it is empty). In
-    /// that order, a failure leaves the bucket in place for a retry rather than grants
-    /// behind for a later bucket of the same name; grants also name the bucket's creation
-    /// time, so one given while the bucket was being deleted is ignored by its successor.
+    /// Deletes a bucket if it holds nothing of its generation: no object version, delete
+    /// marker or multipart upload (BucketNotEmpty otherwise).
+    ///
+    /// A write racing the deletion must either be seen by the emptiness check or fail,
+    /// never be acknowledged into a bucket that then goes. Without a compare-and-set, the
+    /// two sides each write first and read second: the deletion marks the bucket
+    /// ([`BucketRecord::deletion_started_at_ms`]) and then checks it is empty; a write
+    /// commits its version and then reads the bucket ([`ClusterNode::commit_version`]).
+    /// Quorums intersect, so at least one side sees the other: the deletion refuses, or
+    /// the write waits for the deletion's outcome (and fails if the bucket went).
+    ///
+    /// The mark is removed when the bucket turns out not to be empty. A deletion that
+    /// cannot remove the bucket within [`BUCKET_DELETION_DEADLINE_MS`] of marking it
+    /// gives up, which is what lets writes treat an older mark (one left by a crashed
+    /// gateway) as expired.
     pub async fn delete_bucket(self: &Arc<Self>, name: &str) -> Result<(), DataError> {
+        let bucket = self.existing_bucket(name).await?;
+        self.delete_bucket_generation(&bucket).await
+    }
+
+    /// [`ClusterNode::delete_bucket`] of one generation of a bucket: the one a request's
+    /// access check read (NoSuchBucket if it was deleted, or replaced, since).
+    pub async fn delete_bucket_generation(self: &Arc<Self>, bucket: &BucketRecord) -> Result<(), DataError> {
+        let name = bucket.name.as_str();
+        let generation = bucket.created_at_ms;
+        let marked_at_ms = self.env.now_ms();
+        let marked = BucketRecord {
+            deletion_started_at_ms: Some(marked_at_ms),
+            ..bucket.clone()
+        };
+        self.rewrite_bucket_generation(name, generation, Some(marked.clone()))
+            .await?;
+        let unmark = || async {
+            let unmarked = BucketRecord {
+                deletion_started_at_ms: None,
+                ..marked.clone()
+            };
+            // Best effort: a mark left behind expires.
+            if let Err(error) = self.rewrite_bucket_generation(name, generation, Some(unmarked)).await {
+                tracing::warn!(bucket = name, %error, "could not remove a deletion mark; it expires");
+            }
+        };
+        if !self.bucket_is_empty(&marked).await? {
+            unmark().await;
+            return Err(DataError::BucketNotEmpty(format!("bucket {name} is not empty")));
+        }
+        // Uploads in progress count too: they could otherwise complete into the next
+        // bucket of the name. Those an earlier bucket left behind do not (they can never
+        // complete); a full page of them is taken as uploads in progress.
+        let uploads = self
+            .list_multipart_uploads(name, "", None, BUCKET_DELETION_UPLOADS_SCANNED_MAX)
+            .await?;
+        if uploads.uploads.iter().any(|upload| upload.belongs_to(&marked)) || uploads.next_after.is_some() {
+            unmark().await;
+            return Err(DataError::BucketNotEmpty(format!(
+                "bucket {name} has multipart uploads in progress: complete or abort them first"
+            )));
+        }
+        let within_deadline =
+            |node: &Self| node.env.now_ms().saturating_sub(marked_at_ms) <= BUCKET_DELETION_DEADLINE_MS;
+        if !within_deadline(self) {
+            unmark().await;
+            return Err(DataError::NotDurable(format!(
+                "deleting bucket {name} took longer than {BUCKET_DELETION_DEADLINE_MS} ms; retry"
+            )));
+        }
+        // Grants go before the record: a failure leaves the bucket for a retry rather
+        // than grants behind (grants also name their generation, so a successor
+        // ignores any left anyway).
+        for (row, _) in self.grant_rows(name).await? {
+            self.meta_put(Table::BucketGrants, &row, None).await?;
+        }
+        // Checked again right before the bucket goes: writes trust a mark only this long.
+        if !within_deadline(self) {
+            unmark().await;
+            return Err(DataError::NotDurable(format!(
+                "deleting bucket {name} took longer than {BUCKET_DELETION_DEADLINE_MS} ms; retry"
+            )));
+        }
+        self.rewrite_bucket_generation(name, generation, None).await
+    }
+
+    /// Writes a bucket's register (`None`: its tombstone), stamped above what it holds,
+    /// only while it still holds generation `generation`: a bucket deleted and created
+    /// again meanwhile is not overwritten (NoSuchBucket).
+    pub(crate) async fn rewrite_bucket_generation(
+        self: &Arc<Self>,
+        name: &str,
+        generation: u64,
+        value: Option<BucketRecord>,
+    ) -> Result<(), DataError> {
+        let row = bucket_row(name);
+        let current = self.meta_get(Table::Buckets, &row).await?;
+        let Some(current) = current else {
+            return Err(DataError::NoSuchBucket(name.to_string()));
+        };
+        if !matches!(&current.value, Some(Record::Bucket(bucket)) if bucket.created_at_ms == generation) {
+            return Err(DataError::NoSuchBucket(name.to_string()));
+        }
+        let stamp = {
+            let now_ms = self.env.now_ms();
+            let mut membership = self.membership.lock().expect("not poisoned");
+            membership.timestamp_after(now_ms, &current.timestamp)
+        };
+        self.forget_cached_bucket(name);
+        let register = Lww {
+            timestamp: stamp,
+            value: value.map(Record::Bucket),
+        };
+        self.meta_write_register(Table::Buckets, &row, &register).await?;
+        self.forget_cached_bucket(name);
+        Ok(())
+    }
+
+    /// Deletes a bucket's grants and record without checking anything: what a deletion
+    /// racing a write would leave if it were not checked, for tests of what follows.
+    #[cfg(test)]
+    pub(crate) async fn delete_bucket_unchecked(self: &Arc<Self>, name: &str) -> Result<(), DataError> {
         validate_bucket_name(name)?;
         for (row, _) in self.grant_rows(name).await? {
             self.meta_put(Table::BucketGrants, &row, None).await?;

@@ -1748,7 +1748,7 @@ async fn an_upload_never_completes_into_a_later_bucket_of_the_same_name() {
         .unwrap();
     // The bucket goes (as if the upload began while it was being deleted) and another
     // key creates a bucket of the same name.
-    node.delete_bucket("backups").await.unwrap();
+    node.delete_bucket_unchecked("backups").await.unwrap();
     node.create_bucket("backups", "second-owner").await.unwrap();
     assert!(matches!(
         node.upload_part(
@@ -1876,10 +1876,10 @@ async fn versions_a_deleted_bucket_left_behind_are_invisible_to_its_successor_an
         .await
         .unwrap();
     assert_eq!(striped.bucket_created_at_ms, first.created_at_ms);
-    // What a put racing DeleteBucket leaves: its version committed after the bucket was
-    // found empty (`delete_bucket` itself does not look), and another key creates a
+    // What a put racing DeleteBucket leaves: its version written after the bucket was
+    // found empty (the put then fails, seeing the deletion), and another key creates a
     // bucket of the same name.
-    node.delete_bucket("backups").await.unwrap();
+    node.delete_bucket_unchecked("backups").await.unwrap();
     let second = node.create_bucket("backups", "second-owner").await.unwrap();
 
     for reader in [node, cluster.node(4)] {
@@ -2018,4 +2018,90 @@ async fn rows_in_an_older_format_are_rewritten_current_when_merged_again() {
     assert!(!node.merge_local(Table::Buckets, &key, &current).unwrap());
     let register: Lww<Record> = decode_stored_value(&current).unwrap();
     assert_eq!(encode_stored_value(&register), current);
+}
+
+/// A write commits its version and then reads its bucket; a deletion marks the bucket and
+/// then checks that it is empty. Whichever comes second sees the first, so a bucket never
+/// goes from under an acknowledged write: each interleaving's outcome, in turn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_meeting_a_bucket_deletion_is_never_acknowledged_into_a_bucket_that_goes() {
+    let cluster = TestCluster::start(&SIX_NODES).await;
+    let (deleter, writer) = (cluster.node(0), Arc::clone(cluster.node(2)));
+    let mark = |bucket: &BucketRecord| BucketRecord {
+        deletion_started_at_ms: Some(deleter.env().now_ms()),
+        ..bucket.clone()
+    };
+    let spawn_put = |key: &'static str| {
+        let writer = Arc::clone(&writer);
+        tokio::spawn(async move { put(&writer, "backups", key, key.as_bytes()).await })
+    };
+    let first = deleter.create_bucket("backups", "owner").await.unwrap();
+
+    // The deletion saw the write: it refuses, and takes its mark away.
+    put(&writer, "backups", "early", b"early").await.unwrap();
+    assert!(matches!(
+        deleter.delete_bucket("backups").await,
+        Err(DataError::BucketNotEmpty(_))
+    ));
+    let unmarked = deleter.existing_bucket("backups").await.unwrap();
+    assert_eq!(unmarked, first, "the mark is gone");
+    deleter.delete_object("backups", "early").await.unwrap();
+
+    // The write saw the mark and the bucket went: it fails, though its version is written.
+    deleter
+        .rewrite_bucket_generation("backups", first.created_at_ms, Some(mark(&first)))
+        .await
+        .unwrap();
+    let waiting = spawn_put("gone");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!waiting.is_finished(), "the write waits while the deletion decides");
+    deleter
+        .rewrite_bucket_generation("backups", first.created_at_ms, None)
+        .await
+        .unwrap();
+    let outcome = waiting.await.unwrap();
+    assert!(matches!(outcome, Err(DataError::NoSuchBucket(_))), "{outcome:?}");
+
+    // The write saw the mark and the deletion found the bucket not empty: acknowledged.
+    let second = deleter.create_bucket("backups", "owner").await.unwrap();
+    deleter
+        .rewrite_bucket_generation("backups", second.created_at_ms, Some(mark(&second)))
+        .await
+        .unwrap();
+    let waiting = spawn_put("kept");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!waiting.is_finished(), "the write waits while the deletion decides");
+    deleter
+        .rewrite_bucket_generation("backups", second.created_at_ms, Some(second.clone()))
+        .await
+        .unwrap();
+    waiting.await.unwrap().unwrap();
+    assert_eq!(get(cluster.node(4), "backups", "kept").await.unwrap(), b"kept");
+
+    // Nobody decides within the write's wait: it fails as a conflict the client retries.
+    deleter
+        .rewrite_bucket_generation("backups", second.created_at_ms, Some(mark(&second)))
+        .await
+        .unwrap();
+    let outcome = put(&writer, "backups", "undecided", b"undecided").await;
+    assert!(matches!(outcome, Err(DataError::BucketBeingDeleted(_))), "{outcome:?}");
+
+    // A mark whose deadline and clock allowance have passed (its gateway crashed) no
+    // longer holds writes back.
+    let expiry_ms = bdr_protocol::records::BUCKET_DELETION_DEADLINE_MS + bdr_protocol::records::CLOCK_SKEW_ALLOWANCE_MS;
+    writer
+        .env()
+        .clock_skew_ms
+        .store(expiry_ms as i64 + 1_000, Ordering::Relaxed);
+    put(&writer, "backups", "later", b"later").await.unwrap();
+    writer.env().clock_skew_ms.store(0, Ordering::Relaxed);
+    // And the whole deletion, run for real, refuses the bucket it cannot empty.
+    assert!(matches!(
+        deleter.delete_bucket("backups").await,
+        Err(DataError::BucketNotEmpty(_))
+    ));
+    assert_eq!(
+        deleter.existing_bucket("backups").await.unwrap().deletion_started_at_ms,
+        None
+    );
 }

@@ -33,7 +33,7 @@ use bdr_protocol::wire::Table;
 
 use super::data::{
     bucket_row, marker_sort_key, object_row, split_marker_sort_key, validate_key, DataError, ObjectListing,
-    NULL_VERSION,
+    COMMIT_DELETION_POLL_MS, COMMIT_DELETION_WAIT_MS, NULL_VERSION,
 };
 use super::ClusterNode;
 use crate::env::Env;
@@ -278,21 +278,32 @@ impl<E: Env> ClusterNode<E> {
         Ok(VersionSlot { version_id, stamp })
     }
 
-    /// Commits a version to its row, stamped with its version stamp, if its bucket is still
-    /// the one the write began in. The bucket is read again first: a write that took long
-    /// (a large body) may have outlived its bucket, and one of the same name created since
-    /// must not be told its object was stored. The check narrows the race rather than
-    /// closing it (the bucket can go between the read and the commit), which is why
-    /// readers and garbage collection also compare generations.
+    /// Commits a version to its row, stamped with its version stamp, and answers whether
+    /// its bucket is still the one the write began in: a write that took long (a large
+    /// body) may have outlived its bucket, and one of the same name created since must
+    /// not be told its object was stored (readers and garbage collection compare
+    /// generations too, so such a version is never served and is collected). A bucket
+    /// being deleted is waited for, up to [`COMMIT_DELETION_WAIT_MS`].
     pub(crate) async fn commit_version(self: &Arc<Self>, record: &ObjectVersionRecord) -> Result<(), DataError> {
-        let still_there = self
-            .bucket(&record.bucket)
-            .await?
-            .is_some_and(|bucket| bucket.created_at_ms == record.bucket_created_at_ms);
-        if !still_there {
-            return Err(DataError::NoSuchBucket(record.bucket.clone()));
+        // Written first, then the bucket read: see `ClusterNode::delete_bucket` for why
+        // this order means a bucket never goes from under an acknowledged version. A
+        // version written into a bucket that went is collected by maintenance.
+        self.write_version(record).await?;
+        let waited_from_ms = self.env.now_ms();
+        loop {
+            let bucket = self.bucket(&record.bucket).await?;
+            let Some(bucket) = bucket.filter(|bucket| bucket.created_at_ms == record.bucket_created_at_ms) else {
+                return Err(DataError::NoSuchBucket(record.bucket.clone()));
+            };
+            let now_ms = self.env.now_ms();
+            if !bucket.deletion_in_progress(now_ms) {
+                return Ok(());
+            }
+            if now_ms.saturating_sub(waited_from_ms) >= COMMIT_DELETION_WAIT_MS {
+                return Err(DataError::BucketBeingDeleted(record.bucket.clone()));
+            }
+            self.env.sleep(COMMIT_DELETION_POLL_MS).await;
         }
-        self.write_version(record).await
     }
 
     /// Writes a version to its row, stamped with its version stamp, unchecked.

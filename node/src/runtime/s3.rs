@@ -71,6 +71,10 @@ fn s3_error_of(error: DataError) -> S3Error {
         DataError::NoSuchBucket(_) => S3ErrorCode::NoSuchBucket,
         DataError::NoSuchKey => S3ErrorCode::NoSuchKey,
         DataError::BucketExists(_) => S3ErrorCode::BucketAlreadyOwnedByYou,
+        DataError::BucketNotEmpty(_) => S3ErrorCode::BucketNotEmpty,
+        // S3's answer to a request that met a conflicting one in progress (409); retrying
+        // learns whether the bucket went.
+        DataError::BucketBeingDeleted(_) => S3ErrorCode::OperationAborted,
         DataError::InvalidBucketName(_) => S3ErrorCode::InvalidBucketName,
         DataError::InvalidKey(_) => S3ErrorCode::KeyTooLongError,
         DataError::InvalidBucketOptions => S3ErrorCode::InvalidArgument,
@@ -1048,29 +1052,13 @@ impl<E: Env> S3 for Gateway<E> {
         request: S3Request<dto::DeleteBucketInput>,
     ) -> S3Result<S3Response<dto::DeleteBucketOutput>> {
         let bucket = &request.input.bucket;
+        // Owners only (checked before this is called); every version, delete marker and
+        // multipart upload of the bucket counts, as in S3.
         let record = self.write_bucket(&request.extensions, bucket).await?;
-        // Every version and delete marker counts, as in S3: a versioned bucket whose
-        // objects were all deleted still holds their versions. Those an earlier bucket of
-        // the name left behind do not.
-        if !self.cluster.bucket_is_empty(&record).await.map_err(s3_error_of)? {
-            return Err(s3_error!(BucketNotEmpty, "bucket {bucket} is not empty"));
-        }
-        // Uploads in progress too: they are keyed by bucket name, and would otherwise pass
-        // to the next bucket of that name (its owner could complete them).
-        let uploads = self
-            .cluster
-            .list_multipart_uploads(bucket, "", None, LIST_UPLOADS_MAX as u32)
+        self.cluster
+            .delete_bucket_generation(&record)
             .await
             .map_err(s3_error_of)?;
-        // Uploads an earlier bucket of the name left behind do not count (they can never
-        // complete here); a full page of them is taken as uploads in progress.
-        if uploads.uploads.iter().any(|upload| upload.belongs_to(&record)) || uploads.next_after.is_some() {
-            return Err(s3_error!(
-                BucketNotEmpty,
-                "bucket {bucket} has multipart uploads in progress: complete or abort them first"
-            ));
-        }
-        self.cluster.delete_bucket(bucket).await.map_err(s3_error_of)?;
         Ok(S3Response::new(dto::DeleteBucketOutput::default()))
     }
 
