@@ -105,31 +105,36 @@ pub struct BucketRecord {
     pub stripe_length_bytes: u32,
     /// Objects up to this size are sealed inline in metadata instead of striped.
     pub inline_threshold_bytes: u32,
-    /// Set (to the deleting gateway's clock) while a DeleteBucket checks that the bucket
-    /// is empty. A write commits its version first and then reads the bucket: it sees
-    /// this mark, or the deletion's emptiness check sees its version (quorums
-    /// intersect), so a bucket is never deleted under an acknowledged write. See
-    /// `ClusterNode::delete_bucket_if_empty`.
-    pub deletion_started_at_ms: Option<u64>,
 }
 
-impl BucketRecord {
-    /// Whether a DeleteBucket may still be deciding, on a clock that reads `now_ms`: a
+/// One DeleteBucket in progress, in its own row (see `ClusterNode::delete_bucket`): a
+/// write commits its version and then looks for these; a deletion writes one and then
+/// checks that the bucket is empty. Each deletion removes only its own row, so
+/// concurrent deletions cannot hide one another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BucketDeletionRecord {
+    /// The generation (`created_at_ms`) of the bucket being deleted.
+    pub bucket_created_at_ms: u64,
+    /// When the deletion began, on the deleting gateway's clock.
+    pub started_at_ms: u64,
+}
+
+impl BucketDeletionRecord {
+    /// Whether the deletion may still be deciding, on a clock that reads `now_ms`: a
     /// deletion gives up unless it removes the bucket within
-    /// [`BUCKET_DELETION_DEADLINE_MS`] of its mark on its own clock, and clocks may differ
-    /// by up to [`CLOCK_SKEW_ALLOWANCE_MS`]. A mark left by a crashed deletion expires.
-    pub fn deletion_in_progress(&self, now_ms: u64) -> bool {
-        self.deletion_started_at_ms.is_some_and(|started_at_ms| {
-            now_ms
-                < started_at_ms
-                    .saturating_add(BUCKET_DELETION_DEADLINE_MS)
-                    .saturating_add(CLOCK_SKEW_ALLOWANCE_MS)
-        })
+    /// [`BUCKET_DELETION_DEADLINE_MS`] of starting on its own clock, and clocks may differ
+    /// by up to [`CLOCK_SKEW_ALLOWANCE_MS`]. The row of a crashed deletion expires.
+    pub fn in_progress(&self, now_ms: u64) -> bool {
+        now_ms
+            < self
+                .started_at_ms
+                .saturating_add(BUCKET_DELETION_DEADLINE_MS)
+                .saturating_add(CLOCK_SKEW_ALLOWANCE_MS)
     }
 }
 
-/// How long a DeleteBucket may take from marking the bucket to removing it, on the
-/// deleting gateway's clock; past it the deletion removes its mark and fails.
+/// How long a DeleteBucket may take from announcing itself to removing the bucket, on
+/// the deleting gateway's clock; past it the deletion withdraws and fails.
 pub const BUCKET_DELETION_DEADLINE_MS: u64 = 30_000;
 /// How far apart two nodes' clocks may be for time-based rules that compare them. It is
 /// the S3 bound on a request's clock skew (`RequestTimeTooSkewed`): nodes are expected to
@@ -378,6 +383,7 @@ pub enum Record {
     MultipartUpload(MultipartUploadRecord),
     MultipartPart(MultipartPartRecord),
     Stripe(StripeRecord),
+    BucketDeletion(BucketDeletionRecord),
 }
 
 /// Longest partition key (a bucket name, an access key id, an upload id).
@@ -483,13 +489,14 @@ impl RowKey {
 
 /// The persisted envelope: the enum variant is the format version. V1 records predate
 /// versioning, Object Lock and standard headers; V2 object versions predate their bucket
-/// generation; V3 buckets predate the deletion mark. All are read and upgraded, never
-/// written. Variants are only ever appended: postcard encodes the variant's index.
+/// generation; V3 predates bucket deletion rows. All are read (and V1, V2 upgraded),
+/// never written. Variants are only ever appended: postcard encodes the variant's index.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 enum StoredValue {
     V1(Lww<legacy::RecordV1>),
     V2(Lww<legacy::RecordV2>),
-    V3(Lww<legacy::RecordV3>),
+    /// V4 only appended a variant to [`Record`], so V3 values decode as today's records.
+    V3(Lww<Record>),
     V4(Lww<Record>),
 }
 
@@ -536,23 +543,9 @@ mod legacy {
         pub data: ObjectData,
     }
 
-    /// A bucket as V1 to V3 wrote it: without the deletion mark.
-    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-    pub struct BucketRecordV3 {
-        pub name: String,
-        pub owner_key_id: String,
-        pub created_at_ms: u64,
-        pub versioning: VersioningState,
-        pub object_lock_enabled: bool,
-        pub default_retention: Option<DefaultRetention>,
-        pub codec: StripeCodec,
-        pub stripe_length_bytes: u32,
-        pub inline_threshold_bytes: u32,
-    }
-
     #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
     pub enum RecordV1 {
-        Bucket(BucketRecordV3),
+        Bucket(BucketRecord),
         BucketGrant(BucketGrant),
         AccessKey(AccessKeyRecord),
         ObjectVersion(ObjectVersionRecordV1),
@@ -634,11 +627,10 @@ mod legacy {
     }
 
     /// V2's records: V3 changed only the object version. The other variants share the
-    /// current types (but the bucket, which V4 changed), so a later change to any of them
-    /// needs its own snapshot here.
+    /// current types, so a later change to any of them needs its own snapshot here.
     #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
     pub enum RecordV2 {
-        Bucket(BucketRecordV3),
+        Bucket(BucketRecord),
         BucketGrant(BucketGrant),
         AccessKey(AccessKeyRecord),
         ObjectVersion(ObjectVersionRecordV2),
@@ -649,12 +641,12 @@ mod legacy {
 
     /// A V2 object's bucket generation is unknown (0): it is served by whichever bucket
     /// of its name exists, as it was before generations were recorded.
-    pub fn upgrade_v2(register: Lww<RecordV2>) -> Lww<RecordV3> {
+    pub fn upgrade_v2(register: Lww<RecordV2>) -> Lww<Record> {
         let value = register.value.map(|record| match record {
-            RecordV2::Bucket(bucket) => RecordV3::Bucket(bucket),
-            RecordV2::BucketGrant(grant) => RecordV3::BucketGrant(grant),
-            RecordV2::AccessKey(key) => RecordV3::AccessKey(key),
-            RecordV2::ObjectVersion(object) => RecordV3::ObjectVersion(ObjectVersionRecord {
+            RecordV2::Bucket(bucket) => Record::Bucket(bucket),
+            RecordV2::BucketGrant(grant) => Record::BucketGrant(grant),
+            RecordV2::AccessKey(key) => Record::AccessKey(key),
+            RecordV2::ObjectVersion(object) => Record::ObjectVersion(ObjectVersionRecord {
                 bucket: object.bucket,
                 key: object.key,
                 version_id: object.version_id,
@@ -670,49 +662,9 @@ mod legacy {
                 lock: object.lock,
                 bucket_created_at_ms: 0,
             }),
-            RecordV2::MultipartUpload(upload) => RecordV3::MultipartUpload(upload),
-            RecordV2::MultipartPart(part) => RecordV3::MultipartPart(part),
-            RecordV2::Stripe(stripe) => RecordV3::Stripe(stripe),
-        });
-        Lww {
-            timestamp: register.timestamp,
-            value,
-        }
-    }
-
-    /// V3's records: V4 changed only the bucket (its deletion mark).
-    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-    pub enum RecordV3 {
-        Bucket(BucketRecordV3),
-        BucketGrant(BucketGrant),
-        AccessKey(AccessKeyRecord),
-        ObjectVersion(ObjectVersionRecord),
-        MultipartUpload(MultipartUploadRecord),
-        MultipartPart(MultipartPartRecord),
-        Stripe(StripeRecord),
-    }
-
-    /// A V3 bucket is not being deleted.
-    pub fn upgrade_v3(register: Lww<RecordV3>) -> Lww<Record> {
-        let value = register.value.map(|record| match record {
-            RecordV3::Bucket(bucket) => Record::Bucket(BucketRecord {
-                name: bucket.name,
-                owner_key_id: bucket.owner_key_id,
-                created_at_ms: bucket.created_at_ms,
-                versioning: bucket.versioning,
-                object_lock_enabled: bucket.object_lock_enabled,
-                default_retention: bucket.default_retention,
-                codec: bucket.codec,
-                stripe_length_bytes: bucket.stripe_length_bytes,
-                inline_threshold_bytes: bucket.inline_threshold_bytes,
-                deletion_started_at_ms: None,
-            }),
-            RecordV3::BucketGrant(grant) => Record::BucketGrant(grant),
-            RecordV3::AccessKey(key) => Record::AccessKey(key),
-            RecordV3::ObjectVersion(object) => Record::ObjectVersion(object),
-            RecordV3::MultipartUpload(upload) => Record::MultipartUpload(upload),
-            RecordV3::MultipartPart(part) => Record::MultipartPart(part),
-            RecordV3::Stripe(stripe) => Record::Stripe(stripe),
+            RecordV2::MultipartUpload(upload) => Record::MultipartUpload(upload),
+            RecordV2::MultipartPart(part) => Record::MultipartPart(part),
+            RecordV2::Stripe(stripe) => Record::Stripe(stripe),
         });
         Lww {
             timestamp: register.timestamp,
@@ -750,10 +702,9 @@ pub fn decode_stored_value(bytes: &[u8]) -> Result<Lww<Record>, RecordDecodeErro
         });
     }
     match postcard::from_bytes::<StoredValue>(bytes) {
-        Ok(StoredValue::V1(register)) => Ok(legacy::upgrade_v3(legacy::upgrade_v2(legacy::upgrade_v1(register)))),
-        Ok(StoredValue::V2(register)) => Ok(legacy::upgrade_v3(legacy::upgrade_v2(register))),
-        Ok(StoredValue::V3(register)) => Ok(legacy::upgrade_v3(register)),
-        Ok(StoredValue::V4(register)) => Ok(register),
+        Ok(StoredValue::V1(register)) => Ok(legacy::upgrade_v2(legacy::upgrade_v1(register))),
+        Ok(StoredValue::V2(register)) => Ok(legacy::upgrade_v2(register)),
+        Ok(StoredValue::V3(register) | StoredValue::V4(register)) => Ok(register),
         Err(error) => Err(RecordDecodeError::Corrupt(error.to_string())),
     }
 }
@@ -895,7 +846,6 @@ mod tests {
             codec: StripeCodec::new(CodecId::DEFAULT, 4, 2).unwrap(),
             stripe_length_bytes: 1024,
             inline_threshold_bytes: 64,
-            deletion_started_at_ms: None,
         };
         assert!(object.belongs_to(&bucket(5)) && object.belongs_to(&bucket(6)));
         // Every other V2 record decodes unchanged (V3 changed only object versions).
@@ -961,10 +911,10 @@ mod tests {
     }
 
     #[test]
-    fn version_three_buckets_are_read_as_not_being_deleted() {
-        // Pinned: what the V3 code (BucketRecord without its deletion mark, envelope
-        // variant 2) wrote for this bucket. If this changes, old rows no longer decode.
-        let old = legacy::BucketRecordV3 {
+    fn version_three_bytes_still_decode_and_deletion_rows_round_trip() {
+        // Pinned: what the V3 code (envelope variant 2) wrote for this bucket. If this
+        // changes, old rows no longer decode.
+        let bucket = BucketRecord {
             name: "b".into(),
             owner_key_id: "o".into(),
             created_at_ms: 5,
@@ -978,36 +928,28 @@ mod tests {
             stripe_length_bytes: 1024,
             inline_threshold_bytes: 64,
         };
-        let register = Lww::new(stamp(5, 0, 1), legacy::RecordV3::Bucket(old.clone()));
-        let written_by_v3 = postcard::to_allocvec(&StoredValue::V3(register)).unwrap();
-        assert_eq!(
-            hex::encode(&written_by_v3),
-            "020500010101010101010101010101010101010101010101010101010101010101010101000162016f050101010103010402800840"
-        );
+        let written_by_v3 = hex::decode(
+            "020500010101010101010101010101010101010101010101010101010101010101010101000162016f050101010103010402800840",
+        )
+        .unwrap();
         assert!(!stored_value_is_current(&written_by_v3));
-        let decoded = decode_stored_value(&written_by_v3).unwrap();
-        let Some(Record::Bucket(bucket)) = decoded.value else {
-            panic!("not a bucket: {decoded:?}")
-        };
-        assert_eq!(bucket.deletion_started_at_ms, None);
-        assert_eq!((bucket.name.as_str(), bucket.created_at_ms), ("b", 5));
-        assert_eq!(bucket.default_retention, old.default_retention);
-        assert!(!bucket.deletion_in_progress(0));
-        // And the current format round-trips a mark, which is in progress only while
-        // the deadline and the clock allowance have not both passed.
-        let marked = BucketRecord {
-            deletion_started_at_ms: Some(1_000),
-            ..bucket
-        };
-        let bytes = encode_stored_value(&Lww::new(stamp(6, 0, 1), Record::Bucket(marked.clone())));
-        assert!(stored_value_is_current(&bytes));
         assert_eq!(
-            decode_stored_value(&bytes).unwrap().value,
-            Some(Record::Bucket(marked.clone()))
+            decode_stored_value(&written_by_v3).unwrap(),
+            Lww::new(stamp(5, 0, 1), Record::Bucket(bucket))
         );
+        // A deletion row, in the current format; in progress only until its deadline
+        // and the clock allowance have both passed.
+        let deletion = BucketDeletionRecord {
+            bucket_created_at_ms: 5,
+            started_at_ms: 1_000,
+        };
+        let register = Lww::new(stamp(6, 0, 1), Record::BucketDeletion(deletion));
+        let bytes = encode_stored_value(&register);
+        assert!(stored_value_is_current(&bytes));
+        assert_eq!(decode_stored_value(&bytes).unwrap(), register);
         let expiry_ms = 1_000 + BUCKET_DELETION_DEADLINE_MS + CLOCK_SKEW_ALLOWANCE_MS;
-        assert!(marked.deletion_in_progress(0) && marked.deletion_in_progress(expiry_ms - 1));
-        assert!(!marked.deletion_in_progress(expiry_ms));
+        assert!(deletion.in_progress(0) && deletion.in_progress(expiry_ms - 1));
+        assert!(!deletion.in_progress(expiry_ms));
     }
 
     #[test]

@@ -172,8 +172,10 @@ pub struct Outcome {
     pub stripes_destroyed: u64,
     pub detected_losses: u64,
     pub lost_stripes_reported: u64,
-    /// Multipart uploads completed (acknowledged) and aborted.
+    /// Multipart uploads completed (acknowledged; of them, those listing several parts)
+    /// and aborted.
     pub multipart_completed: u64,
+    pub multipart_completed_multiple_parts: u64,
     pub multipart_aborted: u64,
     /// With `bucket_churn`: scratch buckets deleted, scratch puts acknowledged, and
     /// versions of deleted buckets present when the faults healed (all must be
@@ -567,6 +569,9 @@ impl Shared {
                         return;
                     }
                 };
+                // Simulated objects are kilobytes: parts of any size let completions
+                // list many parts, as real uploads of large backups do.
+                node.set_part_bytes_min(1);
                 let inbound = ClusterInbound(Arc::clone(&node));
                 shared
                     .world
@@ -686,35 +691,15 @@ impl Shared {
     /// so puts race deletions and re-creations.
     async fn churn(&self, gateway: &Arc<ClusterNode<SimEnv>>, value_seed: u64, length: usize) {
         let key = format!("s{}", self.world.random_below(SCRATCH_KEYS));
-        // Of 10: create 2, put 4, read 2, empty and delete 1, delete as is 1.
+        // Of 10: create 2, put 4, read 2, empty and delete 1, a put racing an emptying
+        // and deletion 1.
         match self.world.random_below(10) {
             0..=1 => {
                 let Some(options) = self.bucket_options else { return };
                 let result = gateway.create_bucket_with(SCRATCH_BUCKET, "sim", options).await;
                 self.world.record(&[b"scratch-create", &[result.is_ok() as u8]]);
             }
-            2..=5 => {
-                let data = content(value_seed, length);
-                let hash = *blake3::hash(&data).as_bytes();
-                self.scratch_attempts.lock().expect("not poisoned").insert(hash);
-                let write = ObjectWrite {
-                    bucket: SCRATCH_BUCKET.into(),
-                    key: key.clone(),
-                    ..ObjectWrite::default()
-                };
-                let began_ms = self.world.executor.now_ms();
-                let result = gateway.put_object(write, futures::io::Cursor::new(data)).await;
-                self.world
-                    .record(&[b"scratch-put", key.as_bytes(), &[result.is_ok() as u8]]);
-                if let Ok(record) = result {
-                    self.count("scratch_puts_acknowledged");
-                    self.scratch_history
-                        .lock()
-                        .expect("not poisoned")
-                        .puts_acknowledged
-                        .push((record.bucket_created_at_ms, key, began_ms));
-                }
-            }
+            2..=5 => self.scratch_put(gateway, key, value_seed, length).await,
             6..=7 => {
                 let observed = match version_of(gateway, SCRATCH_BUCKET, &key, None).await {
                     Ok(record) => content_hash_of(gateway, record).await,
@@ -743,15 +728,45 @@ impl Shared {
                 }
             }
             _ => {
-                // A DeleteBucket with no emptying first: refused unless the bucket
-                // happens to be empty (its puts all failed or were deleted).
-                let deleted = self.delete_scratch_bucket(gateway).await;
+                // The race DeleteBucket must settle: a put in flight while the bucket is
+                // emptied and deleted. Either the deletion sees the put's version and
+                // refuses, or the put fails (its version then goes as garbage).
+                let (_, deleted) = futures::future::join(
+                    self.scratch_put(gateway, key, value_seed, length),
+                    self.empty_and_delete_scratch_bucket(gateway),
+                )
+                .await;
                 self.world
-                    .record(&[b"scratch-delete-bucket-as-is", &[matches!(deleted, Ok(true)) as u8]]);
+                    .record(&[b"scratch-delete-bucket-racing", &[matches!(deleted, Ok(true)) as u8]]);
                 if matches!(deleted, Ok(true)) {
                     self.count("scratch_buckets_deleted");
                 }
             }
+        }
+    }
+
+    /// A put into the scratch bucket, noted as attempted and, if acknowledged, with the
+    /// bucket generation it was acknowledged in.
+    async fn scratch_put(&self, gateway: &Arc<ClusterNode<SimEnv>>, key: String, value_seed: u64, length: usize) {
+        let data = content(value_seed, length);
+        let hash = *blake3::hash(&data).as_bytes();
+        self.scratch_attempts.lock().expect("not poisoned").insert(hash);
+        let write = ObjectWrite {
+            bucket: SCRATCH_BUCKET.into(),
+            key: key.clone(),
+            ..ObjectWrite::default()
+        };
+        let began_ms = self.world.executor.now_ms();
+        let result = gateway.put_object(write, futures::io::Cursor::new(data)).await;
+        self.world
+            .record(&[b"scratch-put", key.as_bytes(), &[result.is_ok() as u8]]);
+        if let Ok(record) = result {
+            self.count("scratch_puts_acknowledged");
+            self.scratch_history
+                .lock()
+                .expect("not poisoned")
+                .puts_acknowledged
+                .push((record.bucket_created_at_ms, key, began_ms));
         }
     }
 
@@ -799,9 +814,10 @@ impl Shared {
     }
 
     /// A multipart upload: create, upload up to `MULTIPART_PARTS_MAX` parts, then abort
-    /// (a quarter of the time) or complete. Every part but the last must hold at least
-    /// 5 MiB, far more than a simulated object, so completion lists one part (the others
-    /// become garbage, as an S3 client leaves them when it retries a part).
+    /// (a quarter of the time) or complete with a random ascending selection of the
+    /// parts that were stored (the others become garbage, as an S3 client leaves them
+    /// when it retries a part). Nodes take parts of any size here (see
+    /// `ClusterNode::set_part_bytes_min`), so completions list several parts.
     async fn multipart(&self, gateway: &Arc<ClusterNode<SimEnv>>, key: &str, value_seed: u64, max_length: u64) {
         let write = ObjectWrite {
             bucket: BUCKET.into(),
@@ -819,18 +835,17 @@ impl Shared {
         self.world
             .record(&[b"multipart-create", key.as_bytes(), upload_id.as_bytes()]);
         let part_count = 1 + self.world.random_below(MULTIPART_PARTS_MAX) as u32;
-        let mut uploaded: Vec<(u32, String, [u8; 32])> = Vec::new();
+        let mut uploaded: Vec<(u32, String, Vec<u8>)> = Vec::new();
         for part_number in 1..=part_count {
             let length = 1 + self.world.random_below(max_length) as usize;
             let data = content(value_seed ^ (u64::from(part_number) << 8), length);
-            let hash = *blake3::hash(&data).as_bytes();
             let result = gateway
                 .upload_part(
                     BUCKET,
                     key,
                     &upload_id,
                     part_number,
-                    futures::io::Cursor::new(data),
+                    futures::io::Cursor::new(data.clone()),
                     BodyCheck::none(),
                 )
                 .await;
@@ -840,7 +855,7 @@ impl Shared {
                 &[part_number as u8, result.is_ok() as u8],
             ]);
             if let Ok(part) = result {
-                uploaded.push((part_number, part.etag, hash));
+                uploaded.push((part_number, part.etag, data));
             }
         }
         if uploaded.is_empty() || self.world.random_below(4) == 0 {
@@ -853,16 +868,34 @@ impl Shared {
             }
             return;
         }
-        let (part_number, etag, hash) = uploaded[self.world.random_below(uploaded.len() as u64) as usize].clone();
+        // Each stored part is listed with probability 3/4, and at least one is.
+        let mut listed: Vec<&(u32, String, Vec<u8>)> =
+            uploaded.iter().filter(|_| self.world.random_below(4) != 0).collect();
+        if listed.is_empty() {
+            listed.push(&uploaded[self.world.random_below(uploaded.len() as u64) as usize]);
+        }
+        let mut hasher = blake3::Hasher::new();
+        for (_, _, data) in &listed {
+            hasher.update(data);
+        }
+        let hash = *hasher.finalize().as_bytes();
+        let parts: Vec<(u32, String)> = listed
+            .iter()
+            .map(|(part_number, etag, _)| (*part_number, etag.clone()))
+            .collect();
         self.note_attempt(key, Some(hash));
-        let result = gateway
-            .complete_multipart_upload(BUCKET, key, &upload_id, &[(part_number, etag)])
-            .await;
-        self.world
-            .record(&[b"multipart-complete", key.as_bytes(), &[result.is_ok() as u8]]);
+        let result = gateway.complete_multipart_upload(BUCKET, key, &upload_id, &parts).await;
+        self.world.record(&[
+            b"multipart-complete",
+            key.as_bytes(),
+            &[parts.len() as u8, result.is_ok() as u8],
+        ]);
         match result {
             Ok(record) => {
                 self.count("multipart_completed");
+                if parts.len() > 1 {
+                    self.count("multipart_completed_multiple_parts");
+                }
                 self.note_acknowledged_write(key, Some(hash), record.version_id, hash);
             }
             Err(_) => self.count("unavailable"),
@@ -1735,6 +1768,7 @@ pub fn run(seed: u64, scenario: &Scenario) -> Outcome {
         detected_losses: counters.get("detected_losses").copied().unwrap_or(0),
         lost_stripes_reported: counters.get("lost_stripes_reported").copied().unwrap_or(0),
         multipart_completed: counters.get("multipart_completed").copied().unwrap_or(0),
+        multipart_completed_multiple_parts: counters.get("multipart_completed_multiple_parts").copied().unwrap_or(0),
         multipart_aborted: counters.get("multipart_aborted").copied().unwrap_or(0),
         scratch_buckets_deleted: counters.get("scratch_buckets_deleted").copied().unwrap_or(0),
         scratch_puts_acknowledged: counters.get("scratch_puts_acknowledged").copied().unwrap_or(0),

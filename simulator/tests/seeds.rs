@@ -77,10 +77,15 @@ fn many_seeds_of_every_scenario_pass() {
     assert!(disk.puts_refused_disk_full > 0, "no put met a full disk: {disk:?}");
     // Multipart uploads completed and aborted; nodes joined, and replaced nodes removed.
     let multipart_completed: u64 = outcomes.iter().map(|outcome| outcome.multipart_completed).sum();
+    let multipart_multiple: u64 = outcomes
+        .iter()
+        .map(|outcome| outcome.multipart_completed_multiple_parts)
+        .sum();
     let multipart_aborted: u64 = outcomes.iter().map(|outcome| outcome.multipart_aborted).sum();
     assert!(
-        multipart_completed > 10 && multipart_aborted > 0,
-        "too few multipart uploads: {multipart_completed} completed, {multipart_aborted} aborted"
+        multipart_completed > 10 && multipart_multiple > 5 && multipart_aborted > 0,
+        "too few multipart uploads: {multipart_completed} completed ({multipart_multiple} of several parts), \
+         {multipart_aborted} aborted"
     );
     let joined: u64 = outcomes.iter().map(|outcome| outcome.nodes_joined).sum();
     let removed: u64 = outcomes.iter().map(|outcome| outcome.nodes_removed).sum();
@@ -116,7 +121,9 @@ fn many_seeds_of_every_scenario_pass() {
     );
     println!(
         "{} seeds, {acknowledged} acknowledged writes, {faults} faults, disk faults {disk:?}, beyond budget: \
-         {destroyed} stripes destroyed, {detected} failed reads, {reported} reported lost",
+         {destroyed} stripes destroyed, {detected} failed reads, {reported} reported lost; multipart: \
+         {multipart_completed} completed ({multipart_multiple} of several parts), {multipart_aborted} aborted; \
+         bucket churn: {buckets_deleted} buckets deleted, {stale_versions} stale versions collected",
         outcomes.len()
     );
     assert_all_pass(&outcomes);

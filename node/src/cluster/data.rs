@@ -17,6 +17,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bdr_protocol::envelope::{self, DerivedKey, KeyPurpose, RootKey, NONCE_LENGTH_BYTES};
@@ -25,9 +26,9 @@ use bdr_protocol::ids::{NodeId, StripeId, ZoneName};
 use bdr_protocol::layout::Layout;
 use bdr_protocol::placement::{failures_tolerated, place, place_with};
 use bdr_protocol::records::{
-    AccessKeyRecord, BucketGrant, BucketRecord, ChecksumAlgorithm, Lww, Manifest, MultipartPartRecord,
-    MultipartUploadRecord, ObjectData, ObjectLock, ObjectVersionRecord, Record, RowKey, StandardHeaders, StripeOwner,
-    StripeRecord, StripeRef, VersioningState, BUCKET_DELETION_DEADLINE_MS,
+    AccessKeyRecord, BucketDeletionRecord, BucketGrant, BucketRecord, ChecksumAlgorithm, Lww, Manifest,
+    MultipartPartRecord, MultipartUploadRecord, ObjectData, ObjectLock, ObjectVersionRecord, Record, RowKey,
+    StandardHeaders, StripeOwner, StripeRecord, StripeRef, VersioningState, BUCKET_DELETION_DEADLINE_MS,
 };
 use bdr_protocol::wire::{RemoteErrorKind, Request, Response, Table};
 use futures::channel::oneshot;
@@ -150,8 +151,12 @@ pub enum DataError {
     InvalidPart(String),
     #[error("parts must be listed in ascending order")]
     InvalidPartOrder,
-    #[error("part {part_number} is {size_bytes} bytes; every part but the last must be at least {PART_BYTES_MIN}")]
-    EntityTooSmall { part_number: u32, size_bytes: u64 },
+    #[error("part {part_number} is {size_bytes} bytes; every part but the last must be at least {size_bytes_min}")]
+    EntityTooSmall {
+        part_number: u32,
+        size_bytes: u64,
+        size_bytes_min: u64,
+    },
     #[error("the body does not match its checksum: {0}")]
     BadDigest(String),
     #[error("no such access key {0:?}")]
@@ -344,6 +349,12 @@ pub(crate) fn bucket_row(bucket: &str) -> RowKey {
     RowKey::new(b"buckets".to_vec(), bucket.as_bytes())
 }
 
+/// The partition of a bucket's deletion rows (Buckets table). No bucket name holds a
+/// colon, so it is never the bucket list's partition.
+fn bucket_deletions_partition(bucket: &str) -> Vec<u8> {
+    format!("deletions:{bucket}").into_bytes()
+}
+
 /// Access keys likewise share one partition.
 fn access_key_row(key_id: &str) -> RowKey {
     RowKey::new(b"access-keys".to_vec(), key_id.as_bytes())
@@ -359,10 +370,12 @@ pub const GRANTS_PER_BUCKET_MAX: u32 = 1_000;
 /// Multipart uploads a DeleteBucket looks at: a full page of them counts as uploads in
 /// progress, even if they were all left by an earlier bucket of the name.
 pub const BUCKET_DELETION_UPLOADS_SCANNED_MAX: u32 = 1_000;
+/// Deletion rows a write looks at; a full page counts as a deletion in progress.
+pub const BUCKET_DELETIONS_SCANNED_MAX: u32 = 100;
 /// How long a write whose bucket is being deleted waits for the deletion's outcome
 /// before it fails (BucketBeingDeleted), and how often it looks meanwhile. A deletion
-/// takes a few metadata round trips; one left by a crashed gateway lasts until its mark
-/// expires, which the write does not wait for.
+/// takes a few metadata round trips; the row of one left by a crashed gateway lasts
+/// until it expires, which the write does not wait for.
 pub const COMMIT_DELETION_WAIT_MS: u64 = 5_000;
 pub const COMMIT_DELETION_POLL_MS: u64 = 100;
 
@@ -457,6 +470,13 @@ async fn fill<R: AsyncRead + Unpin>(body: &mut R, buffer: &mut Vec<u8>, length: 
 }
 
 impl<E: Env> ClusterNode<E> {
+    /// Lowers the size every multipart part but the last must reach (S3's 5 MiB,
+    /// [`PART_BYTES_MIN`], by default). Only for simulations and tests, whose objects are
+    /// a few kilobytes: it lets them complete uploads of many parts.
+    pub fn set_part_bytes_min(&self, size_bytes_min: u64) {
+        self.part_bytes_min.store(size_bytes_min, Ordering::Relaxed);
+    }
+
     fn data_keys(&self) -> Result<&DataKeys, DataError> {
         self.data_keys.as_ref().ok_or(DataError::NoDataKeys)
     }
@@ -517,7 +537,6 @@ impl<E: Env> ClusterNode<E> {
             codec: options.codec,
             stripe_length_bytes: options.stripe_length_bytes,
             inline_threshold_bytes: options.inline_threshold_bytes,
-            deletion_started_at_ms: None,
         };
         // Stamped above what was read (as `meta_put` would, without reading again) and
         // with `created_at_ms` as the clock's physical time, so the stamp's wall time is
@@ -1032,16 +1051,18 @@ impl<E: Env> ClusterNode<E> {
     ///
     /// A write racing the deletion must either be seen by the emptiness check or fail,
     /// never be acknowledged into a bucket that then goes. Without a compare-and-set, the
-    /// two sides each write first and read second: the deletion marks the bucket
-    /// ([`BucketRecord::deletion_started_at_ms`]) and then checks it is empty; a write
-    /// commits its version and then reads the bucket ([`ClusterNode::commit_version`]).
-    /// Quorums intersect, so at least one side sees the other: the deletion refuses, or
-    /// the write waits for the deletion's outcome (and fails if the bucket went).
+    /// two sides each write first and read second: the deletion writes its own row (a
+    /// [`BucketDeletionRecord`]) and then checks that the bucket is empty; a write
+    /// commits its version and then reads the bucket and its deletion rows
+    /// ([`ClusterNode::commit_version`]). Quorums intersect, so at least one side sees
+    /// the other: the deletion refuses, or the write waits for the deletion's outcome
+    /// (and fails if the bucket went). Each deletion removes only its own row when it
+    /// ends, so concurrent deletions cannot hide one another (a single mark in the bucket
+    /// record could be cleared by one deletion while another was about to succeed).
     ///
-    /// The mark is removed when the bucket turns out not to be empty. A deletion that
-    /// cannot remove the bucket within [`BUCKET_DELETION_DEADLINE_MS`] of marking it
-    /// gives up, which is what lets writes treat an older mark (one left by a crashed
-    /// gateway) as expired.
+    /// A deletion that cannot remove the bucket within [`BUCKET_DELETION_DEADLINE_MS`]
+    /// of starting gives up, which is what lets writes treat an older row (one left by a
+    /// crashed gateway) as expired.
     pub async fn delete_bucket(self: &Arc<Self>, name: &str) -> Result<(), DataError> {
         let bucket = self.existing_bucket(name).await?;
         self.delete_bucket_generation(&bucket).await
@@ -1050,27 +1071,44 @@ impl<E: Env> ClusterNode<E> {
     /// [`ClusterNode::delete_bucket`] of one generation of a bucket: the one a request's
     /// access check read (NoSuchBucket if it was deleted, or replaced, since).
     pub async fn delete_bucket_generation(self: &Arc<Self>, bucket: &BucketRecord) -> Result<(), DataError> {
-        let name = bucket.name.as_str();
-        let generation = bucket.created_at_ms;
-        let marked_at_ms = self.env.now_ms();
-        let marked = BucketRecord {
-            deletion_started_at_ms: Some(marked_at_ms),
-            ..bucket.clone()
+        let (row, started_at_ms) = self.announce_bucket_deletion(bucket).await?;
+        let outcome = self.delete_announced_bucket(bucket, started_at_ms).await;
+        // Withdrawn whatever the outcome: once the bucket is gone its row names a dead
+        // generation, and one left behind (this fails, or the gateway crashes) expires.
+        if let Err(error) = self.meta_put(Table::Buckets, &row, None).await {
+            tracing::warn!(bucket = %bucket.name, %error, "could not withdraw a bucket deletion row; it expires");
+        }
+        outcome
+    }
+
+    /// Writes this deletion's own row; returns it and the deletion's start time.
+    pub(crate) async fn announce_bucket_deletion(
+        self: &Arc<Self>,
+        bucket: &BucketRecord,
+    ) -> Result<(RowKey, u64), DataError> {
+        let started_at_ms = self.env.now_ms();
+        let mut sort_key = self.env.node_id().as_bytes().to_vec();
+        sort_key.extend_from_slice(&started_at_ms.to_be_bytes());
+        sort_key.extend_from_slice(&self.env.random_u64().to_be_bytes());
+        let row = RowKey::new(bucket_deletions_partition(&bucket.name), sort_key);
+        let record = BucketDeletionRecord {
+            bucket_created_at_ms: bucket.created_at_ms,
+            started_at_ms,
         };
-        self.rewrite_bucket_generation(name, generation, Some(marked.clone()))
+        self.meta_put_fresh(Table::Buckets, &row, Record::BucketDeletion(record))
             .await?;
-        let unmark = || async {
-            let unmarked = BucketRecord {
-                deletion_started_at_ms: None,
-                ..marked.clone()
-            };
-            // Best effort: a mark left behind expires.
-            if let Err(error) = self.rewrite_bucket_generation(name, generation, Some(unmarked)).await {
-                tracing::warn!(bucket = name, %error, "could not remove a deletion mark; it expires");
-            }
-        };
-        if !self.bucket_is_empty(&marked).await? {
-            unmark().await;
+        Ok((row, started_at_ms))
+    }
+
+    /// The deletion proper, once announced: the emptiness checks, then grants and the
+    /// bucket's record, within the deadline.
+    async fn delete_announced_bucket(
+        self: &Arc<Self>,
+        bucket: &BucketRecord,
+        started_at_ms: u64,
+    ) -> Result<(), DataError> {
+        let name = bucket.name.as_str();
+        if !self.bucket_is_empty(bucket).await? {
             return Err(DataError::BucketNotEmpty(format!("bucket {name} is not empty")));
         }
         // Uploads in progress count too: they could otherwise complete into the next
@@ -1079,18 +1117,9 @@ impl<E: Env> ClusterNode<E> {
         let uploads = self
             .list_multipart_uploads(name, "", None, BUCKET_DELETION_UPLOADS_SCANNED_MAX)
             .await?;
-        if uploads.uploads.iter().any(|upload| upload.belongs_to(&marked)) || uploads.next_after.is_some() {
-            unmark().await;
+        if uploads.uploads.iter().any(|upload| upload.belongs_to(bucket)) || uploads.next_after.is_some() {
             return Err(DataError::BucketNotEmpty(format!(
                 "bucket {name} has multipart uploads in progress: complete or abort them first"
-            )));
-        }
-        let within_deadline =
-            |node: &Self| node.env.now_ms().saturating_sub(marked_at_ms) <= BUCKET_DELETION_DEADLINE_MS;
-        if !within_deadline(self) {
-            unmark().await;
-            return Err(DataError::NotDurable(format!(
-                "deleting bucket {name} took longer than {BUCKET_DELETION_DEADLINE_MS} ms; retry"
             )));
         }
         // Grants go before the record: a failure leaves the bucket for a retry rather
@@ -1099,14 +1128,39 @@ impl<E: Env> ClusterNode<E> {
         for (row, _) in self.grant_rows(name).await? {
             self.meta_put(Table::BucketGrants, &row, None).await?;
         }
-        // Checked again right before the bucket goes: writes trust a mark only this long.
-        if !within_deadline(self) {
-            unmark().await;
+        // Right before the bucket goes: writes trust a deletion row only this long.
+        if self.env.now_ms().saturating_sub(started_at_ms) > BUCKET_DELETION_DEADLINE_MS {
             return Err(DataError::NotDurable(format!(
                 "deleting bucket {name} took longer than {BUCKET_DELETION_DEADLINE_MS} ms; retry"
             )));
         }
-        self.rewrite_bucket_generation(name, generation, None).await
+        self.rewrite_bucket_generation(name, bucket.created_at_ms, None).await
+    }
+
+    /// Whether a deletion of generation `generation` of bucket `name` may be in progress:
+    /// one of its rows has not expired, or there are too many rows to tell.
+    pub(crate) async fn bucket_deletion_in_progress(
+        self: &Arc<Self>,
+        name: &str,
+        generation: u64,
+    ) -> Result<bool, DataError> {
+        let rows = self
+            .meta_scan(
+                Table::Buckets,
+                &bucket_deletions_partition(name),
+                b"",
+                None,
+                BUCKET_DELETIONS_SCANNED_MAX,
+            )
+            .await?;
+        let now_ms = self.env.now_ms();
+        let in_progress = rows.iter().any(|(_, register)| match &register.value {
+            Some(Record::BucketDeletion(deletion)) => {
+                deletion.bucket_created_at_ms == generation && deletion.in_progress(now_ms)
+            }
+            _ => false,
+        });
+        Ok(in_progress || rows.len() as u32 >= BUCKET_DELETIONS_SCANNED_MAX)
     }
 
     /// Writes a bucket's register (`None`: its tombstone), stamped above what it holds,
@@ -1796,10 +1850,12 @@ impl<E: Env> ClusterNode<E> {
                 return Err(DataError::InvalidPart(format!("part {part_number} has another ETag")));
             }
             let last = position + 1 == listed.len();
-            if !last && part.size_bytes < PART_BYTES_MIN {
+            let size_bytes_min = self.part_bytes_min.load(Ordering::Relaxed);
+            if !last && part.size_bytes < size_bytes_min {
                 return Err(DataError::EntityTooSmall {
                     part_number: *part_number,
                     size_bytes: part.size_bytes,
+                    size_bytes_min,
                 });
             }
             let ObjectData::Striped(manifest) = &part.data else {

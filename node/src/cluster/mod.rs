@@ -16,7 +16,7 @@ pub mod versions;
 mod tests;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bdr_protocol::ids::{NodeId, ZoneName};
@@ -147,6 +147,8 @@ pub struct ClusterNode<E: Env> {
     /// [`data::REQUEST_CACHE_TTL_MS`]).
     request_cache: Mutex<data::RequestCache>,
     partition_replicas_cache: Mutex<metadata::PartitionReplicasCache>,
+    /// See [`ClusterNode::set_part_bytes_min`].
+    part_bytes_min: AtomicU64,
 }
 
 fn load_system_record(env: &impl Env, key: &'static [u8]) -> Result<Option<SystemRecord>, ClusterError> {
@@ -236,6 +238,7 @@ impl<E: Env> ClusterNode<E> {
             maintenance_config,
             maintenance: Mutex::new(MaintenanceState::default()),
             maintenance_passes: maintenance::PassLocks::default(),
+            part_bytes_min: AtomicU64::new(data::PART_BYTES_MIN),
         });
         node.restore_maintenance_state();
         let gossiping = Arc::clone(&node);

@@ -12,7 +12,7 @@ use bdr_protocol::ids::{NodeId, ZoneName};
 use bdr_protocol::layout::{NodeRoles, NodeSpec, NodeStatus};
 use bdr_protocol::records::{
     decode_stored_value, encode_stored_value, stored_value_is_current, BucketRecord, DefaultRetention, Lww, ObjectLock,
-    ObjectVersionRecord, Record, Retention, RetentionMode, VersioningState,
+    ObjectVersionRecord, Record, Retention, RetentionMode, RowKey, VersioningState,
 };
 use bdr_protocol::wire::{self, MaintenanceCommand, Request, Response, Table};
 use futures::StreamExt;
@@ -2020,38 +2020,36 @@ async fn rows_in_an_older_format_are_rewritten_current_when_merged_again() {
     assert_eq!(encode_stored_value(&register), current);
 }
 
-/// A write commits its version and then reads its bucket; a deletion marks the bucket and
-/// then checks that it is empty. Whichever comes second sees the first, so a bucket never
-/// goes from under an acknowledged write: each interleaving's outcome, in turn.
+/// A write commits its version and then reads its bucket and deletion rows; a deletion
+/// writes its row and then checks that the bucket is empty. Whichever comes second sees
+/// the first, so a bucket never goes from under an acknowledged write: each
+/// interleaving's outcome, in turn.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_meeting_a_bucket_deletion_is_never_acknowledged_into_a_bucket_that_goes() {
     let cluster = TestCluster::start(&SIX_NODES).await;
     let (deleter, writer) = (cluster.node(0), Arc::clone(cluster.node(2)));
-    let mark = |bucket: &BucketRecord| BucketRecord {
-        deletion_started_at_ms: Some(deleter.env().now_ms()),
-        ..bucket.clone()
-    };
     let spawn_put = |key: &'static str| {
         let writer = Arc::clone(&writer);
         tokio::spawn(async move { put(&writer, "backups", key, key.as_bytes()).await })
     };
+    let withdraw = |row: RowKey| async move { deleter.meta_put(Table::Buckets, &row, None).await.unwrap() };
     let first = deleter.create_bucket("backups", "owner").await.unwrap();
 
-    // The deletion saw the write: it refuses, and takes its mark away.
+    // The deletion saw the write: it refuses, and withdraws its row.
     put(&writer, "backups", "early", b"early").await.unwrap();
     assert!(matches!(
         deleter.delete_bucket("backups").await,
         Err(DataError::BucketNotEmpty(_))
     ));
-    let unmarked = deleter.existing_bucket("backups").await.unwrap();
-    assert_eq!(unmarked, first, "the mark is gone");
+    assert!(!deleter
+        .bucket_deletion_in_progress("backups", first.created_at_ms)
+        .await
+        .unwrap());
     deleter.delete_object("backups", "early").await.unwrap();
 
-    // The write saw the mark and the bucket went: it fails, though its version is written.
-    deleter
-        .rewrite_bucket_generation("backups", first.created_at_ms, Some(mark(&first)))
-        .await
-        .unwrap();
+    // The write saw a deletion and the bucket went: it fails, though its version is
+    // written (and goes as garbage).
+    let (row, _) = deleter.announce_bucket_deletion(&first).await.unwrap();
     let waiting = spawn_put("gone");
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(!waiting.is_finished(), "the write waits while the deletion decides");
@@ -2061,32 +2059,31 @@ async fn a_write_meeting_a_bucket_deletion_is_never_acknowledged_into_a_bucket_t
         .unwrap();
     let outcome = waiting.await.unwrap();
     assert!(matches!(outcome, Err(DataError::NoSuchBucket(_))), "{outcome:?}");
+    withdraw(row).await;
 
-    // The write saw the mark and the deletion found the bucket not empty: acknowledged.
+    // Two deletions at once; one finds the bucket not empty and withdraws. The write
+    // still waits for the other (a single mark in the bucket record, cleared by the
+    // first, let a write through while the second went on to delete the bucket:
+    // simulator seed bucket-churn 179).
     let second = deleter.create_bucket("backups", "owner").await.unwrap();
-    deleter
-        .rewrite_bucket_generation("backups", second.created_at_ms, Some(mark(&second)))
-        .await
-        .unwrap();
+    let (one, _) = deleter.announce_bucket_deletion(&second).await.unwrap();
+    let (other, _) = cluster.node(1).announce_bucket_deletion(&second).await.unwrap();
     let waiting = spawn_put("kept");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    withdraw(one).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(!waiting.is_finished(), "the write waits while the deletion decides");
-    deleter
-        .rewrite_bucket_generation("backups", second.created_at_ms, Some(second.clone()))
-        .await
-        .unwrap();
+    assert!(!waiting.is_finished(), "the write waits for the other deletion");
+    // That one finds the bucket not empty too: the write is acknowledged.
+    withdraw(other).await;
     waiting.await.unwrap().unwrap();
     assert_eq!(get(cluster.node(4), "backups", "kept").await.unwrap(), b"kept");
 
     // Nobody decides within the write's wait: it fails as a conflict the client retries.
-    deleter
-        .rewrite_bucket_generation("backups", second.created_at_ms, Some(mark(&second)))
-        .await
-        .unwrap();
+    let (row, _) = deleter.announce_bucket_deletion(&second).await.unwrap();
     let outcome = put(&writer, "backups", "undecided", b"undecided").await;
     assert!(matches!(outcome, Err(DataError::BucketBeingDeleted(_))), "{outcome:?}");
 
-    // A mark whose deadline and clock allowance have passed (its gateway crashed) no
+    // A row whose deadline and clock allowance have passed (its gateway crashed) no
     // longer holds writes back.
     let expiry_ms = bdr_protocol::records::BUCKET_DELETION_DEADLINE_MS + bdr_protocol::records::CLOCK_SKEW_ALLOWANCE_MS;
     writer
@@ -2095,13 +2092,14 @@ async fn a_write_meeting_a_bucket_deletion_is_never_acknowledged_into_a_bucket_t
         .store(expiry_ms as i64 + 1_000, Ordering::Relaxed);
     put(&writer, "backups", "later", b"later").await.unwrap();
     writer.env().clock_skew_ms.store(0, Ordering::Relaxed);
+    withdraw(row).await;
+    // Nor do rows of an earlier bucket of the name.
+    let stale = deleter.announce_bucket_deletion(&first).await.unwrap().0;
+    put(&writer, "backups", "unhindered", b"unhindered").await.unwrap();
+    withdraw(stale).await;
     // And the whole deletion, run for real, refuses the bucket it cannot empty.
     assert!(matches!(
         deleter.delete_bucket("backups").await,
         Err(DataError::BucketNotEmpty(_))
     ));
-    assert_eq!(
-        deleter.existing_bucket("backups").await.unwrap().deletion_started_at_ms,
-        None
-    );
 }

@@ -291,15 +291,19 @@ impl<E: Env> ClusterNode<E> {
         self.write_version(record).await?;
         let waited_from_ms = self.env.now_ms();
         loop {
-            let bucket = self.bucket(&record.bucket).await?;
-            let Some(bucket) = bucket.filter(|bucket| bucket.created_at_ms == record.bucket_created_at_ms) else {
+            let (bucket, deleting) = futures::future::join(
+                self.bucket(&record.bucket),
+                self.bucket_deletion_in_progress(&record.bucket, record.bucket_created_at_ms),
+            )
+            .await;
+            let still_there = bucket?.is_some_and(|bucket| bucket.created_at_ms == record.bucket_created_at_ms);
+            if !still_there {
                 return Err(DataError::NoSuchBucket(record.bucket.clone()));
-            };
-            let now_ms = self.env.now_ms();
-            if !bucket.deletion_in_progress(now_ms) {
+            }
+            if !deleting? {
                 return Ok(());
             }
-            if now_ms.saturating_sub(waited_from_ms) >= COMMIT_DELETION_WAIT_MS {
+            if self.env.now_ms().saturating_sub(waited_from_ms) >= COMMIT_DELETION_WAIT_MS {
                 return Err(DataError::BucketBeingDeleted(record.bucket.clone()));
             }
             self.env.sleep(COMMIT_DELETION_POLL_MS).await;
