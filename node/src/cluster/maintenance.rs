@@ -179,9 +179,14 @@ pub(crate) struct MaintenanceState {
 }
 
 /// Whether a stripe's owner references it.
+#[derive(PartialEq)]
 enum Reference {
     Referenced,
+    /// Not referenced, but not for long enough to be garbage (a write in progress, or
+    /// garbage in its grace period).
     Unreferenced,
+    /// Unreferenced for long enough, and confirmed by a fresh read of its owner.
+    Garbage,
     /// The owner could not be read (no quorum): decide nothing.
     Unknown,
 }
@@ -776,11 +781,21 @@ impl<E: Env> ClusterNode<E> {
                 let mut live = Vec::new();
                 for (stripe_id, record) in records {
                     seen.insert(stripe_id);
-                    let reference = match owners.get(&record.owner) {
+                    let mut reference = match owners.get(&record.owner) {
                         Some(Some(referenced)) if referenced.contains(&stripe_id) => Reference::Referenced,
                         Some(Some(_)) => Reference::Unreferenced,
                         _ => Reference::Unknown,
                     };
+                    if reference == Reference::Unreferenced && self.is_garbage(&stripe_id) {
+                        // The pass's owner cache may predate the write's commit (a pass
+                        // can outlast a write deadline under faults), so the owner is
+                        // read again before anything is deleted.
+                        reference = match self.owner_references_now(&record.owner, &stripe_id).await {
+                            Some(false) => Reference::Garbage,
+                            Some(true) => Reference::Referenced,
+                            None => Reference::Unknown,
+                        };
+                    }
                     match reference {
                         Reference::Unknown => {
                             tracing::trace!(stripe = %stripe_id.short(), "stripe owner unknown");
@@ -794,28 +809,11 @@ impl<E: Env> ClusterNode<E> {
                                 .remove(&stripe_id);
                             live.push((stripe_id, record));
                         }
+                        // Neither counted nor repaired.
                         Reference::Unreferenced => {
                             tracing::trace!(stripe = %stripe_id.short(), "unreferenced stripe");
-                            if self.is_garbage(&stripe_id) {
-                                // The pass's owner cache may predate the write's commit
-                                // (a pass can outlast a write deadline under faults), so
-                                // the owner is read again before anything is deleted.
-                                match self.owner_references_now(&record.owner, &stripe_id).await {
-                                    Some(false) => self.collect_stripe(&layout, &stripe_id, &record).await,
-                                    Some(true) => {
-                                        self.maintenance
-                                            .lock()
-                                            .expect("not poisoned")
-                                            .unreferenced_since_ms
-                                            .remove(&stripe_id);
-                                        live.push((stripe_id, record));
-                                    }
-                                    None => health.unknown += 1,
-                                }
-                            }
-                            // A write in progress or garbage in its grace period: neither
-                            // counted nor repaired.
                         }
+                        Reference::Garbage => self.collect_stripe(&layout, &stripe_id, &record).await,
                     }
                 }
                 self.survey(&layout, live, &mut health, &mut queue).await;
