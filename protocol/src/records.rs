@@ -107,35 +107,37 @@ pub struct BucketRecord {
     pub inline_threshold_bytes: u32,
 }
 
-/// One DeleteBucket in progress, in its own row (see `ClusterNode::delete_bucket`): a
-/// write commits its version and then looks for these; a deletion writes one and then
-/// checks that the bucket is empty. Each deletion removes only its own row, so
-/// concurrent deletions cannot hide one another.
+/// One CreateBucket or DeleteBucket in progress, in a row of its own (partitions
+/// `creations:<bucket>` and `deletions:<bucket>`; see `ClusterNode::create_bucket_with`
+/// and `ClusterNode::delete_bucket`). Each side of a race writes its row (or its
+/// version) first and reads the other's second, so one of them always sees the other;
+/// each removes only its own row, so concurrent requests cannot hide one another.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BucketDeletionRecord {
-    /// The generation (`created_at_ms`) of the bucket being deleted.
+pub struct BucketIntentRecord {
+    /// The generation (`created_at_ms`) of the bucket being deleted; 0 for a creation
+    /// (its generation is chosen later).
     pub bucket_created_at_ms: u64,
-    /// When the deletion began, on the deleting gateway's clock.
+    /// When the request began, on its gateway's clock.
     pub started_at_ms: u64,
 }
 
-impl BucketDeletionRecord {
-    /// Whether the deletion may still be deciding, on a clock that reads `now_ms`: a
-    /// deletion gives up unless it removes the bucket within
-    /// [`BUCKET_DELETION_DEADLINE_MS`] of starting on its own clock, and clocks may differ
-    /// by up to [`CLOCK_SKEW_ALLOWANCE_MS`]. The row of a crashed deletion expires.
+impl BucketIntentRecord {
+    /// Whether the request may still be deciding, on a clock that reads `now_ms`: a
+    /// request gives up unless it writes the bucket's record within
+    /// [`BUCKET_INTENT_DEADLINE_MS`] of starting on its own clock, and clocks may differ
+    /// by up to [`CLOCK_SKEW_ALLOWANCE_MS`]. The row of a crashed request expires.
     pub fn in_progress(&self, now_ms: u64) -> bool {
         now_ms
             < self
                 .started_at_ms
-                .saturating_add(BUCKET_DELETION_DEADLINE_MS)
+                .saturating_add(BUCKET_INTENT_DEADLINE_MS)
                 .saturating_add(CLOCK_SKEW_ALLOWANCE_MS)
     }
 }
 
-/// How long a DeleteBucket may take from announcing itself to removing the bucket, on
-/// the deleting gateway's clock; past it the deletion withdraws and fails.
-pub const BUCKET_DELETION_DEADLINE_MS: u64 = 30_000;
+/// How long a CreateBucket or DeleteBucket may take from announcing itself to writing
+/// the bucket's record, on its gateway's clock; past it the request withdraws and fails.
+pub const BUCKET_INTENT_DEADLINE_MS: u64 = 30_000;
 /// How far apart two nodes' clocks may be for time-based rules that compare them. It is
 /// the S3 bound on a request's clock skew (`RequestTimeTooSkewed`): nodes are expected to
 /// run NTP, and clients further off than this are refused anyway.
@@ -383,7 +385,7 @@ pub enum Record {
     MultipartUpload(MultipartUploadRecord),
     MultipartPart(MultipartPartRecord),
     Stripe(StripeRecord),
-    BucketDeletion(BucketDeletionRecord),
+    BucketIntent(BucketIntentRecord),
 }
 
 /// Longest partition key (a bucket name, an access key id, an upload id).
@@ -939,15 +941,15 @@ mod tests {
         );
         // A deletion row, in the current format; in progress only until its deadline
         // and the clock allowance have both passed.
-        let deletion = BucketDeletionRecord {
+        let deletion = BucketIntentRecord {
             bucket_created_at_ms: 5,
             started_at_ms: 1_000,
         };
-        let register = Lww::new(stamp(6, 0, 1), Record::BucketDeletion(deletion));
+        let register = Lww::new(stamp(6, 0, 1), Record::BucketIntent(deletion));
         let bytes = encode_stored_value(&register);
         assert!(stored_value_is_current(&bytes));
         assert_eq!(decode_stored_value(&bytes).unwrap(), register);
-        let expiry_ms = 1_000 + BUCKET_DELETION_DEADLINE_MS + CLOCK_SKEW_ALLOWANCE_MS;
+        let expiry_ms = 1_000 + BUCKET_INTENT_DEADLINE_MS + CLOCK_SKEW_ALLOWANCE_MS;
         assert!(deletion.in_progress(0) && deletion.in_progress(expiry_ms - 1));
         assert!(!deletion.in_progress(expiry_ms));
     }

@@ -264,9 +264,11 @@ struct Shared {
 }
 
 /// The scratch bucket's acknowledged puts and deletions, and every object delete tried
-/// there. A put acknowledged into a generation whose deletion was also acknowledged must
-/// have been deleted by an object delete that could come after it (one that ended after
-/// the put began): otherwise DeleteBucket removed a bucket holding an acknowledged put.
+/// there. A put acknowledged into a generation that is not the bucket's generation at
+/// the end must have been deleted by an object delete that could come after it (one that
+/// ended after the put began): DeleteBucket removes only empty buckets, and a bucket is
+/// never replaced but through a deletion. Otherwise the put was lost with its bucket
+/// (deleted under it, or replaced by a concurrent CreateBucket).
 #[derive(Default)]
 struct ScratchHistory {
     /// (bucket generation, key, virtual ms the put began).
@@ -278,12 +280,16 @@ struct ScratchHistory {
 }
 
 impl ScratchHistory {
-    /// Acknowledged puts that a deletion of their bucket removed with no object delete
-    /// that could have come after them.
-    fn puts_deleted_with_their_bucket(&self) -> Vec<(u64, String)> {
+    /// Acknowledged puts whose bucket generation is gone (`final_generation` is the one
+    /// there is at the end, if any; None: only generations whose deletion was
+    /// acknowledged count as gone) with no object delete that could have come after them.
+    fn puts_lost_with_their_bucket(&self, final_generation: Option<Option<u64>>) -> Vec<(u64, String)> {
         self.puts_acknowledged
             .iter()
-            .filter(|(generation, _, _)| self.generations_deleted.contains(generation))
+            .filter(|(generation, _, _)| match final_generation {
+                Some(last) => last != Some(*generation),
+                None => self.generations_deleted.contains(generation),
+            })
             .filter(|(_, key, began_ms)| {
                 !self
                     .object_deletes
@@ -691,13 +697,36 @@ impl Shared {
     /// so puts race deletions and re-creations.
     async fn churn(&self, gateway: &Arc<ClusterNode<SimEnv>>, value_seed: u64, length: usize) {
         let key = format!("s{}", self.world.random_below(SCRATCH_KEYS));
-        // Of 10: create 2, put 4, read 2, empty and delete 1, a put racing an emptying
-        // and deletion 1.
+        // Of 10: create 1, two creations racing 1, put 4, read 2, empty and delete 1, a
+        // put racing an emptying and deletion 1.
         match self.world.random_below(10) {
-            0..=1 => {
+            0 => {
                 let Some(options) = self.bucket_options else { return };
                 let result = gateway.create_bucket_with(SCRATCH_BUCKET, "sim", options).await;
                 self.world.record(&[b"scratch-create", &[result.is_ok() as u8]]);
+            }
+            1 => {
+                // Two creations at once through two gateways: at most one may succeed,
+                // or puts acknowledged in the other generation would be lost with it.
+                let Some(options) = self.bucket_options else { return };
+                let up = self.up_nodes();
+                let other = &up[self.world.random_below(up.len() as u64) as usize].1;
+                let (here, there) = futures::future::join(
+                    gateway.create_bucket_with(SCRATCH_BUCKET, "sim", options),
+                    other.create_bucket_with(SCRATCH_BUCKET, "sim", options),
+                )
+                .await;
+                self.world
+                    .record(&[b"scratch-create-racing", &[here.is_ok() as u8, there.is_ok() as u8]]);
+                if here.is_ok() && there.is_ok() {
+                    self.fail("two concurrent CreateBucket calls of one name were both acknowledged".into());
+                }
+                // Each creator writes at once into the bucket it was told it created.
+                futures::future::join(
+                    self.scratch_put(gateway, key.clone(), value_seed, length),
+                    self.scratch_put(other, key, value_seed ^ 1, length),
+                )
+                .await;
             }
             2..=5 => self.scratch_put(gateway, key, value_seed, length).await,
             6..=7 => {
@@ -1456,14 +1485,28 @@ impl Shared {
                 "{stale_versions} object versions of deleted buckets remain after healing"
             ));
         }
-        let lost = self
-            .scratch_history
-            .lock()
-            .expect("not poisoned")
-            .puts_deleted_with_their_bucket();
+        let final_generation = match self.up_nodes().first() {
+            Some((_, gateway)) => gateway
+                .bucket(SCRATCH_BUCKET)
+                .await
+                .ok()
+                .map(|bucket| bucket.map(|bucket| bucket.created_at_ms)),
+            None => None,
+        };
+        let (lost, deleted) = {
+            let history = self.scratch_history.lock().expect("not poisoned");
+            (
+                history.puts_lost_with_their_bucket(final_generation),
+                history.generations_deleted.clone(),
+            )
+        };
         for (generation, key) in lost {
+            let how = match deleted.contains(&generation) {
+                true => "was deleted",
+                false => "was replaced",
+            };
             self.fail(format!(
-                "scratch bucket generation {generation} was deleted holding acknowledged put {key}"
+                "scratch bucket generation {generation} {how} holding acknowledged put {key}"
             ));
         }
         // Every key reads back what the model allows, through any node.
@@ -1642,7 +1685,7 @@ pub fn run(seed: u64, scenario: &Scenario) -> Outcome {
                         break;
                     }
                     Err(DataError::BucketExists(_)) if attempt > 1 => break,
-                    Err(DataError::Meta(_)) if attempt < BUCKET_CREATE_ATTEMPTS_MAX => {
+                    Err(DataError::Meta(_) | DataError::BucketBusy(_)) if attempt < BUCKET_CREATE_ATTEMPTS_MAX => {
                         creator.world.executor.sleep(BUCKET_CREATE_RETRY_MS).await;
                     }
                     Err(error) => {

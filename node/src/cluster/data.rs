@@ -26,9 +26,9 @@ use bdr_protocol::ids::{NodeId, StripeId, ZoneName};
 use bdr_protocol::layout::Layout;
 use bdr_protocol::placement::{failures_tolerated, place, place_with};
 use bdr_protocol::records::{
-    AccessKeyRecord, BucketDeletionRecord, BucketGrant, BucketRecord, ChecksumAlgorithm, Lww, Manifest,
+    AccessKeyRecord, BucketGrant, BucketIntentRecord, BucketRecord, ChecksumAlgorithm, Lww, Manifest,
     MultipartPartRecord, MultipartUploadRecord, ObjectData, ObjectLock, ObjectVersionRecord, Record, RowKey,
-    StandardHeaders, StripeOwner, StripeRecord, StripeRef, VersioningState, BUCKET_DELETION_DEADLINE_MS,
+    StandardHeaders, StripeOwner, StripeRecord, StripeRef, VersioningState, BUCKET_INTENT_DEADLINE_MS,
 };
 use bdr_protocol::wire::{RemoteErrorKind, Request, Response, Table};
 use futures::channel::oneshot;
@@ -131,6 +131,8 @@ pub enum DataError {
     BucketNotEmpty(String),
     #[error("bucket {0:?} is being deleted; retry to learn whether it went")]
     BucketBeingDeleted(String),
+    #[error("bucket {0:?} is being created by another request; retry")]
+    BucketBusy(String),
     #[error("no such key")]
     NoSuchKey,
     #[error("range {start}..{end} is not satisfiable for an object of {size} bytes")]
@@ -349,10 +351,14 @@ pub(crate) fn bucket_row(bucket: &str) -> RowKey {
     RowKey::new(b"buckets".to_vec(), bucket.as_bytes())
 }
 
-/// The partition of a bucket's deletion rows (Buckets table). No bucket name holds a
-/// colon, so it is never the bucket list's partition.
+/// The partitions of a bucket's deletion and creation rows (Buckets table). No bucket
+/// name holds a colon, so neither is ever the bucket list's partition.
 fn bucket_deletions_partition(bucket: &str) -> Vec<u8> {
     format!("deletions:{bucket}").into_bytes()
+}
+
+fn bucket_creations_partition(bucket: &str) -> Vec<u8> {
+    format!("creations:{bucket}").into_bytes()
 }
 
 /// Access keys likewise share one partition.
@@ -370,8 +376,8 @@ pub const GRANTS_PER_BUCKET_MAX: u32 = 1_000;
 /// Multipart uploads a DeleteBucket looks at: a full page of them counts as uploads in
 /// progress, even if they were all left by an earlier bucket of the name.
 pub const BUCKET_DELETION_UPLOADS_SCANNED_MAX: u32 = 1_000;
-/// Deletion rows a write looks at; a full page counts as a deletion in progress.
-pub const BUCKET_DELETIONS_SCANNED_MAX: u32 = 100;
+/// Creation or deletion rows a request looks at; a full page counts as one in progress.
+pub const BUCKET_INTENTS_SCANNED_MAX: u32 = 100;
 /// How long a write whose bucket is being deleted waits for the deletion's outcome
 /// before it fails (BucketBeingDeleted), and how often it looks meanwhile. A deletion
 /// takes a few metadata round trips; the row of one left by a crashed gateway lasts
@@ -494,6 +500,14 @@ impl<E: Env> ClusterNode<E> {
             .await
     }
 
+    /// Creates a bucket unless one of the name exists (BucketExists) or another creation
+    /// of the name is in progress (BucketBusy: both may be refused, never both
+    /// acknowledged). Like a deletion, a creation writes a row of its own first, then
+    /// reads the other creations' rows and the bucket, then writes the bucket's record
+    /// and withdraws its row: of two concurrent creations at least one sees the other,
+    /// and one that started after another finished sees its bucket. Without this, both
+    /// could be told they created the bucket, and puts acknowledged in the losing
+    /// generation would be lost with it.
     pub async fn create_bucket_with(
         self: &Arc<Self>,
         name: &str,
@@ -506,6 +520,69 @@ impl<E: Env> ClusterNode<E> {
             || u64::from(options.inline_threshold_bytes) > bdr_protocol::records::INLINE_OBJECT_BYTES_MAX
         {
             return Err(DataError::InvalidBucketOptions);
+        }
+        if let Some(Lww {
+            value: Some(Record::Bucket(_)),
+            ..
+        }) = self.meta_get(Table::Buckets, &bucket_row(name)).await?
+        {
+            return Err(DataError::BucketExists(name.to_string()));
+        }
+        let partition = bucket_creations_partition(name);
+        let (row, started_at_ms) = self.announce_bucket_intent(partition.clone(), 0).await?;
+        self.bucket_creations_in_flight
+            .lock()
+            .expect("not poisoned")
+            .insert(row.sort_key.clone());
+        let outcome = self
+            .create_announced_bucket(name, owner_key_id, options, &row, started_at_ms)
+            .await;
+        if let Err(error) = self.meta_put(Table::Buckets, &row, None).await {
+            tracing::warn!(bucket = name, %error, "could not withdraw a bucket creation row; it expires");
+        }
+        self.bucket_creations_in_flight
+            .lock()
+            .expect("not poisoned")
+            .remove(&row.sort_key);
+        outcome
+    }
+
+    /// The creation proper, once announced.
+    async fn create_announced_bucket(
+        self: &Arc<Self>,
+        name: &str,
+        owner_key_id: &str,
+        options: BucketOptions,
+        own_row: &RowKey,
+        started_at_ms: u64,
+    ) -> Result<BucketRecord, DataError> {
+        let rows = self
+            .meta_scan(
+                Table::Buckets,
+                &bucket_creations_partition(name),
+                b"",
+                None,
+                BUCKET_INTENTS_SCANNED_MAX,
+            )
+            .await?;
+        let now_ms = self.env.now_ms();
+        let own_node = self.env.node_id();
+        let another = rows.iter().any(|(row, register)| {
+            let Some(Record::BucketIntent(intent)) = &register.value else {
+                return false;
+            };
+            // This node's rows that are not in flight are of attempts that ended (a
+            // failed withdrawal, or a restart): they can create nothing any more.
+            let dead_own = row.sort_key.starts_with(own_node.as_bytes())
+                && !self
+                    .bucket_creations_in_flight
+                    .lock()
+                    .expect("not poisoned")
+                    .contains(&row.sort_key);
+            row != own_row && intent.in_progress(now_ms) && !dead_own
+        });
+        if another || rows.len() as u32 >= BUCKET_INTENTS_SCANNED_MAX {
+            return Err(DataError::BucketBusy(name.to_string()));
         }
         // `created_at_ms` is the bucket's generation: what its grants, uploads and object
         // versions name, so that none of them passes to a later bucket of the name. It
@@ -548,6 +625,12 @@ impl<E: Env> ClusterNode<E> {
                 None => membership.timestamp(created_at_ms),
             }
         };
+        // Right before the record is written: other creations trust a row only this long.
+        if self.env.now_ms().saturating_sub(started_at_ms) > BUCKET_INTENT_DEADLINE_MS {
+            return Err(DataError::NotDurable(format!(
+                "creating bucket {name} took longer than {BUCKET_INTENT_DEADLINE_MS} ms; retry"
+            )));
+        }
         self.forget_cached_bucket(name);
         self.meta_write_register(
             Table::Buckets,
@@ -1052,7 +1135,7 @@ impl<E: Env> ClusterNode<E> {
     /// A write racing the deletion must either be seen by the emptiness check or fail,
     /// never be acknowledged into a bucket that then goes. Without a compare-and-set, the
     /// two sides each write first and read second: the deletion writes its own row (a
-    /// [`BucketDeletionRecord`]) and then checks that the bucket is empty; a write
+    /// [`BucketIntentRecord`]) and then checks that the bucket is empty; a write
     /// commits its version and then reads the bucket and its deletion rows
     /// ([`ClusterNode::commit_version`]). Quorums intersect, so at least one side sees
     /// the other: the deletion refuses, or the write waits for the deletion's outcome
@@ -1060,7 +1143,7 @@ impl<E: Env> ClusterNode<E> {
     /// ends, so concurrent deletions cannot hide one another (a single mark in the bucket
     /// record could be cleared by one deletion while another was about to succeed).
     ///
-    /// A deletion that cannot remove the bucket within [`BUCKET_DELETION_DEADLINE_MS`]
+    /// A deletion that cannot remove the bucket within [`BUCKET_INTENT_DEADLINE_MS`]
     /// of starting gives up, which is what lets writes treat an older row (one left by a
     /// crashed gateway) as expired.
     pub async fn delete_bucket(self: &Arc<Self>, name: &str) -> Result<(), DataError> {
@@ -1081,23 +1164,35 @@ impl<E: Env> ClusterNode<E> {
         outcome
     }
 
-    /// Writes this deletion's own row; returns it and the deletion's start time.
-    pub(crate) async fn announce_bucket_deletion(
+    /// Writes a creation's or deletion's own row in `partition` (see
+    /// [`BucketIntentRecord`]); returns it and the request's start time. The row's key
+    /// starts with this node's id.
+    pub(crate) async fn announce_bucket_intent(
         self: &Arc<Self>,
-        bucket: &BucketRecord,
+        partition: Vec<u8>,
+        bucket_created_at_ms: u64,
     ) -> Result<(RowKey, u64), DataError> {
         let started_at_ms = self.env.now_ms();
         let mut sort_key = self.env.node_id().as_bytes().to_vec();
         sort_key.extend_from_slice(&started_at_ms.to_be_bytes());
         sort_key.extend_from_slice(&self.env.random_u64().to_be_bytes());
-        let row = RowKey::new(bucket_deletions_partition(&bucket.name), sort_key);
-        let record = BucketDeletionRecord {
-            bucket_created_at_ms: bucket.created_at_ms,
+        let row = RowKey::new(partition, sort_key);
+        let record = BucketIntentRecord {
+            bucket_created_at_ms,
             started_at_ms,
         };
-        self.meta_put_fresh(Table::Buckets, &row, Record::BucketDeletion(record))
+        self.meta_put_fresh(Table::Buckets, &row, Record::BucketIntent(record))
             .await?;
         Ok((row, started_at_ms))
+    }
+
+    /// Writes a deletion's own row.
+    pub(crate) async fn announce_bucket_deletion(
+        self: &Arc<Self>,
+        bucket: &BucketRecord,
+    ) -> Result<(RowKey, u64), DataError> {
+        self.announce_bucket_intent(bucket_deletions_partition(&bucket.name), bucket.created_at_ms)
+            .await
     }
 
     /// The deletion proper, once announced: the emptiness checks, then grants and the
@@ -1129,9 +1224,9 @@ impl<E: Env> ClusterNode<E> {
             self.meta_put(Table::BucketGrants, &row, None).await?;
         }
         // Right before the bucket goes: writes trust a deletion row only this long.
-        if self.env.now_ms().saturating_sub(started_at_ms) > BUCKET_DELETION_DEADLINE_MS {
+        if self.env.now_ms().saturating_sub(started_at_ms) > BUCKET_INTENT_DEADLINE_MS {
             return Err(DataError::NotDurable(format!(
-                "deleting bucket {name} took longer than {BUCKET_DELETION_DEADLINE_MS} ms; retry"
+                "deleting bucket {name} took longer than {BUCKET_INTENT_DEADLINE_MS} ms; retry"
             )));
         }
         self.rewrite_bucket_generation(name, bucket.created_at_ms, None).await
@@ -1150,17 +1245,17 @@ impl<E: Env> ClusterNode<E> {
                 &bucket_deletions_partition(name),
                 b"",
                 None,
-                BUCKET_DELETIONS_SCANNED_MAX,
+                BUCKET_INTENTS_SCANNED_MAX,
             )
             .await?;
         let now_ms = self.env.now_ms();
         let in_progress = rows.iter().any(|(_, register)| match &register.value {
-            Some(Record::BucketDeletion(deletion)) => {
+            Some(Record::BucketIntent(deletion)) => {
                 deletion.bucket_created_at_ms == generation && deletion.in_progress(now_ms)
             }
             _ => false,
         });
-        Ok(in_progress || rows.len() as u32 >= BUCKET_DELETIONS_SCANNED_MAX)
+        Ok(in_progress || rows.len() as u32 >= BUCKET_INTENTS_SCANNED_MAX)
     }
 
     /// Writes a bucket's register (`None`: its tombstone), stamped above what it holds,

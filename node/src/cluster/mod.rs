@@ -15,7 +15,7 @@ pub mod versions;
 #[cfg(test)]
 mod tests;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -149,6 +149,9 @@ pub struct ClusterNode<E: Env> {
     partition_replicas_cache: Mutex<metadata::PartitionReplicasCache>,
     /// See [`ClusterNode::set_part_bytes_min`].
     part_bytes_min: AtomicU64,
+    /// The row keys of this node's bucket creations in progress: its other creation rows
+    /// are of attempts that ended (see [`ClusterNode::create_bucket_with`]).
+    bucket_creations_in_flight: Mutex<BTreeSet<Vec<u8>>>,
 }
 
 fn load_system_record(env: &impl Env, key: &'static [u8]) -> Result<Option<SystemRecord>, ClusterError> {
@@ -239,6 +242,7 @@ impl<E: Env> ClusterNode<E> {
             maintenance: Mutex::new(MaintenanceState::default()),
             maintenance_passes: maintenance::PassLocks::default(),
             part_bytes_min: AtomicU64::new(data::PART_BYTES_MIN),
+            bucket_creations_in_flight: Mutex::new(BTreeSet::new()),
         });
         node.restore_maintenance_state();
         let gossiping = Arc::clone(&node);

@@ -2085,7 +2085,7 @@ async fn a_write_meeting_a_bucket_deletion_is_never_acknowledged_into_a_bucket_t
 
     // A row whose deadline and clock allowance have passed (its gateway crashed) no
     // longer holds writes back.
-    let expiry_ms = bdr_protocol::records::BUCKET_DELETION_DEADLINE_MS + bdr_protocol::records::CLOCK_SKEW_ALLOWANCE_MS;
+    let expiry_ms = bdr_protocol::records::BUCKET_INTENT_DEADLINE_MS + bdr_protocol::records::CLOCK_SKEW_ALLOWANCE_MS;
     writer
         .env()
         .clock_skew_ms
@@ -2102,4 +2102,51 @@ async fn a_write_meeting_a_bucket_deletion_is_never_acknowledged_into_a_bucket_t
         deleter.delete_bucket("backups").await,
         Err(DataError::BucketNotEmpty(_))
     ));
+}
+
+/// A creation writes its row, then reads the others' rows and the bucket: of two
+/// concurrent creations at least one sees the other and refuses, so two requests are
+/// never both told they created the bucket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_creations_of_one_bucket_are_never_both_acknowledged() {
+    let cluster = TestCluster::start(&SIX_NODES).await;
+    let (creator, other) = (cluster.node(0), cluster.node(3));
+    let creations = b"creations:backups".to_vec();
+    // Another gateway's creation is in progress: this one refuses (the client retries).
+    let (row, _) = other.announce_bucket_intent(creations.clone(), 0).await.unwrap();
+    other
+        .bucket_creations_in_flight
+        .lock()
+        .unwrap()
+        .insert(row.sort_key.clone());
+    let outcome = creator.create_bucket("backups", "one").await;
+    assert!(matches!(outcome, Err(DataError::BucketBusy(_))), "{outcome:?}");
+    // So does a creation through the other gateway itself (its row is in flight there).
+    let outcome = other.create_bucket("backups", "two").await;
+    assert!(matches!(outcome, Err(DataError::BucketBusy(_))), "{outcome:?}");
+    // Once that row is gone, a creation goes through, and the next one finds the bucket.
+    creator.meta_put(Table::Buckets, &row, None).await.unwrap();
+    other.bucket_creations_in_flight.lock().unwrap().remove(&row.sort_key);
+    let created = creator.create_bucket("backups", "one").await.unwrap();
+    assert!(matches!(
+        other.create_bucket("backups", "two").await,
+        Err(DataError::BucketExists(_))
+    ));
+    assert!(!creator
+        .meta_scan(Table::Buckets, &creations, b"", None, 10)
+        .await
+        .unwrap()
+        .iter()
+        .any(|(_, register)| register.value.is_some()));
+    // A row this gateway left behind (an attempt that ended without withdrawing it) does
+    // not block its own later attempts; another gateway's does, until it expires.
+    creator.delete_bucket("backups").await.unwrap();
+    let (left, _) = creator.announce_bucket_intent(creations.clone(), 0).await.unwrap();
+    assert!(matches!(
+        other.create_bucket("backups", "two").await,
+        Err(DataError::BucketBusy(_))
+    ));
+    let again = creator.create_bucket("backups", "one").await.unwrap();
+    assert!(again.created_at_ms > created.created_at_ms);
+    creator.meta_put(Table::Buckets, &left, None).await.unwrap();
 }

@@ -230,9 +230,10 @@ fn data_error_response(error: DataError) -> Response {
         DataError::InvalidPart(_) | DataError::InvalidPartOrder | DataError::EntityTooSmall { .. } => {
             StatusCode::BAD_REQUEST
         }
-        DataError::BucketExists(_) | DataError::BucketNotEmpty(_) | DataError::BucketBeingDeleted(_) => {
-            StatusCode::CONFLICT
-        }
+        DataError::BucketExists(_)
+        | DataError::BucketNotEmpty(_)
+        | DataError::BucketBeingDeleted(_)
+        | DataError::BucketBusy(_) => StatusCode::CONFLICT,
         DataError::InvalidBucketName(_)
         | DataError::InvalidBucketOptions
         | DataError::InvalidKey(_)
