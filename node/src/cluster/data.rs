@@ -556,21 +556,11 @@ impl<E: Env> ClusterNode<E> {
         own_row: &RowKey,
         started_at_ms: u64,
     ) -> Result<BucketRecord, DataError> {
-        let rows = self
-            .meta_scan(
-                Table::Buckets,
-                &bucket_creations_partition(name),
-                b"",
-                None,
-                BUCKET_INTENTS_SCANNED_MAX,
-            )
+        let (intents, too_many) = self
+            .bucket_intents_in_progress(bucket_creations_partition(name))
             .await?;
-        let now_ms = self.env.now_ms();
         let own_node = self.env.node_id();
-        let another = rows.iter().any(|(row, register)| {
-            let Some(Record::BucketIntent(intent)) = &register.value else {
-                return false;
-            };
+        let another = intents.iter().any(|(row, _)| {
             // This node's rows that are not in flight are of attempts that ended (a
             // failed withdrawal, or a restart): they can create nothing any more.
             let dead_own = row.sort_key.starts_with(own_node.as_bytes())
@@ -579,9 +569,9 @@ impl<E: Env> ClusterNode<E> {
                     .lock()
                     .expect("not poisoned")
                     .contains(&row.sort_key);
-            row != own_row && intent.in_progress(now_ms) && !dead_own
+            row != own_row && !dead_own
         });
-        if another || rows.len() as u32 >= BUCKET_INTENTS_SCANNED_MAX {
+        if another || too_many {
             return Err(DataError::BucketBusy(name.to_string()));
         }
         // `created_at_ms` is the bucket's generation: what its grants, uploads and object
@@ -1239,23 +1229,34 @@ impl<E: Env> ClusterNode<E> {
         name: &str,
         generation: u64,
     ) -> Result<bool, DataError> {
-        let rows = self
-            .meta_scan(
-                Table::Buckets,
-                &bucket_deletions_partition(name),
-                b"",
-                None,
-                BUCKET_INTENTS_SCANNED_MAX,
-            )
+        let (intents, too_many) = self
+            .bucket_intents_in_progress(bucket_deletions_partition(name))
             .await?;
+        Ok(too_many
+            || intents
+                .iter()
+                .any(|(_, deletion)| deletion.bucket_created_at_ms == generation))
+    }
+
+    /// The rows of `partition` (one bucket's creations or deletions) whose request may
+    /// still be in progress, and whether there were too many rows to tell.
+    async fn bucket_intents_in_progress(
+        self: &Arc<Self>,
+        partition: Vec<u8>,
+    ) -> Result<(Vec<(RowKey, BucketIntentRecord)>, bool), DataError> {
+        let rows = self
+            .meta_scan(Table::Buckets, &partition, b"", None, BUCKET_INTENTS_SCANNED_MAX)
+            .await?;
+        let too_many = rows.len() as u32 >= BUCKET_INTENTS_SCANNED_MAX;
         let now_ms = self.env.now_ms();
-        let in_progress = rows.iter().any(|(_, register)| match &register.value {
-            Some(Record::BucketIntent(deletion)) => {
-                deletion.bucket_created_at_ms == generation && deletion.in_progress(now_ms)
-            }
-            _ => false,
-        });
-        Ok(in_progress || rows.len() as u32 >= BUCKET_INTENTS_SCANNED_MAX)
+        let intents = rows
+            .into_iter()
+            .filter_map(|(row, register)| match register.value {
+                Some(Record::BucketIntent(intent)) if intent.in_progress(now_ms) => Some((row, intent)),
+                _ => None,
+            })
+            .collect();
+        Ok((intents, too_many))
     }
 
     /// Writes a bucket's register (`None`: its tombstone), stamped above what it holds,
