@@ -1219,7 +1219,7 @@ impl<E: Env> ClusterNode<E> {
                 "deleting bucket {name} took longer than {BUCKET_INTENT_DEADLINE_MS} ms; retry"
             )));
         }
-        self.rewrite_bucket_generation(name, bucket.created_at_ms, None).await
+        self.tombstone_bucket_generation(name, bucket.created_at_ms).await
     }
 
     /// Whether a deletion of generation `generation` of bucket `name` may be in progress:
@@ -1259,14 +1259,13 @@ impl<E: Env> ClusterNode<E> {
         Ok((intents, too_many))
     }
 
-    /// Writes a bucket's register (`None`: its tombstone), stamped above what it holds,
-    /// only while it still holds generation `generation`: a bucket deleted and created
-    /// again meanwhile is not overwritten (NoSuchBucket).
-    pub(crate) async fn rewrite_bucket_generation(
+    /// Tombstones a bucket's register, stamped above what it holds, only while it still
+    /// holds generation `generation`: a bucket deleted and created again meanwhile is not
+    /// overwritten (NoSuchBucket).
+    pub(crate) async fn tombstone_bucket_generation(
         self: &Arc<Self>,
         name: &str,
         generation: u64,
-        value: Option<BucketRecord>,
     ) -> Result<(), DataError> {
         let row = bucket_row(name);
         let current = self.meta_get(Table::Buckets, &row).await?;
@@ -1282,11 +1281,8 @@ impl<E: Env> ClusterNode<E> {
             membership.timestamp_after(now_ms, &current.timestamp)
         };
         self.forget_cached_bucket(name);
-        let register = Lww {
-            timestamp: stamp,
-            value: value.map(Record::Bucket),
-        };
-        self.meta_write_register(Table::Buckets, &row, &register).await?;
+        self.meta_write_register(Table::Buckets, &row, &Lww::tombstone(stamp))
+            .await?;
         self.forget_cached_bucket(name);
         Ok(())
     }

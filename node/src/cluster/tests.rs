@@ -2054,7 +2054,7 @@ async fn a_write_meeting_a_bucket_deletion_is_never_acknowledged_into_a_bucket_t
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(!waiting.is_finished(), "the write waits while the deletion decides");
     deleter
-        .rewrite_bucket_generation("backups", first.created_at_ms, None)
+        .tombstone_bucket_generation("backups", first.created_at_ms)
         .await
         .unwrap();
     let outcome = waiting.await.unwrap();
