@@ -339,11 +339,53 @@ pub(crate) fn validate_key(key: &str) -> Result<(), DataError> {
     Ok(())
 }
 
-pub(crate) fn object_row(bucket: &str, key: &str, version_id: &str) -> RowKey {
+/// The row of version `version_id` of `key` in the bucket generation
+/// `bucket_created_at_ms`: `key NUL id`. Versioned ids come from stamps, so no two
+/// versions share one; "null" is every generation's id, so its row carries the generation
+/// (`null-` and 16 hex digits, still after every versioned id). Were it shared, a late
+/// write from a deleted bucket, stamped by a fast clock, would win the register over an
+/// acknowledged version of the bucket of the same name created since.
+pub(crate) fn object_row(bucket: &str, bucket_created_at_ms: u64, key: &str, version_id: &str) -> RowKey {
     let mut sort_key = key.as_bytes().to_vec();
     sort_key.push(0);
-    sort_key.extend_from_slice(version_id.as_bytes());
+    sort_key.extend_from_slice(version_row_id(version_id, bucket_created_at_ms).as_bytes());
     RowKey::new(bucket.as_bytes(), sort_key)
+}
+
+/// The row `record` lives in.
+pub(crate) fn object_row_of(record: &ObjectVersionRecord) -> RowKey {
+    object_row(
+        &record.bucket,
+        record.bucket_created_at_ms,
+        &record.key,
+        &record.version_id,
+    )
+}
+
+/// The id part of a version's sort key (see [`object_row`]).
+fn version_row_id(version_id: &str, bucket_created_at_ms: u64) -> std::borrow::Cow<'_, str> {
+    match version_id == NULL_VERSION {
+        true => format!("{NULL_VERSION}-{bucket_created_at_ms:016x}").into(),
+        false => version_id.into(),
+    }
+}
+
+/// Whether the row `sort_key` is where `record` lives: a "null" version written before
+/// rows carried their generation sits at another address, and is served from nowhere.
+pub(crate) fn is_row_of(sort_key: &[u8], record: &ObjectVersionRecord) -> bool {
+    let id = version_row_id(&record.version_id, record.bucket_created_at_ms);
+    match sort_key.split_at_checked(record.key.len()) {
+        Some((key, rest)) => key == record.key.as_bytes() && rest.first() == Some(&0) && &rest[1..] == id.as_bytes(),
+        None => false,
+    }
+}
+
+/// The version id a `key NUL id` object row holds ("null" for every generation's).
+pub(crate) fn version_id_of_row(row_id: &str) -> &str {
+    match row_id.starts_with(NULL_VERSION) {
+        true => NULL_VERSION,
+        false => row_id,
+    }
 }
 
 /// All bucket records share one partition, so listing buckets is one range scan.

@@ -61,7 +61,8 @@ use bdr_protocol::wire::{
 use serde::{Deserialize, Serialize};
 
 use super::data::{
-    bucket_row, object_row, part_row, stripe_row, upload_row, SHARD_READ_TIMEOUT_MS, SHARD_WRITE_TIMEOUT_MS,
+    bucket_row, object_row, part_row, stripe_row, upload_row, NULL_VERSION, SHARD_READ_TIMEOUT_MS,
+    SHARD_WRITE_TIMEOUT_MS,
 };
 use super::membership::Liveness;
 use super::ClusterNode;
@@ -860,11 +861,23 @@ impl<E: Env> ClusterNode<E> {
                 key,
                 version_id,
             } => {
+                let mut references = OwnerReferences::new(bucket);
+                // A "null" row's address carries its bucket generation, which the owner
+                // does not name: every generation's "null" row of the key is read (few:
+                // maintenance collects those of deleted buckets).
+                if version_id == NULL_VERSION {
+                    let mut sort_prefix = key.as_bytes().to_vec();
+                    sort_prefix.push(0);
+                    sort_prefix.extend_from_slice(NULL_VERSION.as_bytes());
+                    self.add_version_references(bucket, &sort_prefix, &mut references)
+                        .await?;
+                    return Some(references);
+                }
+                // A versioned id's row does not depend on the generation.
                 let register = self
-                    .meta_get(Table::Objects, &object_row(bucket, key, version_id))
+                    .meta_get(Table::Objects, &object_row(bucket, 0, key, version_id))
                     .await
                     .ok()?;
-                let mut references = OwnerReferences::new(bucket);
                 if let Some(Lww {
                     value: Some(Record::ObjectVersion(object)),
                     ..
@@ -1024,13 +1037,26 @@ impl<E: Env> ClusterNode<E> {
         }
         let mut sort_prefix = key.as_bytes().to_vec();
         sort_prefix.push(0);
+        self.add_version_references(bucket, &sort_prefix, &mut referenced)
+            .await?;
+        Some(referenced)
+    }
+
+    /// Adds the stripes of every version of `bucket` whose row's sort key starts with
+    /// `sort_prefix` to `references`, by generation; None if they cannot be read.
+    async fn add_version_references(
+        self: &Arc<Self>,
+        bucket: &str,
+        sort_prefix: &[u8],
+        references: &mut OwnerReferences,
+    ) -> Option<()> {
         let mut after: Option<Vec<u8>> = None;
         loop {
             let page = self
                 .meta_scan(
                     Table::Objects,
                     bucket.as_bytes(),
-                    &sort_prefix,
+                    sort_prefix,
                     after.as_deref(),
                     VERSIONS_PAGE_ROWS,
                 )
@@ -1038,12 +1064,12 @@ impl<E: Env> ClusterNode<E> {
                 .ok()?;
             for (_, register) in &page {
                 if let Some(Record::ObjectVersion(object)) = &register.value {
-                    referenced.add(object.bucket_created_at_ms, data_stripes(&object.data));
+                    references.add(object.bucket_created_at_ms, data_stripes(&object.data));
                 }
             }
             match page.last() {
                 Some((row, _)) if page.len() == VERSIONS_PAGE_ROWS as usize => after = Some(row.sort_key.clone()),
-                _ => return Some(referenced),
+                _ => return Some(()),
             }
         }
     }
@@ -1058,8 +1084,8 @@ impl<E: Env> ClusterNode<E> {
     /// for the write deadline plus the grace (on this node's clock), and only if a quorum
     /// still holds that register. Its tombstone is stamped just above that register and
     /// below every stamp a writer that saw the register takes (same wall time and counter,
-    /// the greatest node id), so it can only replace the stale version: a version of the
-    /// new bucket written over it (a "null" row is shared) always stays.
+    /// the greatest node id), so it can only replace the stale version, never a write
+    /// that came after it.
     /// The next page (up to [`SURVEY_BATCH_STRIPES`] rows) of this replica's rows of
     /// `table` in `partition` after `cursor`, which it advances; and whether the page is
     /// full (more may follow).

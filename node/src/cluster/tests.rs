@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bdr_protocol::envelope::RootKey;
+use bdr_protocol::hlc::HlcTimestamp;
 use bdr_protocol::ids::{NodeId, ZoneName};
 use bdr_protocol::layout::{NodeRoles, NodeSpec, NodeStatus};
 use bdr_protocol::records::{
@@ -17,7 +18,7 @@ use bdr_protocol::records::{
 use bdr_protocol::wire::{self, MaintenanceCommand, Request, Response, Table};
 use futures::StreamExt;
 
-use super::data::{bucket_row, object_row, BodyCheck, BucketRights, DataError, DataKeys, ObjectWrite};
+use super::data::{bucket_row, object_row, BodyCheck, BucketRights, DataError, DataKeys, ObjectWrite, NULL_VERSION};
 use super::maintenance::MaintenanceConfig;
 use super::membership::MembershipConfig;
 use super::versions::LockChange;
@@ -1859,6 +1860,49 @@ async fn a_bucket_created_again_gets_a_new_generation_even_within_a_millisecond_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_write_to_a_deleted_bucket_never_replaces_an_object_of_its_successor() {
+    let cluster = TestCluster::start(&SIX_NODES).await;
+    let node = cluster.node(0);
+    let first = node.create_bucket("backups", "owner").await.unwrap();
+    node.delete_bucket("backups").await.unwrap();
+    node.create_bucket("backups", "owner").await.unwrap();
+    let kept = pattern(150_000, 7);
+    put(node, "backups", "shared", &kept).await.unwrap();
+    let second = node.bucket("backups").await.unwrap().unwrap();
+    let acknowledged = node.current_version(&second, "shared").await.unwrap().unwrap();
+
+    // Writes begun in the first bucket land now: an unversioned put stamped by a gateway
+    // clock an hour fast, and an unversioned delete (stamped above what it reads).
+    let late = ObjectVersionRecord {
+        bucket_created_at_ms: first.created_at_ms,
+        version_stamp: HlcTimestamp {
+            wall_ms: acknowledged.version_stamp.wall_ms + 3_600_000,
+            ..acknowledged.version_stamp
+        },
+        etag: "late".into(),
+        ..acknowledged.clone()
+    };
+    assert!(matches!(
+        node.commit_version(&late).await,
+        Err(DataError::NoSuchBucket(_))
+    ));
+    node.delete_object_version(&first, "shared", None, false).await.unwrap();
+
+    for reader in [node, cluster.node(3)] {
+        assert_eq!(get(reader, "backups", "shared").await.unwrap(), kept);
+        assert_eq!(
+            reader.current_version(&second, "shared").await.unwrap().unwrap().etag,
+            acknowledged.etag
+        );
+        assert!(!reader.bucket_is_empty(&second).await.unwrap());
+    }
+    assert!(matches!(
+        node.delete_bucket("backups").await,
+        Err(DataError::BucketNotEmpty(_))
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn versions_a_deleted_bucket_left_behind_are_invisible_to_its_successor_and_collected() {
     let cluster = TestCluster::start(&SIX_NODES).await;
     let node = cluster.node(0);
@@ -1931,8 +1975,9 @@ async fn versions_a_deleted_bucket_left_behind_are_invisible_to_its_successor_an
 
     // Garbage collection takes the old versions' rows and stripes, and nothing else.
     let old_rows = [
-        object_row("backups", "striped", &striped.version_id),
-        object_row("backups", "small", &small.version_id),
+        object_row("backups", first.created_at_ms, "shared", NULL_VERSION),
+        object_row("backups", first.created_at_ms, "striped", &striped.version_id),
+        object_row("backups", first.created_at_ms, "small", &small.version_id),
     ];
     let all: Vec<usize> = (0..6).collect();
     cluster

@@ -2,8 +2,8 @@
 //!
 //! Every version of a key is a row `bucket / key NUL version_id`. Versions written while
 //! versioning is enabled get ids from their stamps ([`version_id_of`]) that sort newest
-//! first; versions written while it is off or suspended share the id "null" (one row,
-//! overwritten), which sorts after every other id. A version's `version_stamp` orders
+//! first; versions written while it is off or suspended share the id "null" (one row per
+//! bucket generation, overwritten), which sorts after every other id. A version's `version_stamp` orders
 //! it among the others: the current version of a key is the greater-stamped of its
 //! newest versioned row and its "null" row. A writer takes its stamp above every version
 //! it saw (as `meta_put` does for single rows), so a version written after another was
@@ -20,7 +20,9 @@
 //! someone else) while a write to the old one is still in flight. Every version records
 //! the generation (`created_at_ms`) of the bucket it was written in, and everything here
 //! that serves a bucket's versions skips those of another generation: they are garbage
-//! that the maintainers collect, never objects of the new bucket.
+//! that the maintainers collect, never objects of the new bucket. No row is shared across
+//! generations (the "null" row's address carries the generation), so a late write to a
+//! deleted bucket never replaces a version of the new one, whatever its stamp.
 
 use std::sync::Arc;
 
@@ -32,8 +34,8 @@ use bdr_protocol::records::{
 use bdr_protocol::wire::Table;
 
 use super::data::{
-    bucket_row, marker_sort_key, object_row, split_marker_sort_key, validate_key, DataError, ObjectListing,
-    COMMIT_DELETION_POLL_MS, COMMIT_DELETION_WAIT_MS, NULL_VERSION,
+    bucket_row, is_row_of, marker_sort_key, object_row, object_row_of, split_marker_sort_key, validate_key,
+    version_id_of_row, DataError, ObjectListing, COMMIT_DELETION_POLL_MS, COMMIT_DELETION_WAIT_MS, NULL_VERSION,
 };
 use super::ClusterNode;
 use crate::env::Env;
@@ -121,17 +123,24 @@ fn key_of_sort_key(sort_key: &[u8]) -> Option<&[u8]> {
     sort_key.split(|byte| *byte == 0).next()
 }
 
+/// The version a scanned row holds if it is one of `bucket`'s, in its own row.
+fn bucket_object_in_row<'a>(
+    row: &RowKey,
+    register: &'a Lww<Record>,
+    bucket: &BucketRecord,
+) -> Option<&'a ObjectVersionRecord> {
+    bucket_object_of(Some(register), bucket).filter(|record| is_row_of(&row.sort_key, record))
+}
+
 /// The live versions (and delete markers) of `bucket` among scanned rows, grouped by key
 /// in key order.
 fn group_by_key(rows: Vec<(RowKey, Lww<Record>)>, bucket: &BucketRecord) -> Vec<(String, Vec<ObjectVersionRecord>)> {
     let mut groups: Vec<(String, Vec<ObjectVersionRecord>)> = Vec::new();
-    for (_, register) in rows {
-        let Some(Record::ObjectVersion(record)) = register.value else {
+    for (row, register) in &rows {
+        let Some(record) = bucket_object_in_row(row, register, bucket) else {
             continue;
         };
-        if !record.belongs_to(bucket) {
-            continue;
-        }
+        let record = record.clone();
         match groups.last_mut() {
             Some((key, group)) if *key == record.key => group.push(record),
             _ => groups.push((record.key.clone(), vec![record])),
@@ -171,7 +180,7 @@ impl<E: Env> ClusterNode<E> {
                 .await?;
             if let Some(record) = page
                 .iter()
-                .filter_map(|(_, register)| bucket_object_of(Some(register), bucket))
+                .filter_map(|(row, register)| bucket_object_in_row(row, register, bucket))
                 .find(|record| record.version_id != NULL_VERSION)
             {
                 return Ok(Some(record.clone()));
@@ -183,8 +192,8 @@ impl<E: Env> ClusterNode<E> {
         }
     }
 
-    /// The "null" row's register (live, delete marker or tombstone, of this bucket or an
-    /// earlier one of the name) and the newest versioned record of `key` in this bucket.
+    /// This generation's "null" row's register (live, delete marker or tombstone) and the
+    /// newest versioned record of `key` in this bucket.
     /// Only the "null" row can exist in a bucket that never had versioning, so that is all
     /// it reads.
     async fn version_heads(
@@ -192,7 +201,7 @@ impl<E: Env> ClusterNode<E> {
         bucket: &BucketRecord,
         key: &str,
     ) -> Result<(Option<Lww<Record>>, Option<ObjectVersionRecord>), DataError> {
-        let null_row = object_row(&bucket.name, key, NULL_VERSION);
+        let null_row = object_row(&bucket.name, bucket.created_at_ms, key, NULL_VERSION);
         if bucket.versioning == VersioningState::Unversioned {
             return Ok((self.meta_get(Table::Objects, &null_row).await?, None));
         }
@@ -226,7 +235,10 @@ impl<E: Env> ClusterNode<E> {
         };
         validate_version_id(version_id)?;
         let register = self
-            .meta_get(Table::Objects, &object_row(&bucket.name, key, version_id))
+            .meta_get(
+                Table::Objects,
+                &object_row(&bucket.name, bucket.created_at_ms, key, version_id),
+            )
             .await?;
         bucket_object_of(register.as_ref(), bucket)
             .cloned()
@@ -235,16 +247,14 @@ impl<E: Env> ClusterNode<E> {
 
     /// Where the next version of `key` goes: a fresh id when versioning is enabled, the
     /// "null" row otherwise (refused while the "null" version is locked); stamped above
-    /// every version seen, and above the "null" row's register (even a tombstone, or a
-    /// version an earlier bucket of the name left there), so the write wins over
-    /// everything acknowledged before it.
+    /// every version seen, and above the "null" row's register (even a tombstone), so the
+    /// write wins over everything acknowledged before it.
     pub(crate) async fn version_slot(
         self: &Arc<Self>,
         bucket: &BucketRecord,
         key: &str,
     ) -> Result<VersionSlot, DataError> {
         let (null, newest) = self.version_heads(bucket, key).await?;
-        // The floor counts a version of an earlier bucket too: the new one must win its row.
         let null_record = object_of(null.as_ref());
         let floor = [
             newest.as_ref().map(|record| record.version_stamp),
@@ -255,7 +265,7 @@ impl<E: Env> ClusterNode<E> {
         .max()
         .flatten();
         let versioned = bucket.versioning == VersioningState::Enabled;
-        // An earlier bucket's version is nobody's object here: its lock protects nothing.
+        // Only this generation's version is in the row; the check is a second guard.
         if let Some(null_record) = null_record.filter(|record| !versioned && record.belongs_to(bucket)) {
             if null_record.lock.forbids_delete(self.env.now_ms(), false) {
                 return Err(DataError::ObjectLocked(format!(
@@ -313,12 +323,8 @@ impl<E: Env> ClusterNode<E> {
     /// Writes a version to its row, stamped with its version stamp, unchecked.
     pub(crate) async fn write_version(self: &Arc<Self>, record: &ObjectVersionRecord) -> Result<(), DataError> {
         let register = Lww::new(record.version_stamp, Record::ObjectVersion(record.clone()));
-        self.meta_write_register(
-            Table::Objects,
-            &object_row(&record.bucket, &record.key, &record.version_id),
-            &register,
-        )
-        .await?;
+        self.meta_write_register(Table::Objects, &object_row_of(record), &register)
+            .await?;
         Ok(())
     }
 
@@ -371,10 +377,11 @@ impl<E: Env> ClusterNode<E> {
         validate_key(key)?;
         if let Some(version_id) = version_id {
             validate_version_id(version_id)?;
-            let row = object_row(&bucket.name, key, version_id);
+            let row = object_row(&bucket.name, bucket.created_at_ms, key, version_id);
             let register = self.meta_get(Table::Objects, &row).await?;
-            // A version an earlier bucket of the name left behind is not this bucket's:
-            // like a missing one, there is nothing to delete (garbage collection takes it).
+            // A version an earlier bucket of the name left behind (at a versioned id) is
+            // not this bucket's: like a missing one, there is nothing to delete (garbage
+            // collection takes it).
             let Some(existing) = bucket_object_of(register.as_ref(), bucket) else {
                 return Ok(DeleteOutcome {
                     version_id: Some(version_id.to_string()),
@@ -394,8 +401,12 @@ impl<E: Env> ClusterNode<E> {
             });
         }
         if bucket.versioning == VersioningState::Unversioned {
-            self.meta_put(Table::Objects, &object_row(&bucket.name, key, NULL_VERSION), None)
-                .await?;
+            self.meta_put(
+                Table::Objects,
+                &object_row(&bucket.name, bucket.created_at_ms, key, NULL_VERSION),
+                None,
+            )
+            .await?;
             return Ok(DeleteOutcome {
                 version_id: None,
                 delete_marker: false,
@@ -476,7 +487,7 @@ impl<E: Env> ClusterNode<E> {
         }
         self.meta_put(
             Table::Objects,
-            &object_row(&bucket.name, key, &record.version_id),
+            &object_row_of(&record),
             Some(Record::ObjectVersion(record.clone())),
         )
         .await?;
@@ -552,8 +563,8 @@ impl<E: Env> ClusterNode<E> {
                     EMPTINESS_SCAN_ROWS,
                 )
                 .await?;
-            let holds_any = page.iter().any(|(_, register)| match &register.value {
-                Some(Record::ObjectVersion(record)) => record.belongs_to(bucket),
+            let holds_any = page.iter().any(|(row, register)| match &register.value {
+                Some(Record::ObjectVersion(record)) => record.belongs_to(bucket) && is_row_of(&row.sort_key, record),
                 // Not an object version: unexpected here, so it counts (never drop data).
                 Some(_) => true,
                 None => false,
@@ -589,21 +600,23 @@ impl<E: Env> ClusterNode<E> {
             )
             .await?;
         let full_page = rows.len() as u32 >= limit;
-        let last_row = rows
-            .last()
-            .map(|(row, register)| (row.sort_key.clone(), object_of(Some(register)).cloned()));
+        // (sort key, whether it is this bucket's "null" row) of the last row scanned.
+        let last_row = rows.last().map(|(row, register)| {
+            let own_null = bucket_object_in_row(row, register, bucket).is_some_and(|record| {
+                record.version_id == NULL_VERSION && record.bucket_created_at_ms == bucket.created_at_ms
+            });
+            (row.sort_key.clone(), own_null)
+        });
         let next_after = full_page
             .then_some(last_row.as_ref())
             .flatten()
             .and_then(|(sort_key, _)| key_of_sort_key(sort_key).map(<[u8]>::to_vec))
             .and_then(|key| String::from_utf8(key).ok());
         let groups = group_by_key(rows, bucket);
-        // The last key of a cut page may have versions past the cut ("null" sorts last):
-        // its current version is read whole, unless the cut fell on its "null" row.
-        let cut_mid_key = full_page
-            && last_row
-                .as_ref()
-                .is_some_and(|(_, record)| record.as_ref().is_none_or(|record| record.version_id != NULL_VERSION));
+        // The last key of a cut page may have versions past the cut ("null" rows sort
+        // last): its current version is read whole, unless the cut fell on this
+        // generation's "null" row (only other generations' rows may follow it).
+        let cut_mid_key = full_page && last_row.as_ref().is_some_and(|(_, own_null)| !own_null);
         // A cut inside a key is resolved by reading the key's current version directly,
         // even when the page held only tombstones of it (its live versions lie past the
         // cut, and the next page starts after the whole key).
@@ -633,7 +646,10 @@ impl<E: Env> ClusterNode<E> {
         after: Option<(&str, Option<&str>)>,
         limit: u32,
     ) -> Result<VersionListing, DataError> {
-        let after_sort_key = after.map(|(key, version_id)| marker_sort_key(key, version_id));
+        // Every generation's "null" row sorts after the key's versioned rows: after "null"
+        // is after the whole key.
+        let after_sort_key = after
+            .map(|(key, version_id)| marker_sort_key(key, version_id.filter(|version_id| *version_id != NULL_VERSION)));
         let rows = self
             .meta_scan(
                 Table::Objects,
@@ -647,7 +663,8 @@ impl<E: Env> ClusterNode<E> {
         let next_after = full_page
             .then(|| rows.last())
             .flatten()
-            .and_then(|(row, _)| split_marker_sort_key(&row.sort_key));
+            .and_then(|(row, _)| split_marker_sort_key(&row.sort_key))
+            .map(|(key, row_id)| (key, version_id_of_row(&row_id).to_string()));
         let first_key_cut = after.is_some_and(|(_, version_id)| version_id.is_some());
         let groups = group_by_key(rows, bucket);
         let group_count = groups.len();
