@@ -697,9 +697,9 @@ impl Shared {
     /// so puts race deletions and re-creations.
     async fn churn(&self, gateway: &Arc<ClusterNode<SimEnv>>, value_seed: u64, length: usize) {
         let key = format!("s{}", self.world.random_below(SCRATCH_KEYS));
-        // Of 10: create 1, two creations racing 1, put 4, read 2, empty and delete 1, a
-        // put racing an emptying and deletion 1.
-        match self.world.random_below(10) {
+        // Of 11: create 1, two creations racing 1, put 4, read 2, empty and delete 1, a
+        // put racing an emptying and deletion 1, a put outliving its bucket 1.
+        match self.world.random_below(11) {
             0 => {
                 let Some(options) = self.bucket_options else { return };
                 let result = gateway.create_bucket_with(SCRATCH_BUCKET, "sim", options).await;
@@ -756,6 +756,27 @@ impl Shared {
                     self.count("scratch_buckets_deleted");
                 }
             }
+            10 => {
+                // A put whose body is slow to arrive (a large one, a slow client) while
+                // the bucket is emptied and deleted: the deletion sees nothing of it, and
+                // its version, written once the body is in, names a dead generation.
+                // The put must fail; its version is garbage to collect.
+                let (body_released, released) = futures::channel::oneshot::channel::<()>();
+                let (_, deleted) = futures::future::join(
+                    self.scratch_put_held_back(gateway, key, value_seed, length, released),
+                    async {
+                        let deleted = self.empty_and_delete_scratch_bucket(gateway).await;
+                        let _ = body_released.send(());
+                        deleted
+                    },
+                )
+                .await;
+                self.world
+                    .record(&[b"scratch-delete-bucket-outlived", &[matches!(deleted, Ok(true)) as u8]]);
+                if matches!(deleted, Ok(true)) {
+                    self.count("scratch_buckets_deleted");
+                }
+            }
             _ => {
                 // The race DeleteBucket must settle: a put in flight while the bucket is
                 // emptied and deleted. Either the deletion sees the put's version and
@@ -778,7 +799,40 @@ impl Shared {
     /// bucket generation it was acknowledged in.
     async fn scratch_put(&self, gateway: &Arc<ClusterNode<SimEnv>>, key: String, value_seed: u64, length: usize) {
         let data = content(value_seed, length);
-        let hash = *blake3::hash(&data).as_bytes();
+        self.scratch_put_body(gateway, key, &data, futures::io::Cursor::new(data.clone()))
+            .await;
+    }
+
+    /// [`Self::scratch_put`] whose body's last byte arrives only once `released` fires.
+    async fn scratch_put_held_back(
+        &self,
+        gateway: &Arc<ClusterNode<SimEnv>>,
+        key: String,
+        value_seed: u64,
+        length: usize,
+        released: futures::channel::oneshot::Receiver<()>,
+    ) {
+        use futures::TryStreamExt;
+        let data = content(value_seed, length);
+        let split = data.len().saturating_sub(1);
+        let (head, tail) = (data[..split].to_vec(), data[split..].to_vec());
+        let body = futures::stream::iter([Ok::<_, std::io::Error>(head)])
+            .chain(futures::stream::once(Box::pin(async move {
+                let _ = released.await;
+                Ok(tail)
+            })))
+            .into_async_read();
+        self.scratch_put_body(gateway, key, &data, body).await;
+    }
+
+    async fn scratch_put_body(
+        &self,
+        gateway: &Arc<ClusterNode<SimEnv>>,
+        key: String,
+        data: &[u8],
+        body: impl futures::AsyncRead + Send + Unpin,
+    ) {
+        let hash = *blake3::hash(data).as_bytes();
         self.scratch_attempts.lock().expect("not poisoned").insert(hash);
         let write = ObjectWrite {
             bucket: SCRATCH_BUCKET.into(),
@@ -786,7 +840,7 @@ impl Shared {
             ..ObjectWrite::default()
         };
         let began_ms = self.world.executor.now_ms();
-        let result = gateway.put_object(write, futures::io::Cursor::new(data)).await;
+        let result = gateway.put_object(write, body).await;
         self.world
             .record(&[b"scratch-put", key.as_bytes(), &[result.is_ok() as u8]]);
         if let Ok(record) = result {
