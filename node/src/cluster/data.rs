@@ -18,7 +18,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use bdr_protocol::envelope::{self, DerivedKey, KeyPurpose, RootKey, NONCE_LENGTH_BYTES};
 use bdr_protocol::erasure::{CodecId, Shard, StripeCodec};
@@ -388,6 +388,34 @@ pub(crate) fn version_id_of_row(row_id: &str) -> &str {
     }
 }
 
+/// A bucket creation or deletion in progress on this node: its intent row and start
+/// time. Each holds one of the node's [`BUCKET_INTENT_SLOTS_MAX`] slots, which names its
+/// row (node id, incarnation, slot), so a partition keeps at most one row per node run
+/// and slot however many requests come and go (a fresh row per request piled up tombstones for the
+/// tombstone grace, until a full page read as "in progress" and refused everything).
+/// Dropping it frees the slot, also when the request's future is dropped mid-way; the
+/// next request of the slot in that partition writes over whatever row was left.
+pub(crate) struct BucketIntent<'a> {
+    pub row: RowKey,
+    pub started_at_ms: u64,
+    slots: &'a Mutex<BTreeMap<u32, Vec<u8>>>,
+    slot: u32,
+}
+
+impl Drop for BucketIntent<'_> {
+    fn drop(&mut self) {
+        self.slots.lock().expect("not poisoned").remove(&self.slot);
+    }
+}
+
+/// The sort key of the intent row of `slot` in one run (`incarnation`) of `node`.
+fn intent_sort_key(node: NodeId, incarnation: u64, slot: u32) -> Vec<u8> {
+    let mut sort_key = node.as_bytes().to_vec();
+    sort_key.extend_from_slice(&incarnation.to_be_bytes());
+    sort_key.extend_from_slice(&slot.to_be_bytes());
+    sort_key
+}
+
 /// All bucket records share one partition, so listing buckets is one range scan.
 pub(crate) fn bucket_row(bucket: &str) -> RowKey {
     RowKey::new(b"buckets".to_vec(), bucket.as_bytes())
@@ -419,7 +447,12 @@ pub const GRANTS_PER_BUCKET_MAX: u32 = 1_000;
 /// progress, even if they were all left by an earlier bucket of the name.
 pub const BUCKET_DELETION_UPLOADS_SCANNED_MAX: u32 = 1_000;
 /// Creation or deletion rows a request looks at; a full page counts as one in progress.
-pub const BUCKET_INTENTS_SCANNED_MAX: u32 = 100;
+/// A partition holds at most one row per node and intent slot ever used on it (rows are
+/// reused), so this is reached only by many nodes each running many at once.
+pub const BUCKET_INTENTS_SCANNED_MAX: u32 = 1_000;
+/// Bucket creations and deletions one node runs at once (each holds an intent slot; see
+/// [`BucketIntent`]); more are refused (BucketBusy) until one ends.
+pub const BUCKET_INTENT_SLOTS_MAX: u32 = 64;
 /// How long a write whose bucket is being deleted waits for the deletion's outcome
 /// before it fails (BucketBeingDeleted), and how often it looks meanwhile. A deletion
 /// takes a few metadata round trips; the row of one left by a crashed gateway lasts
@@ -570,22 +603,11 @@ impl<E: Env> ClusterNode<E> {
         {
             return Err(DataError::BucketExists(name.to_string()));
         }
-        let partition = bucket_creations_partition(name);
-        let (row, started_at_ms) = self.announce_bucket_intent(partition.clone(), 0).await?;
-        self.bucket_creations_in_flight
-            .lock()
-            .expect("not poisoned")
-            .insert(row.sort_key.clone());
-        let outcome = self
-            .create_announced_bucket(name, owner_key_id, options, &row, started_at_ms)
-            .await;
-        if let Err(error) = self.meta_put(Table::Buckets, &row, None).await {
+        let intent = self.announce_bucket_intent(bucket_creations_partition(name), 0).await?;
+        let outcome = self.create_announced_bucket(name, owner_key_id, options, &intent).await;
+        if let Err(error) = self.meta_put(Table::Buckets, &intent.row, None).await {
             tracing::warn!(bucket = name, %error, "could not withdraw a bucket creation row; it expires");
         }
-        self.bucket_creations_in_flight
-            .lock()
-            .expect("not poisoned")
-            .remove(&row.sort_key);
         outcome
     }
 
@@ -595,24 +617,15 @@ impl<E: Env> ClusterNode<E> {
         name: &str,
         owner_key_id: &str,
         options: BucketOptions,
-        own_row: &RowKey,
-        started_at_ms: u64,
+        own: &BucketIntent<'_>,
     ) -> Result<BucketRecord, DataError> {
+        let started_at_ms = own.started_at_ms;
         let (intents, too_many) = self
             .bucket_intents_in_progress(bucket_creations_partition(name))
             .await?;
-        let own_node = self.env.node_id();
-        let another = intents.iter().any(|(row, _)| {
-            // This node's rows that are not in flight are of attempts that ended (a
-            // failed withdrawal, or a restart): they can create nothing any more.
-            let dead_own = row.sort_key.starts_with(own_node.as_bytes())
-                && !self
-                    .bucket_creations_in_flight
-                    .lock()
-                    .expect("not poisoned")
-                    .contains(&row.sort_key);
-            row != own_row && !dead_own
-        });
+        let another = intents
+            .iter()
+            .any(|(row, _)| *row != own.row && !self.is_dead_own_intent(row));
         if another || too_many {
             return Err(DataError::BucketBusy(name.to_string()));
         }
@@ -1186,43 +1199,80 @@ impl<E: Env> ClusterNode<E> {
     /// [`ClusterNode::delete_bucket`] of one generation of a bucket: the one a request's
     /// access check read (NoSuchBucket if it was deleted, or replaced, since).
     pub async fn delete_bucket_generation(self: &Arc<Self>, bucket: &BucketRecord) -> Result<(), DataError> {
-        let (row, started_at_ms) = self.announce_bucket_deletion(bucket).await?;
-        let outcome = self.delete_announced_bucket(bucket, started_at_ms).await;
+        let intent = self.announce_bucket_deletion(bucket).await?;
+        let outcome = self.delete_announced_bucket(bucket, intent.started_at_ms).await;
         // Withdrawn whatever the outcome: once the bucket is gone its row names a dead
         // generation, and one left behind (this fails, or the gateway crashes) expires.
-        if let Err(error) = self.meta_put(Table::Buckets, &row, None).await {
+        if let Err(error) = self.meta_put(Table::Buckets, &intent.row, None).await {
             tracing::warn!(bucket = %bucket.name, %error, "could not withdraw a bucket deletion row; it expires");
         }
         outcome
     }
 
-    /// Writes a creation's or deletion's own row in `partition` (see
-    /// [`BucketIntentRecord`]); returns it and the request's start time. The row's key
-    /// starts with this node's id.
+    /// Takes an intent slot and writes a creation's or deletion's own row in
+    /// `partition` (see [`BucketIntentRecord`]): the row of this node and that slot,
+    /// written over whatever an earlier request of the slot left there.
     pub(crate) async fn announce_bucket_intent(
         self: &Arc<Self>,
         partition: Vec<u8>,
         bucket_created_at_ms: u64,
-    ) -> Result<(RowKey, u64), DataError> {
+    ) -> Result<BucketIntent<'_>, DataError> {
+        let slot = {
+            let mut slots = self.bucket_intent_slots.lock().expect("not poisoned");
+            let free = (0..BUCKET_INTENT_SLOTS_MAX).find(|slot| !slots.contains_key(slot));
+            let Some(slot) = free else {
+                return Err(DataError::BucketBusy(format!(
+                    "{} (this node runs {BUCKET_INTENT_SLOTS_MAX} bucket creations and deletions already)",
+                    String::from_utf8_lossy(&partition)
+                )));
+            };
+            slots.insert(slot, partition.clone());
+            slot
+        };
         let started_at_ms = self.env.now_ms();
-        let mut sort_key = self.env.node_id().as_bytes().to_vec();
-        sort_key.extend_from_slice(&started_at_ms.to_be_bytes());
-        sort_key.extend_from_slice(&self.env.random_u64().to_be_bytes());
-        let row = RowKey::new(partition, sort_key);
+        let intent = BucketIntent {
+            row: RowKey::new(
+                partition,
+                intent_sort_key(self.env.node_id(), self.bucket_intent_incarnation, slot),
+            ),
+            started_at_ms,
+            slots: &self.bucket_intent_slots,
+            slot,
+        };
         let record = BucketIntentRecord {
             bucket_created_at_ms,
             started_at_ms,
         };
-        self.meta_put_fresh(Table::Buckets, &row, Record::BucketIntent(record))
+        // Stamped above what the row holds (an earlier request's row or tombstone).
+        self.meta_put(Table::Buckets, &intent.row, Some(Record::BucketIntent(record)))
             .await?;
-        Ok((row, started_at_ms))
+        Ok(intent)
+    }
+
+    /// Whether `row` is this node's and not of a request in progress (of an earlier
+    /// run, or of a slot not held for the row's partition): the row of an attempt that
+    /// ended (a failed withdrawal, or a restart), which can create or delete nothing
+    /// any more.
+    fn is_dead_own_intent(&self, row: &RowKey) -> bool {
+        let Some(rest) = row.sort_key.strip_prefix(self.env.node_id().as_bytes().as_slice()) else {
+            return false;
+        };
+        let incarnation = self.bucket_intent_incarnation.to_be_bytes();
+        let Some(slot) = rest
+            .strip_prefix(incarnation.as_slice())
+            .and_then(|slot| Some(u32::from_be_bytes(slot.try_into().ok()?)))
+        else {
+            return true;
+        };
+        let slots = self.bucket_intent_slots.lock().expect("not poisoned");
+        slots.get(&slot) != Some(&row.partition_key)
     }
 
     /// Writes a deletion's own row.
     pub(crate) async fn announce_bucket_deletion(
         self: &Arc<Self>,
         bucket: &BucketRecord,
-    ) -> Result<(RowKey, u64), DataError> {
+    ) -> Result<BucketIntent<'_>, DataError> {
         self.announce_bucket_intent(bucket_deletions_partition(&bucket.name), bucket.created_at_ms)
             .await
     }

@@ -15,7 +15,7 @@ pub mod versions;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -149,9 +149,13 @@ pub struct ClusterNode<E: Env> {
     partition_replicas_cache: Mutex<metadata::PartitionReplicasCache>,
     /// See [`ClusterNode::set_part_bytes_min`].
     part_bytes_min: AtomicU64,
-    /// The row keys of this node's bucket creations in progress: its other creation rows
-    /// are of attempts that ended (see [`ClusterNode::create_bucket_with`]).
-    bucket_creations_in_flight: Mutex<BTreeSet<Vec<u8>>>,
+    /// This node's bucket creations and deletions in progress: intent slot -> the
+    /// partition its row is in (see [`data::BucketIntent`]).
+    bucket_intent_slots: Mutex<BTreeMap<u32, Vec<u8>>>,
+    /// Drawn at start, in every intent row's key: rows of an earlier run of this node
+    /// are told apart, and no write still in flight from before a restart (stamped by a
+    /// clock that may have run ahead of this run's) lands on a row of this run.
+    bucket_intent_incarnation: u64,
 }
 
 fn load_system_record(env: &impl Env, key: &'static [u8]) -> Result<Option<SystemRecord>, ClusterError> {
@@ -242,7 +246,8 @@ impl<E: Env> ClusterNode<E> {
             maintenance: Mutex::new(MaintenanceState::default()),
             maintenance_passes: maintenance::PassLocks::default(),
             part_bytes_min: AtomicU64::new(data::PART_BYTES_MIN),
-            bucket_creations_in_flight: Mutex::new(BTreeSet::new()),
+            bucket_intent_slots: Mutex::new(BTreeMap::new()),
+            bucket_intent_incarnation: env.random_u64(),
         });
         node.restore_maintenance_state();
         let gossiping = Arc::clone(&node);

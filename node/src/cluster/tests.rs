@@ -2094,7 +2094,7 @@ async fn a_write_meeting_a_bucket_deletion_is_never_acknowledged_into_a_bucket_t
 
     // The write saw a deletion and the bucket went: it fails, though its version is
     // written (and goes as garbage).
-    let (row, _) = deleter.announce_bucket_deletion(&first).await.unwrap();
+    let deletion = deleter.announce_bucket_deletion(&first).await.unwrap();
     let waiting = spawn_put("gone");
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(!waiting.is_finished(), "the write waits while the deletion decides");
@@ -2104,27 +2104,29 @@ async fn a_write_meeting_a_bucket_deletion_is_never_acknowledged_into_a_bucket_t
         .unwrap();
     let outcome = waiting.await.unwrap();
     assert!(matches!(outcome, Err(DataError::NoSuchBucket(_))), "{outcome:?}");
-    withdraw(row).await;
+    withdraw(deletion.row.clone()).await;
+    drop(deletion);
 
     // Two deletions at once; one finds the bucket not empty and withdraws. The write
     // still waits for the other (a single mark in the bucket record, cleared by the
     // first, let a write through while the second went on to delete the bucket:
     // simulator seed bucket-churn 179).
     let second = deleter.create_bucket("backups", "owner").await.unwrap();
-    let (one, _) = deleter.announce_bucket_deletion(&second).await.unwrap();
-    let (other, _) = cluster.node(1).announce_bucket_deletion(&second).await.unwrap();
+    let one = deleter.announce_bucket_deletion(&second).await.unwrap();
+    let other = cluster.node(1).announce_bucket_deletion(&second).await.unwrap();
     let waiting = spawn_put("kept");
     tokio::time::sleep(Duration::from_millis(300)).await;
-    withdraw(one).await;
+    withdraw(one.row.clone()).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(!waiting.is_finished(), "the write waits for the other deletion");
     // That one finds the bucket not empty too: the write is acknowledged.
-    withdraw(other).await;
+    withdraw(other.row.clone()).await;
     waiting.await.unwrap().unwrap();
+    drop((one, other));
     assert_eq!(get(cluster.node(4), "backups", "kept").await.unwrap(), b"kept");
 
     // Nobody decides within the write's wait: it fails as a conflict the client retries.
-    let (row, _) = deleter.announce_bucket_deletion(&second).await.unwrap();
+    let deletion = deleter.announce_bucket_deletion(&second).await.unwrap();
     let outcome = put(&writer, "backups", "undecided", b"undecided").await;
     assert!(matches!(outcome, Err(DataError::BucketBeingDeleted(_))), "{outcome:?}");
 
@@ -2137,11 +2139,13 @@ async fn a_write_meeting_a_bucket_deletion_is_never_acknowledged_into_a_bucket_t
         .store(expiry_ms as i64 + 1_000, Ordering::Relaxed);
     put(&writer, "backups", "later", b"later").await.unwrap();
     writer.env().clock_skew_ms.store(0, Ordering::Relaxed);
-    withdraw(row).await;
+    withdraw(deletion.row.clone()).await;
+    drop(deletion);
     // Nor do rows of an earlier bucket of the name.
-    let stale = deleter.announce_bucket_deletion(&first).await.unwrap().0;
+    let stale = deleter.announce_bucket_deletion(&first).await.unwrap();
     put(&writer, "backups", "unhindered", b"unhindered").await.unwrap();
-    withdraw(stale).await;
+    withdraw(stale.row.clone()).await;
+    drop(stale);
     // And the whole deletion, run for real, refuses the bucket it cannot empty.
     assert!(matches!(
         deleter.delete_bucket("backups").await,
@@ -2158,20 +2162,15 @@ async fn two_creations_of_one_bucket_are_never_both_acknowledged() {
     let (creator, other) = (cluster.node(0), cluster.node(3));
     let creations = b"creations:backups".to_vec();
     // Another gateway's creation is in progress: this one refuses (the client retries).
-    let (row, _) = other.announce_bucket_intent(creations.clone(), 0).await.unwrap();
-    other
-        .bucket_creations_in_flight
-        .lock()
-        .unwrap()
-        .insert(row.sort_key.clone());
+    let in_progress = other.announce_bucket_intent(creations.clone(), 0).await.unwrap();
     let outcome = creator.create_bucket("backups", "one").await;
     assert!(matches!(outcome, Err(DataError::BucketBusy(_))), "{outcome:?}");
     // So does a creation through the other gateway itself (its row is in flight there).
     let outcome = other.create_bucket("backups", "two").await;
     assert!(matches!(outcome, Err(DataError::BucketBusy(_))), "{outcome:?}");
     // Once that row is gone, a creation goes through, and the next one finds the bucket.
-    creator.meta_put(Table::Buckets, &row, None).await.unwrap();
-    other.bucket_creations_in_flight.lock().unwrap().remove(&row.sort_key);
+    creator.meta_put(Table::Buckets, &in_progress.row, None).await.unwrap();
+    drop(in_progress);
     let created = creator.create_bucket("backups", "one").await.unwrap();
     assert!(matches!(
         other.create_bucket("backups", "two").await,
@@ -2184,14 +2183,51 @@ async fn two_creations_of_one_bucket_are_never_both_acknowledged() {
         .iter()
         .any(|(_, register)| register.value.is_some()));
     // A row this gateway left behind (an attempt that ended without withdrawing it) does
-    // not block its own later attempts; another gateway's does, until it expires.
+    // not block its own later attempts, even while its slot serves another bucket's
+    // request; another gateway's does, until it expires.
     creator.delete_bucket("backups").await.unwrap();
-    let (left, _) = creator.announce_bucket_intent(creations.clone(), 0).await.unwrap();
+    let left = creator.announce_bucket_intent(creations.clone(), 0).await.unwrap();
+    let left_row = left.row.clone();
+    drop(left);
+    let elsewhere = creator
+        .announce_bucket_intent(b"creations:other".to_vec(), 0)
+        .await
+        .unwrap();
     assert!(matches!(
         other.create_bucket("backups", "two").await,
         Err(DataError::BucketBusy(_))
     ));
     let again = creator.create_bucket("backups", "one").await.unwrap();
     assert!(again.created_at_ms > created.created_at_ms);
-    creator.meta_put(Table::Buckets, &left, None).await.unwrap();
+    creator.meta_put(Table::Buckets, &left_row, None).await.unwrap();
+    drop(elsewhere);
+}
+
+/// Intent rows are reused (one per node and slot), so however many times a bucket name
+/// is created and deleted, its creation and deletion partitions stay small and writes
+/// and creations go on (fresh rows per request piled up tombstones for a day, until a
+/// full page read as a request in progress: after about 100 deletions writes answered
+/// 409).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creating_and_deleting_a_bucket_many_times_leaves_a_bounded_number_of_intent_rows() {
+    let cluster = TestCluster::start(&SIX_NODES).await;
+    // More rounds than the 100 rows a page held when every request wrote a fresh row.
+    let rounds = 120;
+    for round in 0..rounds {
+        let gateway = cluster.node(round as usize % 2);
+        gateway.create_bucket("backups", "owner").await.unwrap();
+        put(gateway, "backups", "object", b"bytes").await.unwrap();
+        gateway.delete_object("backups", "object").await.unwrap();
+        gateway.delete_bucket("backups").await.unwrap();
+    }
+    for partition in [&b"creations:backups"[..], b"deletions:backups"] {
+        let rows = cluster
+            .node(3)
+            .meta_scan(Table::Buckets, partition, b"", None, 1_000)
+            .await
+            .unwrap();
+        // One slot used on each of the two gateways (one run each).
+        assert_eq!(rows.len(), 2, "{}", String::from_utf8_lossy(partition));
+        assert!(rows.iter().all(|(_, register)| register.value.is_none()));
+    }
 }
