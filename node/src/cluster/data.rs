@@ -133,6 +133,8 @@ pub enum DataError {
     BucketBeingDeleted(String),
     #[error("bucket {0:?} is being created by another request; retry")]
     BucketBusy(String),
+    #[error("this node runs {0} bucket creations and deletions already; retry")]
+    BucketRequestsBusy(u32),
     #[error("no such key")]
     NoSuchKey,
     #[error("range {start}..{end} is not satisfiable for an object of {size} bytes")]
@@ -603,12 +605,42 @@ impl<E: Env> ClusterNode<E> {
         {
             return Err(DataError::BucketExists(name.to_string()));
         }
-        let intent = self.announce_bucket_intent(bucket_creations_partition(name), 0).await?;
-        let outcome = self.create_announced_bucket(name, owner_key_id, options, &intent).await;
-        if let Err(error) = self.meta_put(Table::Buckets, &intent.row, None).await {
-            tracing::warn!(bucket = name, %error, "could not withdraw a bucket creation row; it expires");
-        }
-        outcome
+        let node = Arc::clone(self);
+        let (name, owner_key_id) = (name.to_string(), owner_key_id.to_string());
+        self.run_to_completion("bucket-create", async move {
+            let intent = node
+                .announce_bucket_intent(bucket_creations_partition(&name), 0)
+                .await?;
+            let outcome = node
+                .create_announced_bucket(&name, &owner_key_id, options, &intent)
+                .await;
+            if let Err(error) = node.meta_put(Table::Buckets, &intent.row, None).await {
+                tracing::warn!(bucket = name, %error, "could not withdraw a bucket creation row; it expires");
+            }
+            outcome
+        })
+        .await
+    }
+
+    /// Runs a bucket creation or deletion as a task of its own, to its end even if the
+    /// caller stops waiting (a client that disconnects drops its request's future), so
+    /// it always withdraws its intent row: a row left behind holds writes (or creations)
+    /// of the name back until it expires, about 15 minutes.
+    async fn run_to_completion<T: Send + 'static>(
+        self: &Arc<Self>,
+        task_name: &'static str,
+        task: impl std::future::Future<Output = Result<T, DataError>> + Send + 'static,
+    ) -> Result<T, DataError> {
+        let (sender, receiver) = oneshot::channel();
+        self.env.spawn(
+            task_name,
+            Box::pin(async move {
+                let _ = sender.send(task.await);
+            }),
+        );
+        receiver
+            .await
+            .map_err(|_| DataError::NotDurable(format!("{task_name} was stopped (the node is shutting down)")))?
     }
 
     /// The creation proper, once announced.
@@ -1199,14 +1231,19 @@ impl<E: Env> ClusterNode<E> {
     /// [`ClusterNode::delete_bucket`] of one generation of a bucket: the one a request's
     /// access check read (NoSuchBucket if it was deleted, or replaced, since).
     pub async fn delete_bucket_generation(self: &Arc<Self>, bucket: &BucketRecord) -> Result<(), DataError> {
-        let intent = self.announce_bucket_deletion(bucket).await?;
-        let outcome = self.delete_announced_bucket(bucket, intent.started_at_ms).await;
-        // Withdrawn whatever the outcome: once the bucket is gone its row names a dead
-        // generation, and one left behind (this fails, or the gateway crashes) expires.
-        if let Err(error) = self.meta_put(Table::Buckets, &intent.row, None).await {
-            tracing::warn!(bucket = %bucket.name, %error, "could not withdraw a bucket deletion row; it expires");
-        }
-        outcome
+        let node = Arc::clone(self);
+        let bucket = bucket.clone();
+        self.run_to_completion("bucket-delete", async move {
+            let intent = node.announce_bucket_deletion(&bucket).await?;
+            let outcome = node.delete_announced_bucket(&bucket, intent.started_at_ms).await;
+            // Withdrawn whatever the outcome: once the bucket is gone its row names a dead
+            // generation, and one left behind (this fails, or the gateway crashes) expires.
+            if let Err(error) = node.meta_put(Table::Buckets, &intent.row, None).await {
+                tracing::warn!(bucket = %bucket.name, %error, "could not withdraw a bucket deletion row; it expires");
+            }
+            outcome
+        })
+        .await
     }
 
     /// Takes an intent slot and writes a creation's or deletion's own row in
@@ -1221,10 +1258,7 @@ impl<E: Env> ClusterNode<E> {
             let mut slots = self.bucket_intent_slots.lock().expect("not poisoned");
             let free = (0..BUCKET_INTENT_SLOTS_MAX).find(|slot| !slots.contains_key(slot));
             let Some(slot) = free else {
-                return Err(DataError::BucketBusy(format!(
-                    "{} (this node runs {BUCKET_INTENT_SLOTS_MAX} bucket creations and deletions already)",
-                    String::from_utf8_lossy(&partition)
-                )));
+                return Err(DataError::BucketRequestsBusy(BUCKET_INTENT_SLOTS_MAX));
             };
             slots.insert(slot, partition.clone());
             slot

@@ -244,7 +244,9 @@ fn data_error_response(error: DataError) -> Response {
         | DataError::BodyTimeout(_)
         | DataError::Body(_) => StatusCode::BAD_REQUEST,
         DataError::InvalidRange { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
-        DataError::NoDataKeys | DataError::NotDurable(_) | DataError::Meta(_) => StatusCode::SERVICE_UNAVAILABLE,
+        DataError::NoDataKeys | DataError::NotDurable(_) | DataError::Meta(_) | DataError::BucketRequestsBusy(_) => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
         DataError::StripeUnreadable { .. } | DataError::Corrupt(_) => StatusCode::INTERNAL_SERVER_ERROR,
     };
     (status, Json(serde_json::json!({ "error": error.to_string() }))).into_response()

@@ -95,12 +95,14 @@ fn s3_error_of(error: DataError) -> S3Error {
         DataError::InvalidBucketState(_) => S3ErrorCode::InvalidBucketState,
         DataError::InvalidLockRequest(_) => S3ErrorCode::InvalidRequest,
         DataError::NoDataKeys | DataError::NotDurable(_) | DataError::Meta(_) => S3ErrorCode::ServiceUnavailable,
+        // S3's 503 for "reduce your request rate".
+        DataError::BucketRequestsBusy(_) => S3ErrorCode::SlowDown,
         DataError::StripeUnreadable { .. } | DataError::Corrupt(_) => S3ErrorCode::InternalError,
     };
     let mut s3_error = S3Error::with_message(code, error.to_string());
     if matches!(
         error,
-        DataError::NoDataKeys | DataError::NotDurable(_) | DataError::Meta(_)
+        DataError::NoDataKeys | DataError::NotDurable(_) | DataError::Meta(_) | DataError::BucketRequestsBusy(_)
     ) {
         s3_error.set_status_code(http::StatusCode::SERVICE_UNAVAILABLE);
     }
