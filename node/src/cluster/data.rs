@@ -135,6 +135,8 @@ pub enum DataError {
     BucketBusy(String),
     #[error("this node runs {0} bucket creations and deletions already; retry")]
     BucketRequestsBusy(u32),
+    #[error("the cluster holds more than {0} buckets, more than a bucket list returns")]
+    TooManyBuckets(u64),
     #[error("no such key")]
     NoSuchKey,
     #[error("range {start}..{end} is not satisfiable for an object of {size} bytes")]
@@ -442,6 +444,11 @@ fn access_key_row(key_id: &str) -> RowKey {
 fn grant_row(bucket: &str, key_id: &str) -> RowKey {
     RowKey::new(bucket.as_bytes(), key_id.as_bytes())
 }
+
+/// Rows of the bucket list read per page.
+pub const BUCKETS_PAGE_ROWS: u32 = bdr_protocol::wire::SCAN_ROWS_MAX;
+/// Buckets ListBuckets returns at most (S3's default quota per account is 10,000).
+pub const BUCKETS_LISTED_MAX: u64 = 100_000;
 
 /// Grants listed (and removed with their bucket) at most.
 pub const GRANTS_PER_BUCKET_MAX: u32 = 1_000;
@@ -1192,18 +1199,29 @@ impl<E: Env> ClusterNode<E> {
         self.list_current_objects(&bucket, prefix, after, limit).await
     }
 
-    /// Every bucket, in name order.
+    /// Every bucket, in name order (up to [`BUCKETS_LISTED_MAX`]; more is an error, not
+    /// a silently short list). Paged: deleted buckets' tombstones share the partition
+    /// for the tombstone grace, so one page could end before the live buckets do.
     pub async fn list_buckets(self: &Arc<Self>) -> Result<Vec<BucketRecord>, DataError> {
-        let rows = self
-            .meta_scan(Table::Buckets, b"buckets", b"", None, bdr_protocol::wire::SCAN_ROWS_MAX)
-            .await?;
-        Ok(rows
-            .into_iter()
-            .filter_map(|(_, register)| match register.value {
+        let mut buckets = Vec::new();
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let page = self
+                .meta_scan(Table::Buckets, b"buckets", b"", after.as_deref(), BUCKETS_PAGE_ROWS)
+                .await?;
+            let full_page = page.len() as u32 >= BUCKETS_PAGE_ROWS;
+            after = page.last().map(|(row, _)| row.sort_key.clone());
+            buckets.extend(page.into_iter().filter_map(|(_, register)| match register.value {
                 Some(Record::Bucket(bucket)) => Some(bucket),
                 _ => None,
-            })
-            .collect())
+            }));
+            if buckets.len() as u64 > BUCKETS_LISTED_MAX {
+                return Err(DataError::TooManyBuckets(BUCKETS_LISTED_MAX));
+            }
+            if !full_page {
+                return Ok(buckets);
+            }
+        }
     }
 
     /// Deletes a bucket if it holds nothing of its generation: no object version, delete

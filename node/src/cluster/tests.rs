@@ -2288,3 +2288,31 @@ async fn a_bucket_deletion_whose_caller_goes_away_still_ends_and_withdraws_its_r
         waited_ms += 50;
     }
 }
+
+/// Deleted buckets' tombstones share the bucket list's partition for a day: a list
+/// that read one page of it returned only the buckets named before the cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bucket_list_reads_past_a_page_of_deleted_buckets() {
+    let cluster = TestCluster::start(&SIX_NODES).await;
+    let node = cluster.node(0);
+    let deleted = super::data::BUCKETS_PAGE_ROWS + 10;
+    let names: Vec<String> = (0..deleted).map(|index| format!("deleted-{index:05}")).collect();
+    futures::stream::iter(names.iter().cloned())
+        .for_each_concurrent(16, |name| async move {
+            node.create_bucket(&name, "owner").await.unwrap();
+            node.delete_bucket(&name).await.unwrap();
+        })
+        .await;
+    for name in ["live-after", "zz-last"] {
+        node.create_bucket(name, "owner").await.unwrap();
+    }
+    let listed: Vec<String> = cluster
+        .node(2)
+        .list_buckets()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|bucket| bucket.name)
+        .collect();
+    assert_eq!(listed, ["live-after", "zz-last"]);
+}

@@ -247,7 +247,9 @@ fn data_error_response(error: DataError) -> Response {
         DataError::NoDataKeys | DataError::NotDurable(_) | DataError::Meta(_) | DataError::BucketRequestsBusy(_) => {
             StatusCode::SERVICE_UNAVAILABLE
         }
-        DataError::StripeUnreadable { .. } | DataError::Corrupt(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        DataError::StripeUnreadable { .. } | DataError::Corrupt(_) | DataError::TooManyBuckets(_) => {
+            StatusCode::INTERNAL_SERVER_ERROR
+        }
     };
     (status, Json(serde_json::json!({ "error": error.to_string() }))).into_response()
 }

@@ -97,7 +97,9 @@ fn s3_error_of(error: DataError) -> S3Error {
         DataError::NoDataKeys | DataError::NotDurable(_) | DataError::Meta(_) => S3ErrorCode::ServiceUnavailable,
         // S3's 503 for "reduce your request rate".
         DataError::BucketRequestsBusy(_) => S3ErrorCode::SlowDown,
-        DataError::StripeUnreadable { .. } | DataError::Corrupt(_) => S3ErrorCode::InternalError,
+        DataError::StripeUnreadable { .. } | DataError::Corrupt(_) | DataError::TooManyBuckets(_) => {
+            S3ErrorCode::InternalError
+        }
     };
     let mut s3_error = S3Error::with_message(code, error.to_string());
     if matches!(
