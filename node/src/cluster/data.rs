@@ -450,8 +450,8 @@ pub const BUCKETS_PAGE_ROWS: u32 = bdr_protocol::wire::SCAN_ROWS_MAX;
 /// Buckets ListBuckets returns at most (S3's default quota per account is 10,000).
 pub const BUCKETS_LISTED_MAX: u64 = 100_000;
 
-/// Grants listed (and removed with their bucket) at most.
-pub const GRANTS_PER_BUCKET_MAX: u32 = 1_000;
+/// Grant rows read per page.
+pub const GRANTS_PAGE_ROWS: u32 = 1_000;
 /// Multipart uploads a DeleteBucket looks at: a full page of them counts as uploads in
 /// progress, even if they were all left by an earlier bucket of the name.
 pub const BUCKET_DELETION_UPLOADS_SCANNED_MAX: u32 = 1_000;
@@ -1445,17 +1445,32 @@ impl<E: Env> ClusterNode<E> {
         Ok(())
     }
 
+    /// Every grant row of `bucket` (one per access key ever granted, revoked ones as
+    /// tombstones for the tombstone grace), paged: a single page could end before the
+    /// live grants do.
     async fn grant_rows(self: &Arc<Self>, bucket: &str) -> Result<Vec<(RowKey, BucketGrant)>, DataError> {
-        let rows = self
-            .meta_scan(Table::BucketGrants, bucket.as_bytes(), b"", None, GRANTS_PER_BUCKET_MAX)
-            .await?;
-        Ok(rows
-            .into_iter()
-            .filter_map(|(row, register)| match register.value {
+        let mut grants = Vec::new();
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let page = self
+                .meta_scan(
+                    Table::BucketGrants,
+                    bucket.as_bytes(),
+                    b"",
+                    after.as_deref(),
+                    GRANTS_PAGE_ROWS,
+                )
+                .await?;
+            let full_page = page.len() as u32 >= GRANTS_PAGE_ROWS;
+            after = page.last().map(|(row, _)| row.sort_key.clone());
+            grants.extend(page.into_iter().filter_map(|(row, register)| match register.value {
                 Some(Record::BucketGrant(grant)) => Some((row, grant)),
                 _ => None,
-            })
-            .collect())
+            }));
+            if !full_page {
+                return Ok(grants);
+            }
+        }
     }
 
     /// Gives `key_id` read and/or write rights on `bucket`, replacing what it had; both

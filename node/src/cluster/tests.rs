@@ -2316,3 +2316,26 @@ async fn the_bucket_list_reads_past_a_page_of_deleted_buckets() {
         .collect();
     assert_eq!(listed, ["live-after", "zz-last"]);
 }
+
+/// A bucket's grants are read page by page: with more grant rows than a page, the list
+/// came back short and DeleteBucket left the rest behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_grant_of_a_bucket_is_listed_and_removed_with_it_past_one_page() {
+    let cluster = TestCluster::start(&SIX_NODES).await;
+    let node = cluster.node(0);
+    node.create_bucket("backups", "owner").await.unwrap();
+    let grantees = super::data::GRANTS_PAGE_ROWS + 11;
+    futures::stream::iter(0..grantees)
+        .for_each_concurrent(16, |index| async move {
+            let key = node.create_access_key(&format!("reader-{index}"), false).await.unwrap();
+            node.grant_bucket("backups", &key.key_id, true, false).await.unwrap();
+        })
+        .await;
+    assert_eq!(
+        cluster.node(2).bucket_grants("backups").await.unwrap().len(),
+        grantees as usize
+    );
+    node.delete_bucket("backups").await.unwrap();
+    node.create_bucket("backups", "owner").await.unwrap();
+    assert!(node.bucket_grants("backups").await.unwrap().is_empty());
+}
