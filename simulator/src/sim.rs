@@ -183,6 +183,9 @@ pub struct Outcome {
     pub scratch_buckets_deleted: u64,
     pub scratch_puts_acknowledged: u64,
     pub stale_versions_at_heal: u64,
+    /// Versions written into a bucket already deleted (puts whose body was held back
+    /// until their bucket went), all of which maintenance must collect.
+    pub stale_versions_written: u64,
     /// Layout changes done: nodes joined, nodes removed.
     pub nodes_joined: u64,
     pub nodes_removed: u64,
@@ -762,7 +765,7 @@ impl Shared {
                 // its version, written once the body is in, names a dead generation.
                 // The put must fail; its version is garbage to collect.
                 let (body_released, released) = futures::channel::oneshot::channel::<()>();
-                let (_, deleted) = futures::future::join(
+                let (put, deleted) = futures::future::join(
                     self.scratch_put_held_back(gateway, key, value_seed, length, released),
                     async {
                         let deleted = self.empty_and_delete_scratch_bucket(gateway).await;
@@ -775,6 +778,12 @@ impl Shared {
                     .record(&[b"scratch-delete-bucket-outlived", &[matches!(deleted, Ok(true)) as u8]]);
                 if matches!(deleted, Ok(true)) {
                     self.count("scratch_buckets_deleted");
+                    // It saw the bucket before the deletion ended, so NoSuchBucket came
+                    // from its commit, which writes the version first: a version of a
+                    // deleted bucket, which the final checks require to be collected.
+                    if matches!(put, Err(DataError::NoSuchBucket(_))) {
+                        self.count("stale_versions_written");
+                    }
                 }
             }
             _ => {
@@ -799,7 +808,8 @@ impl Shared {
     /// bucket generation it was acknowledged in.
     async fn scratch_put(&self, gateway: &Arc<ClusterNode<SimEnv>>, key: String, value_seed: u64, length: usize) {
         let data = content(value_seed, length);
-        self.scratch_put_body(gateway, key, &data, futures::io::Cursor::new(data.clone()))
+        let _ = self
+            .scratch_put_body(gateway, key, &data, futures::io::Cursor::new(data.clone()))
             .await;
     }
 
@@ -811,7 +821,7 @@ impl Shared {
         value_seed: u64,
         length: usize,
         released: futures::channel::oneshot::Receiver<()>,
-    ) {
+    ) -> Result<(), DataError> {
         use futures::TryStreamExt;
         let data = content(value_seed, length);
         let split = data.len().saturating_sub(1);
@@ -822,7 +832,7 @@ impl Shared {
                 Ok(tail)
             })))
             .into_async_read();
-        self.scratch_put_body(gateway, key, &data, body).await;
+        self.scratch_put_body(gateway, key, &data, body).await
     }
 
     async fn scratch_put_body(
@@ -831,7 +841,7 @@ impl Shared {
         key: String,
         data: &[u8],
         body: impl futures::AsyncRead + Send + Unpin,
-    ) {
+    ) -> Result<(), DataError> {
         let hash = *blake3::hash(data).as_bytes();
         self.scratch_attempts.lock().expect("not poisoned").insert(hash);
         let write = ObjectWrite {
@@ -843,14 +853,14 @@ impl Shared {
         let result = gateway.put_object(write, body).await;
         self.world
             .record(&[b"scratch-put", key.as_bytes(), &[result.is_ok() as u8]]);
-        if let Ok(record) = result {
-            self.count("scratch_puts_acknowledged");
-            self.scratch_history
-                .lock()
-                .expect("not poisoned")
-                .puts_acknowledged
-                .push((record.bucket_created_at_ms, key, began_ms));
-        }
+        let record = result?;
+        self.count("scratch_puts_acknowledged");
+        self.scratch_history
+            .lock()
+            .expect("not poisoned")
+            .puts_acknowledged
+            .push((record.bucket_created_at_ms, key, began_ms));
+        Ok(())
     }
 
     /// Deletes the scratch bucket's objects, then the bucket if it is empty (as an S3
@@ -1401,8 +1411,15 @@ impl Shared {
             &(extra as u64).to_le_bytes(),
         ]);
         if missing > 0 {
+            let first_missing = wanted
+                .keys()
+                .find(|key| !found.contains(key))
+                .map(|(stripe_id, index)| {
+                    format!(" (first: stripe {} shard {index})", hex::encode(stripe_id.as_bytes()))
+                })
+                .unwrap_or_default();
             self.fail(format!(
-                "{missing} of {} shards of {} live stripes are not back at their holders after healing",
+                "{missing} of {} shards of {} live stripes are not back at their holders after healing{first_missing}",
                 wanted.len(),
                 live.len()
             ));
@@ -1870,6 +1887,7 @@ pub fn run(seed: u64, scenario: &Scenario) -> Outcome {
         scratch_buckets_deleted: counters.get("scratch_buckets_deleted").copied().unwrap_or(0),
         scratch_puts_acknowledged: counters.get("scratch_puts_acknowledged").copied().unwrap_or(0),
         stale_versions_at_heal: counters.get("stale_versions_at_heal").copied().unwrap_or(0),
+        stale_versions_written: counters.get("stale_versions_written").copied().unwrap_or(0),
         nodes_joined: counters.get("nodes_joined").copied().unwrap_or(0),
         nodes_removed: counters.get("nodes_removed").copied().unwrap_or(0),
         samples: std::mem::take(&mut *shared.samples.lock().expect("not poisoned")),

@@ -44,12 +44,19 @@ fn assert_all_pass(outcomes: &[Outcome]) {
 #[test]
 fn many_seeds_of_every_scenario_pass() {
     let per_scenario = SEEDS_TOTAL.div_ceil(BUILTIN_SCENARIOS.len() as u64);
+    // Bucket churn runs twice the seeds: how often a seed deletes its scratch bucket
+    // varies widely from seed to seed (0 to 6), so its figures below need the sample.
+    let seeds_of = |name: &str| match name {
+        "bucket-churn" => 2 * per_scenario,
+        _ => per_scenario,
+    };
     let jobs: Vec<(String, u64)> = BUILTIN_SCENARIOS
         .iter()
-        .flat_map(|(name, _)| (1000..1000 + per_scenario).map(move |seed| (name.to_string(), seed)))
+        .flat_map(|(name, _)| (1000..1000 + seeds_of(name)).map(move |seed| (name.to_string(), seed)))
         .collect();
+    let jobs_total = jobs.len();
     let outcomes = run_in_parallel(jobs);
-    assert_eq!(outcomes.len() as u64, per_scenario * BUILTIN_SCENARIOS.len() as u64);
+    assert_eq!(outcomes.len(), jobs_total);
     assert!(outcomes.len() as u64 >= SEEDS_TOTAL);
     let acknowledged: u64 = outcomes.iter().map(|outcome| outcome.acknowledged_writes).sum();
     let faults: usize = outcomes.iter().map(|outcome| outcome.faults_injected.len()).sum();
@@ -115,15 +122,18 @@ fn many_seeds_of_every_scenario_pass() {
         .collect();
     let buckets_deleted: u64 = churn.iter().map(|outcome| outcome.scratch_buckets_deleted).sum();
     let stale_versions: u64 = churn.iter().map(|outcome| outcome.stale_versions_at_heal).sum();
+    let stale_versions_written: u64 = churn.iter().map(|outcome| outcome.stale_versions_written).sum();
+    // More than one deletion per two seeds, and versions written into deleted buckets.
     assert!(
-        buckets_deleted > 10 && stale_versions > 0,
-        "bucket churn: {buckets_deleted} buckets deleted, {stale_versions} versions of deleted buckets to collect"
+        buckets_deleted > churn.len() as u64 / 2 && stale_versions_written > 0,
+        "bucket churn: {buckets_deleted} buckets deleted, {stale_versions_written} versions written into deleted \
+         buckets to collect"
     );
     println!(
         "{} seeds, {acknowledged} acknowledged writes, {faults} faults, disk faults {disk:?}, beyond budget: \
          {destroyed} stripes destroyed, {detected} failed reads, {reported} reported lost; multipart: \
          {multipart_completed} completed ({multipart_multiple} of several parts), {multipart_aborted} aborted; \
-         bucket churn: {buckets_deleted} buckets deleted, {stale_versions} stale versions collected",
+         bucket churn: {buckets_deleted} buckets deleted, {stale_versions_written} versions written into deleted buckets, {stale_versions} still there at the heal (all collected)",
         outcomes.len()
     );
     assert_all_pass(&outcomes);

@@ -65,6 +65,7 @@ use super::data::{
     SHARD_WRITE_TIMEOUT_MS,
 };
 use super::membership::Liveness;
+use super::metadata::ReplicasRead;
 use super::ClusterNode;
 use crate::env::{Env, KeyValue, ShardKey, StoreError, Tree};
 
@@ -794,7 +795,10 @@ impl<E: Env> ClusterNode<E> {
                         reference = match self.owner_references_now(&record.owner, &stripe_id).await {
                             Some(false) => Reference::Garbage,
                             Some(true) => Reference::Referenced,
-                            None => Reference::Unknown,
+                            // Some replica is out of reach: the stripe waits, still
+                            // unreferenced by a quorum (so it holds back no node removal,
+                            // which is what lets a lost replica leave the layout).
+                            None => Reference::Unreferenced,
                         };
                     }
                     match reference {
@@ -854,7 +858,11 @@ impl<E: Env> ClusterNode<E> {
 
     /// The stripes `owner`'s records reference now, by bucket generation; None if that
     /// cannot be read (no quorum).
-    async fn owner_references(self: &Arc<Self>, owner: &StripeOwner) -> Option<OwnerReferences> {
+    async fn owner_references(
+        self: &Arc<Self>,
+        owner: &StripeOwner,
+        replicas_read: ReplicasRead,
+    ) -> Option<OwnerReferences> {
         match owner {
             StripeOwner::Object {
                 bucket,
@@ -869,13 +877,13 @@ impl<E: Env> ClusterNode<E> {
                     let mut sort_prefix = key.as_bytes().to_vec();
                     sort_prefix.push(0);
                     sort_prefix.extend_from_slice(NULL_VERSION.as_bytes());
-                    self.add_version_references(bucket, &sort_prefix, &mut references)
+                    self.add_version_references(bucket, &sort_prefix, &mut references, replicas_read)
                         .await?;
                     return Some(references);
                 }
                 // A versioned id's row does not depend on the generation.
                 let register = self
-                    .meta_get(Table::Objects, &object_row(bucket, 0, key, version_id))
+                    .meta_get_from(Table::Objects, &object_row(bucket, 0, key, version_id), replicas_read)
                     .await
                     .ok()?;
                 if let Some(Lww {
@@ -892,7 +900,10 @@ impl<E: Env> ClusterNode<E> {
                 key,
                 upload_id,
                 part_number,
-            } => self.part_references(bucket, key, upload_id, *part_number).await,
+            } => {
+                self.part_references(bucket, key, upload_id, *part_number, replicas_read)
+                    .await
+            }
         }
     }
 
@@ -901,10 +912,13 @@ impl<E: Env> ClusterNode<E> {
     /// unreferenced timer proves that any write of the stripe has committed or never
     /// will only for owner reads made after it ran out.
     async fn owner_references_now(self: &Arc<Self>, owner: &StripeOwner, stripe_id: &StripeId) -> Option<bool> {
-        let references = self.owner_references(owner).await?;
+        // From every replica: a record that reached only some (its writer crashed
+        // mid-write) is spread by anti-entropy later, and must not then name a stripe
+        // collected meanwhile. A replica that does not answer keeps the stripe.
+        let references = self.owner_references(owner, ReplicasRead::All).await?;
         let live = match references.needs_bucket() {
             true => {
-                let current = self.bucket_generation(&references.bucket).await?;
+                let current = self.bucket_generation(&references.bucket, ReplicasRead::All).await?;
                 references.live(current)
             }
             false => references.live(None),
@@ -932,7 +946,9 @@ impl<E: Env> ClusterNode<E> {
             owners.clear();
         }
         for batch in missing.chunks(LOOKUPS_IN_FLIGHT_MAX) {
-            let reads = batch.iter().map(|owner| self.owner_references(owner));
+            let reads = batch
+                .iter()
+                .map(|owner| self.owner_references(owner, ReplicasRead::Quorum));
             let results = futures::future::join_all(reads).await;
             // The buckets are read after their owners' records, never before: a record
             // names a generation its bucket had before the record was written, and a
@@ -976,7 +992,7 @@ impl<E: Env> ClusterNode<E> {
     ) -> BTreeMap<String, Option<Option<u64>>> {
         let generations: BTreeMap<String, Option<Option<u64>>> =
             futures::future::join_all(names.into_iter().map(|name| async move {
-                let generation = self.bucket_generation(&name).await;
+                let generation = self.bucket_generation(&name, ReplicasRead::Quorum).await;
                 (name, generation)
             }))
             .await
@@ -992,8 +1008,12 @@ impl<E: Env> ClusterNode<E> {
 
     /// The `created_at_ms` of the bucket named `name` (Some(None): there is none); None if
     /// it cannot be read (no quorum).
-    async fn bucket_generation(self: &Arc<Self>, name: &str) -> Option<Option<u64>> {
-        match self.meta_get(Table::Buckets, &bucket_row(name)).await.ok()? {
+    async fn bucket_generation(self: &Arc<Self>, name: &str, replicas_read: ReplicasRead) -> Option<Option<u64>> {
+        match self
+            .meta_get_from(Table::Buckets, &bucket_row(name), replicas_read)
+            .await
+            .ok()?
+        {
             Some(Lww {
                 value: Some(Record::Bucket(bucket)),
                 ..
@@ -1013,9 +1033,14 @@ impl<E: Env> ClusterNode<E> {
         key: &str,
         upload_id: &str,
         part_number: u32,
+        replicas_read: ReplicasRead,
     ) -> Option<OwnerReferences> {
         let upload = self
-            .meta_get(Table::MultipartUploads, &upload_row(bucket, key, upload_id))
+            .meta_get_from(
+                Table::MultipartUploads,
+                &upload_row(bucket, key, upload_id),
+                replicas_read,
+            )
             .await
             .ok()?;
         let mut referenced = OwnerReferences::new(bucket);
@@ -1024,7 +1049,7 @@ impl<E: Env> ClusterNode<E> {
         }) = upload
         {
             let part = self
-                .meta_get(Table::MultipartParts, &part_row(upload_id, part_number))
+                .meta_get_from(Table::MultipartParts, &part_row(upload_id, part_number), replicas_read)
                 .await
                 .ok()?;
             // Anything else in the uploads table is unexpected: it counts as of no known
@@ -1037,7 +1062,7 @@ impl<E: Env> ClusterNode<E> {
         }
         let mut sort_prefix = key.as_bytes().to_vec();
         sort_prefix.push(0);
-        self.add_version_references(bucket, &sort_prefix, &mut referenced)
+        self.add_version_references(bucket, &sort_prefix, &mut referenced, replicas_read)
             .await?;
         Some(referenced)
     }
@@ -1049,16 +1074,18 @@ impl<E: Env> ClusterNode<E> {
         bucket: &str,
         sort_prefix: &[u8],
         references: &mut OwnerReferences,
+        replicas_read: ReplicasRead,
     ) -> Option<()> {
         let mut after: Option<Vec<u8>> = None;
         loop {
             let page = self
-                .meta_scan(
+                .meta_scan_from(
                     Table::Objects,
                     bucket.as_bytes(),
                     sort_prefix,
                     after.as_deref(),
                     VERSIONS_PAGE_ROWS,
+                    replicas_read,
                 )
                 .await
                 .ok()?;

@@ -23,6 +23,7 @@ use bdr_protocol::wire::{MetaRow, RemoteErrorKind, Request, Response, Table, SCA
 use futures::channel::mpsc;
 use futures::StreamExt;
 
+use super::membership::Liveness;
 use super::ClusterNode;
 use crate::env::{Env, StoreError, Tree};
 
@@ -56,6 +57,17 @@ pub enum MetaError {
 
 /// One replica's answer to a read or scan: rows by encoded key.
 type ReplicaRows = BTreeMap<Vec<u8>, Lww<Record>>;
+
+/// How many replicas a metadata read waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ReplicasRead {
+    /// A majority: sees every write acknowledged to a majority.
+    Quorum,
+    /// Every replica: also sees a write that reached only some (its writer failed or
+    /// crashed mid-way), which anti-entropy would later spread to all. Garbage
+    /// collection's last look uses it; an unreachable replica makes the read fail.
+    All,
+}
 
 fn quorum_of(replica_count: usize) -> usize {
     replica_count / 2 + 1
@@ -318,11 +330,33 @@ impl<E: Env> ClusterNode<E> {
         }
     }
 
-    /// Asks every replica, waits for a quorum of answers, merges them and repairs replicas
-    /// that answered with stale or missing rows.
-    async fn quorum_read(self: &Arc<Self>, partition_key: &[u8], request: Request) -> Result<ReplicaRows, MetaError> {
+    /// Asks every replica, waits for a quorum of answers (or all of them), merges them
+    /// and repairs replicas that answered with stale or missing rows.
+    async fn quorum_read(
+        self: &Arc<Self>,
+        partition_key: &[u8],
+        request: Request,
+        replicas_read: ReplicasRead,
+    ) -> Result<ReplicaRows, MetaError> {
         let replicas = self.metadata_replicas(partition_key)?;
-        let needed = quorum_of(replicas.len());
+        let needed = match replicas_read {
+            ReplicasRead::Quorum => quorum_of(replicas.len()),
+            ReplicasRead::All => replicas.len(),
+        };
+        // A replica known to be down would only be waited for until the timeout.
+        if replicas_read == ReplicasRead::All {
+            let down = replicas
+                .iter()
+                .filter(|replica| **replica != self.env.node_id() && self.liveness(replica) == Liveness::Down)
+                .count();
+            if down > 0 {
+                return Err(MetaError::QuorumUnavailable {
+                    needed,
+                    reached: replicas.len() - down,
+                    errors: format!("{down} replicas are down"),
+                });
+            }
+        }
         let (sender, mut answers) = mpsc::unbounded();
         for replica in &replicas {
             let node = Arc::clone(self);
@@ -420,6 +454,16 @@ impl<E: Env> ClusterNode<E> {
 
     /// Reads one row: the quorum-merged register (possibly a tombstone), or None.
     pub async fn meta_get(self: &Arc<Self>, table: Table, row: &RowKey) -> Result<Option<Lww<Record>>, MetaError> {
+        self.meta_get_from(table, row, ReplicasRead::Quorum).await
+    }
+
+    /// [`ClusterNode::meta_get`] from a quorum or from every replica.
+    pub(crate) async fn meta_get_from(
+        self: &Arc<Self>,
+        table: Table,
+        row: &RowKey,
+        replicas_read: ReplicasRead,
+    ) -> Result<Option<Lww<Record>>, MetaError> {
         let key = row.encode()?;
         let mut rows = self
             .quorum_read(
@@ -429,6 +473,7 @@ impl<E: Env> ClusterNode<E> {
                     table,
                     key: key.clone(),
                 },
+                replicas_read,
             )
             .await?;
         Ok(rows.remove(&key))
@@ -445,6 +490,27 @@ impl<E: Env> ClusterNode<E> {
         after_sort_key: Option<&[u8]>,
         limit: u32,
     ) -> Result<Vec<(RowKey, Lww<Record>)>, MetaError> {
+        self.meta_scan_from(
+            table,
+            partition_key,
+            sort_prefix,
+            after_sort_key,
+            limit,
+            ReplicasRead::Quorum,
+        )
+        .await
+    }
+
+    /// [`ClusterNode::meta_scan`] from a quorum or from every replica.
+    pub(crate) async fn meta_scan_from(
+        self: &Arc<Self>,
+        table: Table,
+        partition_key: &[u8],
+        sort_prefix: &[u8],
+        after_sort_key: Option<&[u8]>,
+        limit: u32,
+        replicas_read: ReplicasRead,
+    ) -> Result<Vec<(RowKey, Lww<Record>)>, MetaError> {
         let prefix = RowKey::prefix(partition_key, sort_prefix)?;
         let after = after_sort_key
             .map(|sort_key| RowKey::new(partition_key, sort_key).encode())
@@ -459,6 +525,7 @@ impl<E: Env> ClusterNode<E> {
                     after,
                     limit: limit.min(SCAN_ROWS_MAX),
                 },
+                replicas_read,
             )
             .await?;
         rows.into_iter()

@@ -2339,3 +2339,78 @@ async fn every_grant_of_a_bucket_is_listed_and_removed_with_it_past_one_page() {
     node.create_bucket("backups", "owner").await.unwrap();
     assert!(node.bucket_grants("backups").await.unwrap().is_empty());
 }
+
+/// A version whose write reached only one metadata replica (its gateway crashed
+/// mid-write) is spread to the others by anti-entropy later, perhaps long after. Garbage
+/// collection's last look reads every replica (and decides nothing while one is out of
+/// reach), so it never collects the stripes such a version names: with a quorum read it
+/// did, and the version came back naming data that was gone (simulator seed zone-outage
+/// 20073).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_collection_never_takes_the_stripes_of_a_version_on_one_replica_only() {
+    // Anti-entropy is off (an hour): the version stays on one replica while GC decides.
+    let quiet = MembershipConfig {
+        anti_entropy_interval_ms: 3_600_000,
+        ..MEMBERSHIP
+    };
+    let cluster = TestCluster::start_with(&SIX_NODES, quiet).await;
+    let node = cluster.node(0);
+    node.create_bucket("backups", "owner").await.unwrap();
+    let data = pattern(300_000, 9);
+    put(node, "backups", "object", &data).await.unwrap();
+    let bucket = node.bucket("backups").await.unwrap().unwrap();
+    let row = object_row("backups", bucket.created_at_ms, "object", NULL_VERSION);
+    let encoded = row.encode().unwrap();
+    // The version is left on one replica only, which is out of reach meanwhile.
+    let replicas = node.metadata_replicas(&row.partition_key).unwrap();
+    assert!(replicas.len() >= 3);
+    for replica in &replicas[1..] {
+        let index = node_index(&cluster, *replica);
+        cluster
+            .node(index)
+            .env()
+            .meta_store()
+            .delete(Tree::Table(Table::Objects), &encoded)
+            .unwrap();
+    }
+    let keeper = node_index(&cluster, replicas[0]);
+    let shards_before = cluster.shard_map().await;
+    cluster.set_down(keeper, true);
+    // Well past the write deadline and grace, with repair passes on every other node.
+    let others: Vec<usize> = (0..6).filter(|index| *index != keeper).collect();
+    for _ in 0..16 {
+        for index in &others {
+            cluster.node(*index).repair_pass().await;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let collected: u64 = others
+        .iter()
+        .map(|index| {
+            cluster
+                .node(*index)
+                .maintenance_report()
+                .gc_deleted_stripe_records_total
+        })
+        .sum();
+    assert_eq!(collected, 0, "stripe records were collected");
+    for key in shards_before.keys() {
+        assert!(
+            cluster.shard_map().await.contains_key(key),
+            "shard {key:?} was collected"
+        );
+    }
+    cluster.set_down(keeper, false);
+    let reader = cluster.node(others[0]);
+    let mut waited_ms = 0;
+    while reader
+        .meta_get_from(Table::Objects, &row, super::metadata::ReplicasRead::All)
+        .await
+        .is_err()
+    {
+        assert!(waited_ms < 5_000, "the keeper did not come back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        waited_ms += 100;
+    }
+    assert_eq!(get(reader, "backups", "object").await.unwrap(), data);
+}
