@@ -479,9 +479,10 @@ impl<E: Env> ClusterNode<E> {
         Ok(rows.remove(&key))
     }
 
-    /// Reads up to `limit` live rows of one partition whose sort keys start with
-    /// `sort_prefix`, after `after_sort_key`, in order. Tombstones are skipped but count
-    /// towards the page, so a caller pages on with the last key it saw.
+    /// Reads up to `limit` rows of one partition whose sort keys start with
+    /// `sort_prefix`, after `after_sort_key`, in order. Tombstones come back too (value
+    /// None) and count towards the page, so a caller skips them and pages on with the
+    /// last key it saw.
     pub async fn meta_scan(
         self: &Arc<Self>,
         table: Table,
