@@ -16,7 +16,7 @@
 //! the stripe id, so wrong bytes are never returned.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::ops::Range;
+use std::ops::{ControlFlow, Range};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
@@ -37,7 +37,7 @@ use futures::{AsyncRead, AsyncReadExt, Stream, StreamExt};
 use md5::{Digest, Md5};
 
 use super::membership::Liveness;
-use super::metadata::MetaError;
+use super::metadata::{MetaError, ReplicasRead};
 use super::ClusterNode;
 use crate::env::{Env, NetworkError, ShardKey, StoreError};
 
@@ -460,7 +460,7 @@ pub const BUCKET_DELETION_UPLOADS_SCANNED_MAX: u32 = 1_000;
 /// reused), so this is reached only by many nodes each running many at once.
 pub const BUCKET_INTENTS_SCANNED_MAX: u32 = 1_000;
 /// Bucket creations and deletions one node runs at once (each holds an intent slot; see
-/// [`BucketIntent`]); more are refused (BucketBusy) until one ends.
+/// [`BucketIntent`]); more are refused (BucketRequestsBusy) until one ends.
 pub const BUCKET_INTENT_SLOTS_MAX: u32 = 64;
 /// How long a write whose bucket is being deleted waits for the deletion's outcome
 /// before it fails (BucketBeingDeleted), and how often it looks meanwhile. A deletion
@@ -1204,24 +1204,28 @@ impl<E: Env> ClusterNode<E> {
     /// for the tombstone grace, so one page could end before the live buckets do.
     pub async fn list_buckets(self: &Arc<Self>) -> Result<Vec<BucketRecord>, DataError> {
         let mut buckets = Vec::new();
-        let mut after: Option<Vec<u8>> = None;
-        loop {
-            let page = self
-                .meta_scan(Table::Buckets, b"buckets", b"", after.as_deref(), BUCKETS_PAGE_ROWS)
-                .await?;
-            let full_page = page.len() as u32 >= BUCKETS_PAGE_ROWS;
-            after = page.last().map(|(row, _)| row.sort_key.clone());
-            buckets.extend(page.into_iter().filter_map(|(_, register)| match register.value {
-                Some(Record::Bucket(bucket)) => Some(bucket),
-                _ => None,
-            }));
-            if buckets.len() as u64 > BUCKETS_LISTED_MAX {
-                return Err(DataError::TooManyBuckets(BUCKETS_LISTED_MAX));
-            }
-            if !full_page {
-                return Ok(buckets);
-            }
+        self.meta_scan_pages(
+            Table::Buckets,
+            b"buckets",
+            b"",
+            BUCKETS_PAGE_ROWS,
+            ReplicasRead::Quorum,
+            |page| {
+                buckets.extend(page.into_iter().filter_map(|(_, register)| match register.value {
+                    Some(Record::Bucket(bucket)) => Some(bucket),
+                    _ => None,
+                }));
+                match buckets.len() as u64 > BUCKETS_LISTED_MAX {
+                    true => ControlFlow::Break(()),
+                    false => ControlFlow::Continue(()),
+                }
+            },
+        )
+        .await?;
+        if buckets.len() as u64 > BUCKETS_LISTED_MAX {
+            return Err(DataError::TooManyBuckets(BUCKETS_LISTED_MAX));
         }
+        Ok(buckets)
     }
 
     /// Deletes a bucket if it holds nothing of its generation: no object version, delete
@@ -1450,27 +1454,22 @@ impl<E: Env> ClusterNode<E> {
     /// live grants do.
     async fn grant_rows(self: &Arc<Self>, bucket: &str) -> Result<Vec<(RowKey, BucketGrant)>, DataError> {
         let mut grants = Vec::new();
-        let mut after: Option<Vec<u8>> = None;
-        loop {
-            let page = self
-                .meta_scan(
-                    Table::BucketGrants,
-                    bucket.as_bytes(),
-                    b"",
-                    after.as_deref(),
-                    GRANTS_PAGE_ROWS,
-                )
-                .await?;
-            let full_page = page.len() as u32 >= GRANTS_PAGE_ROWS;
-            after = page.last().map(|(row, _)| row.sort_key.clone());
-            grants.extend(page.into_iter().filter_map(|(row, register)| match register.value {
-                Some(Record::BucketGrant(grant)) => Some((row, grant)),
-                _ => None,
-            }));
-            if !full_page {
-                return Ok(grants);
-            }
-        }
+        self.meta_scan_pages(
+            Table::BucketGrants,
+            bucket.as_bytes(),
+            b"",
+            GRANTS_PAGE_ROWS,
+            ReplicasRead::Quorum,
+            |page| {
+                grants.extend(page.into_iter().filter_map(|(row, register)| match register.value {
+                    Some(Record::BucketGrant(grant)) => Some((row, grant)),
+                    _ => None,
+                }));
+                ControlFlow::Continue(())
+            },
+        )
+        .await?;
+        Ok(grants)
     }
 
     /// Gives `key_id` read and/or write rights on `bucket`, replacing what it had; both
@@ -2025,27 +2024,22 @@ impl<E: Env> ClusterNode<E> {
     ) -> Result<Vec<MultipartPartRecord>, DataError> {
         self.multipart_upload(bucket, key, upload_id).await?;
         let mut parts = Vec::new();
-        let mut after: Option<Vec<u8>> = None;
-        loop {
-            let rows = self
-                .meta_scan(
-                    Table::MultipartParts,
-                    upload_id.as_bytes(),
-                    b"",
-                    after.as_deref(),
-                    bdr_protocol::wire::SCAN_ROWS_MAX,
-                )
-                .await?;
-            let full = rows.len() as u32 >= bdr_protocol::wire::SCAN_ROWS_MAX;
-            after = rows.last().map(|(row, _)| row.sort_key.clone());
-            parts.extend(rows.into_iter().filter_map(|(_, register)| match register.value {
-                Some(Record::MultipartPart(part)) => Some(part),
-                _ => None,
-            }));
-            if !full {
-                return Ok(parts);
-            }
-        }
+        self.meta_scan_pages(
+            Table::MultipartParts,
+            upload_id.as_bytes(),
+            b"",
+            bdr_protocol::wire::SCAN_ROWS_MAX,
+            ReplicasRead::Quorum,
+            |page| {
+                parts.extend(page.into_iter().filter_map(|(_, register)| match register.value {
+                    Some(Record::MultipartPart(part)) => Some(part),
+                    _ => None,
+                }));
+                ControlFlow::Continue(())
+            },
+        )
+        .await?;
+        Ok(parts)
     }
 
     /// Assembles the listed parts into the object and ends the upload.

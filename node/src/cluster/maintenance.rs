@@ -1076,29 +1076,23 @@ impl<E: Env> ClusterNode<E> {
         references: &mut OwnerReferences,
         replicas_read: ReplicasRead,
     ) -> Option<()> {
-        let mut after: Option<Vec<u8>> = None;
-        loop {
-            let page = self
-                .meta_scan_from(
-                    Table::Objects,
-                    bucket.as_bytes(),
-                    sort_prefix,
-                    after.as_deref(),
-                    VERSIONS_PAGE_ROWS,
-                    replicas_read,
-                )
-                .await
-                .ok()?;
-            for (_, register) in &page {
-                if let Some(Record::ObjectVersion(object)) = &register.value {
-                    references.add(object.bucket_created_at_ms, data_stripes(&object.data));
+        self.meta_scan_pages(
+            Table::Objects,
+            bucket.as_bytes(),
+            sort_prefix,
+            VERSIONS_PAGE_ROWS,
+            replicas_read,
+            |page| {
+                for (_, register) in &page {
+                    if let Some(Record::ObjectVersion(object)) = &register.value {
+                        references.add(object.bucket_created_at_ms, data_stripes(&object.data));
+                    }
                 }
-            }
-            match page.last() {
-                Some((row, _)) if page.len() == VERSIONS_PAGE_ROWS as usize => after = Some(row.sort_key.clone()),
-                _ => return Some(()),
-            }
-        }
+                std::ops::ControlFlow::Continue(())
+            },
+        )
+        .await
+        .ok()
     }
 
     /// Tombstones the object version rows of `partition` that a deleted bucket left

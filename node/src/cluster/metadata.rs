@@ -502,8 +502,41 @@ impl<E: Env> ClusterNode<E> {
         .await
     }
 
+    /// Reads the rows of one partition whose sort keys start with `sort_prefix`
+    /// (tombstones too), `page_rows` at a time, handing each page to `each` until the
+    /// rows end or `each` breaks. Lists that skip tombstones must page on past them: one
+    /// page of tombstones (kept for the grace) would otherwise end the list early.
+    pub(crate) async fn meta_scan_pages(
+        self: &Arc<Self>,
+        table: Table,
+        partition_key: &[u8],
+        sort_prefix: &[u8],
+        page_rows: u32,
+        replicas_read: ReplicasRead,
+        mut each: impl FnMut(Vec<(RowKey, Lww<Record>)>) -> std::ops::ControlFlow<()>,
+    ) -> Result<(), MetaError> {
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let page = self
+                .meta_scan_from(
+                    table,
+                    partition_key,
+                    sort_prefix,
+                    after.as_deref(),
+                    page_rows,
+                    replicas_read,
+                )
+                .await?;
+            let full_page = page.len() as u32 >= page_rows;
+            after = page.last().map(|(row, _)| row.sort_key.clone());
+            if each(page).is_break() || !full_page {
+                return Ok(());
+            }
+        }
+    }
+
     /// [`ClusterNode::meta_scan`] from a quorum or from every replica.
-    pub(crate) async fn meta_scan_from(
+    async fn meta_scan_from(
         self: &Arc<Self>,
         table: Table,
         partition_key: &[u8],
