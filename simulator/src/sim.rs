@@ -1533,7 +1533,7 @@ impl Shared {
                     .holders
                     .iter()
                     .filter_map(|holder| self.nodes.lock().expect("not poisoned").get(holder).cloned())
-                    .map(|node| node.compute_partition_digest(partition).ok() == node.partition_digest(partition).ok())
+                    .map(|node| node.kept_partition_digest_is_fresh(partition).unwrap_or(false))
                     .collect();
                 self.fail(format!(
                     "metadata replicas of partition {partition} did not converge (roots {roots:?}, cache fresh \

@@ -2,8 +2,8 @@
 //!
 //! Every round, for each partition this node replicates, it picks one other replica and
 //! compares root hashes (one request per peer for all partitions). Where roots differ it
-//! asks for the partition's digest: per table, 16 bucket hashes over (key,
-//! blake3(value)) of the partition's rows. Buckets that differ are pulled row by row and
+//! asks for the partition's digest: per table, 16 buckets, each the XOR of the hashes of
+//! its rows (key and stored bytes; see [`PartitionDigest`]). Buckets that differ are pulled row by row and
 //! merged (LWW, idempotent), so a replica that was down, or missed a write while a quorum
 //! went ahead without it, catches up within a few rounds. Each replica pulls, so
 //! differences heal in both directions.
@@ -34,34 +34,79 @@ fn bucket_of(key: &[u8]) -> usize {
     usize::from(blake3::hash(key).as_bytes()[0] >> 4)
 }
 
-fn root_of(tables: &[TableDigest]) -> [u8; 32] {
+/// The hash a row adds to its bucket: of its key (length-prefixed) and its stored bytes.
+fn row_hash(key: &[u8], stored_value: &[u8]) -> [u8; 32] {
     let mut hasher = blake3::Hasher::new();
-    for table in tables {
-        for bucket in &table.buckets {
+    hasher.update(&(key.len() as u32).to_le_bytes());
+    hasher.update(key);
+    hasher.update(stored_value);
+    *hasher.finalize().as_bytes()
+}
+
+fn xor_into(bucket: &mut [u8; 32], hash: &[u8; 32]) {
+    for (byte, other) in bucket.iter_mut().zip(hash) {
+        *byte ^= other;
+    }
+}
+
+fn root_of(tables: &[[[u8; 32]; DIGEST_BUCKETS]]) -> [u8; 32] {
+    let mut hasher = blake3::Hasher::new();
+    for buckets in tables {
+        for bucket in buckets {
             hasher.update(bucket);
         }
     }
     *hasher.finalize().as_bytes()
 }
 
-/// The root of a partition with no rows on a replica.
+/// The root of a partition without rows: what a replica that holds none answers.
 pub(crate) fn empty_partition_root() -> [u8; 32] {
-    let empty_bucket = *blake3::Hasher::new().finalize().as_bytes();
-    let tables: Vec<TableDigest> = Table::ALL
-        .iter()
-        .map(|table| TableDigest {
-            table: *table,
-            buckets: vec![empty_bucket; DIGEST_BUCKETS],
-        })
-        .collect();
-    root_of(&tables)
+    root_of(&[[[0u8; 32]; DIGEST_BUCKETS]; Table::ALL.len()])
 }
 
-/// A replica's digest of one partition and its root, kept until a row of the partition
-/// changes: every anti-entropy round asks for the roots of every partition replicated.
+fn table_index(table: Table) -> usize {
+    Table::ALL
+        .iter()
+        .position(|known| *known == table)
+        .expect("Table::ALL lists every table")
+}
+
+/// A replica's digest of one partition: per table (in [`Table::ALL`] order), per bucket,
+/// the XOR of its rows' hashes. XOR makes the digest a function of the set of rows, so a
+/// write updates it in place (out with the row's old hash, in with the new) instead of
+/// rehashing the partition: every anti-entropy round asks for the root of every
+/// partition replicated, and rehashing a partition after each write cost a pass over
+/// all its rows per write.
 pub(crate) struct PartitionDigest {
-    tables: Vec<TableDigest>,
-    root: [u8; 32],
+    tables: Vec<[[u8; 32]; DIGEST_BUCKETS]>,
+    /// Computed when asked, forgotten when a bucket changes.
+    root: Option<[u8; 32]>,
+}
+
+impl PartitionDigest {
+    pub(crate) fn root(&mut self) -> [u8; 32] {
+        *self.root.get_or_insert_with(|| root_of(&self.tables))
+    }
+
+    fn table_digests(&self) -> Vec<TableDigest> {
+        Table::ALL
+            .iter()
+            .zip(&self.tables)
+            .map(|(table, buckets)| TableDigest {
+                table: *table,
+                buckets: buckets.to_vec(),
+            })
+            .collect()
+    }
+}
+
+/// Cached partition digests, kept current by every local change of a metadata row.
+#[derive(Default)]
+pub(crate) struct DigestCache {
+    partitions: BTreeMap<u32, PartitionDigest>,
+    /// Counts changes made while their partition had no cached digest. A digest whose
+    /// scan began before such a change may have missed it, so it is not cached.
+    changes_uncached: u64,
 }
 
 impl<E: Env> ClusterNode<E> {
@@ -88,61 +133,80 @@ impl<E: Env> ClusterNode<E> {
     }
 
     /// This replica's digest of `partition`, from the cache or computed (and cached).
-    fn cached_partition_digest<T>(
+    fn with_partition_digest<T>(
         &self,
         partition: u32,
-        read: impl FnOnce(&PartitionDigest) -> T,
+        read: impl FnOnce(&mut PartitionDigest) -> T,
     ) -> Result<T, MetaError> {
-        if let Some(cached) = self.digest_cache.lock().expect("not poisoned").get(&partition) {
-            return Ok(read(cached));
-        }
-        let tables = self.compute_partition_digest(partition)?;
-        let digest = PartitionDigest {
-            root: root_of(&tables),
-            tables,
+        let changes_before = {
+            let mut cache = self.digest_cache.lock().expect("not poisoned");
+            if let Some(cached) = cache.partitions.get_mut(&partition) {
+                return Ok(read(cached));
+            }
+            cache.changes_uncached
         };
-        let value = read(&digest);
-        self.digest_cache
-            .lock()
-            .expect("not poisoned")
-            .insert(partition, digest);
+        // Hashed without the lock: rows change meanwhile, which the counter tells.
+        let mut digest = self.compute_partition_digest(partition)?;
+        let value = read(&mut digest);
+        let mut cache = self.digest_cache.lock().expect("not poisoned");
+        if cache.changes_uncached == changes_before {
+            // A digest cached meanwhile has been kept current since: it stays.
+            cache.partitions.entry(partition).or_insert(digest);
+        }
         Ok(value)
     }
 
     /// Per table, the 16 bucket hashes of this replica's rows of `partition`.
     pub fn partition_digest(&self, partition: u32) -> Result<Vec<TableDigest>, MetaError> {
-        self.cached_partition_digest(partition, |digest| digest.tables.clone())
+        self.with_partition_digest(partition, |digest| digest.table_digests())
     }
 
-    /// Forgets the cached digest of the partition holding `row_key` (after a change).
-    pub(crate) fn invalidate_digest(&self, row_key: &[u8]) {
-        if let Ok(row) = RowKey::decode(row_key) {
-            self.digest_cache.lock().expect("not poisoned").remove(&row.partition());
+    /// Brings the cached digest of `key`'s partition up to date with a change of the row
+    /// from `old` to `new` (stored bytes; None: absent). Called after the store changed,
+    /// under the row's lock.
+    pub(crate) fn digest_row_changed(&self, table: Table, key: &[u8], old: Option<&[u8]>, new: Option<&[u8]>) {
+        let Ok(row) = RowKey::decode(key) else {
+            return;
+        };
+        let mut cache = self.digest_cache.lock().expect("not poisoned");
+        let Some(digest) = cache.partitions.get_mut(&row.partition()) else {
+            cache.changes_uncached += 1;
+            return;
+        };
+        let bucket = &mut digest.tables[table_index(table)][bucket_of(key)];
+        for stored_value in [old, new].into_iter().flatten() {
+            xor_into(bucket, &row_hash(key, stored_value));
         }
+        digest.root = None;
     }
 
-    pub fn compute_partition_digest(&self, partition: u32) -> Result<Vec<TableDigest>, MetaError> {
-        Table::ALL
-            .iter()
-            .map(|table| {
-                let mut hashers: Vec<blake3::Hasher> = (0..DIGEST_BUCKETS).map(|_| blake3::Hasher::new()).collect();
-                self.for_each_local_row(*table, partition, |key, value| {
-                    let hasher = &mut hashers[bucket_of(key)];
-                    hasher.update(&(key.len() as u32).to_le_bytes());
-                    hasher.update(key);
-                    hasher.update(blake3::hash(value).as_bytes());
-                })?;
-                Ok(TableDigest {
-                    table: *table,
-                    buckets: hashers.iter().map(|hasher| *hasher.finalize().as_bytes()).collect(),
-                })
-            })
-            .collect()
+    /// Forgets the cached digest of `partition` (its rows changed wholesale).
+    pub(crate) fn invalidate_partition_digest(&self, partition: u32) {
+        let mut cache = self.digest_cache.lock().expect("not poisoned");
+        cache.partitions.remove(&partition);
+        cache.changes_uncached += 1;
+    }
+
+    pub(crate) fn compute_partition_digest(&self, partition: u32) -> Result<PartitionDigest, MetaError> {
+        let mut tables = vec![[[0u8; 32]; DIGEST_BUCKETS]; Table::ALL.len()];
+        for (table, buckets) in Table::ALL.iter().zip(tables.iter_mut()) {
+            self.for_each_local_row(*table, partition, |key, value| {
+                xor_into(&mut buckets[bucket_of(key)], &row_hash(key, value));
+            })?;
+        }
+        Ok(PartitionDigest { tables, root: None })
+    }
+
+    /// Whether the digest kept of `partition` equals one hashed afresh from its rows (for
+    /// checkers: a stale digest would hide a difference from anti-entropy).
+    pub fn kept_partition_digest_is_fresh(&self, partition: u32) -> Result<bool, MetaError> {
+        let kept = self.partition_root(partition)?;
+        Ok(self.compute_partition_digest(partition)?.root() == kept)
     }
 
     /// The root hash of a partition: the hash of its table digests.
     pub fn partition_root(&self, partition: u32) -> Result<[u8; 32], MetaError> {
-        self.cached_partition_digest(partition, |digest| digest.root)
+        self.with_partition_digest(partition, PartitionDigest::root)
     }
 
     /// Replica side of MetaPartitionRoots / MetaDigest / MetaBucketRows.
@@ -341,17 +405,17 @@ impl<E: Env> ClusterNode<E> {
     }
 
     /// Removes this replica's tombstones of `partition` older than the grace period.
-    fn collect_tombstones(&self, partition: u32) {
+    pub(crate) fn collect_tombstones(&self, partition: u32) {
         let grace_ms = self.membership_config().tombstone_grace_ms;
         let horizon_ms = self.env.now_ms().saturating_sub(grace_ms);
+        let is_expired_tombstone = |stored_value: &[u8]| matches!(decode_stored_value(stored_value), Ok(Lww { timestamp, value: None }) if timestamp.wall_ms < horizon_ms);
         let store = self.env.meta_store();
         for table in Table::ALL {
+            let tree = Tree::Table(table);
             let mut expired = Vec::new();
             let scanned = self.for_each_local_row(table, partition, |key, value| {
-                if let Ok(Lww { timestamp, value: None }) = decode_stored_value(value) {
-                    if timestamp.wall_ms < horizon_ms {
-                        expired.push(key.to_vec());
-                    }
+                if is_expired_tombstone(value) {
+                    expired.push(key.to_vec());
                 }
             });
             if let Err(error) = scanned {
@@ -359,9 +423,19 @@ impl<E: Env> ClusterNode<E> {
                 continue;
             }
             for key in expired {
-                self.invalidate_digest(&key);
-                if let Err(error) = store.delete(Tree::Table(table), &key) {
-                    tracing::warn!(%error, "cannot remove a tombstone");
+                let _row = self.row_lock(&key);
+                // A write may have replaced the tombstone since the scan.
+                let current = match store.get(tree, &key) {
+                    Ok(Some(current)) if is_expired_tombstone(&current) => current,
+                    Ok(_) => continue,
+                    Err(error) => {
+                        tracing::warn!(%error, "cannot read a tombstone");
+                        continue;
+                    }
+                };
+                match store.delete(tree, &key) {
+                    Ok(()) => self.digest_row_changed(table, &key, Some(&current), None),
+                    Err(error) => tracing::warn!(%error, "cannot remove a tombstone"),
                 }
             }
         }

@@ -283,13 +283,13 @@ impl<E: Env> ClusterNode<E> {
                     continue;
                 }
                 for key in keys {
-                    self.invalidate_digest(&key);
                     if let Err(error) = store.delete(Tree::Table(table), &key) {
                         tracing::warn!(%error, partition, "cannot drop a former partition's row");
                         all_gone = false;
                     }
                 }
             }
+            self.invalidate_partition_digest(partition);
             dropped += 1;
         }
         if dropped > 0 {

@@ -645,17 +645,21 @@ impl<E: Env> ClusterNode<E> {
     fn maintained_partitions(&self, layout: &Arc<Layout>) -> Vec<u32> {
         let me = self.env.node_id();
         let now_ms = self.env.now_ms();
-        let membership = self.membership.lock().expect("not poisoned");
+        // Judged once per node, not once per partition replica (256 partitions).
+        let down: BTreeSet<NodeId> = {
+            let membership = self.membership.lock().expect("not poisoned");
+            layout
+                .entries()
+                .map(|entry| entry.node)
+                .filter(|node| membership.liveness(node, now_ms) == Liveness::Down)
+                .collect()
+        };
         (0..METADATA_PARTITIONS)
             .filter(|partition| {
                 let Ok(placement) = self.partition_replicas(layout, *partition) else {
                     return false;
                 };
-                placement
-                    .replicas
-                    .iter()
-                    .find(|node| membership.liveness(node, now_ms) != Liveness::Down)
-                    == Some(&me)
+                placement.replicas.iter().find(|node| !down.contains(node)) == Some(&me)
             })
             .collect()
     }

@@ -159,25 +159,28 @@ impl<E: Env> ClusterNode<E> {
 
         let store = self.env.meta_store();
         let tree = Tree::Table(table);
-        let changed = match store.get(tree, key)? {
+        // Read, merge and write as one step: two merges of the row interleaved between
+        // read and write would lose one (the tokio runtime runs requests in parallel).
+        let _row = self.row_lock(key);
+        let existing = store.get(tree, key)?;
+        let changed = match &existing {
             Some(existing) => {
-                let mut merged: Lww<Record> = decode_stored_value(&existing)?;
+                let mut merged: Lww<Record> = decode_stored_value(existing)?;
                 // A row in an older format reads the same but hashes differently from
                 // another replica's current bytes (anti-entropy digests hash the stored
                 // bytes), so it would be pulled again every round: rewrite it when touched.
-                let outdated = !stored_value_is_current(&existing);
+                let outdated = !stored_value_is_current(existing);
                 (merged.merge(&incoming) || outdated).then_some(merged)
             }
             None => Some(incoming),
         };
-        match changed {
-            Some(merged) => {
-                self.invalidate_digest(key);
-                store.put(tree, key, &encode_stored_value(&merged))?;
-                Ok(true)
-            }
-            None => Ok(false),
-        }
+        let Some(merged) = changed else {
+            return Ok(false);
+        };
+        let stored_value = encode_stored_value(&merged);
+        store.put(tree, key, &stored_value)?;
+        self.digest_row_changed(table, key, existing.as_deref(), Some(&stored_value));
+        Ok(true)
     }
 
     /// Replica side of a write: merges `value` into the local row and makes it durable.

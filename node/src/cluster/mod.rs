@@ -31,6 +31,9 @@ use membership::{Liveness, Membership, MembershipConfig};
 const LAYOUT_KEY: &[u8] = b"layout";
 const GENERATION_KEY: &[u8] = b"generation";
 const HANDOVER_KEY: &[u8] = b"handover";
+/// Locks guarding local metadata rows, each row hashed to one: enough that unrelated
+/// rows seldom wait on each other, few enough to keep in every node.
+const ROW_LOCK_STRIPES: usize = 64;
 
 /// Node-local records in the system tree, versioned like every persisted record.
 #[derive(Serialize, Deserialize)]
@@ -133,9 +136,11 @@ pub struct ClusterNode<E: Env> {
     /// its layout may be stale (a restart) and it coordinates no metadata or data
     /// operation: a node that believed itself alone would serve from itself only.
     joined: AtomicBool,
-    /// Anti-entropy digests of metadata partitions, dropped when a row of the partition
-    /// changes (every local metadata write goes through `merge_local` or tombstone GC).
-    digest_cache: Mutex<BTreeMap<u32, anti_entropy::PartitionDigest>>,
+    /// Anti-entropy digests of metadata partitions, updated by every local change of a
+    /// metadata row (`merge_local`, tombstone collection, dropping a former partition).
+    digest_cache: Mutex<anti_entropy::DigestCache>,
+    /// See [`ClusterNode::row_lock`].
+    row_locks: Vec<Mutex<()>>,
     /// Which metadata partitions this node holds completely under which layout.
     handover: Mutex<handover::HandoverState>,
     maintenance_config: MaintenanceConfig,
@@ -238,7 +243,8 @@ impl<E: Env> ClusterNode<E> {
             zone,
             data_keys,
             joined: AtomicBool::new(alone),
-            digest_cache: Mutex::new(BTreeMap::new()),
+            digest_cache: Mutex::new(anti_entropy::DigestCache::default()),
+            row_locks: (0..ROW_LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
             request_cache: Mutex::new(data::RequestCache::default()),
             partition_replicas_cache: Mutex::new(metadata::PartitionReplicasCache::default()),
             handover: Mutex::new(handover_state),
@@ -482,6 +488,16 @@ impl<E: Env> ClusterNode<E> {
     }
 
     /// The layout as of now, shared (see [`Membership::shared_layout`]).
+    /// The lock of a local metadata row: held while the row is read, changed and written
+    /// back, and while the digest of its partition is brought up to date.
+    fn row_lock(&self, key: &[u8]) -> std::sync::MutexGuard<'_, ()> {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        key.hash(&mut hasher);
+        let stripe = (hasher.finish() % ROW_LOCK_STRIPES as u64) as usize;
+        self.row_locks[stripe].lock().expect("not poisoned")
+    }
+
     pub fn layout(&self) -> Arc<Layout> {
         self.membership.lock().expect("not poisoned").shared_layout()
     }

@@ -2076,6 +2076,123 @@ async fn rows_in_an_older_format_are_rewritten_current_when_merged_again() {
     assert_eq!(encode_stored_value(&register), current);
 }
 
+/// A replica updates its anti-entropy digest write by write instead of rehashing the
+/// partition; the digest it keeps must equal one hashed afresh from its rows, through
+/// new rows, overwrites, rewrites of older formats, tombstones and their collection.
+/// Merges of one row racing on the runtime's threads must keep the newest value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kept_digests_match_fresh_ones_and_racing_merges_keep_the_newest() {
+    let cluster = TestCluster::start(&SIX_NODES).await;
+    let node = Arc::clone(cluster.node(0));
+    node.create_bucket("backups", "owner").await.unwrap();
+    let store = node.env().meta_store();
+    let existing = store
+        .get(Tree::Table(Table::Buckets), &bucket_row("backups").encode().unwrap())
+        .unwrap()
+        .unwrap();
+    let record = decode_stored_value(&existing).unwrap().value.unwrap();
+    let stamp = |wall_ms: u64| HlcTimestamp {
+        wall_ms,
+        logical: 0,
+        node: node.env().node_id(),
+    };
+    let row = |index: usize| bucket_row(&format!("b{index}")).encode().unwrap();
+    let all_partitions = 0..bdr_protocol::records::METADATA_PARTITIONS;
+    let assert_digests_fresh = |when: &str| {
+        for partition in all_partitions.clone() {
+            let kept = node.partition_root(partition).unwrap();
+            let fresh = node.compute_partition_digest(partition).unwrap().root();
+            assert_eq!(kept, fresh, "partition {partition}'s kept digest is stale {when}");
+        }
+    };
+    // Every digest cached first, so each change below goes through the update in place.
+    assert_digests_fresh("before any change");
+    let rows = 60;
+    for index in 0..rows {
+        let register = Lww::new(stamp(1_000 + index as u64), record.clone());
+        assert!(node
+            .merge_local(Table::Buckets, &row(index), &encode_stored_value(&register))
+            .unwrap());
+    }
+    assert_digests_fresh("after new rows");
+    for index in (0..rows).step_by(2) {
+        let register = Lww::new(stamp(2_000 + index as u64), record.clone());
+        assert!(node
+            .merge_local(Table::Buckets, &row(index), &encode_stored_value(&register))
+            .unwrap());
+    }
+    // An older register changes nothing.
+    let stale = Lww::new(stamp(1), record.clone());
+    assert!(!node
+        .merge_local(Table::Buckets, &row(0), &encode_stored_value(&stale))
+        .unwrap());
+    // A row in an older format is rewritten current by the same register.
+    let current = store.get(Tree::Table(Table::Buckets), &row(1)).unwrap().unwrap();
+    let mut older_format = current.clone();
+    older_format[0] -= 1;
+    store.put(Tree::Table(Table::Buckets), &row(1), &older_format).unwrap();
+    node.invalidate_partition_digest(RowKey::decode(&row(1)).unwrap().partition());
+    assert_digests_fresh("after a row was put back in an older format");
+    assert!(node.merge_local(Table::Buckets, &row(1), &current).unwrap());
+    assert_digests_fresh("after overwrites");
+    // Tombstones long past the grace period (stamped at 3 s after the epoch), then
+    // collected.
+    for index in (0..rows).step_by(3) {
+        let tombstone: Lww<Record> = Lww {
+            timestamp: stamp(3_000 + index as u64),
+            value: None,
+        };
+        assert!(node
+            .merge_local(Table::Buckets, &row(index), &encode_stored_value(&tombstone))
+            .unwrap());
+    }
+    assert_digests_fresh("after tombstones");
+    let mut partitions_touched: Vec<u32> = (0..rows)
+        .map(|index| RowKey::decode(&row(index)).unwrap().partition())
+        .collect();
+    partitions_touched.dedup();
+    for partition in &partitions_touched {
+        node.collect_tombstones(*partition);
+    }
+    for index in 0..rows {
+        let present = store.get(Tree::Table(Table::Buckets), &row(index)).unwrap().is_some();
+        assert_eq!(present, index % 3 != 0, "row {index} after tombstone collection");
+    }
+    assert_digests_fresh("after tombstone collection");
+
+    // Racing merges of one row, each thread with its own stamps: the newest must stay.
+    let threads = 4u64;
+    let merges_per_thread = 500u64;
+    let racing_row = row(1);
+    let racers: Vec<_> = (0..threads)
+        .map(|thread| {
+            let node = Arc::clone(&node);
+            let racing_row = racing_row.clone();
+            let record = record.clone();
+            let writer = node.env().node_id();
+            tokio::task::spawn_blocking(move || {
+                for merge in 0..merges_per_thread {
+                    let timestamp = HlcTimestamp {
+                        wall_ms: 10_000 + merge * threads + thread,
+                        logical: 0,
+                        node: writer,
+                    };
+                    let register = Lww::new(timestamp, record.clone());
+                    node.merge_local(Table::Buckets, &racing_row, &encode_stored_value(&register))
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for racer in racers {
+        racer.await.unwrap();
+    }
+    let kept: Lww<Record> =
+        decode_stored_value(&store.get(Tree::Table(Table::Buckets), &racing_row).unwrap().unwrap()).unwrap();
+    assert_eq!(kept.timestamp.wall_ms, 10_000 + merges_per_thread * threads - 1);
+    assert_digests_fresh("after racing merges");
+}
+
 /// A write commits its version and then reads its bucket and deletion rows; a deletion
 /// writes its row and then checks that the bucket is empty. Whichever comes second sees
 /// the first, so a bucket never goes from under an acknowledged write: each
