@@ -198,13 +198,37 @@ impl Membership {
         )
     }
 
-    /// What we answer a gossip whose sender's layout digest was `sender_digest` (our
-    /// layout already merged with whatever it sent): the whole layout unless they match.
-    pub fn gossip_answer(&self, sender_digest: &[u8; 32]) -> (GossipLayout, Vec<PeerHeartbeat>) {
-        (
-            self.gossip_layout(*sender_digest != self.layout_digest),
-            self.known_heartbeats(),
-        )
+    /// What we answer a gossip whose sender's layout digest was `sender_digest` and whose
+    /// heartbeats were `sent` (our layout already merged with whatever it sent): the
+    /// whole layout unless the digests match, and only the heartbeats newer than the
+    /// sender's. The sender holds what it sent, so the rest would tell it nothing; this
+    /// halves what gossip carries and decodes.
+    pub fn gossip_answer(
+        &self,
+        sender_digest: &[u8; 32],
+        sent: &[PeerHeartbeat],
+    ) -> (GossipLayout, Vec<PeerHeartbeat>) {
+        let sender_knows: BTreeMap<NodeId, (u64, u64)> = sent
+            .iter()
+            .take(LAYOUT_HEARTBEATS_MAX)
+            .map(|heartbeat| (heartbeat.node, (heartbeat.generation, heartbeat.sequence)))
+            .collect();
+        let is_news = |heartbeat: &PeerHeartbeat| {
+            sender_knows
+                .get(&heartbeat.node)
+                .is_none_or(|known| *known < (heartbeat.generation, heartbeat.sequence))
+        };
+        let mut heartbeats: Vec<PeerHeartbeat> = Vec::new();
+        if is_news(&self.own_heartbeat) {
+            heartbeats.push(self.own_heartbeat.clone());
+        }
+        heartbeats.extend(
+            self.heartbeats
+                .values()
+                .filter(|view| is_news(&view.heartbeat))
+                .map(|view| view.heartbeat.clone()),
+        );
+        (self.gossip_layout(*sender_digest != self.layout_digest), heartbeats)
     }
 
     /// What we send to a peer known to have another layout (it refused a request for
@@ -359,9 +383,46 @@ mod tests {
     fn exchange(a: &mut Membership, b: &mut Membership, now_ms: u64) -> u32 {
         let (request_layout, heartbeats) = a.gossip_payload_for(&b.me());
         b.absorb_gossip(&request_layout, &heartbeats, now_ms);
-        let (answer_layout, heartbeats) = b.gossip_answer(&request_layout.digest);
-        a.absorb_gossip(&answer_layout, &heartbeats, now_ms);
+        let (answer_layout, answer) = b.gossip_answer(&request_layout.digest, &heartbeats);
+        a.absorb_gossip(&answer_layout, &answer, now_ms);
         u32::from(request_layout.layout.is_some()) + u32::from(answer_layout.layout.is_some())
+    }
+
+    #[test]
+    fn a_gossip_answer_carries_only_the_heartbeats_the_sender_lacks() {
+        let mut a = member(1, "a");
+        let mut b = member(2, "b");
+        let mut c = member(3, "c");
+        for now_ms in [10, 20, 30] {
+            for member in [&mut a, &mut b, &mut c] {
+                member.beat(0, vec![]);
+            }
+            exchange(&mut a, &mut b, now_ms);
+            exchange(&mut b, &mut c, now_ms);
+            exchange(&mut c, &mut a, now_ms);
+        }
+        let sequence_of = |member: &Membership, node: NodeId| {
+            member
+                .known_heartbeats()
+                .iter()
+                .find(|heartbeat| heartbeat.node == node)
+                .map(|heartbeat| heartbeat.sequence)
+        };
+        assert_eq!(sequence_of(&a, c.me()), Some(3));
+        // c beats and tells b; b has not beaten since a last heard from it.
+        c.beat(0, vec![]);
+        exchange(&mut c, &mut b, 40);
+        let (request_layout, request) = a.gossip_payload_for(&b.me());
+        b.absorb_gossip(&request_layout, &request, 40);
+        let (_, answer) = b.gossip_answer(&request_layout.digest, &request);
+        let answered: Vec<NodeId> = answer.iter().map(|heartbeat| heartbeat.node).collect();
+        assert_eq!(answered, vec![c.me()], "only c's newer beat is news to a");
+        a.absorb(None, &answer, 40);
+        assert_eq!(sequence_of(&a, c.me()), Some(4));
+        // A sender that knows nothing gets everything.
+        let stranger = member(4, "d");
+        let (_, everything) = b.gossip_answer(&stranger.layout_digest(), &[]);
+        assert_eq!(everything.len(), 3);
     }
 
     #[test]

@@ -444,7 +444,7 @@ impl<E: Env> ClusterNode<E> {
                     .membership
                     .lock()
                     .expect("not poisoned")
-                    .gossip_answer(&layout.digest);
+                    .gossip_answer(&layout.digest, &heartbeats);
                 Response::Gossip { layout, heartbeats }
             }
             Request::Admit { .. } => Response::error(RemoteErrorKind::BadRequest, "admission is the network's job"),
