@@ -111,7 +111,7 @@ impl Executor {
     pub fn sleep(&self, duration_ms: u64) -> Sleep {
         Sleep {
             deadline_ms: self.now_ms().saturating_add(duration_ms),
-            registered: false,
+            registered: None,
             executor: self.clone(),
         }
     }
@@ -186,8 +186,20 @@ impl Executor {
 /// Resolves once virtual time reaches its deadline.
 pub struct Sleep {
     deadline_ms: u64,
-    registered: bool,
+    /// The timer's key once registered.
+    registered: Option<(u64, u64)>,
     executor: Executor,
+}
+
+impl Drop for Sleep {
+    /// A sleep dropped early (a request's timeout once its answer came) takes its timer
+    /// with it: left behind, the timer would wake its task for nothing, and most tasks
+    /// that send requests are long loops whose every poll walks all they await.
+    fn drop(&mut self) {
+        if let Some(key) = self.registered.take() {
+            self.executor.timers.lock().expect("not poisoned").pending.remove(&key);
+        }
+    }
 }
 
 impl Future for Sleep {
@@ -197,15 +209,13 @@ impl Future for Sleep {
         if self.executor.now_ms() >= self.deadline_ms {
             return Poll::Ready(());
         }
-        if !self.registered {
+        if self.registered.is_none() {
             let mut timers = self.executor.timers.lock().expect("not poisoned");
-            let sequence = timers.next_sequence;
+            let key = (self.deadline_ms, timers.next_sequence);
             timers.next_sequence += 1;
-            timers
-                .pending
-                .insert((self.deadline_ms, sequence), context.waker().clone());
+            timers.pending.insert(key, context.waker().clone());
             drop(timers);
-            self.registered = true;
+            self.registered = Some(key);
         }
         Poll::Pending
     }
@@ -237,6 +247,32 @@ mod tests {
             vec![(1100, "a"), (1100, "a2"), (1200, "b"), (1300, "c")]
         );
         assert_eq!(executor.now_ms(), 10_000);
+    }
+
+    #[test]
+    fn a_sleep_dropped_early_takes_its_timer_and_wakes_nothing_later() {
+        let executor = Executor::new(0);
+        let executor2 = executor.clone();
+        executor.spawn(
+            None,
+            Box::pin(async move {
+                // Like a request: an answer (the short sleep) beats its timeout.
+                for _ in 0..5 {
+                    futures::future::select(executor2.sleep(10), executor2.sleep(1_000)).await;
+                }
+                executor2.sleep(5_000).await;
+            }),
+        );
+        executor.run_until(100);
+        assert_eq!(
+            executor.timers.lock().unwrap().pending.len(),
+            1,
+            "only the last sleep is pending"
+        );
+        executor.run_until(10_000);
+        // The first poll, one per short sleep, one for the last: no timeout woke the task.
+        assert_eq!(executor.polls(), 7);
+        assert_eq!(executor.task_count(), 0);
     }
 
     #[test]

@@ -17,7 +17,7 @@ use bdr_protocol::layout::Layout;
 use bdr_protocol::placement::place;
 use bdr_protocol::records::{
     decode_stored_value, encode_stored_value, stored_value_is_current, Lww, Record, RecordDecodeError, RowKey,
-    RowKeyError,
+    RowKeyError, METADATA_PARTITIONS,
 };
 use bdr_protocol::wire::{MetaRow, RemoteErrorKind, Request, Response, Table, SCAN_ROWS_MAX};
 use futures::channel::mpsc;
@@ -81,8 +81,10 @@ pub(crate) struct PartitionReplicasCache {
     /// The layout the placements were computed for: usually the very allocation callers
     /// pass, so checking it is a pointer comparison.
     layout: Option<Arc<Layout>>,
-    /// None: no placement (too few nodes).
-    placements: BTreeMap<u32, Option<Arc<PartitionPlacement>>>,
+    /// By partition; None: not computed yet; Some(None): no placement (too few nodes).
+    /// A vector, not a map: every metadata operation and every repair pass (for each
+    /// of the 256 partitions) looks here.
+    placements: Vec<Option<Option<Arc<PartitionPlacement>>>>,
 }
 
 /// Where one metadata partition lives under one layout.
@@ -124,7 +126,14 @@ impl<E: Env> ClusterNode<E> {
             // Keep the caller's allocation, so the next call with it takes the pointer check.
             cache.layout = Some(Arc::clone(layout));
         }
-        if let Some(placement) = cache.placements.get(&partition) {
+        if cache.placements.len() != METADATA_PARTITIONS as usize {
+            cache.placements = vec![None; METADATA_PARTITIONS as usize];
+        }
+        if partition >= METADATA_PARTITIONS {
+            return None;
+        }
+        let slot = partition as usize;
+        if let Some(placement) = &cache.placements[slot] {
             return placement.clone();
         }
         let placement = place(
@@ -147,7 +156,7 @@ impl<E: Env> ClusterNode<E> {
                 replicas,
             })
         });
-        cache.placements.insert(partition, placement.clone());
+        cache.placements[slot] = Some(placement.clone());
         placement
     }
 
