@@ -29,6 +29,7 @@ use bdr_protocol::records::{
     AccessKeyRecord, BucketGrant, BucketIntentRecord, BucketRecord, ChecksumAlgorithm, Lww, Manifest,
     MultipartPartRecord, MultipartUploadRecord, ObjectData, ObjectLock, ObjectVersionRecord, Record, RowKey,
     StandardHeaders, StripeOwner, StripeRecord, StripeRef, VersioningState, BUCKET_INTENT_DEADLINE_MS,
+    CLOCK_SKEW_ALLOWANCE_MS,
 };
 use bdr_protocol::wire::{RemoteErrorKind, Request, Response, Table};
 use futures::channel::oneshot;
@@ -462,6 +463,9 @@ pub const BUCKET_INTENTS_SCANNED_MAX: u32 = 1_000;
 /// Bucket creations and deletions one node runs at once (each holds an intent slot; see
 /// [`BucketIntent`]); more are refused (BucketRequestsBusy) until one ends.
 pub const BUCKET_INTENT_SLOTS_MAX: u32 = 64;
+/// How long a deletion waits before writing its bucket's tombstone again when it reached
+/// too few replicas (see `ClusterNode::settle_bucket_tombstone`).
+pub const BUCKET_TOMBSTONE_RETRY_MS: u64 = 1_000;
 /// How long a write whose bucket is being deleted waits for the deletion's outcome
 /// before it fails (BucketBeingDeleted), and how often it looks meanwhile. A deletion
 /// takes a few metadata round trips; the row of one left by a crashed gateway lasts
@@ -1255,17 +1259,93 @@ impl<E: Env> ClusterNode<E> {
     pub async fn delete_bucket_generation(self: &Arc<Self>, bucket: &BucketRecord) -> Result<(), DataError> {
         let node = Arc::clone(self);
         let bucket = bucket.clone();
-        self.run_to_completion("bucket-delete", async move {
-            let intent = node.announce_bucket_deletion(&bucket).await?;
-            let outcome = node.delete_announced_bucket(&bucket, intent.started_at_ms).await;
-            // Withdrawn whatever the outcome: once the bucket is gone its row names a dead
-            // generation, and one left behind (this fails, or the gateway crashes) expires.
-            if let Err(error) = node.meta_put(Table::Buckets, &intent.row, None).await {
-                tracing::warn!(bucket = %bucket.name, %error, "could not withdraw a bucket deletion row; it expires");
+        // A task of its own, like `run_to_completion`, which also answers before it ends
+        // when the bucket's tombstone is slow to settle (see `settle_bucket_tombstone`).
+        let (answer, answered) = oneshot::channel();
+        self.env.spawn(
+            "bucket-delete",
+            Box::pin(async move {
+                let mut answer = Some(answer);
+                let intent = match node.announce_bucket_deletion(&bucket).await {
+                    Ok(intent) => intent,
+                    Err(error) => {
+                        let _ = answer.take().map(|answer| answer.send(Err(error)));
+                        return;
+                    }
+                };
+                let checked = node.delete_announced_bucket(&bucket, intent.started_at_ms).await;
+                let tombstone = match checked {
+                    Ok(()) => node.bucket_tombstone(&bucket.name, bucket.created_at_ms).await,
+                    Err(error) => Err(error),
+                };
+                let outcome = match tombstone {
+                    Ok(register) => {
+                        node.settle_bucket_tombstone(&bucket.name, &register, &intent, &mut answer)
+                            .await
+                    }
+                    Err(error) => Err(error),
+                };
+                // Withdrawn whatever the outcome: once the bucket is gone its row names a
+                // dead generation, and one left behind (this fails, or the gateway
+                // crashes) expires.
+                if let Err(error) = node.meta_put(Table::Buckets, &intent.row, None).await {
+                    tracing::warn!(bucket = %bucket.name, %error, "could not withdraw a bucket deletion row; it expires");
+                }
+                let _ = answer.take().map(|answer| answer.send(outcome));
+            }),
+        );
+        answered
+            .await
+            .map_err(|_| DataError::NotDurable("bucket-delete was stopped (the node is shutting down)".into()))?
+    }
+
+    /// Writes a deleted bucket's tombstone to a quorum of its replicas. A write that
+    /// reached fewer may still have landed on one, and anti-entropy would spread it
+    /// later: the bucket would go under writes acknowledged once the deletion's row was
+    /// withdrawn (simulator bucket-churn 33087). So it is written again every
+    /// [`BUCKET_TOMBSTONE_RETRY_MS`] while the deletion's row (`intent`, held all along)
+    /// holds writes back, until it reaches a quorum. Past the deletion deadline the
+    /// caller is answered (through `answer`) with an error saying the deletion may still
+    /// complete; attempts go on until half the clock-skew allowance past it, short of the
+    /// row's expiry on any clock within the allowance.
+    async fn settle_bucket_tombstone(
+        self: &Arc<Self>,
+        name: &str,
+        tombstone: &Lww<Record>,
+        intent: &BucketIntent<'_>,
+        answer: &mut Option<oneshot::Sender<Result<(), DataError>>>,
+    ) -> Result<(), DataError> {
+        let deadline_ms = intent.started_at_ms.saturating_add(BUCKET_INTENT_DEADLINE_MS);
+        let give_up_at_ms = deadline_ms.saturating_add(CLOCK_SKEW_ALLOWANCE_MS / 2);
+        let mut attempt = 0u64;
+        loop {
+            attempt += 1;
+            self.forget_cached_bucket(name);
+            let written = self
+                .meta_write_register(Table::Buckets, &bucket_row(name), tombstone)
+                .await;
+            self.forget_cached_bucket(name);
+            let error = match written {
+                Ok(()) => return Ok(()),
+                Err(error) => error,
+            };
+            let unsettled = || {
+                DataError::NotDurable(format!(
+                    "deleting bucket {name}: its record reached too few replicas ({error}); the deletion may \
+                     still complete"
+                ))
+            };
+            let now_ms = self.env.now_ms();
+            if now_ms >= deadline_ms {
+                let _ = answer.take().map(|answer| answer.send(Err(unsettled())));
             }
-            outcome
-        })
-        .await
+            if now_ms >= give_up_at_ms {
+                tracing::error!(bucket = name, attempts = attempt, %error, "a bucket tombstone never reached a quorum; if it landed on a replica, anti-entropy may still delete the bucket");
+                return Err(unsettled());
+            }
+            tracing::warn!(bucket = name, attempt, %error, "a bucket tombstone reached too few replicas; writing it again");
+            self.env.sleep(BUCKET_TOMBSTONE_RETRY_MS).await;
+        }
     }
 
     /// Takes an intent slot and writes a creation's or deletion's own row in
@@ -1367,7 +1447,7 @@ impl<E: Env> ClusterNode<E> {
                 "deleting bucket {name} took longer than {BUCKET_INTENT_DEADLINE_MS} ms; retry"
             )));
         }
-        self.tombstone_bucket_generation(name, bucket.created_at_ms).await
+        Ok(())
     }
 
     /// Whether a deletion of generation `generation` of bucket `name` may be in progress:
@@ -1410,11 +1490,25 @@ impl<E: Env> ClusterNode<E> {
     /// Tombstones a bucket's register, stamped above what it holds, only while it still
     /// holds generation `generation`: a bucket deleted and created again meanwhile is not
     /// overwritten (NoSuchBucket).
+    /// Deletes generation `generation` of bucket `name` without the deletion's checks
+    /// and retries: for tests of what a deletion racing a write leaves.
+    #[cfg(test)]
     pub(crate) async fn tombstone_bucket_generation(
         self: &Arc<Self>,
         name: &str,
         generation: u64,
     ) -> Result<(), DataError> {
+        let tombstone = self.bucket_tombstone(name, generation).await?;
+        self.forget_cached_bucket(name);
+        self.meta_write_register(Table::Buckets, &bucket_row(name), &tombstone)
+            .await?;
+        self.forget_cached_bucket(name);
+        Ok(())
+    }
+
+    /// The tombstone that deletes generation `generation` of bucket `name`, stamped
+    /// above its record (NoSuchBucket if that generation is not the bucket's now).
+    async fn bucket_tombstone(self: &Arc<Self>, name: &str, generation: u64) -> Result<Lww<Record>, DataError> {
         let row = bucket_row(name);
         let current = self.meta_get(Table::Buckets, &row).await?;
         let Some(current) = current else {
@@ -1428,11 +1522,7 @@ impl<E: Env> ClusterNode<E> {
             let mut membership = self.membership.lock().expect("not poisoned");
             membership.timestamp_after(now_ms, &current.timestamp)
         };
-        self.forget_cached_bucket(name);
-        self.meta_write_register(Table::Buckets, &row, &Lww::tombstone(stamp))
-            .await?;
-        self.forget_cached_bucket(name);
-        Ok(())
+        Ok(Lww::tombstone(stamp))
     }
 
     /// Deletes a bucket's grants and record without checking anything: what a deletion

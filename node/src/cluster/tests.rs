@@ -33,6 +33,8 @@ struct Hub {
     /// Nodes slow to serve shards (a busy disk): their GetShard answers wait this long.
     slow_shard_reads_ms: Mutex<BTreeMap<NodeId, u64>>,
     slow_meta_scans_ms: Mutex<BTreeMap<NodeId, u64>>,
+    /// (node, row key): merges of that row into that node fail as if it were unreachable.
+    refused_merges: Mutex<BTreeSet<(NodeId, Vec<u8>)>>,
     /// Reads of object version rows (by key or by prefix) answered, by every node.
     object_reads_served: AtomicU64,
 }
@@ -98,6 +100,11 @@ impl Env for TestEnv {
             let slow_ms = hub.slow_meta_scans_ms.lock().unwrap().get(&to).copied();
             if let (Some(slow_ms), Request::MetaScan { .. }) = (slow_ms, &request) {
                 tokio::time::sleep(Duration::from_millis(slow_ms)).await;
+            }
+            if let Request::MetaMerge { key, .. } = &request {
+                if hub.refused_merges.lock().unwrap().contains(&(to, key.clone())) {
+                    return Err(unreachable());
+                }
             }
             if let Request::MetaGet {
                 table: Table::Objects, ..
@@ -2257,6 +2264,74 @@ async fn kept_digests_match_fresh_ones_and_racing_merges_keep_the_newest() {
         decode_stored_value(&store.get(Tree::Table(Table::Buckets), &racing_row).unwrap().unwrap()).unwrap();
     assert_eq!(kept.timestamp.wall_ms, 10_000 + merges_per_thread * threads - 1);
     assert_digests_fresh("after racing merges");
+}
+
+/// A bucket's tombstone that reaches too few replicas may still have landed on one,
+/// and anti-entropy would spread it later: the deletion writes it again, holding writes
+/// back all along, until it reaches a quorum. (Giving up at once and withdrawing its
+/// row let a put be acknowledged into a bucket that anti-entropy then deleted:
+/// simulator bucket-churn 33087.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bucket_tombstone_short_of_a_quorum_is_written_again_while_writes_wait() {
+    let cluster = TestCluster::start(&SIX_NODES).await;
+    let row = bucket_row("backups");
+    let key = row.encode().unwrap();
+    let replicas = cluster.node(0).metadata_replicas(&row.partition_key).unwrap();
+    assert_eq!(replicas.len(), 3);
+    // Coordinators that are not replicas: a replica writes its own copy without the hub.
+    let others: Vec<usize> = (0..6)
+        .filter(|index| !replicas.contains(&cluster.node(*index).env().node_id()))
+        .collect();
+    let deleter = Arc::clone(cluster.node(others[0]));
+    let writer = Arc::clone(cluster.node(others[1]));
+    deleter.create_bucket("backups", "owner").await.unwrap();
+    // Two of the three replicas miss every write of the bucket's record.
+    for replica in &replicas[1..] {
+        cluster
+            .hub
+            .refused_merges
+            .lock()
+            .unwrap()
+            .insert((*replica, key.clone()));
+    }
+    let deletion = tokio::spawn({
+        let deleter = Arc::clone(&deleter);
+        async move { deleter.delete_bucket("backups").await }
+    });
+    let landed_on = cluster.node(node_index(&cluster, replicas[0]));
+    let mut landed = false;
+    for _ in 0..100 {
+        let stored = landed_on
+            .env()
+            .meta_store()
+            .get(Tree::Table(Table::Buckets), &key)
+            .unwrap();
+        landed = stored.is_some_and(|stored| decode_stored_value(&stored).unwrap().value.is_none());
+        if landed {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(landed, "the tombstone never reached the one replica that takes it");
+    // A put now, while the tombstone sits on one replica.
+    let put_while_unsettled = tokio::spawn({
+        let writer = Arc::clone(&writer);
+        async move { put(&writer, "backups", "late", b"late").await }
+    });
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    if deletion.is_finished() {
+        panic!(
+            "the deletion answered before its tombstone settled: {:?}",
+            deletion.await
+        );
+    }
+    cluster.hub.refused_merges.lock().unwrap().clear();
+    deletion.await.unwrap().unwrap();
+    let outcome = put_while_unsettled.await.unwrap();
+    assert!(matches!(outcome, Err(DataError::NoSuchBucket(_))), "{outcome:?}");
+    for index in 0..6 {
+        assert!(cluster.node(index).bucket("backups").await.unwrap().is_none());
+    }
 }
 
 /// A write commits its version and then reads its bucket and deletion rows; a deletion
