@@ -463,9 +463,10 @@ pub const BUCKET_INTENTS_SCANNED_MAX: u32 = 1_000;
 /// Bucket creations and deletions one node runs at once (each holds an intent slot; see
 /// [`BucketIntent`]); more are refused (BucketRequestsBusy) until one ends.
 pub const BUCKET_INTENT_SLOTS_MAX: u32 = 64;
-/// How long a deletion waits before writing its bucket's tombstone again when it reached
-/// too few replicas (see `ClusterNode::settle_bucket_tombstone`).
-pub const BUCKET_TOMBSTONE_RETRY_MS: u64 = 1_000;
+/// How long a bucket creation or deletion waits before writing the bucket's record or
+/// tombstone again when it reached too few replicas (see
+/// `ClusterNode::settle_bucket_register`).
+pub const BUCKET_REGISTER_RETRY_MS: u64 = 1_000;
 /// How long a write whose bucket is being deleted waits for the deletion's outcome
 /// before it fails (BucketBeingDeleted), and how often it looks meanwhile. A deletion
 /// takes a few metadata round trips; the row of one left by a crashed gateway lasts
@@ -618,17 +619,29 @@ impl<E: Env> ClusterNode<E> {
         }
         let node = Arc::clone(self);
         let (name, owner_key_id) = (name.to_string(), owner_key_id.to_string());
-        self.run_to_completion("bucket-create", async move {
-            let intent = node
-                .announce_bucket_intent(bucket_creations_partition(&name), 0)
-                .await?;
-            let outcome = node
+        self.run_to_completion("bucket-create", move |answer| async move {
+            let mut answer = Some(answer);
+            let intent = match node.announce_bucket_intent(bucket_creations_partition(&name), 0).await {
+                Ok(intent) => intent,
+                Err(error) => {
+                    let _ = answer.take().map(|answer| answer.send(Err(error)));
+                    return;
+                }
+            };
+            let outcome = match node
                 .create_announced_bucket(&name, &owner_key_id, options, &intent)
-                .await;
+                .await
+            {
+                Ok((record, register)) => node
+                    .settle_bucket_register(&name, &register, &intent, &mut answer)
+                    .await
+                    .map(|()| record),
+                Err(error) => Err(error),
+            };
             if let Err(error) = node.meta_put(Table::Buckets, &intent.row, None).await {
                 tracing::warn!(bucket = name, %error, "could not withdraw a bucket creation row; it expires");
             }
-            outcome
+            let _ = answer.take().map(|answer| answer.send(outcome));
         })
         .await
     }
@@ -636,20 +649,21 @@ impl<E: Env> ClusterNode<E> {
     /// Runs a bucket creation or deletion as a task of its own, to its end even if the
     /// caller stops waiting (a client that disconnects drops its request's future), so
     /// it always withdraws its intent row: a row left behind holds writes (or creations)
-    /// of the name back until it expires, about 15 minutes.
-    async fn run_to_completion<T: Send + 'static>(
+    /// of the name back until it expires, about 15 minutes. `task` gets the sender of
+    /// the caller's answer: it may answer before it ends (see
+    /// [`ClusterNode::settle_bucket_register`]).
+    async fn run_to_completion<T, Task>(
         self: &Arc<Self>,
         task_name: &'static str,
-        task: impl std::future::Future<Output = Result<T, DataError>> + Send + 'static,
-    ) -> Result<T, DataError> {
-        let (sender, receiver) = oneshot::channel();
-        self.env.spawn(
-            task_name,
-            Box::pin(async move {
-                let _ = sender.send(task.await);
-            }),
-        );
-        receiver
+        task: impl FnOnce(oneshot::Sender<Result<T, DataError>>) -> Task,
+    ) -> Result<T, DataError>
+    where
+        T: Send + 'static,
+        Task: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let (answer, answered) = oneshot::channel();
+        self.env.spawn(task_name, Box::pin(task(answer)));
+        answered
             .await
             .map_err(|_| DataError::NotDurable(format!("{task_name} was stopped (the node is shutting down)")))?
     }
@@ -661,7 +675,7 @@ impl<E: Env> ClusterNode<E> {
         owner_key_id: &str,
         options: BucketOptions,
         own: &BucketIntent<'_>,
-    ) -> Result<BucketRecord, DataError> {
+    ) -> Result<(BucketRecord, Lww<Record>), DataError> {
         let started_at_ms = own.started_at_ms;
         let (intents, too_many) = self
             .bucket_intents_in_progress(bucket_creations_partition(name))
@@ -719,14 +733,8 @@ impl<E: Env> ClusterNode<E> {
                 "creating bucket {name} took longer than {BUCKET_INTENT_DEADLINE_MS} ms; retry"
             )));
         }
-        self.forget_cached_bucket(name);
-        self.meta_write_register(
-            Table::Buckets,
-            &bucket_row(name),
-            &Lww::new(stamp, Record::Bucket(record.clone())),
-        )
-        .await?;
-        Ok(record)
+        let register = Lww::new(stamp, Record::Bucket(record.clone()));
+        Ok((record, register))
     }
 
     /// A bucket record for an S3 request's access check: as read within
@@ -1259,61 +1267,55 @@ impl<E: Env> ClusterNode<E> {
     pub async fn delete_bucket_generation(self: &Arc<Self>, bucket: &BucketRecord) -> Result<(), DataError> {
         let node = Arc::clone(self);
         let bucket = bucket.clone();
-        // A task of its own, like `run_to_completion`, which also answers before it ends
-        // when the bucket's tombstone is slow to settle (see `settle_bucket_tombstone`).
-        let (answer, answered) = oneshot::channel();
-        self.env.spawn(
-            "bucket-delete",
-            Box::pin(async move {
-                let mut answer = Some(answer);
-                let intent = match node.announce_bucket_deletion(&bucket).await {
-                    Ok(intent) => intent,
-                    Err(error) => {
-                        let _ = answer.take().map(|answer| answer.send(Err(error)));
-                        return;
-                    }
-                };
-                let checked = node.delete_announced_bucket(&bucket, intent.started_at_ms).await;
-                let tombstone = match checked {
-                    Ok(()) => node.bucket_tombstone(&bucket.name, bucket.created_at_ms).await,
-                    Err(error) => Err(error),
-                };
-                let outcome = match tombstone {
-                    Ok(register) => {
-                        node.settle_bucket_tombstone(&bucket.name, &register, &intent, &mut answer)
-                            .await
-                    }
-                    Err(error) => Err(error),
-                };
-                // Withdrawn whatever the outcome: once the bucket is gone its row names a
-                // dead generation, and one left behind (this fails, or the gateway
-                // crashes) expires.
-                if let Err(error) = node.meta_put(Table::Buckets, &intent.row, None).await {
-                    tracing::warn!(bucket = %bucket.name, %error, "could not withdraw a bucket deletion row; it expires");
+        self.run_to_completion("bucket-delete", move |answer| async move {
+            let mut answer = Some(answer);
+            let intent = match node.announce_bucket_deletion(&bucket).await {
+                Ok(intent) => intent,
+                Err(error) => {
+                    let _ = answer.take().map(|answer| answer.send(Err(error)));
+                    return;
                 }
-                let _ = answer.take().map(|answer| answer.send(outcome));
-            }),
-        );
-        answered
-            .await
-            .map_err(|_| DataError::NotDurable("bucket-delete was stopped (the node is shutting down)".into()))?
+            };
+            let checked = node.delete_announced_bucket(&bucket, intent.started_at_ms).await;
+            let tombstone = match checked {
+                Ok(()) => node.bucket_tombstone(&bucket.name, bucket.created_at_ms).await,
+                Err(error) => Err(error),
+            };
+            let outcome = match tombstone {
+                Ok(register) => {
+                    node.settle_bucket_register(&bucket.name, &register, &intent, &mut answer)
+                        .await
+                }
+                Err(error) => Err(error),
+            };
+            // Withdrawn whatever the outcome: once the bucket is gone its row names a
+            // dead generation, and one left behind (this fails, or the gateway
+            // crashes) expires.
+            if let Err(error) = node.meta_put(Table::Buckets, &intent.row, None).await {
+                tracing::warn!(bucket = %bucket.name, %error, "could not withdraw a bucket deletion row; it expires");
+            }
+            let _ = answer.take().map(|answer| answer.send(outcome));
+        })
+        .await
     }
 
-    /// Writes a deleted bucket's tombstone to a quorum of its replicas. A write that
-    /// reached fewer may still have landed on one, and anti-entropy would spread it
-    /// later: the bucket would go under writes acknowledged once the deletion's row was
-    /// withdrawn (simulator bucket-churn 33087). So it is written again every
-    /// [`BUCKET_TOMBSTONE_RETRY_MS`] while the deletion's row (`intent`, held all along)
-    /// holds writes back, until it reaches a quorum. Past the deletion deadline the
-    /// caller is answered (through `answer`) with an error saying the deletion may still
-    /// complete; attempts go on until half the clock-skew allowance past it, short of the
-    /// row's expiry on any clock within the allowance.
-    async fn settle_bucket_tombstone(
+    /// Writes a bucket's record (a creation's) or tombstone (a deletion's) to a quorum
+    /// of its replicas. A write that reached fewer may still have landed on one, and
+    /// anti-entropy would spread it later: a tombstone would take the bucket from under
+    /// writes acknowledged once the deletion's row was withdrawn (simulator bucket-churn
+    /// 33087), a record would replace a bucket another creation made meanwhile. So it is
+    /// written again every [`BUCKET_REGISTER_RETRY_MS`] while the request's row
+    /// (`intent`, held all along) holds writes and creations back, until it reaches a
+    /// quorum. Past the request's deadline the caller is answered (through `answer`) with
+    /// an error saying the request may still complete; attempts go on until half the
+    /// clock-skew allowance past it, short of the row's expiry on any clock within the
+    /// allowance.
+    async fn settle_bucket_register<T>(
         self: &Arc<Self>,
         name: &str,
-        tombstone: &Lww<Record>,
+        register: &Lww<Record>,
         intent: &BucketIntent<'_>,
-        answer: &mut Option<oneshot::Sender<Result<(), DataError>>>,
+        answer: &mut Option<oneshot::Sender<Result<T, DataError>>>,
     ) -> Result<(), DataError> {
         let deadline_ms = intent.started_at_ms.saturating_add(BUCKET_INTENT_DEADLINE_MS);
         let give_up_at_ms = deadline_ms.saturating_add(CLOCK_SKEW_ALLOWANCE_MS / 2);
@@ -1322,7 +1324,7 @@ impl<E: Env> ClusterNode<E> {
             attempt += 1;
             self.forget_cached_bucket(name);
             let written = self
-                .meta_write_register(Table::Buckets, &bucket_row(name), tombstone)
+                .meta_write_register(Table::Buckets, &bucket_row(name), register)
                 .await;
             self.forget_cached_bucket(name);
             let error = match written {
@@ -1331,8 +1333,8 @@ impl<E: Env> ClusterNode<E> {
             };
             let unsettled = || {
                 DataError::NotDurable(format!(
-                    "deleting bucket {name}: its record reached too few replicas ({error}); the deletion may \
-                     still complete"
+                    "bucket {name}: its record reached too few replicas ({error}); the request may still \
+                     complete"
                 ))
             };
             let now_ms = self.env.now_ms();
@@ -1340,11 +1342,11 @@ impl<E: Env> ClusterNode<E> {
                 let _ = answer.take().map(|answer| answer.send(Err(unsettled())));
             }
             if now_ms >= give_up_at_ms {
-                tracing::error!(bucket = name, attempts = attempt, %error, "a bucket tombstone never reached a quorum; if it landed on a replica, anti-entropy may still delete the bucket");
+                tracing::error!(bucket = name, attempts = attempt, %error, "a bucket record never reached a quorum; if it landed on a replica, anti-entropy may still spread it");
                 return Err(unsettled());
             }
-            tracing::warn!(bucket = name, attempt, %error, "a bucket tombstone reached too few replicas; writing it again");
-            self.env.sleep(BUCKET_TOMBSTONE_RETRY_MS).await;
+            tracing::warn!(bucket = name, attempt, %error, "a bucket record reached too few replicas; writing it again");
+            self.env.sleep(BUCKET_REGISTER_RETRY_MS).await;
         }
     }
 

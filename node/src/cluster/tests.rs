@@ -2334,6 +2334,71 @@ async fn a_bucket_tombstone_short_of_a_quorum_is_written_again_while_writes_wait
     }
 }
 
+/// The same for a creation: a bucket record short of a quorum may have landed on one
+/// replica, and spread later it would replace a bucket another creation made meanwhile
+/// (with every object acknowledged into it). The creation writes it again, holding
+/// other creations back, until it reaches a quorum.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bucket_record_short_of_a_quorum_is_written_again_while_other_creations_wait() {
+    let cluster = TestCluster::start(&SIX_NODES).await;
+    let row = bucket_row("backups");
+    let key = row.encode().unwrap();
+    let replicas = cluster.node(0).metadata_replicas(&row.partition_key).unwrap();
+    let others: Vec<usize> = (0..6)
+        .filter(|index| !replicas.contains(&cluster.node(*index).env().node_id()))
+        .collect();
+    let (creator, rival) = (Arc::clone(cluster.node(others[0])), Arc::clone(cluster.node(others[1])));
+    for replica in &replicas[1..] {
+        cluster
+            .hub
+            .refused_merges
+            .lock()
+            .unwrap()
+            .insert((*replica, key.clone()));
+    }
+    let creation = tokio::spawn({
+        let creator = Arc::clone(&creator);
+        async move { creator.create_bucket("backups", "owner").await }
+    });
+    let landed_on = cluster.node(node_index(&cluster, replicas[0]));
+    let mut landed = false;
+    for _ in 0..100 {
+        landed = landed_on
+            .env()
+            .meta_store()
+            .get(Tree::Table(Table::Buckets), &key)
+            .unwrap()
+            .is_some();
+        if landed {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(landed, "the record never reached the one replica that takes it");
+    // Another creation of the name meanwhile is refused, not made.
+    let rival_outcome = rival.create_bucket("backups", "rival").await;
+    assert!(
+        matches!(
+            rival_outcome,
+            Err(DataError::BucketBusy(_) | DataError::BucketExists(_))
+        ),
+        "{rival_outcome:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    if creation.is_finished() {
+        panic!("the creation answered before its record settled: {:?}", creation.await);
+    }
+    cluster.hub.refused_merges.lock().unwrap().clear();
+    let created = creation.await.unwrap().unwrap();
+    for index in 0..6 {
+        let bucket = cluster.node(index).bucket("backups").await.unwrap().unwrap();
+        assert_eq!(
+            (bucket.created_at_ms, bucket.owner_key_id.as_str()),
+            (created.created_at_ms, "owner")
+        );
+    }
+}
+
 /// A write commits its version and then reads its bucket and deletion rows; a deletion
 /// writes its row and then checks that the bucket is empty. Whichever comes second sees
 /// the first, so a bucket never goes from under an acknowledged write: each
