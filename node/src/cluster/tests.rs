@@ -285,6 +285,50 @@ impl TestCluster {
                 .all(|(key, holders)| holders == &vec![node_index(self, canonical_holders(self, key))])
     }
 
+    /// The replicas of `bucket`'s record, the nodes that are not among them (so their
+    /// writes of it all go through the hub) and the record's row key.
+    fn bucket_record_replicas(&self, bucket: &str) -> (Vec<usize>, Vec<usize>, Vec<u8>) {
+        let row = bucket_row(bucket);
+        let replicas: Vec<usize> = self
+            .node(0)
+            .metadata_replicas(&row.partition_key)
+            .unwrap()
+            .into_iter()
+            .map(|id| node_index(self, id))
+            .collect();
+        assert_eq!(replicas.len(), 3);
+        let others = (0..self.nodes.len())
+            .filter(|index| !replicas.contains(index))
+            .collect();
+        (replicas, others, row.encode().unwrap())
+    }
+
+    /// From now on, merges of row `key` reach only the first of `replicas`.
+    fn refuse_merges_but_on_first(&self, replicas: &[usize], key: &[u8]) {
+        for replica in &replicas[1..] {
+            let id = self.node(*replica).env().node_id();
+            self.hub.refused_merges.lock().unwrap().insert((id, key.to_vec()));
+        }
+    }
+
+    /// Waits up to 5 s until node `index` holds row `key` of the Buckets table in a state
+    /// `holds` accepts; returns whether it did.
+    async fn wait_for_bucket_row(&self, index: usize, key: &[u8], holds: impl Fn(&Lww<Record>) -> bool) -> bool {
+        for _ in 0..100 {
+            let stored = self
+                .node(index)
+                .env()
+                .meta_store()
+                .get(Tree::Table(Table::Buckets), key)
+                .unwrap();
+            if stored.is_some_and(|stored| holds(&decode_stored_value(&stored).unwrap())) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    }
+
     /// Runs repair passes and holder tidying on every live node until `done` holds.
     async fn maintain_until<F, Fut>(&self, what: &str, live: &[usize], mut done: F)
     where
@@ -2274,44 +2318,19 @@ async fn kept_digests_match_fresh_ones_and_racing_merges_keep_the_newest() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bucket_tombstone_short_of_a_quorum_is_written_again_while_writes_wait() {
     let cluster = TestCluster::start(&SIX_NODES).await;
-    let row = bucket_row("backups");
-    let key = row.encode().unwrap();
-    let replicas = cluster.node(0).metadata_replicas(&row.partition_key).unwrap();
-    assert_eq!(replicas.len(), 3);
-    // Coordinators that are not replicas: a replica writes its own copy without the hub.
-    let others: Vec<usize> = (0..6)
-        .filter(|index| !replicas.contains(&cluster.node(*index).env().node_id()))
-        .collect();
+    let (replicas, others, key) = cluster.bucket_record_replicas("backups");
     let deleter = Arc::clone(cluster.node(others[0]));
     let writer = Arc::clone(cluster.node(others[1]));
     deleter.create_bucket("backups", "owner").await.unwrap();
     // Two of the three replicas miss every write of the bucket's record.
-    for replica in &replicas[1..] {
-        cluster
-            .hub
-            .refused_merges
-            .lock()
-            .unwrap()
-            .insert((*replica, key.clone()));
-    }
+    cluster.refuse_merges_but_on_first(&replicas, &key);
     let deletion = tokio::spawn({
         let deleter = Arc::clone(&deleter);
         async move { deleter.delete_bucket("backups").await }
     });
-    let landed_on = cluster.node(node_index(&cluster, replicas[0]));
-    let mut landed = false;
-    for _ in 0..100 {
-        let stored = landed_on
-            .env()
-            .meta_store()
-            .get(Tree::Table(Table::Buckets), &key)
-            .unwrap();
-        landed = stored.is_some_and(|stored| decode_stored_value(&stored).unwrap().value.is_none());
-        if landed {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let landed = cluster
+        .wait_for_bucket_row(replicas[0], &key, |register| register.value.is_none())
+        .await;
     assert!(landed, "the tombstone never reached the one replica that takes it");
     // A put now, while the tombstone sits on one replica.
     let put_while_unsettled = tokio::spawn({
@@ -2341,39 +2360,14 @@ async fn a_bucket_tombstone_short_of_a_quorum_is_written_again_while_writes_wait
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bucket_record_short_of_a_quorum_is_written_again_while_other_creations_wait() {
     let cluster = TestCluster::start(&SIX_NODES).await;
-    let row = bucket_row("backups");
-    let key = row.encode().unwrap();
-    let replicas = cluster.node(0).metadata_replicas(&row.partition_key).unwrap();
-    let others: Vec<usize> = (0..6)
-        .filter(|index| !replicas.contains(&cluster.node(*index).env().node_id()))
-        .collect();
+    let (replicas, others, key) = cluster.bucket_record_replicas("backups");
     let (creator, rival) = (Arc::clone(cluster.node(others[0])), Arc::clone(cluster.node(others[1])));
-    for replica in &replicas[1..] {
-        cluster
-            .hub
-            .refused_merges
-            .lock()
-            .unwrap()
-            .insert((*replica, key.clone()));
-    }
+    cluster.refuse_merges_but_on_first(&replicas, &key);
     let creation = tokio::spawn({
         let creator = Arc::clone(&creator);
         async move { creator.create_bucket("backups", "owner").await }
     });
-    let landed_on = cluster.node(node_index(&cluster, replicas[0]));
-    let mut landed = false;
-    for _ in 0..100 {
-        landed = landed_on
-            .env()
-            .meta_store()
-            .get(Tree::Table(Table::Buckets), &key)
-            .unwrap()
-            .is_some();
-        if landed {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let landed = cluster.wait_for_bucket_row(replicas[0], &key, |_| true).await;
     assert!(landed, "the record never reached the one replica that takes it");
     // Another creation of the name meanwhile is refused, not made.
     let rival_outcome = rival.create_bucket("backups", "rival").await;
