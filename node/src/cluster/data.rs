@@ -1308,8 +1308,8 @@ impl<E: Env> ClusterNode<E> {
     /// (`intent`, held all along) holds writes and creations back, until it reaches a
     /// quorum. Past the request's deadline the caller is answered (through `answer`) with
     /// an error saying the request may still complete; attempts go on until half the
-    /// clock-skew allowance past it, short of the row's expiry on any clock within the
-    /// allowance.
+    /// clock-skew allowance past it, while the row still holds back writers whose
+    /// clocks run less than that half ahead of this node's.
     async fn settle_bucket_register<T>(
         self: &Arc<Self>,
         name: &str,
