@@ -181,7 +181,7 @@ pub(crate) struct MaintenanceState {
 }
 
 /// Whether a stripe's owner references it.
-#[derive(PartialEq)]
+#[derive(Debug, PartialEq)]
 enum Reference {
     Referenced,
     /// Not referenced, but not for long enough to be garbage (a write in progress, or
@@ -804,6 +804,7 @@ impl<E: Env> ClusterNode<E> {
                             // which is what lets a lost replica leave the layout).
                             None => Reference::Unreferenced,
                         };
+                        tracing::debug!(stripe = %stripe_id.short(), ?reference, "garbage stripe's owner read afresh");
                     }
                     match reference {
                         Reference::Unknown => {
@@ -1284,18 +1285,31 @@ impl<E: Env> ClusterNode<E> {
         }
         // A removed node never answers again (its disk is gone or wiped): waiting for it
         // would keep the record, and the shards it protects elsewhere, forever.
-        let deletes = places
+        let places: Vec<(NodeId, u8)> = places
             .into_iter()
             .filter(|(node, _)| {
                 layout
                     .get(node)
                     .is_none_or(|entry| entry.status != bdr_protocol::layout::NodeStatus::Removed)
             })
-            .map(|(node, index)| self.delete_shard_on(node, *stripe_id, index));
+            .collect();
+        let deletes = places
+            .iter()
+            .map(|(node, index)| self.delete_shard_on(*node, *stripe_id, *index));
         let results = futures::future::join_all(deletes).await;
         let deleted = results.iter().filter(|result| matches!(result, Ok(true))).count() as u64;
-        if results.iter().any(|result| result.is_err()) {
-            // Try again next pass; holders we could not reach drop it as an orphan later.
+        // A holder that is down is not waited for: it may stay down for days, and every
+        // stripe with a shard on it would keep its garbage that long. Once the record is
+        // a tombstone, the holder drops its copy as an orphan when it is back (tidy).
+        // A holder that is up but failed to answer is asked again next pass.
+        let unanswered_up: Vec<(NodeId, &String)> = places
+            .iter()
+            .zip(&results)
+            .filter_map(|((node, _), result)| result.as_ref().err().map(|error| (*node, error)))
+            .filter(|(node, _)| self.liveness(node) != Liveness::Down)
+            .collect();
+        if !unanswered_up.is_empty() {
+            tracing::debug!(stripe = %stripe_id.short(), ?unanswered_up, "garbage stripe kept: a live holder did not answer");
             return;
         }
         match self.meta_put(Table::Stripes, &stripe_row(stripe_id), None).await {

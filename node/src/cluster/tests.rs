@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bdr_protocol::envelope::RootKey;
 use bdr_protocol::hlc::HlcTimestamp;
-use bdr_protocol::ids::{NodeId, ZoneName};
+use bdr_protocol::ids::{NodeId, StripeId, ZoneName};
 use bdr_protocol::layout::{NodeRoles, NodeSpec, NodeStatus};
 use bdr_protocol::records::{
     decode_stored_value, encode_stored_value, stored_value_is_current, BucketRecord, DefaultRetention, Lww, ObjectLock,
@@ -1116,6 +1116,75 @@ async fn garbage_is_collected_after_the_deadline_and_grace_and_live_data_stays()
     );
     assert!(matches!(
         get(cluster.node(4), "backups", "object-1").await,
+        Err(DataError::NoSuchKey)
+    ));
+}
+
+/// Stripe ids of the shards in `map`.
+fn stripes_in(map: &BTreeMap<ShardKey, Vec<usize>>) -> BTreeSet<StripeId> {
+    map.keys().map(|key| key.stripe_id).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_with_a_shard_on_a_down_node_is_collected_and_the_node_drops_its_copy_when_back() {
+    let cluster = TestCluster::start(&SIX_NODES).await;
+    let objects = put_objects(&cluster, 1).await;
+    let live_stripes = stripes_in(&cluster.shard_map().await);
+    let doomed = pattern(300_000, 8);
+    put(cluster.node(1), "backups", "doomed", &doomed).await.unwrap();
+    let doomed_stripes: BTreeSet<StripeId> = stripes_in(&cluster.shard_map().await)
+        .difference(&live_stripes)
+        .copied()
+        .collect();
+    assert_eq!(doomed_stripes.len(), 3);
+    // The node that goes down holds a shard of every stripe (6 shards on 6 nodes) but
+    // no replica of the bucket's metadata: only its shards could hold the garbage back.
+    let bucket = cluster.node(0).bucket("backups").await.unwrap().unwrap();
+    let row = object_row("backups", bucket.created_at_ms, "doomed", NULL_VERSION);
+    let replicas = cluster.node(0).metadata_replicas(&row.partition_key).unwrap();
+    let down = (0..6)
+        .find(|index| !replicas.contains(&cluster.node(*index).env().node_id()))
+        .expect("a node with no replica of the bucket's metadata");
+    let holds_doomed_shard = |map: &BTreeMap<ShardKey, Vec<usize>>, index: usize| {
+        map.iter()
+            .filter(|(key, holders)| doomed_stripes.contains(&key.stripe_id) && holders.contains(&index))
+            .count()
+    };
+    assert_eq!(holds_doomed_shard(&cluster.shard_map().await, down), 3);
+    cluster.set_down(down, true);
+    tokio::time::sleep(Duration::from_millis(MEMBERSHIP.down_after_ms + 300)).await;
+    let live: Vec<usize> = (0..6).filter(|index| *index != down).collect();
+    cluster.node(live[0]).delete_object("backups", "doomed").await.unwrap();
+
+    cluster
+        .maintain_until("the garbage is collected while a holder is down", &live, || async {
+            let map = cluster.shard_map().await;
+            live.iter().all(|index| holds_doomed_shard(&map, *index) == 0)
+        })
+        .await;
+    let collected: u64 = live
+        .iter()
+        .map(|index| {
+            cluster
+                .node(*index)
+                .maintenance_report()
+                .gc_deleted_stripe_records_total
+        })
+        .sum();
+    assert_eq!(collected, 3, "garbage stripe records");
+    // The down node never heard of it: its copies are orphans now.
+    assert_eq!(holds_doomed_shard(&cluster.shard_map().await, down), 3);
+
+    cluster.set_down(down, false);
+    let all: Vec<usize> = (0..6).collect();
+    cluster
+        .maintain_until("the node back drops its orphans", &all, || async {
+            holds_doomed_shard(&cluster.shard_map().await, down) == 0
+        })
+        .await;
+    assert_all_readable(&cluster, down, &objects).await;
+    assert!(matches!(
+        get(cluster.node(down), "backups", "doomed").await,
         Err(DataError::NoSuchKey)
     ));
 }
