@@ -179,7 +179,11 @@ impl NodeProcess {
         let child = Command::new(binary("bdr-node"))
             .args(["run", "--config"])
             .arg(&self.config_path)
-            .env("RUST_LOG", "info,libp2p=warn,yamux=error")
+            // BDR_TEST_NODE_LOG overrides the nodes' log filter when a test is debugged.
+            .env(
+                "RUST_LOG",
+                std::env::var("BDR_TEST_NODE_LOG").unwrap_or_else(|_| "info,libp2p=warn,yamux=error".to_string()),
+            )
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
