@@ -617,30 +617,58 @@ impl<E: Env> ClusterNode<E> {
         {
             return Err(DataError::BucketExists(name.to_string()));
         }
-        let node = Arc::clone(self);
-        let (name, owner_key_id) = (name.to_string(), owner_key_id.to_string());
-        self.run_to_completion("bucket-create", move |answer| async move {
-            let mut answer = Some(answer);
-            let intent = match node.announce_bucket_intent(bucket_creations_partition(&name), 0).await {
-                Ok(intent) => intent,
-                Err(error) => {
-                    let _ = answer.take().map(|answer| answer.send(Err(error)));
-                    return;
-                }
-            };
-            let outcome = match node
-                .create_announced_bucket(&name, &owner_key_id, options, &intent)
-                .await
-            {
-                Ok((record, register)) => node
-                    .settle_bucket_register(&name, &register, &intent, &mut answer)
+        let (owned_name, owner_key_id) = (name.to_string(), owner_key_id.to_string());
+        self.run_bucket_request(
+            "bucket-create",
+            name,
+            bucket_creations_partition(name),
+            0,
+            move |node, own_row, started_at_ms| async move {
+                node.create_announced_bucket(&owned_name, &own_row, started_at_ms, &owner_key_id, options)
                     .await
-                    .map(|()| record),
-                Err(error) => Err(error),
-            };
-            if let Err(error) = node.meta_put(Table::Buckets, &intent.row, None).await {
-                tracing::warn!(bucket = name, %error, "could not withdraw a bucket creation row; it expires");
+            },
+        )
+        .await
+    }
+
+    /// Runs a bucket creation or deletion to its end (see
+    /// [`ClusterNode::run_to_completion`]): announces its intent row in `partition`, does
+    /// `work` (given the row and when it was announced), which yields the answer and the
+    /// bucket register it wrote, settles that register on a quorum
+    /// ([`ClusterNode::settle_bucket_register`]), withdraws the row whatever the outcome
+    /// (one left behind by a crash expires), and answers.
+    async fn run_bucket_request<T, Work, WorkFuture>(
+        self: &Arc<Self>,
+        task_name: &'static str,
+        name: &str,
+        partition: Vec<u8>,
+        bucket_created_at_ms: u64,
+        work: Work,
+    ) -> Result<T, DataError>
+    where
+        T: Send + 'static,
+        Work: FnOnce(Arc<Self>, RowKey, u64) -> WorkFuture + Send + 'static,
+        WorkFuture: std::future::Future<Output = Result<(T, Lww<Record>), DataError>> + Send,
+    {
+        let node = Arc::clone(self);
+        let name = name.to_string();
+        self.run_to_completion(task_name, move |answer| async move {
+            let mut answer = Some(answer);
+            let outcome = async {
+                let intent = node.announce_bucket_intent(partition, bucket_created_at_ms).await?;
+                let outcome = async {
+                    let (value, register) = work(Arc::clone(&node), intent.row.clone(), intent.started_at_ms).await?;
+                    node.settle_bucket_register(&name, &register, &intent, &mut answer)
+                        .await?;
+                    Ok(value)
+                }
+                .await;
+                if let Err(error) = node.meta_put(Table::Buckets, &intent.row, None).await {
+                    tracing::warn!(bucket = name, task_name, %error, "could not withdraw a bucket request's row; it expires");
+                }
+                outcome
             }
+            .await;
             let _ = answer.take().map(|answer| answer.send(outcome));
         })
         .await
@@ -672,17 +700,17 @@ impl<E: Env> ClusterNode<E> {
     async fn create_announced_bucket(
         self: &Arc<Self>,
         name: &str,
+        own_row: &RowKey,
+        started_at_ms: u64,
         owner_key_id: &str,
         options: BucketOptions,
-        own: &BucketIntent<'_>,
     ) -> Result<(BucketRecord, Lww<Record>), DataError> {
-        let started_at_ms = own.started_at_ms;
         let (intents, too_many) = self
             .bucket_intents_in_progress(bucket_creations_partition(name))
             .await?;
         let another = intents
             .iter()
-            .any(|(row, _)| *row != own.row && !self.is_dead_own_intent(row));
+            .any(|(row, _)| row != own_row && !self.is_dead_own_intent(row));
         if another || too_many {
             return Err(DataError::BucketBusy(name.to_string()));
         }
@@ -1228,16 +1256,13 @@ impl<E: Env> ClusterNode<E> {
                     _ => None,
                 }));
                 match buckets.len() as u64 > BUCKETS_LISTED_MAX {
-                    true => ControlFlow::Break(()),
+                    true => ControlFlow::Break(DataError::TooManyBuckets(BUCKETS_LISTED_MAX)),
                     false => ControlFlow::Continue(()),
                 }
             },
         )
-        .await?;
-        if buckets.len() as u64 > BUCKETS_LISTED_MAX {
-            return Err(DataError::TooManyBuckets(BUCKETS_LISTED_MAX));
-        }
-        Ok(buckets)
+        .await?
+        .map_or(Ok(buckets), Err)
     }
 
     /// Deletes a bucket if it holds nothing of its generation: no object version, delete
@@ -1265,37 +1290,18 @@ impl<E: Env> ClusterNode<E> {
     /// [`ClusterNode::delete_bucket`] of one generation of a bucket: the one a request's
     /// access check read (NoSuchBucket if it was deleted, or replaced, since).
     pub async fn delete_bucket_generation(self: &Arc<Self>, bucket: &BucketRecord) -> Result<(), DataError> {
-        let node = Arc::clone(self);
-        let bucket = bucket.clone();
-        self.run_to_completion("bucket-delete", move |answer| async move {
-            let mut answer = Some(answer);
-            let intent = match node.announce_bucket_deletion(&bucket).await {
-                Ok(intent) => intent,
-                Err(error) => {
-                    let _ = answer.take().map(|answer| answer.send(Err(error)));
-                    return;
-                }
-            };
-            let checked = node.delete_announced_bucket(&bucket, intent.started_at_ms).await;
-            let tombstone = match checked {
-                Ok(()) => node.bucket_tombstone(&bucket.name, bucket.created_at_ms).await,
-                Err(error) => Err(error),
-            };
-            let outcome = match tombstone {
-                Ok(register) => {
-                    node.settle_bucket_register(&bucket.name, &register, &intent, &mut answer)
-                        .await
-                }
-                Err(error) => Err(error),
-            };
-            // Withdrawn whatever the outcome: once the bucket is gone its row names a
-            // dead generation, and one left behind (this fails, or the gateway
-            // crashes) expires.
-            if let Err(error) = node.meta_put(Table::Buckets, &intent.row, None).await {
-                tracing::warn!(bucket = %bucket.name, %error, "could not withdraw a bucket deletion row; it expires");
-            }
-            let _ = answer.take().map(|answer| answer.send(outcome));
-        })
+        let owned = bucket.clone();
+        self.run_bucket_request(
+            "bucket-delete",
+            &bucket.name,
+            bucket_deletions_partition(&bucket.name),
+            bucket.created_at_ms,
+            move |node, _own_row, started_at_ms| async move {
+                node.delete_announced_bucket(&owned, started_at_ms).await?;
+                let tombstone = node.bucket_tombstone(&owned.name, owned.created_at_ms).await?;
+                Ok(((), tombstone))
+            },
+        )
         .await
     }
 
@@ -1407,6 +1413,7 @@ impl<E: Env> ClusterNode<E> {
     }
 
     /// Writes a deletion's own row.
+    #[cfg(test)]
     pub(crate) async fn announce_bucket_deletion(
         self: &Arc<Self>,
         bucket: &BucketRecord,
@@ -1557,7 +1564,7 @@ impl<E: Env> ClusterNode<E> {
                     Some(Record::BucketGrant(grant)) => Some((row, grant)),
                     _ => None,
                 }));
-                ControlFlow::Continue(())
+                ControlFlow::<()>::Continue(())
             },
         )
         .await?;
@@ -2127,7 +2134,7 @@ impl<E: Env> ClusterNode<E> {
                     Some(Record::MultipartPart(part)) => Some(part),
                     _ => None,
                 }));
-                ControlFlow::Continue(())
+                ControlFlow::<()>::Continue(())
             },
         )
         .await?;

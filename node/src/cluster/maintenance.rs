@@ -1093,11 +1093,12 @@ impl<E: Env> ClusterNode<E> {
                         references.add(object.bucket_created_at_ms, data_stripes(&object.data));
                     }
                 }
-                std::ops::ControlFlow::Continue(())
+                std::ops::ControlFlow::<()>::Continue(())
             },
         )
         .await
         .ok()
+        .map(|_| ())
     }
 
     /// Tombstones the object version rows of `partition` that a deleted bucket left

@@ -516,17 +516,18 @@ impl<E: Env> ClusterNode<E> {
 
     /// Reads the rows of one partition whose sort keys start with `sort_prefix`
     /// (tombstones too), `page_rows` at a time, handing each page to `each` until the
-    /// rows end or `each` breaks. Lists that skip tombstones must page on past them: one
-    /// page of tombstones (kept for the grace) would otherwise end the list early.
-    pub(crate) async fn meta_scan_pages(
+    /// rows end (None) or `each` breaks (Some of what it broke with). Lists that skip
+    /// tombstones must page on past them: one page of tombstones (kept for the grace)
+    /// would otherwise end the list early.
+    pub(crate) async fn meta_scan_pages<B>(
         self: &Arc<Self>,
         table: Table,
         partition_key: &[u8],
         sort_prefix: &[u8],
         page_rows: u32,
         replicas_read: ReplicasRead,
-        mut each: impl FnMut(Vec<(RowKey, Lww<Record>)>) -> std::ops::ControlFlow<()>,
-    ) -> Result<(), MetaError> {
+        mut each: impl FnMut(Vec<(RowKey, Lww<Record>)>) -> std::ops::ControlFlow<B>,
+    ) -> Result<Option<B>, MetaError> {
         let mut after: Option<Vec<u8>> = None;
         loop {
             let page = self
@@ -541,8 +542,11 @@ impl<E: Env> ClusterNode<E> {
                 .await?;
             let full_page = page.len() as u32 >= page_rows;
             after = page.last().map(|(row, _)| row.sort_key.clone());
-            if each(page).is_break() || !full_page {
-                return Ok(());
+            if let std::ops::ControlFlow::Break(reason) = each(page) {
+                return Ok(Some(reason));
+            }
+            if !full_page {
+                return Ok(None);
             }
         }
     }
