@@ -83,6 +83,16 @@ pub const REPAIR_QUEUE_STRIPES_MAX: usize = 10_000;
 pub const GRACE_TIMERS_MAX: usize = 200_000;
 /// Owners whose references a pass remembers, so an object of many stripes is read once.
 pub const OWNER_CACHE_ENTRIES_MAX: usize = 4_096;
+/// A stripe found referenced by its owner is trusted to stay referenced for this many
+/// repair passes without reading the owner again: reading every stripe's owner on every
+/// pass was most of a pass's metadata reads. Each pass reads about one owner in this
+/// many again (chosen by a hash of the owner, so the reads spread over passes). The cost
+/// is that garbage is noticed up to this many passes later; deleting still needs a
+/// fresh read of the owner.
+pub const OWNER_RECHECK_PASSES: u64 = 4;
+/// Stripes whose confirmed reference a node remembers (about 40 bytes each); past it,
+/// stripes are read every pass as before.
+pub const CONFIRMED_STRIPES_MAX: usize = 1_000_000;
 /// Object versions read per page when looking for a completed upload's references.
 pub const VERSIONS_PAGE_ROWS: u32 = 100;
 /// Stripes one node repairs at once. Each holds about k + m shards in memory (6 MiB for
@@ -178,6 +188,25 @@ pub(crate) struct MaintenanceState {
     /// Maintainer: object version rows (encoded keys) seen holding a version of a deleted
     /// bucket, the register's timestamp seen, and since when.
     stale_version_since_ms: BTreeMap<Vec<u8>, (HlcTimestamp, u64)>,
+    /// Maintainer: stripes their owner referenced when last read (see
+    /// [`OWNER_RECHECK_PASSES`]).
+    confirmed_referenced: BTreeSet<StripeId>,
+}
+
+/// Whether a pass must read the owner of `stripe_id`, or may trust that it was
+/// referenced. The pass of the recheck is chosen by owner, so an object of many stripes
+/// is read once on one pass, not on most passes for one stripe or another.
+fn owner_read_due(
+    confirmed_referenced: &BTreeSet<StripeId>,
+    stripe_id: &StripeId,
+    owner: &StripeOwner,
+    pass: u64,
+) -> bool {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    owner.hash(&mut hasher);
+    let residue = hasher.finish() % OWNER_RECHECK_PASSES;
+    !confirmed_referenced.contains(stripe_id) || pass % OWNER_RECHECK_PASSES == residue
 }
 
 /// Whether a stripe's owner references it.
@@ -768,6 +797,12 @@ impl<E: Env> ClusterNode<E> {
         let mut seen: BTreeSet<StripeId> = BTreeSet::new();
         let mut stale_rows_seen: BTreeSet<Vec<u8>> = BTreeSet::new();
         let mut buckets_seen = BucketGenerationsSeen::default();
+        let pass = self
+            .maintenance
+            .lock()
+            .expect("not poisoned")
+            .report
+            .repair_passes_completed;
         for partition in self.maintained_partitions(&layout) {
             let mut after: Option<Vec<u8>> = None;
             loop {
@@ -782,16 +817,45 @@ impl<E: Env> ClusterNode<E> {
                     .iter()
                     .filter_map(|(key, value)| decode_stripe_row(key, value))
                     .collect();
-                self.load_owner_references(&records, &mut owners, &mut buckets_seen)
+                let trusted: BTreeSet<StripeId> = {
+                    let state = self.maintenance.lock().expect("not poisoned");
+                    records
+                        .iter()
+                        .filter(|(stripe_id, record)| {
+                            !owner_read_due(&state.confirmed_referenced, stripe_id, &record.owner, pass)
+                        })
+                        .map(|(stripe_id, _)| *stripe_id)
+                        .collect()
+                };
+                let to_read: Vec<(StripeId, StripeRecord)> = records
+                    .iter()
+                    .filter(|(stripe_id, _)| !trusted.contains(stripe_id))
+                    .cloned()
+                    .collect();
+                self.load_owner_references(&to_read, &mut owners, &mut buckets_seen)
                     .await;
                 let mut live = Vec::new();
                 for (stripe_id, record) in records {
                     seen.insert(stripe_id);
                     let mut reference = match owners.get(&record.owner) {
-                        Some(Some(referenced)) if referenced.contains(&stripe_id) => Reference::Referenced,
+                        _ if trusted.contains(&stripe_id) => Reference::Referenced,
+                        Some(Some(referenced)) if referenced.contains(&stripe_id) => {
+                            let mut state = self.maintenance.lock().expect("not poisoned");
+                            if state.confirmed_referenced.len() < CONFIRMED_STRIPES_MAX {
+                                state.confirmed_referenced.insert(stripe_id);
+                            }
+                            Reference::Referenced
+                        }
                         Some(Some(_)) => Reference::Unreferenced,
                         _ => Reference::Unknown,
                     };
+                    if reference != Reference::Referenced {
+                        self.maintenance
+                            .lock()
+                            .expect("not poisoned")
+                            .confirmed_referenced
+                            .remove(&stripe_id);
+                    }
                     if reference == Reference::Unreferenced && self.is_garbage(&stripe_id) {
                         // The pass's owner cache may predate the write's commit (a pass
                         // can outlast a write deadline under faults), so the owner is
@@ -846,6 +910,7 @@ impl<E: Env> ClusterNode<E> {
                 .stale_version_since_ms
                 .retain(|row, _| stale_rows_seen.contains(row));
             state.unreferenced_since_ms.retain(|stripe, _| seen.contains(stripe));
+            state.confirmed_referenced.retain(|stripe| seen.contains(stripe));
             state.extra_copy_since_ms.retain(|key, _| seen.contains(&key.stripe_id));
             state.report.stripes = health;
         }

@@ -35,6 +35,8 @@ struct Hub {
     slow_meta_scans_ms: Mutex<BTreeMap<NodeId, u64>>,
     /// (node, row key): merges of that row into that node fail as if it were unreachable.
     refused_merges: Mutex<BTreeSet<(NodeId, Vec<u8>)>>,
+    /// Reads of object version rows (by key or by prefix) answered, by every node.
+    object_reads_served: AtomicU64,
 }
 
 struct TestEnv {
@@ -103,6 +105,15 @@ impl Env for TestEnv {
                 if hub.refused_merges.lock().unwrap().contains(&(to, key.clone())) {
                     return Err(unreachable());
                 }
+            }
+            if let Request::MetaGet {
+                table: Table::Objects, ..
+            }
+            | Request::MetaScan {
+                table: Table::Objects, ..
+            } = request
+            {
+                hub.object_reads_served.fetch_add(1, Ordering::Relaxed);
             }
             // Through the wire encoding, as in production.
             let request = wire::decode_request(&wire::encode_request(&request).unwrap()).unwrap();
@@ -1185,6 +1196,61 @@ async fn garbage_with_a_shard_on_a_down_node_is_collected_and_the_node_drops_its
     assert_all_readable(&cluster, down, &objects).await;
     assert!(matches!(
         get(cluster.node(down), "backups", "doomed").await,
+        Err(DataError::NoSuchKey)
+    ));
+}
+
+/// A repair pass trusts a stripe its owner referenced when last read, and reads the
+/// owners of about one stripe in `OWNER_RECHECK_PASSES` again: passes after the first
+/// read far fewer owners. A stripe trusted so still becomes garbage once its object goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repair_passes_reread_few_owners_and_still_find_garbage() {
+    let cluster = TestCluster::start(&SIX_NODES).await;
+    cluster.pause_repair();
+    let objects = put_objects(&cluster, 8).await;
+    let all: Vec<usize> = (0..6).collect();
+    let owner_reads_in_a_round = || async {
+        let before = cluster.hub.object_reads_served.load(Ordering::Relaxed);
+        for index in &all {
+            cluster.node(*index).repair_pass().await;
+        }
+        cluster.hub.object_reads_served.load(Ordering::Relaxed) - before
+    };
+    let first = owner_reads_in_a_round().await;
+    let mut later = Vec::new();
+    for _ in 0..super::maintenance::OWNER_RECHECK_PASSES {
+        later.push(owner_reads_in_a_round().await);
+    }
+    assert!(first > 0);
+    assert!(
+        later.iter().all(|reads| *reads < first),
+        "owner reads: first round {first}, later rounds {later:?}"
+    );
+    assert!(
+        later.iter().sum::<u64>() <= first + first / 2,
+        "owner reads: first round {first}, later rounds {later:?}"
+    );
+    assert!(later.iter().any(|reads| *reads > 0), "no owner was ever read again");
+
+    // Every stripe is trusted now; deleting an object still gets its stripes collected.
+    cluster.node(2).delete_object("backups", "object-1").await.unwrap();
+    let stripes_left: usize = {
+        let mut stripes = BTreeSet::new();
+        for (key, data) in &objects {
+            if key != "object-1" {
+                stripes.insert((key.clone(), data.len().div_ceil(128 * 1024)));
+            }
+        }
+        stripes.iter().map(|(_, count)| count).sum()
+    };
+    cluster
+        .maintain_until("the deleted object's shards collected", &all, || async {
+            cluster.shard_map().await.len() == stripes_left * 6
+        })
+        .await;
+    assert_all_readable(&cluster, 3, &objects[2..]).await;
+    assert!(matches!(
+        get(cluster.node(4), "backups", "object-1").await,
         Err(DataError::NoSuchKey)
     ));
 }
