@@ -350,6 +350,14 @@ impl TestCluster {
         panic!("maintenance did not reach: {what}");
     }
 
+    /// Garbage stripe records the nodes `nodes` have collected, together.
+    fn stripe_records_collected(&self, nodes: &[usize]) -> u64 {
+        nodes
+            .iter()
+            .map(|index| self.nodes[*index].maintenance_report().gc_deleted_stripe_records_total)
+            .sum()
+    }
+
     /// Cluster-wide stripe health from a pass each node runs now.
     async fn health(&self, live: &[usize]) -> wire::StripeHealth {
         let mut health = wire::StripeHealth::default();
@@ -1113,9 +1121,7 @@ async fn garbage_is_collected_after_the_deadline_and_grace_and_live_data_stays()
             cluster.shard_map().await.len() == live_stripes * 6
         })
         .await;
-    let collected: u64 = (0..6)
-        .map(|index| cluster.node(index).maintenance_report().gc_deleted_stripe_records_total)
-        .sum();
+    let collected = cluster.stripe_records_collected(&all);
     // object-0's first version (3 stripes), object-1 (3), the aborted part (2), the
     // unused part (2).
     assert_eq!(collected, 3 + 3 + 2 + 2, "garbage stripe records");
@@ -1173,15 +1179,7 @@ async fn garbage_with_a_shard_on_a_down_node_is_collected_and_the_node_drops_its
             live.iter().all(|index| holds_doomed_shard(&map, *index) == 0)
         })
         .await;
-    let collected: u64 = live
-        .iter()
-        .map(|index| {
-            cluster
-                .node(*index)
-                .maintenance_report()
-                .gc_deleted_stripe_records_total
-        })
-        .sum();
+    let collected = cluster.stripe_records_collected(&live);
     assert_eq!(collected, 3, "garbage stripe records");
     // The down node never heard of it: its copies are orphans now.
     assert_eq!(holds_doomed_shard(&cluster.shard_map().await, down), 3);
@@ -2770,15 +2768,7 @@ async fn garbage_collection_never_takes_the_stripes_of_a_version_on_one_replica_
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    let collected: u64 = others
-        .iter()
-        .map(|index| {
-            cluster
-                .node(*index)
-                .maintenance_report()
-                .gc_deleted_stripe_records_total
-        })
-        .sum();
+    let collected = cluster.stripe_records_collected(&others);
     assert_eq!(collected, 0, "stripe records were collected");
     for key in shards_before.keys() {
         assert!(
