@@ -1459,6 +1459,15 @@ impl<E: Env> ClusterNode<E> {
         Ok(())
     }
 
+    /// Whether a creation of bucket `name` may be in progress (a row of one is there).
+    #[cfg(test)]
+    pub(crate) async fn bucket_creation_in_progress(self: &Arc<Self>, name: &str) -> Result<bool, DataError> {
+        let (intents, too_many) = self
+            .bucket_intents_in_progress(bucket_creations_partition(name))
+            .await?;
+        Ok(too_many || !intents.is_empty())
+    }
+
     /// Whether a deletion of generation `generation` of bucket `name` may be in progress:
     /// one of its rows has not expired, or there are too many rows to tell.
     pub(crate) async fn bucket_deletion_in_progress(

@@ -2460,6 +2460,53 @@ async fn a_bucket_record_short_of_a_quorum_is_written_again_while_other_creation
     }
 }
 
+/// A creation whose record is still short of a quorum at its deadline answers that it
+/// may still complete, and goes on writing the record, holding its row, until it lands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bucket_record_short_of_a_quorum_at_the_deadline_is_answered_and_still_settled() {
+    let cluster = TestCluster::start(&SIX_NODES).await;
+    let (replicas, others, key) = cluster.bucket_record_replicas("backups");
+    let (creator, observer) = (Arc::clone(cluster.node(others[0])), Arc::clone(cluster.node(others[1])));
+    cluster.refuse_merges_but_on_first(&replicas, &key);
+    let creation = tokio::spawn({
+        let creator = Arc::clone(&creator);
+        async move { creator.create_bucket("backups", "owner").await }
+    });
+    let landed = cluster.wait_for_bucket_row(replicas[0], &key, |_| true).await;
+    assert!(landed, "the record never reached the one replica that takes it");
+    // The creator's clock jumps past the request's deadline: the next attempt answers.
+    creator.env().clock_skew_ms.store(
+        bdr_protocol::records::BUCKET_INTENT_DEADLINE_MS as i64,
+        Ordering::Relaxed,
+    );
+    let answer = tokio::time::timeout(Duration::from_secs(10), creation)
+        .await
+        .expect("answered once past the deadline")
+        .unwrap();
+    assert!(
+        matches!(&answer, Err(DataError::NotDurable(message)) if message.contains("may still complete")),
+        "{answer:?}"
+    );
+    // Retries later, its row still holds other creations of the name back.
+    tokio::time::sleep(Duration::from_millis(3 * super::data::BUCKET_REGISTER_RETRY_MS)).await;
+    assert!(observer.bucket_creation_in_progress("backups").await.unwrap());
+    // The creation goes on: once the replicas take merges, the record reaches them all
+    // and the creation's row is withdrawn.
+    cluster.hub.refused_merges.lock().unwrap().clear();
+    for replica in &replicas {
+        let settled = cluster.wait_for_bucket_row(*replica, &key, |_| true).await;
+        assert!(settled, "the record never reached replica {replica}");
+    }
+    let mut waited_ms = 0;
+    while observer.bucket_creation_in_progress("backups").await.unwrap() {
+        assert!(waited_ms < 5_000, "the creation's row was not withdrawn");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        waited_ms += 100;
+    }
+    let bucket = observer.bucket("backups").await.unwrap().unwrap();
+    assert_eq!(bucket.owner_key_id, "owner");
+}
+
 /// A write commits its version and then reads its bucket and deletion rows; a deletion
 /// writes its row and then checks that the bucket is empty. Whichever comes second sees
 /// the first, so a bucket never goes from under an acknowledged write: each
