@@ -311,6 +311,28 @@ impl TestCluster {
         }
     }
 
+    /// Starts creating `bucket` on a node that holds none of its record's replicas
+    /// (`others[0]`), with merges of the record refused on all replicas but the first,
+    /// and waits until the record landed there. Returns the replicas, the other nodes,
+    /// the record's key and the creation's task.
+    async fn create_bucket_short_of_a_quorum(
+        &self,
+        bucket: &'static str,
+    ) -> (
+        Vec<usize>,
+        Vec<usize>,
+        Vec<u8>,
+        tokio::task::JoinHandle<Result<BucketRecord, DataError>>,
+    ) {
+        let (replicas, others, key) = self.bucket_record_replicas(bucket);
+        self.refuse_merges_but_on_first(&replicas, &key);
+        let creator = Arc::clone(self.node(others[0]));
+        let creation = tokio::spawn(async move { creator.create_bucket(bucket, "owner").await });
+        let landed = self.wait_for_bucket_row(replicas[0], &key, |_| true).await;
+        assert!(landed, "the record never reached the one replica that takes it");
+        (replicas, others, key, creation)
+    }
+
     /// Waits up to 5 s until node `index` holds row `key` of the Buckets table in a state
     /// `holds` accepts; returns whether it did.
     async fn wait_for_bucket_row(&self, index: usize, key: &[u8], holds: impl Fn(&Lww<Record>) -> bool) -> bool {
@@ -2427,15 +2449,8 @@ async fn a_bucket_tombstone_short_of_a_quorum_is_written_again_while_writes_wait
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bucket_record_short_of_a_quorum_is_written_again_while_other_creations_wait() {
     let cluster = TestCluster::start(&SIX_NODES).await;
-    let (replicas, others, key) = cluster.bucket_record_replicas("backups");
-    let (creator, rival) = (Arc::clone(cluster.node(others[0])), Arc::clone(cluster.node(others[1])));
-    cluster.refuse_merges_but_on_first(&replicas, &key);
-    let creation = tokio::spawn({
-        let creator = Arc::clone(&creator);
-        async move { creator.create_bucket("backups", "owner").await }
-    });
-    let landed = cluster.wait_for_bucket_row(replicas[0], &key, |_| true).await;
-    assert!(landed, "the record never reached the one replica that takes it");
+    let (_, others, _, creation) = cluster.create_bucket_short_of_a_quorum("backups").await;
+    let rival = Arc::clone(cluster.node(others[1]));
     // Another creation of the name meanwhile is refused, not made.
     let rival_outcome = rival.create_bucket("backups", "rival").await;
     assert!(
@@ -2465,15 +2480,8 @@ async fn a_bucket_record_short_of_a_quorum_is_written_again_while_other_creation
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bucket_record_short_of_a_quorum_at_the_deadline_is_answered_and_still_settled() {
     let cluster = TestCluster::start(&SIX_NODES).await;
-    let (replicas, others, key) = cluster.bucket_record_replicas("backups");
-    let (creator, observer) = (Arc::clone(cluster.node(others[0])), Arc::clone(cluster.node(others[1])));
-    cluster.refuse_merges_but_on_first(&replicas, &key);
-    let creation = tokio::spawn({
-        let creator = Arc::clone(&creator);
-        async move { creator.create_bucket("backups", "owner").await }
-    });
-    let landed = cluster.wait_for_bucket_row(replicas[0], &key, |_| true).await;
-    assert!(landed, "the record never reached the one replica that takes it");
+    let (replicas, others, key, creation) = cluster.create_bucket_short_of_a_quorum("backups").await;
+    let (creator, observer) = (cluster.node(others[0]), Arc::clone(cluster.node(others[1])));
     // The creator's clock jumps past the request's deadline: the next attempt answers.
     creator.env().clock_skew_ms.store(
         bdr_protocol::records::BUCKET_INTENT_DEADLINE_MS as i64,
