@@ -817,44 +817,38 @@ impl<E: Env> ClusterNode<E> {
                     .iter()
                     .filter_map(|(key, value)| decode_stripe_row(key, value))
                     .collect();
-                let trusted: BTreeSet<StripeId> = {
+                let read_due: Vec<bool> = {
                     let state = self.maintenance.lock().expect("not poisoned");
                     records
                         .iter()
-                        .filter(|(stripe_id, record)| {
-                            !owner_read_due(&state.confirmed_referenced, stripe_id, &record.owner, pass)
+                        .map(|(stripe_id, record)| {
+                            owner_read_due(&state.confirmed_referenced, stripe_id, &record.owner, pass)
                         })
-                        .map(|(stripe_id, _)| *stripe_id)
                         .collect()
                 };
-                let to_read: Vec<(StripeId, StripeRecord)> = records
+                let owners_due = records
                     .iter()
-                    .filter(|(stripe_id, _)| !trusted.contains(stripe_id))
-                    .cloned()
-                    .collect();
-                self.load_owner_references(&to_read, &mut owners, &mut buckets_seen)
+                    .zip(&read_due)
+                    .filter(|(_, due)| **due)
+                    .map(|((_, record), _)| &record.owner);
+                self.load_owner_references(owners_due, &mut owners, &mut buckets_seen)
                     .await;
+                // Applied to the state once per page, not under a lock per stripe.
+                let (mut confirmed, mut unconfirmed) = (Vec::new(), Vec::new());
                 let mut live = Vec::new();
-                for (stripe_id, record) in records {
+                for ((stripe_id, record), read_due) in records.into_iter().zip(read_due) {
                     seen.insert(stripe_id);
                     let mut reference = match owners.get(&record.owner) {
-                        _ if trusted.contains(&stripe_id) => Reference::Referenced,
+                        _ if !read_due => Reference::Referenced,
                         Some(Some(referenced)) if referenced.contains(&stripe_id) => {
-                            let mut state = self.maintenance.lock().expect("not poisoned");
-                            if state.confirmed_referenced.len() < CONFIRMED_STRIPES_MAX {
-                                state.confirmed_referenced.insert(stripe_id);
-                            }
+                            confirmed.push(stripe_id);
                             Reference::Referenced
                         }
                         Some(Some(_)) => Reference::Unreferenced,
                         _ => Reference::Unknown,
                     };
                     if reference != Reference::Referenced {
-                        self.maintenance
-                            .lock()
-                            .expect("not poisoned")
-                            .confirmed_referenced
-                            .remove(&stripe_id);
+                        unconfirmed.push(stripe_id);
                     }
                     if reference == Reference::Unreferenced && self.is_garbage(&stripe_id) {
                         // The pass's owner cache may predate the write's commit (a pass
@@ -889,6 +883,14 @@ impl<E: Env> ClusterNode<E> {
                         }
                         Reference::Garbage => self.collect_stripe(&layout, &stripe_id, &record).await,
                     }
+                }
+                {
+                    let mut state = self.maintenance.lock().expect("not poisoned");
+                    for stripe_id in unconfirmed {
+                        state.confirmed_referenced.remove(&stripe_id);
+                    }
+                    let room = CONFIRMED_STRIPES_MAX.saturating_sub(state.confirmed_referenced.len());
+                    state.confirmed_referenced.extend(confirmed.into_iter().take(room));
                 }
                 self.survey(&layout, live, &mut health, &mut queue).await;
                 if queue.len() > REPAIR_QUEUE_STRIPES_MAX {
@@ -996,17 +998,15 @@ impl<E: Env> ClusterNode<E> {
         Some(live.contains(stripe_id))
     }
 
-    /// Reads the references of every owner of `records` not yet in `owners` (a per-pass
+    /// Reads the references of every owner in `wanted` not yet in `owners` (a per-pass
     /// cache, so an object of many stripes is read once), a bounded number at a time.
     async fn load_owner_references(
         self: &Arc<Self>,
-        records: &[(StripeId, StripeRecord)],
+        wanted: impl Iterator<Item = &StripeOwner>,
         owners: &mut BTreeMap<StripeOwner, Option<BTreeSet<StripeId>>>,
         buckets_seen: &mut BucketGenerationsSeen,
     ) {
-        let missing: Vec<StripeOwner> = records
-            .iter()
-            .map(|(_, record)| &record.owner)
+        let missing: Vec<StripeOwner> = wanted
             .filter(|owner| !owners.contains_key(*owner))
             .collect::<BTreeSet<_>>()
             .into_iter()
