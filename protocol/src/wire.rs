@@ -14,8 +14,9 @@ use crate::layout::Layout;
 
 /// Version of the request/response schema below. Bump on any incompatible change.
 pub const WIRE_VERSION: u16 = 3;
-/// The libp2p request-response protocol name; carries the major wire version.
-pub const RPC_PROTOCOL_NAME: &str = "/bdr/rpc/3";
+/// The libp2p stream protocol name; carries the major wire version. A stream carries
+/// `Admit` first, then one request after another, each answered before the next.
+pub const RPC_PROTOCOL_NAME: &str = "/bdr/rpc-stream/3";
 /// Largest frame body: one shard of the largest stripe (k = 1) plus headers and slack.
 pub const FRAME_BYTES_MAX: u64 = STRIPE_LENGTH_BYTES_MAX + 64 * 1024;
 /// Longest error message carried in a response.
@@ -107,7 +108,7 @@ pub struct GossipLayout {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
-    /// Sent first on every new connection. Until it is verified, the peer gets no answer.
+    /// Sent first on every new stream. Until it is verified, the peer gets no answer.
     Admit {
         proof: AdmissionProof,
     },
