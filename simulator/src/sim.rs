@@ -1528,12 +1528,9 @@ impl Shared {
                 .holders
                 .iter()
                 .filter_map(|holder| self.nodes.lock().expect("not poisoned").get(holder).cloned())
-                .map(|node| node.partition_digest(partition).map(|digest| format!("{digest:?}")))
+                .map(|node| node.partition_digest(partition).ok())
                 .collect();
-            if digests
-                .windows(2)
-                .any(|pair| pair[0].as_ref().ok() != pair[1].as_ref().ok())
-            {
+            if digests.windows(2).any(|pair| pair[0] != pair[1]) {
                 // Name the first differing row, for the report.
                 let mut detail = String::new();
                 for table in bdr_protocol::wire::Table::ALL {
