@@ -19,7 +19,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::io;
 use std::num::NonZeroUsize;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -118,9 +118,9 @@ enum Command {
 struct PeerStreams {
     /// One per request in flight to this peer.
     permits: Semaphore,
-    /// Requests holding or waiting for a permit, bounded by
-    /// [`STREAMS_PER_PEER_MAX`] + [`PENDING_REQUESTS_PER_PEER_MAX`].
-    waiting: AtomicUsize,
+    /// Requests holding or waiting for a stream permit: when none is left, a further
+    /// request fails fast.
+    queue_places: Semaphore,
     /// Opens are serialized per peer: the acceptor's queue of new streams has one slot.
     opener: tokio::sync::Mutex<libp2p_stream::Control>,
     /// Admitted streams with no request on them.
@@ -131,14 +131,9 @@ impl PeerStreams {
     fn take_idle(&self) -> Option<Stream> {
         self.idle.lock().expect("not poisoned").pop()
     }
-}
 
-/// Counts a request in [`PeerStreams::waiting`] until dropped.
-struct WaitingGuard<'a>(&'a AtomicUsize);
-
-impl Drop for WaitingGuard<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+    fn put_back(&self, stream: Stream) {
+        self.idle.lock().expect("not poisoned").push(stream);
     }
 }
 
@@ -191,11 +186,9 @@ impl NetworkHandle {
         let body = wire::encode_request(&request)
             .map_err(|error| NetworkError::Failed(to.short(), format!("cannot encode the request: {error}")))?;
         let streams = self.inner.streams_of(peer);
-        if streams.waiting.fetch_add(1, Ordering::Relaxed) >= STREAMS_PER_PEER_MAX + PENDING_REQUESTS_PER_PEER_MAX {
-            streams.waiting.fetch_sub(1, Ordering::Relaxed);
+        let Ok(_queue_place) = streams.queue_places.try_acquire() else {
             return Err(NetworkError::Overloaded(to.short()));
-        }
-        let _waiting = WaitingGuard(&streams.waiting);
+        };
         let _permit = streams.permits.acquire().await.expect("the semaphore is never closed");
         let mut stream = match streams.take_idle() {
             Some(stream) => stream,
@@ -214,7 +207,7 @@ impl NetworkHandle {
             .map_err(|error| NetworkError::Unreachable(to.short(), format!("undecodable response: {error}")))?;
         // Only a stream whose exchange completed goes back: one dropped mid-way (a caller's
         // timeout) may still carry the rest of an answer.
-        streams.idle.lock().expect("not poisoned").push(stream);
+        streams.put_back(stream);
         Ok(response)
     }
 
@@ -248,7 +241,7 @@ impl Inner {
         Arc::clone(peers.entry(peer).or_insert_with(|| {
             Arc::new(PeerStreams {
                 permits: Semaphore::new(STREAMS_PER_PEER_MAX),
-                waiting: AtomicUsize::new(0),
+                queue_places: Semaphore::new(STREAMS_PER_PEER_MAX + PENDING_REQUESTS_PER_PEER_MAX),
                 opener: tokio::sync::Mutex::new(self.control.clone()),
                 idle: Mutex::new(Vec::new()),
             })
@@ -356,11 +349,9 @@ impl Inner {
         let Ok(_permit) = streams.permits.try_acquire() else {
             return; // Requests are under way: they admit.
         };
-        if !streams.idle.lock().expect("not poisoned").is_empty() {
-            return; // Already admitted.
-        }
+        // An idle stream means the peer is admitted already; it just goes back.
         match self.open_admitted_stream(peer, node, &streams).await {
-            Ok(stream) => streams.idle.lock().expect("not poisoned").push(stream),
+            Ok(stream) => streams.put_back(stream),
             Err(error) => tracing::debug!(peer = %node.short(), %error, "admission on connect failed"),
         }
     }
@@ -731,9 +722,35 @@ mod tests {
             Err(NetworkError::Unreachable(..)) | Err(NetworkError::Timeout(..)) => {}
             other => panic!("an intruder got {other:?}"),
         }
+        // A stream that starts with a request instead of `Admit` gets no answer, even
+        // from a member's identity.
+        let server_peer = peer_of_node_id(&server_identity.node_id).expect("ed25519");
+        let mut raw = client
+            .inner
+            .control
+            .clone()
+            .open_stream(server_peer, RPC_PROTOCOL)
+            .await
+            .expect("a stream opens");
+        let request = wire::encode_request(&get_shard(3)).expect("encodes");
+        write_frame(&mut raw, &request).await.expect("the request goes out");
+        let answer = tokio::time::timeout(Duration::from_secs(5), read_frame(&mut raw)).await;
+        assert!(
+            matches!(answer, Ok(Err(_))),
+            "a request before admission was answered or left hanging: {answer:?}"
+        );
         let admitted = echo.admitted.lock().expect("not poisoned").clone();
         assert_eq!(admitted.len(), 1, "only the member was admitted: {admitted:?}");
-        // The member still gets answers after the intruder was turned away.
-        expect_echo(client.request(server_identity.node_id, get_shard(9)).await, 9);
+        // The member is disconnected for that, and still gets answers afterwards on a
+        // new connection, admitted again.
+        let mut answer = client.request(server_identity.node_id, get_shard(9)).await;
+        for _ in 0..50 {
+            if answer.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            answer = client.request(server_identity.node_id, get_shard(9)).await;
+        }
+        expect_echo(answer, 9);
     }
 }
