@@ -117,6 +117,11 @@ fn main() {
         black_box(envelope::seal(&aead_key, [2; 24], b"bench", black_box(&four_mib)));
     });
     report("xchacha20-poly1305 seal (4 MiB)", four_mib.len(), aead_time);
+    let sealed = envelope::seal(&aead_key, [7; envelope::NONCE_LENGTH_BYTES], b"bench", &four_mib);
+    let open_time = median_duration(|| {
+        black_box(envelope::open(&aead_key, b"bench", black_box(&sealed)).unwrap());
+    });
+    report("xchacha20-poly1305 open (4 MiB)", four_mib.len(), open_time);
 
     let mut encode_figures = Vec::new();
     for (k, m) in [(4u8, 2u8), (8, 4)] {

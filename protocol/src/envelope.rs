@@ -12,8 +12,8 @@
 //! Nonces are 24 random bytes chosen by the caller (this crate reads no OS randomness);
 //! with XChaCha's 192-bit nonces random choice is safe for any realistic message count.
 
-use chacha20poly1305::aead::{AeadInPlace, KeyInit};
-use chacha20poly1305::{Tag, XChaCha20Poly1305, XNonce};
+use chacha20::cipher::consts::U10;
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305};
 
 use crate::ids::StripeId;
 
@@ -137,13 +137,27 @@ pub fn seal(key: &DerivedKey, nonce: [u8; NONCE_LENGTH_BYTES], binding: &[u8], p
     sealed.extend_from_slice(&nonce);
     sealed.extend_from_slice(plaintext);
     let (header, body) = sealed.split_at_mut(HEADER_LENGTH_BYTES);
-    let cipher = XChaCha20Poly1305::new((&key.bytes).into());
+    let (cipher, inner_nonce) = xchacha_cipher(&key.bytes, &nonce);
     let tag = cipher
-        .encrypt_in_place_detached(XNonce::from_slice(&nonce), &associated_data(header, binding), body)
+        .seal_in_place_separate_tag(inner_nonce, Aad::from(associated_data(header, binding)), body)
         // Only fails for messages longer than 2^38 bytes; stripes are bounded far below.
         .expect("plaintext within the AEAD length limit");
-    sealed.extend_from_slice(&tag);
+    sealed.extend_from_slice(tag.as_ref());
     sealed
+}
+
+/// XChaCha20-Poly1305 as its definition builds it (draft-irtf-cfrg-xchacha): the first 16
+/// nonce bytes and the key give a subkey through HChaCha20, and the IETF ChaCha20-Poly1305
+/// of that subkey with the nonce `0u32 || nonce[16..24]` does the rest. Built this way so
+/// the AEAD itself is ring's assembly, about twice as fast per byte on this hardware as
+/// the portable `chacha20poly1305` crate, which the tests keep as the reference the output
+/// must equal bit for bit.
+fn xchacha_cipher(key: &[u8; 32], nonce: &[u8; NONCE_LENGTH_BYTES]) -> (LessSafeKey, Nonce) {
+    let subkey = chacha20::hchacha::<U10>(key.into(), nonce[..16].into());
+    let mut inner_nonce = [0u8; 12];
+    inner_nonce[4..].copy_from_slice(&nonce[16..]);
+    let cipher = LessSafeKey::new(UnboundKey::new(&CHACHA20_POLY1305, &subkey).expect("a 32-byte key"));
+    (cipher, Nonce::assume_unique_for_key(inner_nonce))
 }
 
 /// The key epoch named in a sealed envelope's header, so a caller can pick the right key.
@@ -183,13 +197,19 @@ pub fn open(key: &DerivedKey, binding: &[u8], sealed: &[u8]) -> Result<Vec<u8>, 
         });
     }
     let header = &sealed[..HEADER_LENGTH_BYTES];
-    let nonce = XNonce::from_slice(&header[6..HEADER_LENGTH_BYTES]);
+    let nonce: [u8; NONCE_LENGTH_BYTES] = header[6..HEADER_LENGTH_BYTES].try_into().expect("24 bytes");
     let tag_start = sealed.len() - TAG_LENGTH_BYTES;
     let mut plaintext = sealed[HEADER_LENGTH_BYTES..tag_start].to_vec();
-    let tag = Tag::from_slice(&sealed[tag_start..]);
-    let cipher = XChaCha20Poly1305::new((&key.bytes).into());
+    let tag = ring::aead::Tag::try_from(&sealed[tag_start..]).expect("16 bytes");
+    let (cipher, inner_nonce) = xchacha_cipher(&key.bytes, &nonce);
     cipher
-        .decrypt_in_place_detached(nonce, &associated_data(header, binding), &mut plaintext, tag)
+        .open_in_place_separate_tag(
+            inner_nonce,
+            Aad::from(associated_data(header, binding)),
+            tag,
+            &mut plaintext,
+            0..,
+        )
         .map_err(|_| EnvelopeError::Authentication)?;
     Ok(plaintext)
 }
@@ -258,5 +278,39 @@ mod tests {
             tampered[position] ^= 1 << flip_bit;
             prop_assert!(open(&key(4), b"bind", &tampered).is_err());
         }
+
+        /// The envelope is XChaCha20-Poly1305 exactly: what the portable reference
+        /// implementation seals, this opens, and the other way round, byte for byte.
+        #[test]
+        fn equals_the_reference_xchacha20_poly1305(
+            plaintext in proptest::collection::vec(any::<u8>(), 0..5000),
+            nonce in any::<[u8; 24]>(),
+            key_seed in any::<u8>(),
+            binding in proptest::collection::vec(any::<u8>(), 0..40),
+        ) {
+            use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+            let key = key(key_seed);
+            let sealed = seal(&key, nonce, &binding, &plaintext);
+            let header = &sealed[..HEADER_LENGTH_BYTES];
+            let reference = chacha20poly1305::XChaCha20Poly1305::new((&key.bytes).into())
+                .encrypt(
+                    (&nonce).into(),
+                    Payload { msg: &plaintext, aad: &associated_data(header, &binding) },
+                )
+                .unwrap();
+            prop_assert_eq!(&sealed[HEADER_LENGTH_BYTES..], &reference[..]);
+            prop_assert_eq!(open(&key, &binding, &sealed).unwrap(), plaintext);
+        }
+    }
+
+    /// A fixed vector, so a change of either implementation cannot pass unnoticed: the
+    /// sealed bytes of a known key, nonce and plaintext (computed once with the reference
+    /// implementation) must never change, or stored stripes would stop opening.
+    const KNOWN_SEALED_HEX: &str = "0101000000000303030303030303030303030303030303030303030303037f5b00ecc193a4568d1b2e27da72c35750216a2b4126bd58a358bd3a8a633fa6";
+
+    #[test]
+    fn sealed_bytes_of_a_known_input_never_change() {
+        let sealed = seal(&key(7), [3; 24], b"binding", b"bdr known answer");
+        assert_eq!(hex::encode(&sealed), KNOWN_SEALED_HEX);
     }
 }
