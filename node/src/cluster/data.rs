@@ -2261,7 +2261,44 @@ impl<E: Env> ClusterNode<E> {
         // The upload is over; its part records and unlisted parts' shards are garbage.
         self.meta_put(Table::MultipartUploads, &upload_row(bucket, key, upload_id), None)
             .await?;
+        self.forget_parts(upload_id).await;
         Ok(record)
+    }
+
+    /// Tombstones the part records of an upload that is over (completed or aborted: its
+    /// row is a tombstone already, so no part can be listed or completed any more). Best
+    /// effort: the request has succeeded, and a row left by a failure here (or a part
+    /// that lands after it) only takes space; its shards are collected either way,
+    /// since a part without its upload references nothing. Before, every part record
+    /// stayed forever: a daily multipart backup grew the metadata without bound.
+    async fn forget_parts(self: &Arc<Self>, upload_id: &str) {
+        let mut rows = Vec::new();
+        let scanned = self
+            .meta_scan_pages(
+                Table::MultipartParts,
+                upload_id.as_bytes(),
+                b"",
+                bdr_protocol::wire::SCAN_ROWS_MAX,
+                ReplicasRead::Quorum,
+                |page| {
+                    rows.extend(
+                        page.into_iter()
+                            .filter(|(_, register)| register.value.is_some())
+                            .map(|(row, _)| row),
+                    );
+                    ControlFlow::<()>::Continue(())
+                },
+            )
+            .await;
+        if let Err(error) = scanned {
+            tracing::warn!(upload = upload_id, %error, "cannot list the parts of a finished upload; their records stay");
+            return;
+        }
+        for row in rows {
+            if let Err(error) = self.meta_put(Table::MultipartParts, &row, None).await {
+                tracing::warn!(upload = upload_id, %error, "cannot remove a part record of a finished upload");
+            }
+        }
     }
 
     pub async fn abort_multipart_upload(
@@ -2273,6 +2310,7 @@ impl<E: Env> ClusterNode<E> {
         self.multipart_upload(bucket, key, upload_id).await?;
         self.meta_put(Table::MultipartUploads, &upload_row(bucket, key, upload_id), None)
             .await?;
+        self.forget_parts(upload_id).await;
         Ok(())
     }
 }

@@ -962,6 +962,79 @@ async fn multipart_uploads_assemble_parts_and_refuse_bad_completions() {
     ));
 }
 
+/// Part records of `upload_id` that a quorum read finds live (not tombstones).
+async fn live_part_records(node: &Arc<ClusterNode<TestEnv>>, upload_id: &str) -> usize {
+    let mut live = 0;
+    node.meta_scan_pages(
+        Table::MultipartParts,
+        upload_id.as_bytes(),
+        b"",
+        wire::SCAN_ROWS_MAX,
+        super::metadata::ReplicasRead::Quorum,
+        |page| {
+            live += page.iter().filter(|(_, register)| register.value.is_some()).count();
+            std::ops::ControlFlow::<()>::Continue(())
+        },
+    )
+    .await
+    .unwrap();
+    live
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_upload_leaves_no_part_records() {
+    let cluster = TestCluster::start(&SIX_NODES).await;
+    let node = cluster.node(2);
+    node.create_bucket("backups", "owner").await.unwrap();
+    let write = ObjectWrite {
+        bucket: "backups".into(),
+        key: "nightly".into(),
+        ..ObjectWrite::default()
+    };
+    let part_length = super::data::PART_BYTES_MIN as usize;
+    let mut finished = Vec::new();
+    for completes in [true, false] {
+        let upload_id = node.create_multipart_upload(write.clone()).await.unwrap();
+        let mut listed = Vec::new();
+        // Three parts; a completion lists only the first two (the third is unused).
+        for part_number in 1..=3u32 {
+            let part = node
+                .upload_part(
+                    "backups",
+                    "nightly",
+                    &upload_id,
+                    part_number,
+                    futures::io::Cursor::new(pattern(part_length, part_number as u8)),
+                    BodyCheck::none(),
+                )
+                .await
+                .unwrap();
+            listed.push((part_number, part.etag));
+        }
+        assert_eq!(live_part_records(node, &upload_id).await, 3);
+        if completes {
+            node.complete_multipart_upload("backups", "nightly", &upload_id, &listed[..2])
+                .await
+                .unwrap();
+        } else {
+            node.abort_multipart_upload("backups", "nightly", &upload_id)
+                .await
+                .unwrap();
+        }
+        finished.push(upload_id);
+    }
+    for upload_id in &finished {
+        assert_eq!(
+            live_part_records(cluster.node(5), upload_id).await,
+            0,
+            "upload {upload_id}"
+        );
+    }
+    let mut expected = pattern(part_length, 1);
+    expected.extend(pattern(part_length, 2));
+    assert_eq!(get(cluster.node(4), "backups", "nightly").await.unwrap(), expected);
+}
+
 /// The placement a stripe's shards belong at with every node of the layout up.
 fn canonical_holders(cluster: &TestCluster, key: &ShardKey) -> NodeId {
     let layout = cluster.node(0).layout();
