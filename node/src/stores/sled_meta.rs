@@ -1,11 +1,80 @@
 //! Metadata in sled: one sled tree per [`Tree`]. Shard payloads never go here.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use tokio::sync::watch;
 
 use crate::env::{BoxFuture, KeyValue, MetaStore, StoreError, Tree};
 
 pub struct SledMetaStore {
     database: sled::Db,
+    flushes: Arc<FlushGroup>,
+}
+
+/// Group commit. Every quorum write flushes its replica's store before it answers, and
+/// with many writes in flight each flush used to take a blocking thread and an fsync of
+/// its own. Now one flush runs at a time per store, and it covers every caller that
+/// asked before it began (their writes came before their ask): callers that arrive
+/// while one runs wait for the next, which they share.
+#[derive(Default)]
+struct FlushGroup {
+    state: Mutex<FlushState>,
+    /// Signalled when a flusher stops (its handle on the database already let go).
+    flusher_stopped: Condvar,
+    /// Flushes run so far.
+    rounds_run: AtomicU64,
+}
+
+/// How long dropping the store waits for a flush in progress to end.
+const FLUSH_WAIT_ON_DROP_MAX: Duration = Duration::from_secs(60);
+
+#[derive(Default)]
+struct FlushState {
+    /// The round not begun yet, which new callers join; it reports its outcome once.
+    next_round: Option<watch::Sender<Option<Result<(), String>>>>,
+    /// Whether a flusher (a blocking task running rounds until none is left) is on.
+    flusher_running: bool,
+}
+
+impl FlushGroup {
+    /// Runs rounds until no caller waits. Each round takes its callers first, then
+    /// flushes, so every write made before a caller joined is in the flush.
+    fn run_rounds(self: &Arc<Self>, database: sled::Db) {
+        // Whatever happens (a panic in sled included), the next caller can start a
+        // flusher again, and callers of a round that never ran get an error, not a hang.
+        struct Stop<'a>(&'a FlushGroup);
+        impl Drop for Stop<'_> {
+            fn drop(&mut self) {
+                let mut state = self.0.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                state.flusher_running = false;
+                if std::thread::panicking() {
+                    state.next_round = None;
+                }
+                self.0.flusher_stopped.notify_all();
+            }
+        }
+        let _stop = Stop(self);
+        // Dropped before `_stop` runs: once no flusher runs, it holds no handle.
+        let database = database;
+        loop {
+            let round = {
+                let mut state = self.state.lock().expect("not poisoned");
+                match state.next_round.take() {
+                    Some(round) => round,
+                    None => return,
+                }
+            };
+            let outcome = database
+                .flush()
+                .map(|_| ())
+                .map_err(|error| sled_error(error).to_string());
+            self.rounds_run.fetch_add(1, Ordering::Relaxed);
+            round.send_replace(Some(outcome));
+        }
+    }
 }
 
 fn sled_error(error: sled::Error) -> StoreError {
@@ -18,11 +87,43 @@ fn sled_error(error: sled::Error) -> StoreError {
 impl SledMetaStore {
     pub fn open(path: &Path) -> Result<SledMetaStore, StoreError> {
         let database = sled::Config::new().path(path).open().map_err(sled_error)?;
-        Ok(SledMetaStore { database })
+        Ok(SledMetaStore {
+            database,
+            flushes: Arc::default(),
+        })
+    }
+
+    /// Flushes run so far (each covering every caller waiting when it began).
+    pub fn flush_rounds_run(&self) -> u64 {
+        self.flushes.rounds_run.load(Ordering::Relaxed)
     }
 
     fn tree(&self, tree: Tree) -> Result<sled::Tree, StoreError> {
         self.database.open_tree(tree.name()).map_err(sled_error)
+    }
+}
+
+impl Drop for SledMetaStore {
+    /// Waits for a flush in progress, so that when the store is gone the database is
+    /// closed and its directory can be opened again (a restart in the same process).
+    fn drop(&mut self) {
+        let mut state = self
+            .flushes
+            .state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let deadline = std::time::Instant::now() + FLUSH_WAIT_ON_DROP_MAX;
+        while state.flusher_running {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                tracing::warn!("a metadata flush still runs as its store closes");
+                return;
+            }
+            state = match self.flushes.flusher_stopped.wait_timeout(state, left) {
+                Ok((state, _)) => state,
+                Err(poisoned) => poisoned.into_inner().0,
+            };
+        }
     }
 }
 
@@ -63,15 +164,32 @@ impl MetaStore for SledMetaStore {
     }
 
     fn flush(&self) -> BoxFuture<'static, Result<(), StoreError>> {
-        // sled's `flush_async` can hang when many flushes overlap (seen with 10 concurrent
-        // S3 uploads); the blocking flush on the blocking pool does not.
+        // A flush on the blocking pool: sled's `flush_async` can hang when many flushes
+        // overlap (seen with 10 concurrent S3 uploads). Concurrent callers share one
+        // (see `FlushGroup`).
         let database = self.database.clone();
+        let flushes = Arc::clone(&self.flushes);
         Box::pin(async move {
-            tokio::task::spawn_blocking(move || database.flush())
+            let mut outcome = {
+                let mut state = flushes.state.lock().expect("not poisoned");
+                let receiver = state
+                    .next_round
+                    .get_or_insert_with(|| watch::channel(None).0)
+                    .subscribe();
+                if !state.flusher_running {
+                    state.flusher_running = true;
+                    let flushes = Arc::clone(&flushes);
+                    tokio::task::spawn_blocking(move || flushes.run_rounds(database));
+                }
+                receiver
+            };
+            let reported = outcome
+                .wait_for(Option::is_some)
                 .await
-                .map_err(|error| StoreError::Io(format!("flush task failed: {error}")))?
-                .map_err(sled_error)?;
-            Ok(())
+                .map_err(|_| StoreError::Io("the flush task ended without flushing".into()))?
+                .clone()
+                .expect("waited for an outcome");
+            reported.map_err(StoreError::Io)
         })
     }
 }

@@ -70,6 +70,47 @@ async fn sled_meta_store_meets_the_contract_and_persists() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_sled_flushes_share_rounds_and_all_complete() {
+    let directory = tempfile::tempdir().unwrap();
+    let store = Arc::new(SledMetaStore::open(&directory.path().join("meta")).unwrap());
+    let callers = 200u64;
+    let tasks: Vec<_> = (0..callers)
+        .map(|index| {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move {
+                store
+                    .put(Tree::Table(Table::Objects), &index.to_be_bytes(), b"value")
+                    .unwrap();
+                store.flush().await
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap().unwrap();
+    }
+    let rounds = store.flush_rounds_run();
+    assert!(
+        rounds >= 1 && rounds < callers,
+        "{rounds} flushes for {callers} callers"
+    );
+    // Once the flusher went idle, a new caller starts it again.
+    for expected in rounds + 1..=rounds + 3 {
+        store.flush().await.unwrap();
+        assert_eq!(store.flush_rounds_run(), expected);
+    }
+    // Dropping the store waits for the flusher, so its directory opens again at once.
+    drop(store);
+    let reopened = SledMetaStore::open(&directory.path().join("meta")).unwrap();
+    assert_eq!(
+        reopened
+            .scan(Tree::Table(Table::Objects), b"", None, 1000)
+            .unwrap()
+            .len() as u64,
+        callers
+    );
+}
+
 async fn check_shard_store_contract(store: Arc<dyn ShardStore>) {
     let codec = StripeCodec::new(CodecId::DEFAULT, 2, 2).unwrap();
     let shards = codec.encode(StripeId([8; 32]), &[5u8; 3000]).unwrap();
