@@ -2131,7 +2131,19 @@ impl<E: Env> ClusterNode<E> {
         upload_id: &str,
     ) -> Result<Vec<MultipartPartRecord>, DataError> {
         self.multipart_upload(bucket, key, upload_id).await?;
-        let mut parts = Vec::new();
+        let rows = self.live_part_rows(upload_id).await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(_, record)| match record {
+                Record::MultipartPart(part) => Some(part),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// The live (not tombstoned) rows of an upload's parts table, read from a quorum.
+    pub(crate) async fn live_part_rows(self: &Arc<Self>, upload_id: &str) -> Result<Vec<(RowKey, Record)>, MetaError> {
+        let mut rows = Vec::new();
         self.meta_scan_pages(
             Table::MultipartParts,
             upload_id.as_bytes(),
@@ -2139,15 +2151,15 @@ impl<E: Env> ClusterNode<E> {
             bdr_protocol::wire::SCAN_ROWS_MAX,
             ReplicasRead::Quorum,
             |page| {
-                parts.extend(page.into_iter().filter_map(|(_, register)| match register.value {
-                    Some(Record::MultipartPart(part)) => Some(part),
-                    _ => None,
-                }));
+                rows.extend(
+                    page.into_iter()
+                        .filter_map(|(row, register)| register.value.map(|record| (row, record))),
+                );
                 ControlFlow::<()>::Continue(())
             },
         )
         .await?;
-        Ok(parts)
+        Ok(rows)
     }
 
     /// Assembles the listed parts into the object and ends the upload.
@@ -2272,29 +2284,14 @@ impl<E: Env> ClusterNode<E> {
     /// since a part without its upload references nothing. Before, every part record
     /// stayed forever: a daily multipart backup grew the metadata without bound.
     async fn forget_parts(self: &Arc<Self>, upload_id: &str) {
-        let mut rows = Vec::new();
-        let scanned = self
-            .meta_scan_pages(
-                Table::MultipartParts,
-                upload_id.as_bytes(),
-                b"",
-                bdr_protocol::wire::SCAN_ROWS_MAX,
-                ReplicasRead::Quorum,
-                |page| {
-                    rows.extend(
-                        page.into_iter()
-                            .filter(|(_, register)| register.value.is_some())
-                            .map(|(row, _)| row),
-                    );
-                    ControlFlow::<()>::Continue(())
-                },
-            )
-            .await;
-        if let Err(error) = scanned {
-            tracing::warn!(upload = upload_id, %error, "cannot list the parts of a finished upload; their records stay");
-            return;
-        }
-        for row in rows {
+        let rows = match self.live_part_rows(upload_id).await {
+            Ok(rows) => rows,
+            Err(error) => {
+                tracing::warn!(upload = upload_id, %error, "cannot list the parts of a finished upload; their records stay");
+                return;
+            }
+        };
+        for (row, _) in rows {
             if let Err(error) = self.meta_put(Table::MultipartParts, &row, None).await {
                 tracing::warn!(upload = upload_id, %error, "cannot remove a part record of a finished upload");
             }

@@ -962,25 +962,6 @@ async fn multipart_uploads_assemble_parts_and_refuse_bad_completions() {
     ));
 }
 
-/// Part records of `upload_id` that a quorum read finds live (not tombstones).
-async fn live_part_records(node: &Arc<ClusterNode<TestEnv>>, upload_id: &str) -> usize {
-    let mut live = 0;
-    node.meta_scan_pages(
-        Table::MultipartParts,
-        upload_id.as_bytes(),
-        b"",
-        wire::SCAN_ROWS_MAX,
-        super::metadata::ReplicasRead::Quorum,
-        |page| {
-            live += page.iter().filter(|(_, register)| register.value.is_some()).count();
-            std::ops::ControlFlow::<()>::Continue(())
-        },
-    )
-    .await
-    .unwrap();
-    live
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_finished_upload_leaves_no_part_records() {
     let cluster = TestCluster::start(&SIX_NODES).await;
@@ -1011,7 +992,7 @@ async fn a_finished_upload_leaves_no_part_records() {
                 .unwrap();
             listed.push((part_number, part.etag));
         }
-        assert_eq!(live_part_records(node, &upload_id).await, 3);
+        assert_eq!(node.live_part_rows(&upload_id).await.unwrap().len(), 3);
         if completes {
             node.complete_multipart_upload("backups", "nightly", &upload_id, &listed[..2])
                 .await
@@ -1024,11 +1005,8 @@ async fn a_finished_upload_leaves_no_part_records() {
         finished.push(upload_id);
     }
     for upload_id in &finished {
-        assert_eq!(
-            live_part_records(cluster.node(5), upload_id).await,
-            0,
-            "upload {upload_id}"
-        );
+        let left = cluster.node(5).live_part_rows(upload_id).await.unwrap();
+        assert!(left.is_empty(), "upload {upload_id}: {left:?}");
     }
     let mut expected = pattern(part_length, 1);
     expected.extend(pattern(part_length, 2));
