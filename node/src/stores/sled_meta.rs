@@ -43,28 +43,38 @@ impl FlushGroup {
     /// Runs rounds until no caller waits. Each round takes its callers first, then
     /// flushes, so every write made before a caller joined is in the flush.
     fn run_rounds(self: &Arc<Self>, database: sled::Db) {
-        // Whatever happens (a panic in sled included), the next caller can start a
-        // flusher again, and callers of a round that never ran get an error, not a hang.
-        struct Stop<'a>(&'a FlushGroup);
-        impl Drop for Stop<'_> {
+        // A panic (in sled) must not leave `flusher_running` set with nobody flushing:
+        // every later caller would wait forever. Callers of a round that never ran get
+        // an error when it is dropped here, and the next caller starts a flusher again.
+        struct StopOnPanic<'a>(&'a FlushGroup);
+        impl Drop for StopOnPanic<'_> {
             fn drop(&mut self) {
-                let mut state = self.0.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-                state.flusher_running = false;
                 if std::thread::panicking() {
+                    let mut state = self.0.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                    state.flusher_running = false;
                     state.next_round = None;
+                    self.0.flusher_stopped.notify_all();
                 }
-                self.0.flusher_stopped.notify_all();
             }
         }
-        let _stop = Stop(self);
-        // Dropped before `_stop` runs: once no flusher runs, it holds no handle.
+        let _stop_on_panic = StopOnPanic(self);
+        // Dropped before `_stop_on_panic` runs.
         let database = database;
         loop {
             let round = {
                 let mut state = self.state.lock().expect("not poisoned");
                 match state.next_round.take() {
                     Some(round) => round,
-                    None => return,
+                    None => {
+                        // In the same critical section that found no round: a caller
+                        // that saw a flusher running and joined a round would otherwise
+                        // be left with a round nobody runs. The handle goes first, so a
+                        // store waiting in its drop for this finds the database free.
+                        state.flusher_running = false;
+                        drop(database);
+                        self.flusher_stopped.notify_all();
+                        return;
+                    }
                 }
             };
             let outcome = database
