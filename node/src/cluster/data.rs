@@ -80,6 +80,8 @@ pub const BUCKET_NAME_BYTES_MAX: usize = 63;
 /// S3's multipart limits.
 pub const PART_BYTES_MIN: u64 = 5 * 1024 * 1024;
 pub const PART_NUMBER_MAX: u32 = 10_000;
+/// Part records of a finished upload being tombstoned at once.
+pub const PART_RECORDS_FORGOTTEN_IN_FLIGHT_MAX: usize = 16;
 
 /// How long a gateway answers S3 requests with a bucket record or access key it read
 /// before, instead of two more quorum reads per request. A bucket's settings and a
@@ -2273,29 +2275,45 @@ impl<E: Env> ClusterNode<E> {
         // The upload is over; its part records and unlisted parts' shards are garbage.
         self.meta_put(Table::MultipartUploads, &upload_row(bucket, key, upload_id), None)
             .await?;
-        self.forget_parts(upload_id).await;
+        self.forget_parts(upload_id);
         Ok(record)
     }
 
     /// Tombstones the part records of an upload that is over (completed or aborted: its
-    /// row is a tombstone already, so no part can be listed or completed any more). Best
-    /// effort: the request has succeeded, and a row left by a failure here (or a part
-    /// that lands after it) only takes space; its shards are collected either way,
-    /// since a part without its upload references nothing. Before, every part record
-    /// stayed forever: a daily multipart backup grew the metadata without bound.
-    async fn forget_parts(self: &Arc<Self>, upload_id: &str) {
-        let rows = match self.live_part_rows(upload_id).await {
-            Ok(rows) => rows,
-            Err(error) => {
-                tracing::warn!(upload = upload_id, %error, "cannot list the parts of a finished upload; their records stay");
-                return;
-            }
-        };
-        for (row, _) in rows {
-            if let Err(error) = self.meta_put(Table::MultipartParts, &row, None).await {
-                tracing::warn!(upload = upload_id, %error, "cannot remove a part record of a finished upload");
-            }
-        }
+    /// row is a tombstone already, so no part can be listed or completed any more), in
+    /// a task of its own: an upload may have up to [`PART_NUMBER_MAX`] parts, and one
+    /// quorum read and write each, even [`PART_RECORDS_FORGOTTEN_IN_FLIGHT_MAX`] at a
+    /// time, is no wait to put before the answer. Best effort: a row left by a failure
+    /// here (or a part that lands after it) only takes space; its shards are collected
+    /// either way, since a part without its upload references nothing. Before, every
+    /// part record stayed forever: a daily multipart backup grew the metadata without
+    /// bound.
+    fn forget_parts(self: &Arc<Self>, upload_id: &str) {
+        let node = Arc::clone(self);
+        let upload_id = upload_id.to_string();
+        self.env.spawn(
+            "forget-parts",
+            Box::pin(async move {
+                let rows = match node.live_part_rows(&upload_id).await {
+                    Ok(rows) => rows,
+                    Err(error) => {
+                        tracing::warn!(upload = upload_id, %error, "cannot list the parts of a finished upload; their records stay");
+                        return;
+                    }
+                };
+                futures::stream::iter(rows)
+                    .for_each_concurrent(PART_RECORDS_FORGOTTEN_IN_FLIGHT_MAX, |(row, _)| {
+                        let node = Arc::clone(&node);
+                        let upload_id = upload_id.as_str();
+                        async move {
+                            if let Err(error) = node.meta_put(Table::MultipartParts, &row, None).await {
+                                tracing::warn!(upload = upload_id, %error, "cannot remove a part record of a finished upload");
+                            }
+                        }
+                    })
+                    .await;
+            }),
+        );
     }
 
     pub async fn abort_multipart_upload(
@@ -2307,7 +2325,7 @@ impl<E: Env> ClusterNode<E> {
         self.multipart_upload(bucket, key, upload_id).await?;
         self.meta_put(Table::MultipartUploads, &upload_row(bucket, key, upload_id), None)
             .await?;
-        self.forget_parts(upload_id).await;
+        self.forget_parts(upload_id);
         Ok(())
     }
 }
