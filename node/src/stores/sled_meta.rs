@@ -39,30 +39,20 @@ struct FlushState {
     flusher_running: bool,
 }
 
-impl FlushGroup {
-    /// Runs rounds until no caller waits. Each round takes its callers first, then
-    /// flushes, so every write made before a caller joined is in the flush.
-    fn run_rounds(self: &Arc<Self>, database: sled::Db) {
-        // A panic (in sled) must not leave `flusher_running` set with nobody flushing:
-        // every later caller would wait forever. Callers of a round that never ran get
-        // an error when it is dropped here, and the next caller starts a flusher again.
-        struct StopOnPanic<'a>(&'a FlushGroup);
-        impl Drop for StopOnPanic<'_> {
-            fn drop(&mut self) {
-                if std::thread::panicking() {
-                    let mut state = self.0.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-                    state.flusher_running = false;
-                    state.next_round = None;
-                    self.0.flusher_stopped.notify_all();
-                }
-            }
-        }
-        let _stop_on_panic = StopOnPanic(self);
-        // Dropped before `_stop_on_panic` runs.
-        let database = database;
+/// The one flusher of a store while it runs: a blocking task running rounds until no
+/// caller waits. Each round takes its callers first, then flushes, so every write made
+/// before a caller joined is in the flush.
+struct Flusher {
+    group: Arc<FlushGroup>,
+    database: Option<sled::Db>,
+    stopped: bool,
+}
+
+impl Flusher {
+    fn run_rounds(mut self) {
         loop {
             let round = {
-                let mut state = self.state.lock().expect("not poisoned");
+                let mut state = self.group.state.lock().expect("not poisoned");
                 match state.next_round.take() {
                     Some(round) => round,
                     None => {
@@ -71,19 +61,39 @@ impl FlushGroup {
                         // be left with a round nobody runs. The handle goes first, so a
                         // store waiting in its drop for this finds the database free.
                         state.flusher_running = false;
-                        drop(database);
-                        self.flusher_stopped.notify_all();
+                        self.database = None;
+                        self.stopped = true;
+                        self.group.flusher_stopped.notify_all();
                         return;
                     }
                 }
             };
+            let database = self.database.as_ref().expect("held until the flusher stops");
             let outcome = database
                 .flush()
                 .map(|_| ())
                 .map_err(|error| sled_error(error).to_string());
-            self.rounds_run.fetch_add(1, Ordering::Relaxed);
+            self.group.rounds_run.fetch_add(1, Ordering::Relaxed);
             round.send_replace(Some(outcome));
         }
+    }
+}
+
+impl Drop for Flusher {
+    /// A flusher that did not stop by itself (a panic in sled, or a runtime shutting
+    /// down that dropped the task before it ran) must not leave `flusher_running` set
+    /// with nobody flushing: every later caller, and the store's drop, would wait.
+    /// Callers of the round not run get an error (its sender goes), and the next caller
+    /// starts a flusher again.
+    fn drop(&mut self) {
+        if self.stopped {
+            return;
+        }
+        self.database = None;
+        let mut state = self.group.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        state.flusher_running = false;
+        state.next_round = None;
+        self.group.flusher_stopped.notify_all();
     }
 }
 
@@ -180,19 +190,26 @@ impl MetaStore for SledMetaStore {
         let database = self.database.clone();
         let flushes = Arc::clone(&self.flushes);
         Box::pin(async move {
-            let mut outcome = {
+            let (mut outcome, start_flusher) = {
                 let mut state = flushes.state.lock().expect("not poisoned");
                 let receiver = state
                     .next_round
                     .get_or_insert_with(|| watch::channel(None).0)
                     .subscribe();
-                if !state.flusher_running {
-                    state.flusher_running = true;
-                    let flushes = Arc::clone(&flushes);
-                    tokio::task::spawn_blocking(move || flushes.run_rounds(database));
-                }
-                receiver
+                let start_flusher = !state.flusher_running;
+                state.flusher_running = true;
+                (receiver, start_flusher)
             };
+            // Outside the lock: a task the runtime drops unrun drops its flusher here,
+            // and the flusher's drop takes the lock.
+            if start_flusher {
+                let flusher = Flusher {
+                    group: Arc::clone(&flushes),
+                    database: Some(database),
+                    stopped: false,
+                };
+                tokio::task::spawn_blocking(move || flusher.run_rounds());
+            }
             let reported = outcome
                 .wait_for(Option::is_some)
                 .await

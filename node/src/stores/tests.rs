@@ -111,6 +111,37 @@ async fn concurrent_sled_flushes_share_rounds_and_all_complete() {
     );
 }
 
+/// A flush whose flusher task the runtime drops unrun (it is shutting down) fails
+/// instead of waiting forever, and the store still closes at once.
+#[test]
+fn a_flush_on_a_runtime_shutting_down_fails_and_the_store_still_closes() {
+    let directory = tempfile::tempdir().unwrap();
+    let store = SledMetaStore::open(&directory.path().join("meta")).unwrap();
+    store.put(Tree::System, b"key", b"value").unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .build()
+        .unwrap();
+    let handle = runtime.handle().clone();
+    runtime.shutdown_background();
+    let started = std::time::Instant::now();
+    {
+        let _context = handle.enter();
+        let outcome = futures::executor::block_on(store.flush());
+        assert!(outcome.is_err(), "{outcome:?}");
+    }
+    drop(store);
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "closing waited for a flusher that never ran"
+    );
+    let reopened = SledMetaStore::open(&directory.path().join("meta")).unwrap();
+    assert_eq!(
+        reopened.get(Tree::System, b"key").unwrap().as_deref(),
+        Some(b"value".as_slice())
+    );
+}
+
 async fn check_shard_store_contract(store: Arc<dyn ShardStore>) {
     let codec = StripeCodec::new(CodecId::DEFAULT, 2, 2).unwrap();
     let shards = codec.encode(StripeId([8; 32]), &[5u8; 3000]).unwrap();
