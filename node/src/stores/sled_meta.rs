@@ -44,8 +44,8 @@ struct FlushState {
 /// before a caller joined is in the flush.
 struct Flusher {
     group: Arc<FlushGroup>,
+    /// Let go (None) exactly when the flusher stopped by itself.
     database: Option<sled::Db>,
-    stopped: bool,
 }
 
 impl Flusher {
@@ -62,7 +62,6 @@ impl Flusher {
                         // store waiting in its drop for this finds the database free.
                         state.flusher_running = false;
                         self.database = None;
-                        self.stopped = true;
                         self.group.flusher_stopped.notify_all();
                         return;
                     }
@@ -86,10 +85,9 @@ impl Drop for Flusher {
     /// Callers of the round not run get an error (its sender goes), and the next caller
     /// starts a flusher again.
     fn drop(&mut self) {
-        if self.stopped {
+        if self.database.take().is_none() {
             return;
         }
-        self.database = None;
         let mut state = self.group.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         state.flusher_running = false;
         state.next_round = None;
@@ -127,22 +125,18 @@ impl Drop for SledMetaStore {
     /// Waits for a flush in progress, so that when the store is gone the database is
     /// closed and its directory can be opened again (a restart in the same process).
     fn drop(&mut self) {
-        let mut state = self
+        let state = self
             .flushes
             .state
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let deadline = std::time::Instant::now() + FLUSH_WAIT_ON_DROP_MAX;
-        while state.flusher_running {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            if left.is_zero() {
-                tracing::warn!("a metadata flush still runs as its store closes");
-                return;
-            }
-            state = match self.flushes.flusher_stopped.wait_timeout(state, left) {
-                Ok((state, _)) => state,
-                Err(poisoned) => poisoned.into_inner().0,
-            };
+        let (_state, waited) = self
+            .flushes
+            .flusher_stopped
+            .wait_timeout_while(state, FLUSH_WAIT_ON_DROP_MAX, |state| state.flusher_running)
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if waited.timed_out() {
+            tracing::warn!("a metadata flush still runs as its store closes");
         }
     }
 }
@@ -206,7 +200,6 @@ impl MetaStore for SledMetaStore {
                 let flusher = Flusher {
                     group: Arc::clone(&flushes),
                     database: Some(database),
-                    stopped: false,
                 };
                 tokio::task::spawn_blocking(move || flusher.run_rounds());
             }
