@@ -13,10 +13,10 @@ use crate::ids::{NodeId, StripeId};
 use crate::layout::Layout;
 
 /// Version of the request/response schema below. Bump on any incompatible change.
-pub const WIRE_VERSION: u16 = 3;
+pub const WIRE_VERSION: u16 = 4;
 /// The libp2p stream protocol name; carries the major wire version. A stream carries
 /// `Admit` first, then one request after another, each answered before the next.
-pub const RPC_PROTOCOL_NAME: &str = "/bdr/rpc-stream/3";
+pub const RPC_PROTOCOL_NAME: &str = "/bdr/rpc-stream/4";
 /// Largest frame body: one shard of the largest stripe (k = 1) plus headers and slack.
 pub const FRAME_BYTES_MAX: u64 = STRIPE_LENGTH_BYTES_MAX + 64 * 1024;
 /// Longest error message carried in a response.
@@ -153,8 +153,13 @@ pub enum Request {
     },
     /// Anti-entropy, first step: one root hash per listed partition (at most
     /// [`crate::records::METADATA_PARTITIONS`]), so a round costs one request per peer.
+    /// `roots` holds the asker's own roots of those partitions (one each), or none (a
+    /// handover, which only reads): a replica that finds a root equal to its own skips
+    /// comparing with the asker while neither changes; one that finds it different
+    /// compares with the asker on its next round.
     MetaPartitionRoots {
         partitions: Vec<u32>,
+        roots: Vec<[u8; 32]>,
     },
     /// Anti-entropy: hashes of the rows of one metadata partition, per table and bucket.
     MetaDigest {

@@ -1,19 +1,22 @@
 //! Anti-entropy between metadata replicas, and tombstone collection.
 //!
 //! Every round, for each partition this node replicates, it picks one other replica and
-//! compares root hashes (one request per peer for all partitions). Where roots differ it
+//! compares root hashes (one request per peer for all partitions), unless it has already
+//! found every other replica's root equal to its own as it is now (see
+//! [`ExchangeMemory`]). Where roots differ it
 //! asks for the partition's digest: per table, 16 buckets, each the XOR of the hashes of
 //! its rows (key and stored bytes; see [`PartitionDigest`]). Buckets that differ are pulled row by row and
 //! merged (LWW, idempotent), so a replica that was down, or missed a write while a quorum
 //! went ahead without it, catches up within a few rounds. Each replica pulls, so
 //! differences heal in both directions.
 //!
-//! Tombstones older than the grace period are removed in the same round. A replica that
-//! stays away longer than the grace period could bring a deleted row back; the grace
-//! period (default a day) must exceed the longest outage after which a node may rejoin
-//! with its old disk.
+//! Tombstones older than the grace period are removed in the same round, for each
+//! partition at most [`TOMBSTONE_COLLECTIONS_PER_GRACE`] times per grace period (each
+//! collection reads every row of the partition). A replica that stays away longer than
+//! the grace period could bring a deleted row back; the grace period (default a day) must
+//! exceed the longest outage after which a node may rejoin with its old disk.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use bdr_protocol::ids::NodeId;
@@ -29,6 +32,18 @@ use crate::env::{Env, Tree};
 
 /// Rows read from the store per page while hashing or collecting.
 const PAGE_ROWS: usize = 1000;
+
+/// How many times per tombstone grace period a partition's tombstones are collected. A
+/// collection reads and decodes every row of the partition, and it used to run every
+/// round (a full pass over all metadata every minute, to remove rows that expire once a
+/// day). A tombstone now stays at most 1 + 1/8 grace periods (plus a round); keeping one
+/// longer is always safe.
+pub const TOMBSTONE_COLLECTIONS_PER_GRACE: u64 = 8;
+
+/// Rounds for which a peer's root found equal to ours spares the comparison. Agreement is
+/// sound without a limit (see [`ExchangeMemory`]); the limit bounds what an unforeseen
+/// way for two replicas to differ with neither root changing could cost: this many rounds.
+pub const AGREEMENT_ROUNDS_MAX: u64 = 10;
 
 fn bucket_of(key: &[u8]) -> usize {
     usize::from(blake3::hash(key).as_bytes()[0] >> 4)
@@ -107,6 +122,77 @@ pub(crate) struct DigestCache {
     /// Counts changes made while their partition had no cached digest. A digest whose
     /// scan began before such a change may have missed it, so it is not cached.
     changes_uncached: u64,
+}
+
+/// What anti-entropy remembers between rounds, in memory only: a restarted node (which
+/// may have lost unflushed rows) remembers nothing, so it compares every partition with
+/// every peer.
+///
+/// Why skipping agreed peers loses nothing. Replica A skips peer B for partition P only
+/// while A's root is the one it found B's equal to (as an answer to A's request, or
+/// sent with B's request), so A has not changed since. When B changes, B's root no
+/// longer matches its own agreement with A, so B compares with its peers again, A among
+/// them in some round (it picks at random among those not agreed). B's request carries
+/// B's root; A, finding it different from its own, forgets its agreement with B and
+/// compares with B on its next round too, so a difference is pulled from both sides, as
+/// before. And two replicas that each skip the other hold the same rows: each one's
+/// agreement was formed from a root the other had earlier, neither has changed since,
+/// and row sets only grow under LWW merges, so each holds at least what the other does.
+/// The exceptions shrink a row set: tombstone collection and dropping a partition change
+/// the root (so the node compares again), and a restart forgets every agreement.
+#[derive(Default)]
+pub(crate) struct ExchangeMemory {
+    /// (partition, peer) -> our root when the peer's root was last found equal to it.
+    agreed: BTreeMap<(u32, NodeId), Agreement>,
+    /// Partition -> when this node last collected its tombstones.
+    tombstones_collected_at_ms: BTreeMap<u32, u64>,
+    rounds_run: u64,
+}
+
+struct Agreement {
+    root: [u8; 32],
+    round: u64,
+}
+
+impl ExchangeMemory {
+    fn agrees(&self, partition: u32, peer: NodeId, our_root: &[u8; 32]) -> bool {
+        self.agreed.get(&(partition, peer)).is_some_and(|agreement| {
+            agreement.root == *our_root && self.rounds_run.saturating_sub(agreement.round) < AGREEMENT_ROUNDS_MAX
+        })
+    }
+
+    fn note_agreement(&mut self, partition: u32, peer: NodeId, root: [u8; 32]) {
+        let round = self.rounds_run;
+        self.agreed.insert((partition, peer), Agreement { root, round });
+    }
+
+    /// `peer` asked for our root of `partition`, sending its own: equal, we agree (it
+    /// had that root before we found ours equal); different, we compare with it on our
+    /// next round, so rows only we hold reach it although it only pulls.
+    fn asked(&mut self, partition: u32, peer: NodeId, our_root: &[u8; 32], asker_root: &[u8; 32]) {
+        if our_root == asker_root {
+            self.note_agreement(partition, peer, *our_root);
+        } else {
+            self.agreed.remove(&(partition, peer));
+        }
+    }
+
+    /// Agreements with peers this node no longer compares with (so the map holds at most
+    /// one entry per replica of each partition replicated here).
+    fn keep_only(&mut self, current: &BTreeSet<(u32, NodeId)>) {
+        self.agreed.retain(|pair, _| current.contains(pair));
+    }
+
+    fn tombstones_due(&mut self, partition: u32, now_ms: u64, every_ms: u64) -> bool {
+        let due = self
+            .tombstones_collected_at_ms
+            .get(&partition)
+            .is_none_or(|collected_ms| now_ms.saturating_sub(*collected_ms) >= every_ms);
+        if due {
+            self.tombstones_collected_at_ms.insert(partition, now_ms);
+        }
+        due
+    }
 }
 
 impl<E: Env> ClusterNode<E> {
@@ -204,23 +290,46 @@ impl<E: Env> ClusterNode<E> {
         Ok(self.compute_partition_digest(partition)?.root() == kept)
     }
 
+    /// Whether this node skips comparing `partition` with `peer` while its root stays as
+    /// it is (for tests).
+    pub fn anti_entropy_agrees(&self, partition: u32, peer: NodeId) -> bool {
+        let Ok(our_root) = self.partition_root(partition) else {
+            return false;
+        };
+        self.exchange_memory
+            .lock()
+            .expect("not poisoned")
+            .agrees(partition, peer, &our_root)
+    }
+
     /// The root hash of a partition: the hash of its table digests.
     pub fn partition_root(&self, partition: u32) -> Result<[u8; 32], MetaError> {
         self.with_partition_digest(partition, PartitionDigest::root)
     }
 
     /// Replica side of MetaPartitionRoots / MetaDigest / MetaBucketRows.
-    pub(crate) fn serve_anti_entropy(&self, request: &Request) -> Response {
+    pub(crate) fn serve_anti_entropy(&self, from: NodeId, request: &Request) -> Response {
         let result = match request {
-            Request::MetaPartitionRoots { partitions }
-                if partitions.len() <= METADATA_PARTITIONS as usize
-                    && partitions.iter().all(|partition| *partition < METADATA_PARTITIONS) =>
+            Request::MetaPartitionRoots {
+                partitions,
+                roots: asker_roots,
+            } if partitions.len() <= METADATA_PARTITIONS as usize
+                && partitions.iter().all(|partition| *partition < METADATA_PARTITIONS)
+                && (asker_roots.is_empty() || asker_roots.len() == partitions.len()) =>
             {
-                partitions
+                let roots = partitions
                     .iter()
                     .map(|partition| self.partition_root(*partition))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map(|roots| Response::MetaPartitionRoots { roots })
+                    .collect::<Result<Vec<_>, _>>();
+                if let Ok(roots) = &roots {
+                    if !asker_roots.is_empty() {
+                        let mut memory = self.exchange_memory.lock().expect("not poisoned");
+                        for ((partition, our_root), asker_root) in partitions.iter().zip(roots).zip(asker_roots) {
+                            memory.asked(*partition, from, our_root, asker_root);
+                        }
+                    }
+                }
+                roots.map(|roots| Response::MetaPartitionRoots { roots })
             }
             Request::MetaDigest { partition } if *partition < METADATA_PARTITIONS => self
                 .partition_digest(*partition)
@@ -276,8 +385,13 @@ impl<E: Env> ClusterNode<E> {
         }
         let layout = self.layout();
         let me = self.env.node_id();
-        // For each partition we replicate, one random live other replica to compare with.
+        let now_ms = self.env.now_ms();
+        let collect_every_ms = self.membership_config().tombstone_grace_ms / TOMBSTONE_COLLECTIONS_PER_GRACE;
+        // For each partition we replicate, one random live other replica to compare with,
+        // among those whose root we have not found equal to ours as it is now.
         let mut by_peer: BTreeMap<NodeId, Vec<u32>> = BTreeMap::new();
+        let mut our_roots: BTreeMap<u32, [u8; 32]> = BTreeMap::new();
+        let mut current_pairs: BTreeSet<(u32, NodeId)> = BTreeSet::new();
         for partition in 0..METADATA_PARTITIONS {
             let Some(placement) = self.partition_placement(&layout, partition) else {
                 return;
@@ -286,16 +400,40 @@ impl<E: Env> ClusterNode<E> {
             if !holders.contains(&me) {
                 continue;
             }
-            self.collect_tombstones(partition);
-            let peers: Vec<NodeId> = holders
-                .iter()
-                .copied()
-                .filter(|node| *node != me && self.liveness(node) != Liveness::Down)
-                .collect();
+            let collect =
+                self.exchange_memory
+                    .lock()
+                    .expect("not poisoned")
+                    .tombstones_due(partition, now_ms, collect_every_ms);
+            if collect {
+                self.collect_tombstones(partition);
+            }
+            let Ok(our_root) = self.partition_root(partition) else {
+                continue;
+            };
+            let peers: Vec<NodeId> = {
+                let memory = self.exchange_memory.lock().expect("not poisoned");
+                holders
+                    .iter()
+                    .copied()
+                    .filter(|node| *node != me)
+                    .inspect(|node| {
+                        current_pairs.insert((partition, *node));
+                    })
+                    .filter(|node| !memory.agrees(partition, *node, &our_root))
+                    .filter(|node| self.liveness(node) != Liveness::Down)
+                    .collect()
+            };
             if !peers.is_empty() {
                 let peer = peers[(self.env.random_u64() % peers.len() as u64) as usize];
                 by_peer.entry(peer).or_default().push(partition);
+                our_roots.insert(partition, our_root);
             }
+        }
+        {
+            let mut memory = self.exchange_memory.lock().expect("not poisoned");
+            memory.keep_only(&current_pairs);
+            memory.rounds_run += 1;
         }
         let mut repaired_rows = 0u64;
         for (peer, partitions) in by_peer {
@@ -304,6 +442,10 @@ impl<E: Env> ClusterNode<E> {
                 .request(
                     peer,
                     Request::MetaPartitionRoots {
+                        roots: partitions
+                            .iter()
+                            .map(|partition| our_roots.get(partition).copied().unwrap_or([0; 32]))
+                            .collect(),
                         partitions: partitions.clone(),
                     },
                     METADATA_TIMEOUT_MS,
@@ -321,12 +463,22 @@ impl<E: Env> ClusterNode<E> {
                 }
             };
             for (partition, their_root) in partitions.into_iter().zip(roots) {
-                if self.partition_root(partition).ok() == Some(their_root) {
-                    continue;
+                if self.partition_root(partition).ok() != Some(their_root) {
+                    match self.sync_partition_from(peer, partition).await {
+                        Ok(rows) => repaired_rows += rows,
+                        Err(error) => {
+                            tracing::debug!(partition, peer = %peer.short(), %error, "anti-entropy failed");
+                            continue;
+                        }
+                    }
                 }
-                match self.sync_partition_from(peer, partition).await {
-                    Ok(rows) => repaired_rows += rows,
-                    Err(error) => tracing::debug!(partition, peer = %peer.short(), %error, "anti-entropy failed"),
+                // Equal now (at once, or after pulling what differed and the peer having
+                // nothing we lacked): agreed at this root.
+                if self.partition_root(partition).ok() == Some(their_root) {
+                    self.exchange_memory
+                        .lock()
+                        .expect("not poisoned")
+                        .note_agreement(partition, peer, their_root);
                 }
             }
         }

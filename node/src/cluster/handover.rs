@@ -198,6 +198,7 @@ impl<E: Env> ClusterNode<E> {
         for source in sources {
             let request = Request::MetaPartitionRoots {
                 partitions: partitions.clone(),
+                roots: Vec::new(),
             };
             let roots = match self.env.request(source, request, METADATA_TIMEOUT_MS).await {
                 Ok(Response::MetaPartitionRoots { roots }) if roots.len() == partitions.len() => roots,

@@ -139,6 +139,9 @@ pub struct ClusterNode<E: Env> {
     /// Anti-entropy digests of metadata partitions, updated by every local change of a
     /// metadata row (`merge_local`, tombstone collection, dropping a former partition).
     digest_cache: Mutex<anti_entropy::DigestCache>,
+    /// Anti-entropy agreements and tombstone collection times (see
+    /// [`anti_entropy::ExchangeMemory`]).
+    exchange_memory: Mutex<anti_entropy::ExchangeMemory>,
     /// See [`ClusterNode::row_lock`].
     row_locks: Vec<Mutex<()>>,
     /// Which metadata partitions this node holds completely under which layout.
@@ -244,6 +247,7 @@ impl<E: Env> ClusterNode<E> {
             data_keys,
             joined: AtomicBool::new(alone),
             digest_cache: Mutex::new(anti_entropy::DigestCache::default()),
+            exchange_memory: Mutex::new(anti_entropy::ExchangeMemory::default()),
             row_locks: (0..ROW_LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
             request_cache: Mutex::new(data::RequestCache::default()),
             partition_replicas_cache: Mutex::new(metadata::PartitionReplicasCache::default()),
@@ -466,7 +470,7 @@ impl<E: Env> ClusterNode<E> {
             request @ (Request::MetaGet { .. } | Request::MetaScan { .. }) => self.serve_meta_read(&request),
             request @ (Request::MetaDigest { .. }
             | Request::MetaBucketRows { .. }
-            | Request::MetaPartitionRoots { .. }) => self.serve_anti_entropy(&request),
+            | Request::MetaPartitionRoots { .. }) => self.serve_anti_entropy(from, &request),
             request @ (Request::PutShard { .. } | Request::GetShard { .. } | Request::DeleteShard { .. }) => {
                 self.serve_shard_request(request).await
             }

@@ -2341,6 +2341,90 @@ async fn rows_in_an_older_format_are_rewritten_current_when_merged_again() {
     assert_eq!(encode_stored_value(&register), current);
 }
 
+/// Replicas whose roots agree stop comparing them, and a row that then reaches one
+/// replica only (a write whose quorum went ahead without the others) still reaches the
+/// others, though they only pull and their roots did not change: the changed replica asks
+/// with its root, and each one asked compares again. Rounds are run by hand.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agreed_replicas_skip_anti_entropy_and_a_row_on_one_replica_still_spreads() {
+    let membership = MembershipConfig {
+        anti_entropy_interval_ms: 3_600_000,
+        ..MEMBERSHIP
+    };
+    let cluster = TestCluster::start_with(&SIX_NODES, membership).await;
+    cluster.node(0).create_bucket("backups", "owner").await.unwrap();
+    let key = bucket_row("backups").encode().unwrap();
+    let partition = RowKey::decode(&key).unwrap().partition();
+    let layout = cluster.node(0).layout();
+    let replicas: Vec<usize> = cluster
+        .node(0)
+        .partition_replicas(&layout, partition)
+        .unwrap()
+        .replicas
+        .iter()
+        .map(|id| node_index(&cluster, *id))
+        .collect();
+    assert_eq!(replicas.len(), 3);
+    let agrees = |from: usize, to: usize| {
+        cluster
+            .node(from)
+            .anti_entropy_agrees(partition, cluster.node(to).env().node_id())
+    };
+    let all_agree = || {
+        replicas
+            .iter()
+            .all(|from| replicas.iter().filter(|to| *to != from).all(|to| agrees(*from, *to)))
+    };
+    for _ in 0..10 {
+        if all_agree() {
+            break;
+        }
+        for replica in &replicas {
+            cluster.node(*replica).anti_entropy_round().await;
+        }
+    }
+    assert!(all_agree(), "idle replicas never agreed");
+
+    let (readers, writer) = (&replicas[..2], replicas[2]);
+    let stored = |node: usize| {
+        cluster
+            .node(node)
+            .env()
+            .meta_store()
+            .get(Tree::Table(Table::Buckets), &key)
+            .unwrap()
+            .unwrap()
+    };
+    let mut register = decode_stored_value(&stored(writer)).unwrap();
+    register.timestamp.wall_ms += 1;
+    let newer = encode_stored_value(&register);
+    assert!(cluster.node(writer).merge_local(Table::Buckets, &key, &newer).unwrap());
+    // The readers, agreed with everyone as they are, compare with nobody.
+    for reader in readers {
+        cluster.node(*reader).anti_entropy_round().await;
+        assert_ne!(stored(*reader), newer, "replica {reader} compared though agreed");
+    }
+    // The writer's rounds ask the readers (one at random per round), sending its root.
+    for _ in 0..20 {
+        if readers.iter().all(|reader| !agrees(*reader, writer)) {
+            break;
+        }
+        cluster.node(writer).anti_entropy_round().await;
+    }
+    for reader in readers {
+        assert!(
+            !agrees(*reader, writer),
+            "replica {reader} still agrees with replica {writer}, which asked with another root"
+        );
+        cluster.node(*reader).anti_entropy_round().await;
+        assert_eq!(
+            stored(*reader),
+            newer,
+            "replica {reader} did not pull the row replica {writer} holds alone"
+        );
+    }
+}
+
 /// A replica updates its anti-entropy digest write by write instead of rehashing the
 /// partition; the digest it keeps must equal one hashed afresh from its rows, through
 /// new rows, overwrites, rewrites of older formats, tombstones and their collection.
