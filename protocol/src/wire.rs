@@ -411,10 +411,63 @@ fn decode_versioned<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Wi
     postcard::from_bytes(body).map_err(|error| WireError::Malformed(error.to_string()))
 }
 
-fn encode_bounded<T: Serialize>(frame: &T) -> Result<Vec<u8>, WireError> {
-    let body = postcard::to_allocvec(frame).map_err(|error| WireError::Malformed(error.to_string()))?;
+/// Room reserved for a frame beyond its known large parts (version, tags, small fields).
+const FRAME_OVERHEAD_BYTES: usize = 256;
+/// Bytes reserved per heartbeat of a gossip message (an id, two digests, counters and
+/// an address or two).
+const HEARTBEAT_ENCODED_BYTES_ESTIMATE: usize = 192;
+
+/// A postcard output that starts with room for the whole frame: postcard's own `Vec`
+/// output starts empty and doubles, which copied a megabyte shard about twice over
+/// and reallocated a gossip message ten times (a twentieth of the simulator's time).
+struct ReservedVec(Vec<u8>);
+
+impl postcard::ser_flavors::Flavor for ReservedVec {
+    type Output = Vec<u8>;
+
+    fn try_push(&mut self, data: u8) -> postcard::Result<()> {
+        self.0.push(data);
+        Ok(())
+    }
+
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        self.0.extend_from_slice(data);
+        Ok(())
+    }
+
+    fn finalize(self) -> postcard::Result<Vec<u8>> {
+        Ok(self.0)
+    }
+}
+
+fn encode_bounded<T: Serialize>(frame: &T, size_bytes_estimate: usize) -> Result<Vec<u8>, WireError> {
+    let reserved_bytes = size_bytes_estimate.saturating_add(FRAME_OVERHEAD_BYTES);
+    let output = ReservedVec(Vec::with_capacity(reserved_bytes.min(FRAME_BYTES_MAX as usize)));
+    let body =
+        postcard::serialize_with_flavor(frame, output).map_err(|error| WireError::Malformed(error.to_string()))?;
     check_length(body.len() as u64)?;
     Ok(body)
+}
+
+/// The bytes of a request's large parts (the rest fits [`FRAME_OVERHEAD_BYTES`] or
+/// grows as needed).
+fn request_size_bytes_estimate(request: &Request) -> usize {
+    match request {
+        Request::PutShard { shard } => shard.len(),
+        Request::Gossip { heartbeats, .. } => heartbeats.len() * HEARTBEAT_ENCODED_BYTES_ESTIMATE,
+        Request::MetaMerge { key, value, .. } => key.len() + value.len(),
+        _ => 0,
+    }
+}
+
+fn response_size_bytes_estimate(response: &Response) -> usize {
+    match response {
+        Response::Shard { shard } => shard.len(),
+        Response::Gossip { heartbeats, .. } => heartbeats.len() * HEARTBEAT_ENCODED_BYTES_ESTIMATE,
+        Response::MetaValue { value } => value.as_ref().map_or(0, Vec::len),
+        Response::MetaRows { rows } => rows.iter().map(|row| row.key.len() + row.value.len() + 4).sum(),
+        _ => 0,
+    }
 }
 
 /// [`RequestFrame`] and [`ResponseFrame`] borrowing their payload: serde writes a
@@ -426,10 +479,13 @@ struct FrameRef<'a, T> {
 }
 
 pub fn encode_request(request: &Request) -> Result<Vec<u8>, WireError> {
-    encode_bounded(&FrameRef {
-        version: WIRE_VERSION,
-        payload: request,
-    })
+    encode_bounded(
+        &FrameRef {
+            version: WIRE_VERSION,
+            payload: request,
+        },
+        request_size_bytes_estimate(request),
+    )
 }
 
 pub fn decode_request(body: &[u8]) -> Result<Request, WireError> {
@@ -437,10 +493,13 @@ pub fn decode_request(body: &[u8]) -> Result<Request, WireError> {
 }
 
 pub fn encode_response(response: &Response) -> Result<Vec<u8>, WireError> {
-    encode_bounded(&FrameRef {
-        version: WIRE_VERSION,
-        payload: response,
-    })
+    encode_bounded(
+        &FrameRef {
+            version: WIRE_VERSION,
+            payload: response,
+        },
+        response_size_bytes_estimate(response),
+    )
 }
 
 pub fn decode_response(body: &[u8]) -> Result<Response, WireError> {
@@ -518,6 +577,13 @@ mod tests {
             Response::ShardStored,
             Response::MetaValue { value: None },
             Response::MetaValue { value: Some(vec![1]) },
+            Response::Shard { shard: vec![7; 3000] },
+            Response::MetaRows {
+                rows: vec![MetaRow {
+                    key: vec![1, 2],
+                    value: vec![3; 40],
+                }],
+            },
             Response::error(RemoteErrorKind::DiskFull, "no space"),
         ] {
             let encoded = encode_response(&response).unwrap();
