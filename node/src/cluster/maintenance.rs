@@ -1849,19 +1849,27 @@ impl<E: Env> ClusterNode<E> {
             .orphan_since_ms
             .remove(&key);
         let index = usize::from(key.index);
-        let canonical = place(
+        let Ok(canonical) = place(
             layout,
             &key.stripe_id,
             record.codec.data_shards,
             record.codec.parity_shards,
         )
-        .ok()
-        .map(|placement| placement.holders);
-        let targets = self.stripe_targets(layout, &key.stripe_id, record);
-        let (Some(canonical), Some(targets)) = (canonical, targets) else {
+        .map(|placement| placement.holders) else {
             return;
         };
-        if index >= targets.len() || canonical[index] == me || targets[index] == me {
+        // A shard at its home (most of them) needs no second placement without the down
+        // nodes: that was half of what scrub spent per shard.
+        let at_home = index >= canonical.len() || canonical[index] == me;
+        let targets = if at_home {
+            Vec::new()
+        } else {
+            match self.stripe_targets(layout, &key.stripe_id, record) {
+                Some(targets) => targets,
+                None => return,
+            }
+        };
+        if at_home || index >= targets.len() || targets[index] == me {
             self.maintenance
                 .lock()
                 .expect("not poisoned")
