@@ -1788,22 +1788,10 @@ impl<E: Env> ClusterNode<E> {
 
     /// Where shard `index` of `stripe` may be, best first: where it was written, where
     /// placement puts it now, and where placement puts it with down nodes excluded.
-    fn shard_candidates(
-        &self,
-        layout: &Layout,
-        codec: StripeCodec,
-        stripe: &StripeRef,
-        now_ms: u64,
-    ) -> Vec<Vec<NodeId>> {
+    fn shard_candidates(&self, layout: &Layout, codec: StripeCodec, stripe: &StripeRef) -> Vec<Vec<NodeId>> {
         let (k, m) = (codec.data_shards, codec.parity_shards);
         let canonical = place(layout, &stripe.stripe_id, k, m).ok();
-        let available = {
-            let membership = self.membership.lock().expect("not poisoned");
-            place_with(layout, &stripe.stripe_id, k, m, |node| {
-                membership.liveness(node, now_ms) != Liveness::Down
-            })
-            .ok()
-        };
+        let available = self.placement_without_down(layout, &stripe.stripe_id, k, m, canonical.as_ref());
         (0..usize::from(k + m))
             .map(|index| {
                 let mut candidates = Vec::new();
@@ -1851,10 +1839,9 @@ impl<E: Env> ClusterNode<E> {
     /// Reads one stripe from any k verified shards, nearest first.
     async fn read_stripe(&self, keys: &DataKeys, codec: StripeCodec, stripe: &StripeRef) -> Result<Vec<u8>, DataError> {
         let layout = self.layout();
-        let now_ms = self.env.now_ms();
         let me = self.env.node_id();
         let my_zone = Self::zone_of(&layout, &me);
-        let candidates = self.shard_candidates(&layout, codec, stripe, now_ms);
+        let candidates = self.shard_candidates(&layout, codec, stripe);
         let rank = |node: &NodeId| -> u8 {
             let liveness = self.liveness(node);
             match () {

@@ -50,7 +50,7 @@ use bdr_protocol::erasure::Shard;
 use bdr_protocol::hlc::HlcTimestamp;
 use bdr_protocol::ids::{NodeId, StripeId};
 use bdr_protocol::layout::Layout;
-use bdr_protocol::placement::{place, place_with};
+use bdr_protocol::placement::{place, place_with, Placement};
 use bdr_protocol::records::{
     decode_stored_value, Lww, ObjectData, Record, RowKey, StripeOwner, StripeRecord, METADATA_PARTITIONS,
 };
@@ -695,17 +695,40 @@ impl<E: Env> ClusterNode<E> {
 
     /// Where the shards of a stripe should be now: placement over nodes that are not down.
     fn stripe_targets(&self, layout: &Layout, stripe_id: &StripeId, record: &StripeRecord) -> Option<Vec<NodeId>> {
-        let now_ms = self.env.now_ms();
-        let membership = self.membership.lock().expect("not poisoned");
-        place_with(
+        self.placement_without_down(
             layout,
             stripe_id,
             record.codec.data_shards,
             record.codec.parity_shards,
-            |node| membership.liveness(node, now_ms) != Liveness::Down,
+            None,
         )
-        .ok()
         .map(|placement| placement.holders)
+    }
+
+    /// Placement over the nodes that are not down. `canonical`, the stripe's placement
+    /// over all nodes if the caller has it, is the answer when no candidate is down (the
+    /// usual case), which spares placing the stripe a second time.
+    pub(crate) fn placement_without_down(
+        &self,
+        layout: &Layout,
+        stripe_id: &StripeId,
+        data_shards: u8,
+        parity_shards: u8,
+        canonical: Option<&Placement>,
+    ) -> Option<Placement> {
+        let now_ms = self.env.now_ms();
+        let membership = self.membership.lock().expect("not poisoned");
+        let is_up = |node: &NodeId| membership.liveness(node, now_ms) != Liveness::Down;
+        if let Some(canonical) = canonical {
+            let all_up = layout
+                .entries()
+                .filter(|entry| entry.is_placement_candidate())
+                .all(|entry| is_up(&entry.node));
+            if all_up {
+                return Some(canonical.clone());
+            }
+        }
+        place_with(layout, stripe_id, data_shards, parity_shards, is_up).ok()
     }
 
     // ----- the loops ------------------------------------------------------------------
@@ -1338,14 +1361,10 @@ impl<E: Env> ClusterNode<E> {
         for (index, holder) in record.holders.iter().enumerate() {
             places.insert((*holder, index as u8));
         }
-        for holders in [
-            place(layout, stripe_id, k, m).ok().map(|placement| placement.holders),
-            self.stripe_targets(layout, stripe_id, record),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            for (index, holder) in holders.into_iter().enumerate() {
+        let canonical = place(layout, stripe_id, k, m).ok();
+        let targets = self.placement_without_down(layout, stripe_id, k, m, canonical.as_ref());
+        for placement in [canonical, targets].into_iter().flatten() {
+            for (index, holder) in placement.holders.into_iter().enumerate() {
                 places.insert((holder, index as u8));
             }
         }
@@ -1849,23 +1868,17 @@ impl<E: Env> ClusterNode<E> {
             .orphan_since_ms
             .remove(&key);
         let index = usize::from(key.index);
-        let Ok(canonical) = place(
-            layout,
-            &key.stripe_id,
-            record.codec.data_shards,
-            record.codec.parity_shards,
-        )
-        .map(|placement| placement.holders) else {
+        let (k, m) = (record.codec.data_shards, record.codec.parity_shards);
+        let Ok(canonical) = place(layout, &key.stripe_id, k, m) else {
             return;
         };
-        // A shard at its home (most of them) needs no second placement without the down
-        // nodes: that was half of what scrub spent per shard.
-        let at_home = index >= canonical.len() || canonical[index] == me;
+        // A shard at its home (most of them) needs no placement without the down nodes.
+        let at_home = index >= canonical.holders.len() || canonical.holders[index] == me;
         let targets = if at_home {
             Vec::new()
         } else {
-            match self.stripe_targets(layout, &key.stripe_id, record) {
-                Some(targets) => targets,
+            match self.placement_without_down(layout, &key.stripe_id, k, m, Some(&canonical)) {
+                Some(placement) => placement.holders,
                 None => return,
             }
         };
