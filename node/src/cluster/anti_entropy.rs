@@ -389,8 +389,8 @@ impl<E: Env> ClusterNode<E> {
         let collect_every_ms = self.membership_config().tombstone_grace_ms / TOMBSTONE_COLLECTIONS_PER_GRACE;
         // For each partition we replicate, one random live other replica to compare with,
         // among those whose root we have not found equal to ours as it is now.
-        let mut by_peer: BTreeMap<NodeId, Vec<u32>> = BTreeMap::new();
-        let mut our_roots: BTreeMap<u32, [u8; 32]> = BTreeMap::new();
+        // Peer -> the partitions to compare with it, each with our root as it is now.
+        let mut by_peer: BTreeMap<NodeId, Vec<(u32, [u8; 32])>> = BTreeMap::new();
         let mut current_pairs: BTreeSet<(u32, NodeId)> = BTreeSet::new();
         for partition in 0..METADATA_PARTITIONS {
             let Some(placement) = self.partition_placement(&layout, partition) else {
@@ -426,8 +426,7 @@ impl<E: Env> ClusterNode<E> {
             };
             if !peers.is_empty() {
                 let peer = peers[(self.env.random_u64() % peers.len() as u64) as usize];
-                by_peer.entry(peer).or_default().push(partition);
-                our_roots.insert(partition, our_root);
+                by_peer.entry(peer).or_default().push((partition, our_root));
             }
         }
         {
@@ -436,17 +435,15 @@ impl<E: Env> ClusterNode<E> {
             memory.rounds_run += 1;
         }
         let mut repaired_rows = 0u64;
-        for (peer, partitions) in by_peer {
+        for (peer, compared) in by_peer {
+            let (partitions, our_roots): (Vec<u32>, Vec<[u8; 32]>) = compared.into_iter().unzip();
             let roots = match self
                 .env
                 .request(
                     peer,
                     Request::MetaPartitionRoots {
-                        roots: partitions
-                            .iter()
-                            .map(|partition| our_roots.get(partition).copied().unwrap_or([0; 32]))
-                            .collect(),
                         partitions: partitions.clone(),
+                        roots: our_roots,
                     },
                     METADATA_TIMEOUT_MS,
                 )
@@ -463,7 +460,8 @@ impl<E: Env> ClusterNode<E> {
                 }
             };
             for (partition, their_root) in partitions.into_iter().zip(roots) {
-                if self.partition_root(partition).ok() != Some(their_root) {
+                let mut equal = self.partition_root(partition).ok() == Some(their_root);
+                if !equal {
                     match self.sync_partition_from(peer, partition).await {
                         Ok(rows) => repaired_rows += rows,
                         Err(error) => {
@@ -471,10 +469,11 @@ impl<E: Env> ClusterNode<E> {
                             continue;
                         }
                     }
+                    // Pulling what differed may have made ours equal to theirs (the peer
+                    // had nothing we lacked).
+                    equal = self.partition_root(partition).ok() == Some(their_root);
                 }
-                // Equal now (at once, or after pulling what differed and the peer having
-                // nothing we lacked): agreed at this root.
-                if self.partition_root(partition).ok() == Some(their_root) {
+                if equal {
                     self.exchange_memory
                         .lock()
                         .expect("not poisoned")
