@@ -13,10 +13,10 @@ use crate::ids::{NodeId, StripeId};
 use crate::layout::Layout;
 
 /// Version of the request/response schema below. Bump on any incompatible change.
-pub const WIRE_VERSION: u16 = 4;
+pub const WIRE_VERSION: u16 = 5;
 /// The libp2p stream protocol name; carries the major wire version. A stream carries
 /// `Admit` first, then one request after another, each answered before the next.
-pub const RPC_PROTOCOL_NAME: &str = "/bdr/rpc-stream/4";
+pub const RPC_PROTOCOL_NAME: &str = "/bdr/rpc-stream/5";
 /// Largest frame body: one shard of the largest stripe (k = 1) plus headers and slack.
 pub const FRAME_BYTES_MAX: u64 = STRIPE_LENGTH_BYTES_MAX + 64 * 1024;
 /// Longest error message carried in a response.
@@ -69,6 +69,7 @@ pub const ADDRESS_LENGTH_BYTES_MAX: usize = 256;
 /// A node whose beacon stops advancing for `down_after` is down.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeerHeartbeat {
+    #[serde(with = "byte_string_32")]
     pub node: NodeId,
     pub generation: u64,
     pub sequence: u64,
@@ -77,10 +78,12 @@ pub struct PeerHeartbeat {
     pub addresses: Vec<String>,
     /// The digest of the layout the node uses (see [`crate::layout::Layout::digest`]):
     /// a new metadata replica waits until every live node uses the new layout.
+    #[serde(with = "byte_string_32")]
     pub layout_digest: [u8; 32],
     /// The layout digest under which the node holds a complete copy of every metadata
     /// partition it replicates (all zeros until then): a former replica drops its copy
     /// once every new replica reports this.
+    #[serde(with = "byte_string_32")]
     pub metadata_synced_digest: [u8; 32],
 }
 
@@ -95,6 +98,77 @@ impl PeerHeartbeat {
     }
 }
 
+/// A 32-byte value in a gossip message as one byte string (a one-byte length, then the
+/// bytes) instead of the derived form, postcard's fixed-size tuple, which is encoded and
+/// decoded one byte at a time: every gossip round carries three such values per node,
+/// and their encoding and decoding were a sixth of the simulator's instructions.
+/// Persisted records keep the derived form (changing it would change every record).
+mod byte_string_32 {
+    use serde::{de, Deserializer, Serializer};
+    use std::fmt;
+
+    use crate::ids::NodeId;
+
+    pub trait Bytes32: Sized {
+        fn bytes(&self) -> &[u8; 32];
+        fn from_bytes(bytes: [u8; 32]) -> Self;
+    }
+
+    impl Bytes32 for [u8; 32] {
+        fn bytes(&self) -> &[u8; 32] {
+            self
+        }
+        fn from_bytes(bytes: [u8; 32]) -> Self {
+            bytes
+        }
+    }
+
+    impl Bytes32 for NodeId {
+        fn bytes(&self) -> &[u8; 32] {
+            self.as_bytes()
+        }
+        fn from_bytes(bytes: [u8; 32]) -> Self {
+            NodeId(bytes)
+        }
+    }
+
+    pub fn serialize<T: Bytes32, S: Serializer>(value: &T, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_bytes(value.bytes())
+    }
+
+    pub fn deserialize<'de, T: Bytes32, D: Deserializer<'de>>(deserializer: D) -> Result<T, D::Error> {
+        deserializer.deserialize_bytes(Visitor).map(T::from_bytes)
+    }
+
+    struct Visitor;
+
+    impl<'de> de::Visitor<'de> for Visitor {
+        type Value = [u8; 32];
+
+        fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+            formatter.write_str("32 bytes")
+        }
+
+        fn visit_bytes<E: de::Error>(self, bytes: &[u8]) -> Result<[u8; 32], E> {
+            bytes.try_into().map_err(|_| E::invalid_length(bytes.len(), &self))
+        }
+
+        // Self-describing formats (JSON) hand byte strings over as sequences.
+        fn visit_seq<A: de::SeqAccess<'de>>(self, mut sequence: A) -> Result<[u8; 32], A::Error> {
+            let mut bytes = [0u8; 32];
+            for (index, byte) in bytes.iter_mut().enumerate() {
+                *byte = sequence
+                    .next_element()?
+                    .ok_or_else(|| de::Error::invalid_length(index, &self))?;
+            }
+            if sequence.next_element::<u8>()?.is_some() {
+                return Err(de::Error::invalid_length(33, &self));
+            }
+            Ok(bytes)
+        }
+    }
+}
+
 /// The layout part of a gossip message: always the sender's digest, and the whole layout
 /// when the sender believes the receiver's digest differs (the receiver's last heartbeat
 /// said so, or the sender has none). A receiver that finds the digest different from its
@@ -102,6 +176,7 @@ impl PeerHeartbeat {
 /// convergence.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GossipLayout {
+    #[serde(with = "byte_string_32")]
     pub digest: [u8; 32],
     pub layout: Option<Layout>,
 }
@@ -561,6 +636,46 @@ mod tests {
                 value: vec![0; 10],
             },
         ]
+    }
+
+    /// Gossip's 32-byte values travel as byte strings of exactly 32 bytes: one byte
+    /// short or long is an error, never a padded or truncated digest.
+    #[test]
+    fn gossip_digests_are_byte_strings_of_exactly_32_bytes() {
+        #[derive(Serialize)]
+        struct Forged<'a> {
+            #[serde(with = "serde_bytes")]
+            digest: &'a [u8],
+            layout: Option<Layout>,
+        }
+        let digest = [5u8; 32];
+        let encoded = postcard::to_allocvec(&GossipLayout { digest, layout: None }).unwrap();
+        assert_eq!(encoded.len(), 1 + 32 + 1, "length, bytes, no layout");
+        let decoded: GossipLayout = postcard::from_bytes(&encoded).unwrap();
+        assert_eq!(decoded.digest, digest);
+        for length in [0usize, 31, 33] {
+            let forged = postcard::to_allocvec(&Forged {
+                digest: &vec![5u8; length],
+                layout: None,
+            })
+            .unwrap();
+            assert!(
+                postcard::from_bytes::<GossipLayout>(&forged).is_err(),
+                "{length} bytes accepted"
+            );
+        }
+        // A self-describing format hands byte strings over as sequences.
+        let heartbeat = PeerHeartbeat {
+            node: NodeId([3; 32]),
+            generation: 1,
+            sequence: 2,
+            used_bytes: 12,
+            addresses: vec![],
+            layout_digest: [6; 32],
+            metadata_synced_digest: [0; 32],
+        };
+        let json = serde_json::to_string(&heartbeat).unwrap();
+        assert_eq!(serde_json::from_str::<PeerHeartbeat>(&json).unwrap(), heartbeat);
     }
 
     #[test]
