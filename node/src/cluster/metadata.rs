@@ -9,7 +9,7 @@
 //! flushes before acknowledging.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use bdr_protocol::hlc::HlcTimestamp;
 use bdr_protocol::ids::NodeId;
@@ -78,13 +78,69 @@ fn quorum_of(replica_count: usize) -> usize {
 /// all partitions: recomputing them was most of an idle node's CPU.
 #[derive(Default)]
 pub(crate) struct PartitionReplicasCache {
-    /// The layout the placements were computed for: usually the very allocation callers
-    /// pass, so checking it is a pointer comparison.
+    /// The layout last asked about: usually the very allocation callers pass, so
+    /// checking it is a pointer comparison.
     layout: Option<Arc<Layout>>,
-    /// By partition; None: not computed yet; Some(None): no placement (too few nodes).
-    /// A vector, not a map: every metadata operation and every repair pass (for each
-    /// of the 256 partitions) looks here.
-    placements: Vec<Option<Option<Arc<PartitionPlacement>>>>,
+    /// Its placements, shared with every node of this process under an equal layout.
+    table: Option<Arc<PartitionTable>>,
+}
+
+/// The placements of all metadata partitions under one layout, filled as asked. By
+/// partition, a vector, not a map: every metadata operation and every repair pass (for
+/// each of the 256 partitions) looks here. Unset: not computed yet; None: no placement
+/// (too few nodes).
+pub(crate) struct PartitionTable {
+    layout: Arc<Layout>,
+    placements: Vec<OnceLock<Option<Arc<PartitionPlacement>>>>,
+}
+
+/// Partition tables of the layouts this process's nodes used last, shared: placement is
+/// a pure function of the layout, and a process running several nodes (`bdr-node dev`,
+/// the simulator) would otherwise place all 256 partitions once per node, and again
+/// after each restart (in the simulator, 8% of its instructions). A memo of a pure
+/// function: what it returns never depends on which node filled it.
+static SHARED_PARTITION_TABLES: Mutex<Vec<Arc<PartitionTable>>> = Mutex::new(Vec::new());
+/// Layouts whose tables stay shared: enough for a layout change in progress in each of
+/// a few simulations running at once.
+const SHARED_PARTITION_TABLES_MAX: usize = 8;
+
+fn shared_partition_table(layout: &Arc<Layout>) -> Arc<PartitionTable> {
+    let mut tables = SHARED_PARTITION_TABLES.lock().expect("not poisoned");
+    if let Some(position) = tables.iter().position(|table| *table.layout == **layout) {
+        let table = tables.remove(position);
+        tables.push(Arc::clone(&table));
+        return table;
+    }
+    let table = Arc::new(PartitionTable {
+        layout: Arc::clone(layout),
+        placements: (0..METADATA_PARTITIONS).map(|_| OnceLock::new()).collect(),
+    });
+    if tables.len() >= SHARED_PARTITION_TABLES_MAX {
+        tables.remove(0);
+    }
+    tables.push(Arc::clone(&table));
+    table
+}
+
+fn place_partition(layout: &Layout, partition: u32) -> Option<Arc<PartitionPlacement>> {
+    let placement = place(
+        layout,
+        &RowKey::partition_placement_id(partition),
+        1,
+        METADATA_REPLICAS - 1,
+    )
+    .ok()?;
+    let mut seen = std::collections::BTreeSet::new();
+    let replicas = placement
+        .holders
+        .iter()
+        .copied()
+        .filter(|node| seen.insert(*node))
+        .collect();
+    Some(Arc::new(PartitionPlacement {
+        holders: placement.holders,
+        replicas,
+    }))
 }
 
 /// Where one metadata partition lives under one layout.
@@ -118,46 +174,25 @@ impl<E: Env> ClusterNode<E> {
     /// Where metadata partition `partition` lives under `layout`, or None when there is
     /// no placement.
     pub(crate) fn partition_placement(&self, layout: &Arc<Layout>, partition: u32) -> Option<Arc<PartitionPlacement>> {
-        let mut cache = self.partition_replicas_cache.lock().expect("not poisoned");
-        if !cache.layout.as_ref().is_some_and(|cached| Arc::ptr_eq(cached, layout)) {
-            if !cache.layout.as_ref().is_some_and(|cached| **cached == **layout) {
-                cache.placements.clear();
-            }
-            // Keep the caller's allocation, so the next call with it takes the pointer check.
-            cache.layout = Some(Arc::clone(layout));
-        }
-        if cache.placements.len() != METADATA_PARTITIONS as usize {
-            cache.placements = vec![None; METADATA_PARTITIONS as usize];
-        }
         if partition >= METADATA_PARTITIONS {
             return None;
         }
-        let slot = partition as usize;
-        if let Some(placement) = &cache.placements[slot] {
-            return placement.clone();
-        }
-        let placement = place(
-            layout,
-            &RowKey::partition_placement_id(partition),
-            1,
-            METADATA_REPLICAS - 1,
-        )
-        .ok()
-        .map(|placement| {
-            let mut seen = std::collections::BTreeSet::new();
-            let replicas = placement
-                .holders
-                .iter()
-                .copied()
-                .filter(|node| seen.insert(*node))
-                .collect();
-            Arc::new(PartitionPlacement {
-                holders: placement.holders,
-                replicas,
-            })
-        });
-        cache.placements[slot] = Some(placement.clone());
-        placement
+        let table = {
+            let mut cache = self.partition_replicas_cache.lock().expect("not poisoned");
+            let same_allocation = cache.layout.as_ref().is_some_and(|cached| Arc::ptr_eq(cached, layout));
+            if !same_allocation {
+                let same_layout = cache.table.as_ref().is_some_and(|table| *table.layout == **layout);
+                if !same_layout {
+                    cache.table = Some(shared_partition_table(layout));
+                }
+                // Keep the caller's allocation, so the next call with it takes the pointer check.
+                cache.layout = Some(Arc::clone(layout));
+            }
+            Arc::clone(cache.table.as_ref().expect("set above"))
+        };
+        table.placements[partition as usize]
+            .get_or_init(|| place_partition(&table.layout, partition))
+            .clone()
     }
 
     /// Merges `value` into the local row; returns whether the row changed. Not durable
