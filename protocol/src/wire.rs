@@ -596,8 +596,8 @@ mod tests {
     use crate::admission::ClusterSecret;
     use proptest::prelude::*;
 
-    fn sample_requests() -> Vec<Request> {
-        let heartbeat = PeerHeartbeat {
+    fn sample_heartbeat() -> PeerHeartbeat {
+        PeerHeartbeat {
             node: NodeId([3; 32]),
             generation: 1,
             sequence: 2,
@@ -605,7 +605,11 @@ mod tests {
             addresses: vec!["/ip4/127.0.0.1/tcp/1".into()],
             layout_digest: [6; 32],
             metadata_synced_digest: [0; 32],
-        };
+        }
+    }
+
+    fn sample_requests() -> Vec<Request> {
+        let heartbeat = sample_heartbeat();
         vec![
             Request::Admit {
                 proof: ClusterSecret::from_bytes([1; 32]).prove(NodeId([1; 32]), NodeId([2; 32])),
@@ -665,15 +669,7 @@ mod tests {
             );
         }
         // A self-describing format hands byte strings over as sequences.
-        let heartbeat = PeerHeartbeat {
-            node: NodeId([3; 32]),
-            generation: 1,
-            sequence: 2,
-            used_bytes: 12,
-            addresses: vec![],
-            layout_digest: [6; 32],
-            metadata_synced_digest: [0; 32],
-        };
+        let heartbeat = sample_heartbeat();
         let json = serde_json::to_string(&heartbeat).unwrap();
         assert_eq!(serde_json::from_str::<PeerHeartbeat>(&json).unwrap(), heartbeat);
     }
