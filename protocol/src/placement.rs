@@ -210,6 +210,8 @@ pub fn failures_tolerated(mut shard_counts: Vec<usize>, data_shards: u8) -> u32 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::layout::tests::{node_id, spec, stamp};
+    use proptest::prelude::*;
 
     /// The first implementation, all in u128: placement must never move, so the faster
     /// one must give exactly its answers.
@@ -258,8 +260,6 @@ mod tests {
             );
         }
     }
-    use crate::layout::tests::{node_id, spec, stamp};
-    use proptest::prelude::*;
 
     fn layout_of(nodes: &[(u16, &str, u64)]) -> Layout {
         let mut layout = Layout::new();

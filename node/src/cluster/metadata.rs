@@ -78,11 +78,10 @@ fn quorum_of(replica_count: usize) -> usize {
 /// all partitions: recomputing them was most of an idle node's CPU.
 #[derive(Default)]
 pub(crate) struct PartitionReplicasCache {
-    /// The layout last asked about: usually the very allocation callers pass, so
-    /// checking it is a pointer comparison.
-    layout: Option<Arc<Layout>>,
-    /// Its placements, shared with every node of this process under an equal layout.
-    table: Option<Arc<PartitionTable>>,
+    /// The layout last asked about (usually the very allocation callers pass, so
+    /// checking it is a pointer comparison) and its placements, shared with every node
+    /// of this process under an equal layout.
+    last: Option<(Arc<Layout>, Arc<PartitionTable>)>,
 }
 
 /// The placements of all metadata partitions under one layout, filled as asked. By
@@ -179,16 +178,20 @@ impl<E: Env> ClusterNode<E> {
         }
         let table = {
             let mut cache = self.partition_replicas_cache.lock().expect("not poisoned");
-            let same_allocation = cache.layout.as_ref().is_some_and(|cached| Arc::ptr_eq(cached, layout));
-            if !same_allocation {
-                let same_layout = cache.table.as_ref().is_some_and(|table| *table.layout == **layout);
-                if !same_layout {
-                    cache.table = Some(shared_partition_table(layout));
+            match &mut cache.last {
+                Some((cached, table)) if Arc::ptr_eq(cached, layout) => Arc::clone(table),
+                Some((cached, table)) if *table.layout == **layout => {
+                    // Keep the caller's allocation, so the next call with it takes the
+                    // pointer check.
+                    *cached = Arc::clone(layout);
+                    Arc::clone(table)
                 }
-                // Keep the caller's allocation, so the next call with it takes the pointer check.
-                cache.layout = Some(Arc::clone(layout));
+                last => {
+                    let table = shared_partition_table(layout);
+                    *last = Some((Arc::clone(layout), Arc::clone(&table)));
+                    table
+                }
             }
-            Arc::clone(cache.table.as_ref().expect("set above"))
         };
         table.placements[partition as usize]
             .get_or_init(|| place_partition(&table.layout, partition))
