@@ -189,29 +189,38 @@ fn check_header(sealed: &[u8]) -> Result<(), EnvelopeError> {
 
 /// Decrypts and authenticates an envelope made by [`seal`] with the same key and binding.
 pub fn open(key: &DerivedKey, binding: &[u8], sealed: &[u8]) -> Result<Vec<u8>, EnvelopeError> {
-    let sealed_epoch = sealed_key_epoch(sealed)?;
+    open_owned(key, binding, sealed.to_vec())
+}
+
+/// [`open`] of an envelope the caller owns: the plaintext is decrypted within `sealed`'s
+/// buffer (a stripe read then copies its bytes once, in decoding, not twice).
+pub fn open_owned(key: &DerivedKey, binding: &[u8], mut sealed: Vec<u8>) -> Result<Vec<u8>, EnvelopeError> {
+    let sealed_epoch = sealed_key_epoch(&sealed)?;
     if sealed_epoch != key.epoch {
         return Err(EnvelopeError::KeyEpochMismatch {
             sealed: sealed_epoch,
             offered: key.epoch,
         });
     }
-    let header = &sealed[..HEADER_LENGTH_BYTES];
-    let nonce: [u8; NONCE_LENGTH_BYTES] = header[6..HEADER_LENGTH_BYTES].try_into().expect("24 bytes");
+    let header: [u8; HEADER_LENGTH_BYTES] = sealed[..HEADER_LENGTH_BYTES].try_into().expect("checked length");
+    let nonce: [u8; NONCE_LENGTH_BYTES] = header[6..].try_into().expect("24 bytes");
     let tag_start = sealed.len() - TAG_LENGTH_BYTES;
-    let mut plaintext = sealed[HEADER_LENGTH_BYTES..tag_start].to_vec();
     let tag = ring::aead::Tag::try_from(&sealed[tag_start..]).expect("16 bytes");
+    sealed.truncate(tag_start);
     let (cipher, inner_nonce) = xchacha_cipher(&key.bytes, &nonce);
-    cipher
+    // Decrypts the body and moves it to the start of the buffer in the same pass.
+    let plaintext_length = cipher
         .open_in_place_separate_tag(
             inner_nonce,
-            Aad::from(associated_data(header, binding)),
+            Aad::from(associated_data(&header, binding)),
             tag,
-            &mut plaintext,
-            0..,
+            &mut sealed,
+            HEADER_LENGTH_BYTES..,
         )
-        .map_err(|_| EnvelopeError::Authentication)?;
-    Ok(plaintext)
+        .map_err(|_| EnvelopeError::Authentication)?
+        .len();
+    sealed.truncate(plaintext_length);
+    Ok(sealed)
 }
 
 #[cfg(test)]

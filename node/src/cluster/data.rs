@@ -1953,9 +1953,9 @@ impl<E: Env> ClusterNode<E> {
                 stripe: stripe.stripe_id.to_string(),
                 reason: error.to_string(),
             })?;
-        let plaintext = envelope::open(&keys.stripe_data, &envelope::stripe_binding(&stripe.stripe_id), &sealed)
-            .map_err(|error| DataError::Corrupt(format!("stripe {}: {error}", stripe.stripe_id.short())))?;
         let nonce = envelope::sealed_nonce(&sealed)
+            .map_err(|error| DataError::Corrupt(format!("stripe {}: {error}", stripe.stripe_id.short())))?;
+        let plaintext = envelope::open_owned(&keys.stripe_data, &envelope::stripe_binding(&stripe.stripe_id), sealed)
             .map_err(|error| DataError::Corrupt(format!("stripe {}: {error}", stripe.stripe_id.short())))?;
         if StripeId::for_sealed_write(&keys.stripe_naming, &nonce, &plaintext) != stripe.stripe_id
             || plaintext.len() as u64 != stripe.plaintext_length_bytes
