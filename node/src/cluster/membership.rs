@@ -253,12 +253,12 @@ impl Membership {
     /// Merges a peer's gossip message. A layout whose digest matches ours is not merged:
     /// merging copies the shared layout, and a new allocation costs every cache keyed
     /// by it a recomputation.
-    pub fn absorb_gossip(
+    pub fn absorb_gossip<'a>(
         &mut self,
         gossip: &GossipLayout,
-        heartbeats: &[PeerHeartbeat],
+        heartbeats: &'a [PeerHeartbeat],
         now_ms: u64,
-    ) -> (bool, Vec<PeerHeartbeat>) {
+    ) -> (bool, Vec<&'a PeerHeartbeat>) {
         let layout = gossip.layout.as_ref().filter(|_| gossip.digest != self.layout_digest);
         self.absorb(layout, heartbeats, now_ms)
     }
@@ -266,12 +266,12 @@ impl Membership {
     /// Merges a peer's gossip (its layout, when it sent one). Returns whether our layout
     /// changed (so it must be persisted) and the heartbeats that advanced (so their
     /// addresses can be learned).
-    pub fn absorb(
+    pub fn absorb<'a>(
         &mut self,
         layout: Option<&Layout>,
-        heartbeats: &[PeerHeartbeat],
+        heartbeats: &'a [PeerHeartbeat],
         now_ms: u64,
-    ) -> (bool, Vec<PeerHeartbeat>) {
+    ) -> (bool, Vec<&'a PeerHeartbeat>) {
         let layout_changed = layout.is_some_and(|layout| Arc::make_mut(&mut self.layout).merge(layout));
         if layout_changed {
             self.layout_digest = self.layout.digest();
@@ -283,22 +283,25 @@ impl Membership {
             if heartbeat.node == self.me || !heartbeat.is_well_formed() || self.layout.get(&heartbeat.node).is_none() {
                 continue;
             }
-            let newer = match self.heartbeats.get(&heartbeat.node) {
-                Some(view) => {
-                    (heartbeat.generation, heartbeat.sequence) > (view.heartbeat.generation, view.heartbeat.sequence)
+            match self.heartbeats.entry(heartbeat.node) {
+                std::collections::btree_map::Entry::Occupied(mut known) => {
+                    let view = known.get_mut();
+                    let newer = (heartbeat.generation, heartbeat.sequence)
+                        > (view.heartbeat.generation, view.heartbeat.sequence);
+                    if !newer {
+                        continue;
+                    }
+                    copy_heartbeat(&mut view.heartbeat, heartbeat);
+                    view.advanced_at_ms = now_ms;
                 }
-                None => true,
-            };
-            if newer {
-                self.heartbeats.insert(
-                    heartbeat.node,
-                    HeartbeatView {
+                std::collections::btree_map::Entry::Vacant(unknown) => {
+                    unknown.insert(HeartbeatView {
                         heartbeat: heartbeat.clone(),
                         advanced_at_ms: now_ms,
-                    },
-                );
-                advanced.push(heartbeat.clone());
+                    });
+                }
             }
+            advanced.push(heartbeat);
         }
         (layout_changed, advanced)
     }
@@ -351,6 +354,29 @@ impl Membership {
         }
         targets
     }
+}
+
+/// `*into = from.clone()`, reusing `into`'s allocations (its addresses): every gossip
+/// round advances every live node's heartbeat on every node, and allocating their
+/// addresses anew each time was a large share of absorbing gossip. Every field is named,
+/// so a new one cannot be forgotten here.
+fn copy_heartbeat(into: &mut PeerHeartbeat, from: &PeerHeartbeat) {
+    let PeerHeartbeat {
+        node,
+        generation,
+        sequence,
+        used_bytes,
+        addresses,
+        layout_digest,
+        metadata_synced_digest,
+    } = from;
+    into.node = *node;
+    into.generation = *generation;
+    into.sequence = *sequence;
+    into.used_bytes = *used_bytes;
+    into.addresses.clone_from(addresses);
+    into.layout_digest = *layout_digest;
+    into.metadata_synced_digest = *metadata_synced_digest;
 }
 
 #[cfg(test)]
@@ -484,6 +510,44 @@ mod tests {
     }
 
     #[test]
+    fn an_advanced_heartbeat_replaces_the_stored_one_exactly() {
+        let mut a = member(1, "a");
+        let mut b = member(2, "b");
+        let stored_for_b = |a: &Membership| {
+            let (_, known) = a.gossip_payload_whole();
+            known.into_iter().find(|heartbeat| heartbeat.node == NodeId([2; 32]))
+        };
+        // Addresses shrink, grow and change: the stored copy reuses its buffers.
+        for (used_bytes, addresses) in [
+            (
+                5,
+                vec!["/ip4/10.0.0.2/tcp/1".to_string(), "/ip4/10.0.0.2/udp/1".to_string()],
+            ),
+            (7, vec!["/ip4/10.0.0.9/tcp/2".to_string()]),
+            (
+                9,
+                vec![
+                    "/dns4/b/tcp/3".to_string(),
+                    "/ip4/10.0.0.3/tcp/3".to_string(),
+                    "x".repeat(40),
+                ],
+            ),
+        ] {
+            b.beat(used_bytes, addresses);
+            let (layout, sent) = b.gossip_payload_whole();
+            let (_, advanced) = a.absorb(layout.layout.as_ref(), &sent, 0);
+            let own = sent
+                .iter()
+                .find(|heartbeat| heartbeat.node == b.me())
+                .expect("b sends its own");
+            assert_eq!(advanced, vec![own]);
+            assert_eq!(stored_for_b(&a).as_ref(), Some(own));
+            // The same heartbeat again is not news.
+            assert!(a.absorb(None, &sent, 0).1.is_empty());
+        }
+    }
+
+    #[test]
     fn stale_heartbeats_do_not_revive_a_node() {
         let mut a = member(1, "a");
         let mut b = member(2, "b");
@@ -506,13 +570,11 @@ mod tests {
             layout_digest: [0; 32],
             metadata_synced_digest: [0; 32],
         };
-        let (_, advanced) = a.absorb(Some(&Layout::new()), &[stranger], 0);
-        assert!(advanced.is_empty());
+        assert!(a.absorb(Some(&Layout::new()), &[stranger], 0).1.is_empty());
         let b = member(2, "b");
         let mut oversized = b.gossip_payload_whole().1.remove(0);
         oversized.addresses = vec!["x".repeat(10_000)];
-        let (_, advanced) = a.absorb(Some(b.layout()), &[oversized], 0);
-        assert!(advanced.is_empty());
+        assert!(a.absorb(Some(b.layout()), &[oversized], 0).1.is_empty());
     }
 
     #[test]
