@@ -4,7 +4,9 @@ encryption, in one process) against SeaweedFS (`weed server -s3`, one process, n
 replication), side by side in one run on this machine, through the same boto3 client.
 
 Measures PUT and GET throughput of 256 MiB objects and ops/s of 4 KiB PUTs and GETs
-(16 client threads), and prints bdr's figures as ratios of SeaweedFS's.
+(16 client threads), and prints bdr's figures as ratios of SeaweedFS's; then each server's
+CPU time per MB or per operation (its process and children, from /proc), which moves far
+less between runs on a shared VM than throughput does.
 Goals: >= 1.2x on large objects, >= 1.0x on small ones. Loopback only; every process it
 starts is stopped when it ends.
 
@@ -95,32 +97,67 @@ def start_seaweedfs(root):
     return process, client
 
 
-def measure(client, large, small):
-    """(large PUT MB/s, large GET MB/s, small PUT ops/s, small GET ops/s)"""
+def tree_cpu_s(root_pid):
+    """CPU seconds (user + system) used so far by a process and its live descendants."""
+    tick = os.sysconf("SC_CLK_TCK")
+    parents, cpu = {}, {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(entry)] = int(fields[1])
+        cpu[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
+
+    def descends(pid):
+        while pid > 1:
+            if pid == root_pid:
+                return True
+            pid = parents.get(pid, 0)
+        return False
+    return sum(seconds for pid, seconds in cpu.items() if descends(pid))
+
+
+def measure(client, large, small, server_pid):
+    """Rates (large PUT MB/s, large GET MB/s, small PUT ops/s, small GET ops/s) and the
+    server's CPU for each (ms per MB, ms per MB, us per op, us per op). CPU per unit of
+    work moves far less between runs on a shared VM than throughput does."""
     bucket = "bench"
     client.create_bucket(Bucket=bucket)
     body = os.urandom(256 * MIB)
-    started = time.time()
-    for index in range(large):
-        client.put_object(Bucket=bucket, Key=f"large-{index}", Body=body)
-    put_rate = large * len(body) / (time.time() - started) / 1e6
-    started = time.time()
-    for index in range(large):
-        received = client.get_object(Bucket=bucket, Key=f"large-{index}")["Body"].read()
-        assert len(received) == len(body)
-    get_rate = large * len(body) / (time.time() - started) / 1e6
+    rates, costs = [], []
+
+    def timed(work, units, unit_cost_scale):
+        cpu_before, started = tree_cpu_s(server_pid), time.time()
+        work()
+        elapsed_s, cpu_s = time.time() - started, tree_cpu_s(server_pid) - cpu_before
+        rates.append(units / elapsed_s)
+        costs.append(cpu_s / units * unit_cost_scale)
+
+    def put_large():
+        for index in range(large):
+            client.put_object(Bucket=bucket, Key=f"large-{index}", Body=body)
+
+    def get_large():
+        for index in range(large):
+            received = client.get_object(Bucket=bucket, Key=f"large-{index}")["Body"].read()
+            assert len(received) == len(body)
+    timed(put_large, large * len(body) / 1e6, 1e3)
+    timed(get_large, large * len(body) / 1e6, 1e3)
 
     payload = os.urandom(4096)
+    sizes = []
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
-        started = time.time()
-        list(pool.map(lambda index: client.put_object(Bucket=bucket, Key=f"small/{index}", Body=payload), range(small)))
-        small_put = small / (time.time() - started)
-        started = time.time()
-        sizes = list(pool.map(lambda index: len(client.get_object(Bucket=bucket, Key=f"small/{index}")["Body"].read()),
-                              range(small)))
-        small_get = small / (time.time() - started)
-    assert all(size == 4096 for size in sizes)
-    return put_rate, get_rate, small_put, small_get
+        timed(lambda: list(pool.map(lambda index: client.put_object(Bucket=bucket, Key=f"small/{index}", Body=payload),
+                                    range(small))), small, 1e6)
+        timed(lambda: sizes.extend(pool.map(
+            lambda index: len(client.get_object(Bucket=bucket, Key=f"small/{index}")["Body"].read()), range(small))),
+            small, 1e6)
+    assert sizes and all(size == 4096 for size in sizes)
+    return rates, costs
 
 
 def stop(process):
@@ -153,7 +190,7 @@ def main():
                     with open(os.path.join(root, f"{name}.log")) as log:
                         raise SystemExit(f"{name} did not come up; its log ends:\n{log.read()[-3000:]}")
                 print(f"measuring {name}", flush=True)
-                results[name] = measure(client, args.large, args.small)
+                results[name] = measure(client, args.large, args.small, process.pid)
                 print(f"{name}: {results[name]}", flush=True)
             finally:
                 stop(process)
@@ -163,8 +200,15 @@ def main():
     goals = [1.2, 1.2, 1.0, 1.0]
     print(f"{'':22} {'bdr':>10} {'seaweedfs':>10} {'ratio':>7}  goal")
     for index, label in enumerate(labels):
-        ours, theirs = results["bdr"][index], results["seaweedfs"][index]
+        ours, theirs = results["bdr"][0][index], results["seaweedfs"][0][index]
         print(f"{label:22} {ours:10.1f} {theirs:10.1f} {ours / theirs:7.2f}  >= {goals[index]}")
+    # Server CPU per unit of work: bdr's six nodes in one process against SeaweedFS's one
+    # process; the ratio is SeaweedFS's cost over bdr's (above 1: bdr spends less).
+    cost_labels = ["PUT 256 MiB (ms/MB)", "GET 256 MiB (ms/MB)", "PUT 4 KiB (us/op)", "GET 4 KiB (us/op)"]
+    print(f"{'server CPU':22} {'bdr':>10} {'seaweedfs':>10} {'ratio':>7}")
+    for index, label in enumerate(cost_labels):
+        ours, theirs = results["bdr"][1][index], results["seaweedfs"][1][index]
+        print(f"{label:22} {ours:10.2f} {theirs:10.2f} {theirs / max(ours, 1e-9):7.2f}")
 
 
 if __name__ == "__main__":
