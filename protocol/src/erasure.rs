@@ -81,6 +81,22 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
 }
 
+/// The codec kept in `cached`, reset for the next stripe, or a new one when there is none
+/// yet: reed-solomon-simd's encoder and decoder keep their work buffers between stripes.
+fn reset_or_create<Codec>(
+    cached: &mut Option<Codec>,
+    reset: impl FnOnce(&mut Codec) -> Result<(), reed_solomon_simd::Error>,
+    create: impl FnOnce() -> Result<Codec, reed_solomon_simd::Error>,
+) -> Result<&mut Codec, reed_solomon_simd::Error> {
+    match cached {
+        Some(codec) => {
+            reset(codec)?;
+            Ok(codec)
+        }
+        None => Ok(cached.insert(create()?)),
+    }
+}
+
 /// Which Reed-Solomon implementation produced a shard.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum CodecId {
@@ -132,18 +148,12 @@ impl CodecId {
                     let mut cached = cell.borrow_mut();
                     // The encoder's work buffers are reused: allocating megabytes per stripe
                     // cost page faults and zeroing on every write (seen in profiles).
-                    let encoder = match cached.as_mut() {
-                        Some(encoder) => {
-                            encoder
-                                .reset(data.len(), parity.len(), shard_length)
-                                .map_err(|error| backend_error(error.to_string()))?;
-                            encoder
-                        }
-                        None => cached.insert(
-                            reed_solomon_simd::ReedSolomonEncoder::new(data.len(), parity.len(), shard_length)
-                                .map_err(|error| backend_error(error.to_string()))?,
-                        ),
-                    };
+                    let encoder = reset_or_create(
+                        &mut cached,
+                        |encoder| encoder.reset(data.len(), parity.len(), shard_length),
+                        || reed_solomon_simd::ReedSolomonEncoder::new(data.len(), parity.len(), shard_length),
+                    )
+                    .map_err(|error| backend_error(error.to_string()))?;
                     for shard in data {
                         encoder
                             .add_original_shard(shard)
@@ -186,16 +196,8 @@ impl CodecId {
                 codec
                     .reconstruct_data(&mut owned)
                     .map_err(|error| backend_error(format!("{error:?}")))?;
-                // Only the restored shards are kept; the copies of the given ones are
-                // freed before the stripe is assembled.
-                let restored: Vec<Option<Vec<u8>>> = owned
-                    .into_iter()
-                    .take(data_shards)
-                    .zip(shards)
-                    .map(|(restored, given)| restored.filter(|_| given.is_none()))
-                    .collect();
-                for (given, restored) in shards.iter().zip(&restored) {
-                    visit(given.or(restored.as_deref()).ok_or_else(not_restored)?);
+                for shard in &owned[..data_shards] {
+                    visit(shard.as_deref().ok_or_else(not_restored)?);
                 }
                 Ok(())
             }
@@ -203,18 +205,12 @@ impl CodecId {
                 let shard_length = shards.iter().flatten().next().map_or(0, |shard| shard.len());
                 SIMD_DECODER.with(|cell| {
                     let mut cached = cell.borrow_mut();
-                    let decoder = match cached.as_mut() {
-                        Some(decoder) => {
-                            decoder
-                                .reset(data_shards, parity_shards, shard_length)
-                                .map_err(|error| backend_error(error.to_string()))?;
-                            decoder
-                        }
-                        None => cached.insert(
-                            reed_solomon_simd::ReedSolomonDecoder::new(data_shards, parity_shards, shard_length)
-                                .map_err(|error| backend_error(error.to_string()))?,
-                        ),
-                    };
+                    let decoder = reset_or_create(
+                        &mut cached,
+                        |decoder| decoder.reset(data_shards, parity_shards, shard_length),
+                        || reed_solomon_simd::ReedSolomonDecoder::new(data_shards, parity_shards, shard_length),
+                    )
+                    .map_err(|error| backend_error(error.to_string()))?;
                     for (index, shard) in shards.iter().enumerate() {
                         let Some(shard) = shard else { continue };
                         let added = match index.checked_sub(data_shards) {
@@ -536,12 +532,10 @@ impl StripeCodec {
     /// Rebuilds the stripe from any k distinct shards of it.
     pub fn decode(&self, stripe_id: StripeId, shards: &[Shard]) -> Result<Vec<u8>, ErasureError> {
         let (stripe_length_bytes, slots) = self.slot_shards(stripe_id, shards)?;
-        // Each data shard, given or reconstructed, is copied once: into the stripe, which
-        // is allocated at the first visit, after the codec's own allocations.
-        let mut stripe = Vec::new();
+        // Each data shard, given or reconstructed, is copied once: into the stripe.
+        let mut stripe = Vec::with_capacity(stripe_length_bytes as usize);
         self.codec
             .visit_data_shards(usize::from(self.data_shards), &slots, &mut |shard| {
-                stripe.reserve_exact(stripe_length_bytes as usize);
                 let wanted = (stripe_length_bytes as usize - stripe.len()).min(shard.len());
                 stripe.extend_from_slice(&shard[..wanted]);
             })?;
@@ -630,6 +624,31 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_reused_decoder_decodes_after_a_refused_reset() {
+        let codec = StripeCodec::new(CodecId::ReedSolomonSimd, 4, 2).unwrap();
+        let stripe = stripe_bytes(5000, 3);
+        let id = StripeId([4; 32]);
+        let shards = codec.encode(id, &stripe).unwrap();
+        let survivors: Vec<Shard> = shards[2..].to_vec();
+        assert_eq!(codec.decode(id, &survivors).unwrap(), stripe);
+        // The kept decoder refuses impossible parameters, and stays usable.
+        SIMD_DECODER.with(|cell| {
+            let mut cached = cell.borrow_mut();
+            let refused = reset_or_create(
+                &mut cached,
+                |decoder| decoder.reset(0, 0, 64),
+                || reed_solomon_simd::ReedSolomonDecoder::new(0, 0, 64),
+            );
+            assert!(refused.is_err());
+        });
+        assert_eq!(codec.decode(id, &survivors).unwrap(), stripe);
+        let other = StripeCodec::new(CodecId::ReedSolomonSimd, 2, 1).unwrap();
+        let small = stripe_bytes(63, 1);
+        let small_shards = other.encode(id, &small).unwrap();
+        assert_eq!(other.decode(id, &small_shards[1..]).unwrap(), small);
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //!
 //! Pure state, no IO: time comes in as `now_ms`, randomness as a `u64`.
 
-use std::collections::BTreeMap;
+use std::collections::{btree_map::Entry, BTreeMap};
 use std::sync::Arc;
 
 use bdr_protocol::hlc::{HlcTimestamp, HybridClock};
@@ -284,7 +284,7 @@ impl Membership {
                 continue;
             }
             match self.heartbeats.entry(heartbeat.node) {
-                std::collections::btree_map::Entry::Occupied(mut known) => {
+                Entry::Occupied(mut known) => {
                     let view = known.get_mut();
                     let newer = (heartbeat.generation, heartbeat.sequence)
                         > (view.heartbeat.generation, view.heartbeat.sequence);
@@ -294,7 +294,7 @@ impl Membership {
                     copy_heartbeat(&mut view.heartbeat, heartbeat);
                     view.advanced_at_ms = now_ms;
                 }
-                std::collections::btree_map::Entry::Vacant(unknown) => {
+                Entry::Vacant(unknown) => {
                     unknown.insert(HeartbeatView {
                         heartbeat: heartbeat.clone(),
                         advanced_at_ms: now_ms,
@@ -513,9 +513,10 @@ mod tests {
     fn an_advanced_heartbeat_replaces_the_stored_one_exactly() {
         let mut a = member(1, "a");
         let mut b = member(2, "b");
+        let b_id = b.me();
         let stored_for_b = |a: &Membership| {
             let (_, known) = a.gossip_payload_whole();
-            known.into_iter().find(|heartbeat| heartbeat.node == NodeId([2; 32]))
+            known.into_iter().find(|heartbeat| heartbeat.node == b_id)
         };
         // Addresses shrink, grow and change: the stored copy reuses its buffers.
         for (used_bytes, addresses) in [
