@@ -38,9 +38,10 @@ const QUARANTINE_DIRECTORY: &str = "quarantine";
 /// Offset, length and memory alignment direct I/O needs: the largest logical block size
 /// of common devices, so it suits 512-byte devices too.
 const DIRECT_IO_ALIGNMENT_BYTES: usize = 4096;
-/// Shards smaller than this are written buffered: for a few kilobytes, the padding and the
-/// truncate after a direct write cost more than the copy into the cache saves.
-const DIRECT_WRITE_BYTES_MIN: usize = 64 * 1024;
+/// Shards smaller than this are written and read through the page cache: a direct write
+/// pads its last block and truncates the padding off, a syscall and a block of zeros that
+/// only pay off against a large copy (the threshold is a judgement, not a measurement).
+const DIRECT_IO_BYTES_MIN: usize = 64 * 1024;
 /// A direct write goes through an aligned buffer of this size, one piece at a time.
 const DIRECT_WRITE_PIECE_BYTES: usize = 1024 * 1024;
 /// Aligned buffers kept for reuse between puts; puts beyond it allocate their own.
@@ -245,7 +246,7 @@ impl Inner {
     /// block and truncating the padding off. `Unsupported` (no file left behind) when the
     /// shard is small, direct writes are off, or the filesystem refuses them now.
     fn write_direct(&self, path: &Path, bytes: &[u8]) -> std::io::Result<DirectWrite> {
-        if bytes.len() < DIRECT_WRITE_BYTES_MIN || !self.direct_writes.load(Ordering::Relaxed) {
+        if bytes.len() < DIRECT_IO_BYTES_MIN || !self.direct_writes.load(Ordering::Relaxed) {
             return Ok(DirectWrite::Unsupported);
         }
         let mut buffer = self
@@ -282,7 +283,7 @@ impl Inner {
         use std::os::unix::fs::OpenOptionsExt;
         let mut file = File::open(path)?;
         let length = file.metadata()?.len() as usize;
-        if length < DIRECT_WRITE_BYTES_MIN || !self.direct_writes.load(Ordering::Relaxed) {
+        if length < DIRECT_IO_BYTES_MIN || !self.direct_writes.load(Ordering::Relaxed) {
             let mut bytes = Vec::with_capacity(length);
             file.read_to_end(&mut bytes)?;
             return Ok(bytes);
@@ -536,8 +537,8 @@ mod tests {
         let data_lengths = [
             0,
             1000,
-            2 * DIRECT_WRITE_BYTES_MIN - 300,
-            2 * DIRECT_WRITE_BYTES_MIN + 8192,
+            2 * DIRECT_IO_BYTES_MIN - 300,
+            2 * DIRECT_IO_BYTES_MIN + 8192,
             2 * DIRECT_WRITE_PIECE_BYTES + 2 * DIRECT_IO_ALIGNMENT_BYTES + 6,
             5 * DIRECT_WRITE_PIECE_BYTES + 77,
         ];
@@ -545,10 +546,10 @@ mod tests {
             .iter()
             .map(|&length| shards(0, length)[0].as_bytes().len())
             .collect();
-        assert!(shard_lengths.iter().any(|&length| length < DIRECT_WRITE_BYTES_MIN));
+        assert!(shard_lengths.iter().any(|&length| length < DIRECT_IO_BYTES_MIN));
         assert!(shard_lengths
             .iter()
-            .any(|&length| (DIRECT_WRITE_BYTES_MIN..DIRECT_WRITE_PIECE_BYTES).contains(&length)));
+            .any(|&length| (DIRECT_IO_BYTES_MIN..DIRECT_WRITE_PIECE_BYTES).contains(&length)));
         assert!(shard_lengths
             .iter()
             .any(|&length| length > DIRECT_WRITE_PIECE_BYTES && length % DIRECT_IO_ALIGNMENT_BYTES != 0));
