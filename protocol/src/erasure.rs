@@ -21,6 +21,7 @@
 //!
 //! The checksum covers the header too, so a flipped bit anywhere in a shard file is found.
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::ids::StripeId;
@@ -274,13 +275,15 @@ impl ShardHeader {
 /// One shard: header plus payload. Constructed only by encoding, rebuilding or by
 /// [`Shard::from_vec`], which verifies the checksum, so a `Shard` value is always intact.
 ///
-/// It keeps its encoded form (header, then payload) in one buffer: sending, storing and
-/// receiving a shard then moves that buffer instead of copying megabytes each time.
+/// It keeps its encoded form (header, then payload) in one shared, immutable buffer:
+/// sending, storing and receiving a shard then moves or shares that buffer instead of
+/// copying megabytes each time (a write sends each shard while keeping it for a retry
+/// elsewhere).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Shard {
     header: ShardHeader,
     /// [`SHARD_HEADER_LENGTH_BYTES`] of encoded header, then the payload.
-    bytes: Vec<u8>,
+    bytes: Bytes,
 }
 
 /// A buffer with room for a shard header in front of `payload_length` payload bytes.
@@ -313,7 +316,10 @@ impl Shard {
         header.checksum = header.compute_checksum(&bytes[SHARD_HEADER_LENGTH_BYTES..]);
         bytes[..CHECKSUM_OFFSET].copy_from_slice(&header.encode_without_checksum());
         bytes[CHECKSUM_OFFSET..SHARD_HEADER_LENGTH_BYTES].copy_from_slice(&header.checksum);
-        Shard { header, bytes }
+        Shard {
+            header,
+            bytes: Bytes::from(bytes),
+        }
     }
 
     pub fn header(&self) -> &ShardHeader {
@@ -333,13 +339,19 @@ impl Shard {
         &self.bytes
     }
 
-    /// The shard's on-disk and on-wire form, without a copy.
+    /// The shard's on-disk and on-wire form; without a copy unless a clone of the shard
+    /// still shares it.
     pub fn into_bytes(self) -> Vec<u8> {
-        self.bytes
+        Vec::from(self.bytes)
     }
 
     /// A copy of the shard's on-disk and on-wire form.
     pub fn to_bytes(&self) -> Vec<u8> {
+        self.bytes.to_vec()
+    }
+
+    /// The shard's on-disk and on-wire form, shared with the shard (no copy).
+    pub fn shared_bytes(&self) -> Bytes {
         self.bytes.clone()
     }
 
@@ -350,6 +362,11 @@ impl Shard {
 
     /// Parses and verifies a shard, keeping `bytes` as its buffer. Never panics.
     pub fn from_vec(bytes: Vec<u8>) -> Result<Shard, ShardDecodeError> {
+        Shard::from_shared(Bytes::from(bytes))
+    }
+
+    /// Parses and verifies a shard, keeping (sharing) `bytes` as its buffer. Never panics.
+    pub fn from_shared(bytes: Bytes) -> Result<Shard, ShardDecodeError> {
         let header = Shard::verified_header(&bytes)?;
         Ok(Shard { header, bytes })
     }

@@ -5,6 +5,7 @@
 //! prefix is checked against [`FRAME_BYTES_MAX`] before any allocation, and decoding
 //! arbitrary bytes returns an error, never a panic (property-tested).
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::admission::AdmissionProof;
@@ -195,10 +196,11 @@ pub enum Request {
         layout: GossipLayout,
         heartbeats: Vec<PeerHeartbeat>,
     },
-    /// Stores a shard (its [`crate::erasure::Shard::to_bytes`] form). Answered only after fsync.
+    /// Stores a shard (its [`crate::erasure::Shard::as_bytes`] form). Answered only after
+    /// fsync. Shared bytes, so a sender keeps its shard for a retry without a copy; encoded
+    /// as bytes exactly as a `serde_bytes` vector was.
     PutShard {
-        #[serde(with = "serde_bytes")]
-        shard: Vec<u8>,
+        shard: Bytes,
     },
     GetShard {
         stripe_id: StripeId,
@@ -628,7 +630,9 @@ mod tests {
                 },
                 heartbeats: vec![heartbeat],
             },
-            Request::PutShard { shard: vec![1, 2, 3] },
+            Request::PutShard {
+                shard: vec![1, 2, 3].into(),
+            },
             Request::GetShard {
                 stripe_id: StripeId([4; 32]),
                 index: 5,
@@ -726,9 +730,36 @@ mod tests {
             Err(WireError::FrameTooLarge { .. })
         ));
         let huge = Request::PutShard {
-            shard: vec![0; FRAME_BYTES_MAX as usize + 1],
+            shard: vec![0; FRAME_BYTES_MAX as usize + 1].into(),
         };
         assert!(matches!(encode_request(&huge), Err(WireError::FrameTooLarge { .. })));
+    }
+
+    /// PutShard's shared bytes encode exactly as the `serde_bytes` vector they replaced
+    /// (so the change needed no wire version), and decode back.
+    #[test]
+    fn a_put_shard_encodes_its_bytes_as_a_serde_bytes_vector_did() {
+        #[derive(Serialize)]
+        struct VectorForm {
+            #[serde(with = "serde_bytes")]
+            shard: Vec<u8>,
+        }
+        for length in [0usize, 1, 127, 128, 70_000] {
+            let shard: Vec<u8> = (0..length).map(|index| (index * 7) as u8).collect();
+            let request = Request::PutShard {
+                shard: shard.clone().into(),
+            };
+            let encoded = postcard::to_allocvec(&request).unwrap();
+            let vector_form = postcard::to_allocvec(&VectorForm { shard: shard.clone() }).unwrap();
+            // One byte of variant index, then the same bytes.
+            assert_eq!(encoded.len(), vector_form.len() + 1, "length {length}");
+            assert_eq!(&encoded[1..], &vector_form[..], "length {length}");
+            let Request::PutShard { shard: decoded } = decode_request(&encode_request(&request).unwrap()).unwrap()
+            else {
+                panic!("not a PutShard");
+            };
+            assert_eq!(decoded, shard);
+        }
     }
 
     #[test]

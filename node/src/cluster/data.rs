@@ -1164,7 +1164,7 @@ impl<E: Env> ClusterNode<E> {
                 .map_err(|error| error.to_string());
         }
         let request = Request::PutShard {
-            shard: shard.to_bytes(),
+            shard: shard.shared_bytes(),
         };
         match self.shard_request(target, request, SHARD_WRITE_TIMEOUT_MS).await {
             Ok(Response::ShardStored) => Ok(()),
@@ -1184,7 +1184,7 @@ impl<E: Env> ClusterNode<E> {
             StoreError::Io(reason) => Response::error(RemoteErrorKind::Internal, reason),
         };
         match request {
-            Request::PutShard { shard } => match Shard::from_vec(shard) {
+            Request::PutShard { shard } => match Shard::from_shared(shard) {
                 Ok(shard) => match store.put(shard).await {
                     Ok(()) => Response::ShardStored,
                     Err(error) => store_error(error),
