@@ -35,6 +35,11 @@ const SHARDS_DIRECTORY: &str = "shards";
 const TEMPORARY_DIRECTORY: &str = "tmp";
 const QUARANTINE_DIRECTORY: &str = "quarantine";
 
+/// The open flag for direct I/O: Linux's. Elsewhere shards go through the page cache.
+#[cfg(target_os = "linux")]
+const DIRECT_IO_OPEN_FLAG: Option<i32> = Some(libc::O_DIRECT);
+#[cfg(not(target_os = "linux"))]
+const DIRECT_IO_OPEN_FLAG: Option<i32> = None;
 /// Offset, length and memory alignment direct I/O needs: the largest logical block size
 /// of common devices, so it suits 512-byte devices too.
 const DIRECT_IO_ALIGNMENT_BYTES: usize = 4096;
@@ -60,7 +65,8 @@ struct Inner {
     shard_count: AtomicU64,
     corrupt_reads: AtomicU64,
     temporary_nonce: AtomicU64,
-    /// Cleared for good when the filesystem refuses direct I/O.
+    /// Cleared for good when the filesystem refuses direct I/O (never set where the
+    /// platform has none).
     direct_writes: AtomicBool,
     /// Aligned scratch buffers for direct writes, kept between puts.
     direct_write_buffers: Mutex<Vec<Vec<u8>>>,
@@ -94,7 +100,7 @@ fn write_direct_through(path: &Path, bytes: &[u8], buffer: &mut [u8]) -> std::io
     let mut file = OpenOptions::new()
         .write(true)
         .create_new(true)
-        .custom_flags(libc::O_DIRECT)
+        .custom_flags(DIRECT_IO_OPEN_FLAG.unwrap_or(0))
         .open(path)?;
     let start = buffer.as_ptr().align_offset(DIRECT_IO_ALIGNMENT_BYTES);
     let window = &mut buffer[start..start + DIRECT_WRITE_PIECE_BYTES];
@@ -139,7 +145,7 @@ impl FileShardStore {
             shard_count: AtomicU64::new(0),
             corrupt_reads: AtomicU64::new(0),
             temporary_nonce: AtomicU64::new(0),
-            direct_writes: AtomicBool::new(true),
+            direct_writes: AtomicBool::new(DIRECT_IO_OPEN_FLAG.is_some()),
             direct_write_buffers: Mutex::new(Vec::new()),
         };
         let (count, bytes) = inner.walk(|_, _| {})?;
@@ -288,7 +294,11 @@ impl Inner {
             file.read_to_end(&mut bytes)?;
             return Ok(bytes);
         }
-        file = match OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path) {
+        file = match OpenOptions::new()
+            .read(true)
+            .custom_flags(DIRECT_IO_OPEN_FLAG.unwrap_or(0))
+            .open(path)
+        {
             Ok(direct) => direct,
             Err(error) if error.raw_os_error() == Some(libc::EINVAL) => return fs::read(path),
             Err(error) => return Err(error),
@@ -582,7 +592,10 @@ mod tests {
             }
             assert_eq!(store.usage().used_bytes, expected_bytes);
             // The temporary directory's filesystem took direct I/O, so its path was tested.
-            assert_eq!(store.inner.direct_writes.load(Ordering::Relaxed), direct_io);
+            assert_eq!(
+                store.inner.direct_writes.load(Ordering::Relaxed),
+                direct_io && DIRECT_IO_OPEN_FLAG.is_some()
+            );
             assert!(fs::read_dir(directory.path().join(TEMPORARY_DIRECTORY))
                 .unwrap()
                 .next()
