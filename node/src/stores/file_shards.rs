@@ -270,10 +270,7 @@ impl Inner {
         match result {
             Err(error) if error.raw_os_error() == Some(libc::EINVAL) => {
                 let _ = fs::remove_file(path);
-                if self.direct_writes.swap(false, Ordering::Relaxed) {
-                    tracing::warn!(path = %path.display(), %error,
-                        "the filesystem refuses direct I/O; shards are written through the page cache");
-                }
+                self.turn_direct_io_off_after(path, &error);
                 Ok(DirectWrite::Unsupported)
             }
             other => other.map(|()| DirectWrite::Done),
@@ -289,42 +286,58 @@ impl Inner {
         use std::os::unix::fs::OpenOptionsExt;
         let mut file = File::open(path)?;
         let length = file.metadata()?.len() as usize;
-        if length < DIRECT_IO_BYTES_MIN || !self.direct_writes.load(Ordering::Relaxed) {
-            let mut bytes = Vec::with_capacity(length);
-            file.read_to_end(&mut bytes)?;
-            return Ok(bytes);
-        }
-        file = match OpenOptions::new()
-            .read(true)
-            .custom_flags(DIRECT_IO_OPEN_FLAG.unwrap_or(0))
-            .open(path)
-        {
-            Ok(direct) => direct,
-            Err(error) if error.raw_os_error() == Some(libc::EINVAL) => return fs::read(path),
-            Err(error) => return Err(error),
-        };
-        let padded_length = length.next_multiple_of(DIRECT_IO_ALIGNMENT_BYTES);
-        let mut buffer = vec![0u8; padded_length + DIRECT_IO_ALIGNMENT_BYTES];
-        let start = buffer.as_ptr().align_offset(DIRECT_IO_ALIGNMENT_BYTES);
-        let mut filled = 0;
-        // Every read but one that reaches the end of the file returns whole blocks, so
-        // each next read starts aligned.
-        while filled < padded_length {
-            match file.read(&mut buffer[start + filled..start + padded_length]) {
-                Ok(0) => break,
-                Ok(count) => filled += count,
-                Err(error) if error.kind() == ErrorKind::Interrupted => continue,
+        if length >= DIRECT_IO_BYTES_MIN && self.direct_writes.load(Ordering::Relaxed) {
+            match OpenOptions::new()
+                .read(true)
+                .custom_flags(DIRECT_IO_OPEN_FLAG.unwrap_or(0))
+                .open(path)
+            {
+                Ok(direct) => return read_direct_from(direct, length),
+                Err(error) if error.raw_os_error() == Some(libc::EINVAL) => self.turn_direct_io_off_after(path, &error),
                 Err(error) => return Err(error),
             }
         }
-        // A file that changed length since the stat reads as what was there; the shard's
-        // checksum judges it.
-        let length = filled.min(length);
-        buffer.copy_within(start..start + length, 0);
-        buffer.truncate(length);
-        Ok(buffer)
+        let mut bytes = Vec::with_capacity(length);
+        file.read_to_end(&mut bytes)?;
+        Ok(bytes)
     }
 
+    /// Turns direct I/O off for the store's lifetime (reads and writes), saying so once.
+    fn turn_direct_io_off_after(&self, path: &Path, error: &std::io::Error) {
+        if self.direct_writes.swap(false, Ordering::Relaxed) {
+            tracing::warn!(path = %path.display(), %error,
+                "the filesystem refuses direct I/O; shards go through the page cache");
+        }
+    }
+}
+
+/// The body of `Inner::read_file` for a file opened with direct I/O, `length` bytes long
+/// when it was stat'ed.
+fn read_direct_from(mut file: File, length: usize) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let padded_length = length.next_multiple_of(DIRECT_IO_ALIGNMENT_BYTES);
+    let mut buffer = vec![0u8; padded_length + DIRECT_IO_ALIGNMENT_BYTES];
+    let start = buffer.as_ptr().align_offset(DIRECT_IO_ALIGNMENT_BYTES);
+    let mut filled = 0;
+    // Every read but one that reaches the end of the file returns whole blocks, so
+    // each next read starts aligned.
+    while filled < padded_length {
+        match file.read(&mut buffer[start + filled..start + padded_length]) {
+            Ok(0) => break,
+            Ok(count) => filled += count,
+            Err(error) if error.kind() == ErrorKind::Interrupted => continue,
+            Err(error) => return Err(error),
+        }
+    }
+    // A file that changed length since the stat reads as what was there; the shard's
+    // checksum judges it.
+    let length = filled.min(length);
+    buffer.copy_within(start..start + length, 0);
+    buffer.truncate(length);
+    Ok(buffer)
+}
+
+impl Inner {
     /// Second half of a put: rename into place and make the rename durable.
     fn commit_temporary(&self, temporary: &Path, key: ShardKey) -> Result<Option<u64>, StoreError> {
         let destination = self.shard_path(key);
