@@ -21,7 +21,12 @@
 //!
 //! The checksum covers the header too, so a flipped bit anywhere in a shard file is found.
 
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
 use bytes::Bytes;
+use reed_solomon_simd::engine::{DefaultEngine, Engine, GfElement, ShardsRefMut, GF_ORDER};
+use reed_solomon_simd::rate::{DefaultRateDecoder, RateDecoder};
 use serde::{Deserialize, Serialize};
 
 use crate::ids::StripeId;
@@ -78,8 +83,99 @@ thread_local! {
     /// The same for decoding: a fresh decoder allocated and zeroed a work buffer of
     /// about k + m shards per decode (1.7% of a large GET's CPU in one profile, where
     /// reads took a near parity shard).
-    static SIMD_DECODER: std::cell::RefCell<Option<reed_solomon_simd::ReedSolomonDecoder>> =
-        const { std::cell::RefCell::new(None) };
+    static SIMD_DECODER: std::cell::RefCell<Option<SimdDecoder>> = const { std::cell::RefCell::new(None) };
+}
+
+/// reed-solomon-simd's decoder (high or low rate, as the crate's own picks) on the engine
+/// that remembers erasure-pattern evaluations.
+type SimdDecoder = DefaultRateDecoder<ErasurePatternCachingEngine>;
+
+/// How many erasure-pattern evaluations are kept, 128 KiB each (8 MiB in all): a 4+2 code
+/// has 22 patterns of at most two missing shards, a 6+3 code 130; when the cache is full
+/// it starts over, which costs only recomputation.
+const ERASURE_EVALUATIONS_CACHED_MAX: usize = 64;
+
+/// Only patterns whose erasures all lie in the first this many positions of the decoder's
+/// work are cached, keyed by a bitmask (the positions are shard slots, far fewer for any
+/// code we write).
+const ERASURE_PATTERN_POSITIONS_MAX: usize = 64;
+
+/// Evaluations of erasure patterns, keyed by (truncated size, bitmask of erased
+/// positions): shared by every thread (a decode may run on any of them), behind a lock
+/// held only to look up or insert.
+type ErasureEvaluations = BTreeMap<(usize, u64), Arc<[GfElement]>>;
+static ERASURE_EVALUATIONS: Mutex<ErasureEvaluations> = Mutex::new(BTreeMap::new());
+
+/// reed-solomon-simd's default engine, except that the erasure-locator evaluation
+/// (`eval_poly`) of a pattern already seen is copied from a cache. That evaluation runs
+/// two Walsh-Hadamard transforms over the whole GF(2^16) field, about 3 M instructions
+/// whatever the shard size: most of a small stripe's decode (8% of the simulator's
+/// instructions, about a millisecond per degraded read of a small object). Its result
+/// depends only on the pattern, of which a code has few.
+struct ErasurePatternCachingEngine(DefaultEngine);
+
+impl ErasurePatternCachingEngine {
+    fn new() -> ErasurePatternCachingEngine {
+        ErasurePatternCachingEngine(DefaultEngine::new())
+    }
+}
+
+impl Engine for ErasurePatternCachingEngine {
+    fn fft(&self, data: &mut ShardsRefMut, pos: usize, size: usize, truncated_size: usize, skew_delta: usize) {
+        self.0.fft(data, pos, size, truncated_size, skew_delta);
+    }
+
+    fn ifft(&self, data: &mut ShardsRefMut, pos: usize, size: usize, truncated_size: usize, skew_delta: usize) {
+        self.0.ifft(data, pos, size, truncated_size, skew_delta);
+    }
+
+    fn mul(&self, x: &mut [[u8; 64]], log_m: GfElement) {
+        self.0.mul(x, log_m);
+    }
+
+    fn eval_poly(erasures: &mut [GfElement; GF_ORDER], truncated_size: usize) {
+        let Some(pattern) = erasure_pattern(erasures, truncated_size) else {
+            return DefaultEngine::eval_poly(erasures, truncated_size);
+        };
+        let cached = lock_erasure_evaluations().get(&pattern).cloned();
+        if let Some(evaluation) = cached {
+            erasures.copy_from_slice(&evaluation);
+            return;
+        }
+        DefaultEngine::eval_poly(erasures, truncated_size);
+        let mut evaluations = lock_erasure_evaluations();
+        if evaluations.len() >= ERASURE_EVALUATIONS_CACHED_MAX {
+            evaluations.clear();
+        }
+        evaluations.insert(pattern, Arc::from(&erasures[..]));
+    }
+}
+
+/// The cache stays usable after a panic elsewhere: each entry is inserted whole.
+fn lock_erasure_evaluations() -> std::sync::MutexGuard<'static, ErasureEvaluations> {
+    ERASURE_EVALUATIONS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The cache key of an `eval_poly` input, when it is one the decoders build: zeros and
+/// ones, the ones only in the first [`ERASURE_PATTERN_POSITIONS_MAX`] positions. With
+/// the truncated size, that is the whole input, so equal keys give equal evaluations.
+fn erasure_pattern(erasures: &[GfElement; GF_ORDER], truncated_size: usize) -> Option<(usize, u64)> {
+    let (head, tail) = erasures.split_at(ERASURE_PATTERN_POSITIONS_MAX);
+    // An OR over the tail rather than `any`, so that it vectorises (128 KiB per decode).
+    if tail.iter().fold(0, |all, element| all | element) != 0 {
+        return None;
+    }
+    let mut mask = 0u64;
+    for (position, element) in head.iter().enumerate() {
+        match element {
+            0 => {}
+            1 => mask |= 1 << position,
+            _ => return None,
+        }
+    }
+    Some((truncated_size, mask))
 }
 
 /// The codec kept in `cached`, reset for the next stripe, or a new one when there is none
@@ -90,10 +186,15 @@ fn reset_or_create<Codec>(
     create: impl FnOnce() -> Result<Codec, reed_solomon_simd::Error>,
 ) -> Result<&mut Codec, reed_solomon_simd::Error> {
     match cached {
-        Some(codec) => {
-            reset(codec)?;
-            Ok(codec)
-        }
+        Some(codec) => match reset(codec) {
+            Ok(()) => Ok(cached.as_mut().expect("just matched")),
+            // A refused reset may leave the codec without its inner state (the crate's
+            // rate-switching reset takes it out first), so it is dropped, never reused.
+            Err(error) => {
+                *cached = None;
+                Err(error)
+            }
+        },
         None => Ok(cached.insert(create()?)),
     }
 }
@@ -209,7 +310,15 @@ impl CodecId {
                     let decoder = reset_or_create(
                         &mut cached,
                         |decoder| decoder.reset(data_shards, parity_shards, shard_length),
-                        || reed_solomon_simd::ReedSolomonDecoder::new(data_shards, parity_shards, shard_length),
+                        || {
+                            SimdDecoder::new(
+                                data_shards,
+                                parity_shards,
+                                shard_length,
+                                ErasurePatternCachingEngine::new(),
+                                None,
+                            )
+                        },
                     )
                     .map_err(|error| backend_error(error.to_string()))?;
                     for (index, shard) in shards.iter().enumerate() {
@@ -610,7 +719,9 @@ mod tests {
             for (k, m) in [
                 (1, 0),
                 (1, 1),
+                (1, 2),
                 (2, 1),
+                (2, 3),
                 (3, 2),
                 (4, 2),
                 (5, 3),
@@ -644,6 +755,45 @@ mod tests {
     }
 
     #[test]
+    fn cached_erasure_evaluations_equal_computed_ones_and_unusual_inputs_bypass_the_cache() {
+        let mut inputs: Vec<(Box<[GfElement; GF_ORDER]>, usize)> = Vec::new();
+        for (ones, truncated_size) in [
+            (vec![0usize, 3], 8),
+            (vec![1, 2, 4], 8),
+            (vec![], 16),
+            (vec![0, 63], 64),
+            (vec![5], 12),
+            (vec![5], GF_ORDER),
+            // Past the keyed positions, and a value other than one: computed every time.
+            (vec![64], 72),
+        ] {
+            let mut input = Box::new([0 as GfElement; GF_ORDER]);
+            for position in ones {
+                input[position] = 1;
+            }
+            inputs.push((input, truncated_size));
+        }
+        let mut not_a_pattern = Box::new([0 as GfElement; GF_ORDER]);
+        not_a_pattern[2] = 7;
+        inputs.push((not_a_pattern, 8));
+        for (input, truncated_size) in &inputs {
+            let mut expected = input.clone();
+            DefaultEngine::eval_poly(&mut expected, *truncated_size);
+            // The first evaluation may fill the cache, the second reads it back.
+            for round in 0..2 {
+                let mut evaluated = input.clone();
+                ErasurePatternCachingEngine::eval_poly(&mut evaluated, *truncated_size);
+                assert!(evaluated[..] == expected[..], "round {round}, size {truncated_size}");
+            }
+        }
+        let keyed = |input: &[GfElement; GF_ORDER], size| erasure_pattern(input, size);
+        assert_eq!(keyed(&inputs[0].0, 8), Some((8, 0b1001)));
+        assert_eq!(keyed(&inputs[5].0, 12), Some((12, 1 << 5)));
+        assert_eq!(keyed(&inputs[6].0, 72), None);
+        assert_eq!(keyed(&inputs[7].0, 8), None);
+    }
+
+    #[test]
     fn a_reused_decoder_decodes_after_a_refused_reset() {
         let codec = StripeCodec::new(CodecId::ReedSolomonSimd, 4, 2).unwrap();
         let stripe = stripe_bytes(5000, 3);
@@ -657,7 +807,7 @@ mod tests {
             let refused = reset_or_create(
                 &mut cached,
                 |decoder| decoder.reset(0, 0, 64),
-                || reed_solomon_simd::ReedSolomonDecoder::new(0, 0, 64),
+                || SimdDecoder::new(0, 0, 64, ErasurePatternCachingEngine::new(), None),
             );
             assert!(refused.is_err());
         });
