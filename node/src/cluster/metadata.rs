@@ -31,6 +31,10 @@ use crate::env::{Env, StoreError, Tree};
 pub const METADATA_REPLICAS: u8 = 3;
 /// How long a coordinator waits for replicas before giving up on a quorum.
 pub const METADATA_TIMEOUT_MS: u64 = 10_000;
+/// How long a metadata read waits for the replicas it asked before it asks one more (a
+/// read asks only as many as it needs). Far above a loopback or regional round trip,
+/// far below [`METADATA_TIMEOUT_MS`].
+pub const META_READ_HEDGE_AFTER_MS: u64 = 500;
 /// Times a request refused for a layout mismatch is sent again after a gossip exchange
 /// with the replica (one exchange makes both hold the merge of their layouts).
 const LAYOUT_MISMATCH_RETRIES_MAX: u32 = 1;
@@ -407,11 +411,16 @@ impl<E: Env> ClusterNode<E> {
                 });
             }
         }
+        // Only as many replicas as the read needs are asked, the likeliest to answer
+        // first; a failed one is replaced at once, and a slow one after
+        // META_READ_HEDGE_AFTER_MS. Asking all three for two answers cost every read a
+        // third replica's lookup, encoding and transport, which were thrown away.
+        let mut unasked = self.replicas_in_read_order(replicas).into_iter();
         let (sender, mut answers) = mpsc::unbounded();
-        for replica in &replicas {
+        let ask = |replica: NodeId| {
             let node = Arc::clone(self);
             let sender = sender.clone();
-            let (replica, request) = (*replica, request.clone());
+            let request = request.clone();
             self.env.spawn(
                 "meta-read",
                 Box::pin(async move {
@@ -419,15 +428,39 @@ impl<E: Env> ClusterNode<E> {
                     let _ = sender.unbounded_send((replica, answer));
                 }),
             );
+        };
+        let mut in_flight = 0usize;
+        for replica in unasked.by_ref().take(needed) {
+            ask(replica);
+            in_flight += 1;
         }
-        drop(sender);
         let mut answered: Vec<(NodeId, ReplicaRows)> = Vec::new();
         let mut errors = Vec::new();
-        while answered.len() < needed {
-            match answers.next().await {
-                Some((replica, Ok(rows))) => answered.push((replica, rows)),
-                Some((_, Err(error))) => errors.push(error),
-                None => break,
+        while answered.len() < needed && in_flight > 0 {
+            let next = answers.next();
+            let hedge = self.env.sleep(META_READ_HEDGE_AFTER_MS);
+            let answer = match futures::future::select(next, hedge).await {
+                futures::future::Either::Left((answer, _)) => answer,
+                futures::future::Either::Right(((), _)) => {
+                    // Nothing came for a while: ask one more replica, keeping the slow ones.
+                    if let Some(replica) = unasked.next() {
+                        ask(replica);
+                        in_flight += 1;
+                    }
+                    continue;
+                }
+            };
+            let Some((replica, answer)) = answer else { break };
+            in_flight -= 1;
+            match answer {
+                Ok(rows) => answered.push((replica, rows)),
+                Err(error) => {
+                    errors.push(error);
+                    if let Some(replica) = unasked.next() {
+                        ask(replica);
+                        in_flight += 1;
+                    }
+                }
             }
         }
         if answered.len() < needed {
@@ -463,6 +496,23 @@ impl<E: Env> ClusterNode<E> {
             }
         }
         Ok(merged)
+    }
+
+    /// A partition's replicas in the order a read asks them: this node (no network), then
+    /// those up, suspect and down, each group in placement order (which differs per
+    /// partition, so the reads of a cluster spread over all replicas).
+    fn replicas_in_read_order(&self, mut replicas: Vec<NodeId>) -> Vec<NodeId> {
+        let me = self.env.node_id();
+        let now_ms = self.env.now_ms();
+        let membership = self.membership.lock().expect("not poisoned");
+        // A stable sort keeps placement order within each group.
+        replicas.sort_by_key(|replica| match membership.liveness(replica, now_ms) {
+            _ if *replica == me => 0,
+            Liveness::Up => 1,
+            Liveness::Suspect => 2,
+            Liveness::Down => 3,
+        });
+        replicas
     }
 
     fn spawn_replica_write(

@@ -33,6 +33,10 @@ struct Hub {
     /// Nodes slow to serve shards (a busy disk): their GetShard answers wait this long.
     slow_shard_reads_ms: Mutex<BTreeMap<NodeId, u64>>,
     slow_meta_scans_ms: Mutex<BTreeMap<NodeId, u64>>,
+    /// Nodes slow to answer metadata reads of one row: their MetaGet answers wait this long.
+    slow_meta_gets_ms: Mutex<BTreeMap<NodeId, u64>>,
+    /// Metadata reads of one row (MetaGet) sent, by sender.
+    meta_gets_sent: Mutex<BTreeMap<NodeId, u64>>,
     /// (node, row key): merges of that row into that node fail as if it were unreachable.
     refused_merges: Mutex<BTreeSet<(NodeId, Vec<u8>)>>,
     /// Reads of object version rows (by key or by prefix) answered, by every node.
@@ -100,6 +104,13 @@ impl Env for TestEnv {
             let slow_ms = hub.slow_meta_scans_ms.lock().unwrap().get(&to).copied();
             if let (Some(slow_ms), Request::MetaScan { .. }) = (slow_ms, &request) {
                 tokio::time::sleep(Duration::from_millis(slow_ms)).await;
+            }
+            if let Request::MetaGet { .. } = &request {
+                *hub.meta_gets_sent.lock().unwrap().entry(from).or_default() += 1;
+                let slow_ms = hub.slow_meta_gets_ms.lock().unwrap().get(&to).copied();
+                if let Some(slow_ms) = slow_ms {
+                    tokio::time::sleep(Duration::from_millis(slow_ms)).await;
+                }
             }
             if let Request::MetaMerge { key, .. } = &request {
                 if hub.refused_merges.lock().unwrap().contains(&(to, key.clone())) {
@@ -568,6 +579,80 @@ async fn reads_hedge_around_a_node_slow_to_serve_shards() {
         elapsed_ms < 5 * super::data::SHARD_READ_HEDGE_AFTER_MS,
         "read took {elapsed_ms} ms behind a node {slow_ms} ms slow"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quorum_read_asks_two_replicas_and_goes_around_a_slow_or_down_one() {
+    let cluster = TestCluster::start(&SIX_NODES).await;
+    cluster.pause_repair();
+    cluster.node(0).create_bucket("backups", "owner").await.unwrap();
+    put(cluster.node(0), "backups", "small", b"inline").await.unwrap();
+    let bucket = cluster.node(0).bucket("backups").await.unwrap().unwrap();
+    let row = object_row("backups", bucket.created_at_ms, "small", NULL_VERSION);
+    let replicas: Vec<usize> = cluster
+        .node(0)
+        .metadata_replicas(&row.partition_key)
+        .unwrap()
+        .into_iter()
+        .map(|id| node_index(&cluster, id))
+        .collect();
+    assert_eq!(replicas.len(), 3);
+    // A reader that is no replica asks over the network, first the first two replicas
+    // in placement order (all are up).
+    let reader = (0..SIX_NODES.len()).find(|index| !replicas.contains(index)).unwrap();
+    let reader_id = cluster.node(reader).env().node_id();
+    let sent = || {
+        cluster
+            .hub
+            .meta_gets_sent
+            .lock()
+            .unwrap()
+            .get(&reader_id)
+            .copied()
+            .unwrap_or(0)
+    };
+    let timed_read = || async {
+        let started = std::time::Instant::now();
+        let read = cluster
+            .node(reader)
+            .object_version(&bucket, "small", None)
+            .await
+            .unwrap();
+        assert_eq!(read.size_bytes, 6);
+        started.elapsed().as_millis() as u64
+    };
+
+    // An unversioned bucket's current version is one row: one quorum read.
+    let before = sent();
+    timed_read().await;
+    assert_eq!(
+        sent() - before,
+        2,
+        "a quorum read of one row asked other than two replicas"
+    );
+
+    // The first replica asked answers only after far longer than a hedge (and never
+    // times out here): the third is asked after one hedge delay.
+    let hedge_ms = super::metadata::META_READ_HEDGE_AFTER_MS;
+    let slow = cluster.node(replicas[0]).env().node_id();
+    cluster
+        .hub
+        .slow_meta_gets_ms
+        .lock()
+        .unwrap()
+        .insert(slow, 60 * hedge_ms);
+    let elapsed_ms = timed_read().await;
+    assert!(
+        (hedge_ms..4 * hedge_ms).contains(&elapsed_ms),
+        "read took {elapsed_ms} ms behind a replica {} ms slow",
+        60 * hedge_ms
+    );
+    cluster.hub.slow_meta_gets_ms.lock().unwrap().clear();
+
+    // A replica that fails is replaced at once, without waiting for a hedge.
+    cluster.set_down(replicas[1], true);
+    let elapsed_ms = timed_read().await;
+    assert!(elapsed_ms < hedge_ms, "read took {elapsed_ms} ms around a down replica");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
