@@ -77,6 +77,27 @@ fn quorum_of(replica_count: usize) -> usize {
     replica_count / 2 + 1
 }
 
+/// Recent round trips of metadata reads, by replica: a smoothed average (each new
+/// sample weighs a quarter), so a read asks the nearest replicas first, as waiting for
+/// the quickest two of all three did. At most one entry per node ever read from (the
+/// layout bounds them); a node that left keeps its few bytes.
+#[derive(Default)]
+pub(crate) struct ReplicaRoundTrips {
+    smoothed_ms: BTreeMap<NodeId, u64>,
+}
+
+impl ReplicaRoundTrips {
+    fn record(&mut self, replica: NodeId, round_trip_ms: u64) {
+        let smoothed = self.smoothed_ms.entry(replica).or_insert(round_trip_ms);
+        *smoothed = (*smoothed * 3 + round_trip_ms) / 4;
+    }
+
+    /// Unknown replicas count as quick, so each is tried and measured.
+    fn estimate_ms(&self, replica: &NodeId) -> u64 {
+        self.smoothed_ms.get(replica).copied().unwrap_or(0)
+    }
+}
+
 /// The replicas of metadata partitions under the last layout asked about. Placement is
 /// a pure function of the layout, and every repair tick and anti-entropy round asks for
 /// all partitions: recomputing them was most of an idle node's CPU.
@@ -361,7 +382,16 @@ impl<E: Env> ClusterNode<E> {
             Request::MetaGet { key, .. } => Some(key.clone()),
             _ => None,
         };
-        match self.request_replica(replica, request).await {
+        let sent_at_ms = self.env.now_ms();
+        let response = self.request_replica(replica, request).await;
+        if response.is_ok() {
+            let round_trip_ms = self.env.now_ms().saturating_sub(sent_at_ms);
+            self.replica_round_trips
+                .lock()
+                .expect("not poisoned")
+                .record(replica, round_trip_ms);
+        }
+        match response {
             Ok(Response::MetaValue { value }) => {
                 let mut rows = ReplicaRows::new();
                 if let (Some(key), Some(value)) = (key, value) {
@@ -499,18 +529,22 @@ impl<E: Env> ClusterNode<E> {
     }
 
     /// A partition's replicas in the order a read asks them: this node (no network), then
-    /// those up, suspect and down, each group in placement order (which differs per
-    /// partition, so the reads of a cluster spread over all replicas).
+    /// those up, suspect and down; within each group the quickest lately, then placement
+    /// order (which differs per partition, so equally quick replicas share the reads).
     fn replicas_in_read_order(&self, mut replicas: Vec<NodeId>) -> Vec<NodeId> {
         let me = self.env.node_id();
         let now_ms = self.env.now_ms();
         let membership = self.membership.lock().expect("not poisoned");
-        // A stable sort keeps placement order within each group.
-        replicas.sort_by_key(|replica| match membership.liveness(replica, now_ms) {
-            _ if *replica == me => 0,
-            Liveness::Up => 1,
-            Liveness::Suspect => 2,
-            Liveness::Down => 3,
+        let round_trips = self.replica_round_trips.lock().expect("not poisoned");
+        // A stable sort keeps placement order among equals.
+        replicas.sort_by_cached_key(|replica| {
+            let group = match membership.liveness(replica, now_ms) {
+                _ if *replica == me => 0,
+                Liveness::Up => 1,
+                Liveness::Suspect => 2,
+                Liveness::Down => 3,
+            };
+            (group, round_trips.estimate_ms(replica))
         });
         replicas
     }

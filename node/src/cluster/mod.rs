@@ -155,6 +155,9 @@ pub struct ClusterNode<E: Env> {
     /// [`data::REQUEST_CACHE_TTL_MS`]).
     request_cache: Mutex<data::RequestCache>,
     partition_replicas_cache: Mutex<metadata::PartitionReplicasCache>,
+    /// How long metadata reads from each replica took lately (see
+    /// [`metadata::ReplicaRoundTrips`]): reads ask the quickest replicas first.
+    replica_round_trips: Mutex<metadata::ReplicaRoundTrips>,
     /// See [`ClusterNode::set_part_bytes_min`].
     part_bytes_min: AtomicU64,
     /// This node's bucket creations and deletions in progress: intent slot -> the
@@ -251,6 +254,7 @@ impl<E: Env> ClusterNode<E> {
             row_locks: (0..ROW_LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
             request_cache: Mutex::new(data::RequestCache::default()),
             partition_replicas_cache: Mutex::new(metadata::PartitionReplicasCache::default()),
+            replica_round_trips: Mutex::new(metadata::ReplicaRoundTrips::default()),
             handover: Mutex::new(handover_state),
             maintenance_config,
             maintenance: Mutex::new(MaintenanceState::default()),

@@ -582,7 +582,7 @@ async fn reads_hedge_around_a_node_slow_to_serve_shards() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_quorum_read_asks_two_replicas_and_goes_around_a_slow_or_down_one() {
+async fn a_quorum_read_asks_two_replicas_the_quickest_first_and_goes_around_a_slow_or_down_one() {
     let cluster = TestCluster::start(&SIX_NODES).await;
     cluster.pause_repair();
     cluster.node(0).create_bucket("backups", "owner").await.unwrap();
@@ -649,8 +649,30 @@ async fn a_quorum_read_asks_two_replicas_and_goes_around_a_slow_or_down_one() {
     );
     cluster.hub.slow_meta_gets_ms.lock().unwrap().clear();
 
-    // A replica that fails is replaced at once, without waiting for a hedge.
-    cluster.set_down(replicas[1], true);
+    // A replica slower than the others, but not slow enough for a hedge, is waited for
+    // once; reads measure it, and the next read asks the quicker ones.
+    let lagging_ms = hedge_ms / 2;
+    let lagging = cluster.node(replicas[1]).env().node_id();
+    cluster
+        .hub
+        .slow_meta_gets_ms
+        .lock()
+        .unwrap()
+        .insert(lagging, lagging_ms);
+    let elapsed_ms = timed_read().await;
+    assert!(
+        elapsed_ms >= lagging_ms,
+        "read took {elapsed_ms} ms, not waiting for the second replica"
+    );
+    let elapsed_ms = timed_read().await;
+    assert!(
+        elapsed_ms < lagging_ms,
+        "read took {elapsed_ms} ms: it asked the lagging replica again"
+    );
+    cluster.hub.slow_meta_gets_ms.lock().unwrap().clear();
+
+    // A replica that fails (the first asked) is replaced at once, without a hedge.
+    cluster.set_down(replicas[0], true);
     let elapsed_ms = timed_read().await;
     assert!(elapsed_ms < hedge_ms, "read took {elapsed_ms} ms around a down replica");
 }
