@@ -77,92 +77,24 @@ fn quorum_of(replica_count: usize) -> usize {
     replica_count / 2 + 1
 }
 
-/// The rows in a replica's answer to a read, or why there are none.
-fn replica_rows(
-    replica: NodeId,
-    key: Option<Vec<u8>>,
-    response: Result<Response, String>,
-) -> Result<ReplicaRows, String> {
-    match response {
-        Ok(Response::MetaValue { value }) => {
-            let mut rows = ReplicaRows::new();
-            if let (Some(key), Some(value)) = (key, value) {
-                rows.insert(key, decode_stored_value(&value).map_err(|error| error.to_string())?);
-            }
-            Ok(rows)
-        }
-        Ok(Response::MetaRows { rows }) => rows
-            .into_iter()
-            .map(|row| {
-                Ok((
-                    row.key,
-                    decode_stored_value(&row.value).map_err(|error| error.to_string())?,
-                ))
-            })
-            .collect(),
-        Ok(Response::Error { message, .. }) => Err(format!("{}: {message}", replica.short())),
-        Ok(other) => Err(format!("{}: unexpected answer {other:?}", replica.short())),
-        Err(error) => Err(error),
-    }
-}
-
-/// One replica's answer to a quorum read, sent when the read task ends, with or without
-/// an answer.
-struct AnswerOnDrop {
-    replica: NodeId,
-    sender: Option<mpsc::UnboundedSender<(NodeId, Result<ReplicaRows, String>)>>,
-}
-
-impl AnswerOnDrop {
-    fn send(mut self, answer: Result<ReplicaRows, String>) {
-        if let Some(sender) = self.sender.take() {
-            let _ = sender.unbounded_send((self.replica, answer));
-        }
-    }
-}
-
-impl Drop for AnswerOnDrop {
-    fn drop(&mut self) {
-        if let Some(sender) = self.sender.take() {
-            let _ = sender.unbounded_send((
-                self.replica,
-                Err(format!("{}: the read ended without an answer", self.replica.short())),
-            ));
-        }
-    }
-}
-
 /// Recent round trips of metadata reads, by replica: a smoothed average (each new
 /// sample weighs a quarter), so a read asks the nearest replicas first, as waiting for
 /// the quickest two of all three did. At most one entry per node ever read from (the
 /// layout bounds them); a node that left keeps its few bytes.
 #[derive(Default)]
 pub(crate) struct ReplicaRoundTrips {
-    /// Smoothed round trip, and when the last sample came.
-    smoothed_ms: BTreeMap<NodeId, (u64, u64)>,
+    smoothed_ms: BTreeMap<NodeId, u64>,
 }
 
-/// An estimate halves for every this long without a sample: a replica once measured
-/// slow is asked last, and so sampled seldom, yet it is tried again within minutes.
-const ROUND_TRIP_HALF_LIFE_MS: u64 = 60_000;
-
 impl ReplicaRoundTrips {
-    fn record(&mut self, replica: NodeId, round_trip_ms: u64, now_ms: u64) {
-        let estimate_ms = self.estimate_ms(&replica, now_ms);
-        let smoothed_ms = match self.smoothed_ms.contains_key(&replica) {
-            true => (estimate_ms.saturating_mul(3).saturating_add(round_trip_ms)) / 4,
-            false => round_trip_ms,
-        };
-        self.smoothed_ms.insert(replica, (smoothed_ms, now_ms));
+    fn record(&mut self, replica: NodeId, round_trip_ms: u64) {
+        let smoothed = self.smoothed_ms.entry(replica).or_insert(round_trip_ms);
+        *smoothed = (*smoothed * 3 + round_trip_ms) / 4;
     }
 
     /// Unknown replicas count as quick, so each is tried and measured.
-    fn estimate_ms(&self, replica: &NodeId, now_ms: u64) -> u64 {
-        let Some((smoothed_ms, sampled_at_ms)) = self.smoothed_ms.get(replica) else {
-            return 0;
-        };
-        let half_lives = now_ms.saturating_sub(*sampled_at_ms) / ROUND_TRIP_HALF_LIFE_MS;
-        smoothed_ms.checked_shr(half_lives.min(63) as u32).unwrap_or(0)
+    fn estimate_ms(&self, replica: &NodeId) -> u64 {
+        self.smoothed_ms.get(replica).copied().unwrap_or(0)
     }
 }
 
@@ -451,24 +383,39 @@ impl<E: Env> ClusterNode<E> {
             _ => None,
         };
         let sent_at_ms = self.env.now_ms();
-        let rows = replica_rows(replica, key, self.request_replica(replica, request).await);
-        // A failure counts as at least a hedge delay, so a replica that refuses or breaks
-        // is asked after those that answer.
-        let round_trip_ms = self.env.now_ms().saturating_sub(sent_at_ms);
-        let sample_ms = match &rows {
-            Ok(_) => round_trip_ms,
-            Err(_) => round_trip_ms.max(META_READ_HEDGE_AFTER_MS),
-        };
-        self.replica_round_trips
-            .lock()
-            .expect("not poisoned")
-            .record(replica, sample_ms, self.env.now_ms());
-        rows
+        let response = self.request_replica(replica, request).await;
+        if response.is_ok() {
+            let round_trip_ms = self.env.now_ms().saturating_sub(sent_at_ms);
+            self.replica_round_trips
+                .lock()
+                .expect("not poisoned")
+                .record(replica, round_trip_ms);
+        }
+        match response {
+            Ok(Response::MetaValue { value }) => {
+                let mut rows = ReplicaRows::new();
+                if let (Some(key), Some(value)) = (key, value) {
+                    rows.insert(key, decode_stored_value(&value).map_err(|error| error.to_string())?);
+                }
+                Ok(rows)
+            }
+            Ok(Response::MetaRows { rows }) => rows
+                .into_iter()
+                .map(|row| {
+                    Ok((
+                        row.key,
+                        decode_stored_value(&row.value).map_err(|error| error.to_string())?,
+                    ))
+                })
+                .collect(),
+            Ok(Response::Error { message, .. }) => Err(format!("{}: {message}", replica.short())),
+            Ok(other) => Err(format!("{}: unexpected answer {other:?}", replica.short())),
+            Err(error) => Err(error),
+        }
     }
 
-    /// Asks a quorum of replicas (or all of them), more when some fail or are slow, waits
-    /// for as many answers, merges them and repairs replicas that answered with stale or
-    /// missing rows.
+    /// Asks every replica, waits for a quorum of answers (or all of them), merges them
+    /// and repairs replicas that answered with stale or missing rows.
     async fn quorum_read(
         self: &Arc<Self>,
         partition_key: &[u8],
@@ -502,60 +449,46 @@ impl<E: Env> ClusterNode<E> {
         let (sender, mut answers) = mpsc::unbounded();
         let ask = |replica: NodeId| {
             let node = Arc::clone(self);
-            // Answers even if the task ends without one (a panic), so the read never
-            // waits for an answer that cannot come.
-            let answer = AnswerOnDrop {
-                replica,
-                sender: Some(sender.clone()),
-            };
+            let sender = sender.clone();
             let request = request.clone();
             self.env.spawn(
                 "meta-read",
                 Box::pin(async move {
-                    answer.send(node.read_replica(replica, request).await);
+                    let answer = node.read_replica(replica, request).await;
+                    let _ = sender.unbounded_send((replica, answer));
                 }),
             );
         };
-        let mut waiting_for: Vec<NodeId> = Vec::new();
+        let mut in_flight = 0usize;
         for replica in unasked.by_ref().take(needed) {
             ask(replica);
-            waiting_for.push(replica);
+            in_flight += 1;
         }
         let mut answered: Vec<(NodeId, ReplicaRows)> = Vec::new();
         let mut errors = Vec::new();
-        while answered.len() < needed && !waiting_for.is_empty() {
+        while answered.len() < needed && in_flight > 0 {
             let next = answers.next();
             let hedge = self.env.sleep(META_READ_HEDGE_AFTER_MS);
             let answer = match futures::future::select(next, hedge).await {
                 futures::future::Either::Left((answer, _)) => answer,
                 futures::future::Either::Right(((), _)) => {
-                    // Nothing came for a while: the slow ones count as at least this slow
-                    // (a hung replica still seen up must not stay first), and one more
-                    // replica is asked, keeping the slow ones.
-                    let now_ms = self.env.now_ms();
-                    let mut round_trips = self.replica_round_trips.lock().expect("not poisoned");
-                    for replica in &waiting_for {
-                        if round_trips.estimate_ms(replica, now_ms) < META_READ_HEDGE_AFTER_MS {
-                            round_trips.record(*replica, META_READ_HEDGE_AFTER_MS, now_ms);
-                        }
-                    }
-                    drop(round_trips);
+                    // Nothing came for a while: ask one more replica, keeping the slow ones.
                     if let Some(replica) = unasked.next() {
                         ask(replica);
-                        waiting_for.push(replica);
+                        in_flight += 1;
                     }
                     continue;
                 }
             };
             let Some((replica, answer)) = answer else { break };
-            waiting_for.retain(|waiting| *waiting != replica);
+            in_flight -= 1;
             match answer {
                 Ok(rows) => answered.push((replica, rows)),
                 Err(error) => {
                     errors.push(error);
                     if let Some(replica) = unasked.next() {
                         ask(replica);
-                        waiting_for.push(replica);
+                        in_flight += 1;
                     }
                 }
             }
@@ -611,7 +544,7 @@ impl<E: Env> ClusterNode<E> {
                 Liveness::Suspect => 2,
                 Liveness::Down => 3,
             };
-            (group, round_trips.estimate_ms(replica, now_ms))
+            (group, round_trips.estimate_ms(replica))
         });
         replicas
     }
