@@ -91,14 +91,19 @@ thread_local! {
 type SimdDecoder = DefaultRateDecoder<ErasurePatternCachingEngine>;
 
 /// How many erasure-pattern evaluations are kept, 128 KiB each (8 MiB in all): a 4+2 code
-/// has 22 patterns of at most two missing shards, a 6+3 code 130; when the cache is full
-/// it starts over, which costs only recomputation.
+/// has 22 patterns of at most two missing shards. A larger code's degraded reads mostly
+/// lack one shard (an 8+4 code: 12 such patterns); when the cache is full one entry makes
+/// room, which costs only a recomputation when it is needed again.
 const ERASURE_EVALUATIONS_CACHED_MAX: usize = 64;
 
 /// Only patterns whose erasures all lie in the first this many positions of the decoder's
 /// work are cached, keyed by a bitmask (the positions are shard slots, far fewer for any
 /// code we write).
 const ERASURE_PATTERN_POSITIONS_MAX: usize = 64;
+
+/// The tail of an `eval_poly` input is checked for ones in pieces of this many elements:
+/// small enough to stop early on an input that has them, large enough to vectorise.
+const ERASURE_TAIL_PIECE_ELEMENTS: usize = 1024;
 
 /// Evaluations of erasure patterns, keyed by (truncated size, bitmask of erased
 /// positions): shared by every thread (a decode may run on any of them), behind a lock
@@ -145,7 +150,7 @@ impl Engine for ErasurePatternCachingEngine {
         DefaultEngine::eval_poly(erasures, truncated_size);
         let mut evaluations = lock_erasure_evaluations();
         if evaluations.len() >= ERASURE_EVALUATIONS_CACHED_MAX {
-            evaluations.clear();
+            evaluations.pop_first();
         }
         evaluations.insert(pattern, Arc::from(&erasures[..]));
     }
@@ -163,8 +168,12 @@ fn lock_erasure_evaluations() -> std::sync::MutexGuard<'static, ErasureEvaluatio
 /// the truncated size, that is the whole input, so equal keys give equal evaluations.
 fn erasure_pattern(erasures: &[GfElement; GF_ORDER], truncated_size: usize) -> Option<(usize, u64)> {
     let (head, tail) = erasures.split_at(ERASURE_PATTERN_POSITIONS_MAX);
-    // An OR over the tail rather than `any`, so that it vectorises (128 KiB per decode).
-    if tail.iter().fold(0, |all, element| all | element) != 0 {
+    // ORs over pieces of the tail, which vectorise, stopping at the first piece with a
+    // one (the low-rate decoder's inputs have ones there: never cached).
+    if tail
+        .chunks(ERASURE_TAIL_PIECE_ELEMENTS)
+        .any(|piece| piece.iter().fold(0, |all, element| all | element) != 0)
+    {
         return None;
     }
     let mut mask = 0u64;
