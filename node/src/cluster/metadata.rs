@@ -77,6 +77,30 @@ fn quorum_of(replica_count: usize) -> usize {
     replica_count / 2 + 1
 }
 
+/// One replica's answer to a quorum read, sent when the read task ends, with or without
+/// an answer.
+struct AnswerOnDrop {
+    replica: NodeId,
+    sender: Option<mpsc::UnboundedSender<(NodeId, Result<ReplicaRows, String>)>>,
+}
+
+impl AnswerOnDrop {
+    fn send(mut self, answer: Result<ReplicaRows, String>) {
+        if let Some(sender) = self.sender.take() {
+            let _ = sender.unbounded_send((self.replica, answer));
+        }
+    }
+}
+
+impl Drop for AnswerOnDrop {
+    fn drop(&mut self) {
+        if let Some(sender) = self.sender.take() {
+            let error = format!("{}: the read ended without an answer", self.replica.short());
+            let _ = sender.unbounded_send((self.replica, Err(error)));
+        }
+    }
+}
+
 /// Recent round trips of metadata reads, by replica: a smoothed average (each new
 /// sample weighs a quarter), so a read asks the nearest replicas first, as waiting for
 /// the quickest two of all three did. At most one entry per node ever read from (the
@@ -90,6 +114,13 @@ impl ReplicaRoundTrips {
     fn record(&mut self, replica: NodeId, round_trip_ms: u64) {
         let smoothed = self.smoothed_ms.entry(replica).or_insert(round_trip_ms);
         *smoothed = (*smoothed * 3 + round_trip_ms) / 4;
+    }
+
+    /// A replica known to take at least `round_trip_ms` (silent that long): its estimate
+    /// rises to that, without waiting for the answer that may never come.
+    fn record_at_least(&mut self, replica: NodeId, round_trip_ms: u64) {
+        let smoothed = self.smoothed_ms.entry(replica).or_insert(round_trip_ms);
+        *smoothed = (*smoothed).max(round_trip_ms);
     }
 
     /// Unknown replicas count as quick, so each is tried and measured.
@@ -414,8 +445,9 @@ impl<E: Env> ClusterNode<E> {
         }
     }
 
-    /// Asks every replica, waits for a quorum of answers (or all of them), merges them
-    /// and repairs replicas that answered with stale or missing rows.
+    /// Asks a quorum of replicas (or all of them), more when some fail or are slow, waits
+    /// for as many answers, merges them and repairs replicas that answered with stale or
+    /// missing rows.
     async fn quorum_read(
         self: &Arc<Self>,
         partition_key: &[u8],
@@ -449,46 +481,59 @@ impl<E: Env> ClusterNode<E> {
         let (sender, mut answers) = mpsc::unbounded();
         let ask = |replica: NodeId| {
             let node = Arc::clone(self);
-            let sender = sender.clone();
+            // Answers even if the task ends without an answer (a panic): the read counts
+            // the replicas in flight and would otherwise wait for one forever.
+            let answer = AnswerOnDrop {
+                replica,
+                sender: Some(sender.clone()),
+            };
             let request = request.clone();
             self.env.spawn(
                 "meta-read",
                 Box::pin(async move {
-                    let answer = node.read_replica(replica, request).await;
-                    let _ = sender.unbounded_send((replica, answer));
+                    answer.send(node.read_replica(replica, request).await);
                 }),
             );
         };
-        let mut in_flight = 0usize;
+        let mut waiting_for: Vec<NodeId> = Vec::new();
         for replica in unasked.by_ref().take(needed) {
             ask(replica);
-            in_flight += 1;
+            waiting_for.push(replica);
         }
         let mut answered: Vec<(NodeId, ReplicaRows)> = Vec::new();
         let mut errors = Vec::new();
-        while answered.len() < needed && in_flight > 0 {
+        while answered.len() < needed && !waiting_for.is_empty() {
             let next = answers.next();
             let hedge = self.env.sleep(META_READ_HEDGE_AFTER_MS);
             let answer = match futures::future::select(next, hedge).await {
                 futures::future::Either::Left((answer, _)) => answer,
                 futures::future::Either::Right(((), _)) => {
-                    // Nothing came for a while: ask one more replica, keeping the slow ones.
+                    // Nothing came for a while: the replicas still silent count as at least
+                    // this slow (one that hangs while gossip sees it up must not stay first
+                    // and cost every read a hedge), and one more is asked, keeping the
+                    // slow ones.
+                    {
+                        let mut round_trips = self.replica_round_trips.lock().expect("not poisoned");
+                        for replica in &waiting_for {
+                            round_trips.record_at_least(*replica, META_READ_HEDGE_AFTER_MS);
+                        }
+                    }
                     if let Some(replica) = unasked.next() {
                         ask(replica);
-                        in_flight += 1;
+                        waiting_for.push(replica);
                     }
                     continue;
                 }
             };
             let Some((replica, answer)) = answer else { break };
-            in_flight -= 1;
+            waiting_for.retain(|waiting| *waiting != replica);
             match answer {
                 Ok(rows) => answered.push((replica, rows)),
                 Err(error) => {
                     errors.push(error);
                     if let Some(replica) = unasked.next() {
                         ask(replica);
-                        in_flight += 1;
+                        waiting_for.push(replica);
                     }
                 }
             }

@@ -33,14 +33,28 @@ struct Hub {
     /// Nodes slow to serve shards (a busy disk): their GetShard answers wait this long.
     slow_shard_reads_ms: Mutex<BTreeMap<NodeId, u64>>,
     slow_meta_scans_ms: Mutex<BTreeMap<NodeId, u64>>,
-    /// Nodes slow to answer metadata reads of one row: their MetaGet answers wait this long.
-    slow_meta_gets_ms: Mutex<BTreeMap<NodeId, u64>>,
-    /// Metadata reads of one row (MetaGet) sent, by sender.
-    meta_gets_sent: Mutex<BTreeMap<NodeId, u64>>,
+    /// Metadata reads of one row (MetaGet) sent, and faults for the next ones.
+    meta_gets: Mutex<MetaGetLog>,
     /// (node, row key): merges of that row into that node fail as if it were unreachable.
     refused_merges: Mutex<BTreeSet<(NodeId, Vec<u8>)>>,
     /// Reads of object version rows (by key or by prefix) answered, by every node.
     object_reads_served: AtomicU64,
+}
+
+#[derive(Default)]
+struct MetaGetLog {
+    /// (sender, replica, the fault it met), in the order they were sent.
+    sent: Vec<(NodeId, NodeId, Option<MetaGetFault>)>,
+    /// By sender: what its next MetaGet meets.
+    next_fault: BTreeMap<NodeId, MetaGetFault>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum MetaGetFault {
+    /// Answered only after this long (and, in this test network, never timed out).
+    DelayMs(u64),
+    /// Fails at once, as if the replica were unreachable.
+    Fail,
 }
 
 struct TestEnv {
@@ -106,10 +120,16 @@ impl Env for TestEnv {
                 tokio::time::sleep(Duration::from_millis(slow_ms)).await;
             }
             if let Request::MetaGet { .. } = &request {
-                *hub.meta_gets_sent.lock().unwrap().entry(from).or_default() += 1;
-                let slow_ms = hub.slow_meta_gets_ms.lock().unwrap().get(&to).copied();
-                if let Some(slow_ms) = slow_ms {
-                    tokio::time::sleep(Duration::from_millis(slow_ms)).await;
+                let fault = {
+                    let mut log = hub.meta_gets.lock().unwrap();
+                    let fault = log.next_fault.remove(&from);
+                    log.sent.push((from, to, fault));
+                    fault
+                };
+                match fault {
+                    Some(MetaGetFault::DelayMs(delay_ms)) => tokio::time::sleep(Duration::from_millis(delay_ms)).await,
+                    Some(MetaGetFault::Fail) => return Err(unreachable()),
+                    None => {}
                 }
             }
             if let Request::MetaMerge { key, .. } = &request {
@@ -589,92 +609,95 @@ async fn a_quorum_read_asks_two_replicas_the_quickest_first_and_goes_around_a_sl
     put(cluster.node(0), "backups", "small", b"inline").await.unwrap();
     let bucket = cluster.node(0).bucket("backups").await.unwrap().unwrap();
     let row = object_row("backups", bucket.created_at_ms, "small", NULL_VERSION);
-    let replicas: Vec<usize> = cluster
-        .node(0)
-        .metadata_replicas(&row.partition_key)
-        .unwrap()
-        .into_iter()
-        .map(|id| node_index(&cluster, id))
-        .collect();
+    let replicas = cluster.node(0).metadata_replicas(&row.partition_key).unwrap();
     assert_eq!(replicas.len(), 3);
-    // A reader that is no replica asks over the network, first the first two replicas
-    // in placement order (all are up).
-    let reader = (0..SIX_NODES.len()).find(|index| !replicas.contains(index)).unwrap();
+    // A reader that is no replica asks over the network. An unversioned bucket's
+    // current version is one row: each read below is one quorum read of one row.
+    let reader = (0..SIX_NODES.len())
+        .find(|index| !replicas.contains(&cluster.node(*index).env().node_id()))
+        .unwrap();
     let reader_id = cluster.node(reader).env().node_id();
-    let sent = || {
-        cluster
-            .hub
-            .meta_gets_sent
-            .lock()
-            .unwrap()
-            .get(&reader_id)
-            .copied()
-            .unwrap_or(0)
-    };
-    let timed_read = || async {
+    let hedge_ms = super::metadata::META_READ_HEDGE_AFTER_MS;
+    // Reads once, the reader's next MetaGet meeting `fault`; returns how long the read
+    // took, the replicas it asked in order, and the one that met the fault.
+    let (cluster, bucket, replicas) = (&cluster, &bucket, &replicas);
+    let read_with = |fault: Option<MetaGetFault>| async move {
+        let first = {
+            let mut log = cluster.hub.meta_gets.lock().unwrap();
+            if let Some(fault) = fault {
+                log.next_fault.insert(reader_id, fault);
+            }
+            log.sent.len()
+        };
         let started = std::time::Instant::now();
         let read = cluster
             .node(reader)
-            .object_version(&bucket, "small", None)
+            .object_version(bucket, "small", None)
             .await
             .unwrap();
+        let elapsed_ms = started.elapsed().as_millis() as u64;
         assert_eq!(read.size_bytes, 6);
-        started.elapsed().as_millis() as u64
+        let log = cluster.hub.meta_gets.lock().unwrap();
+        let sent: Vec<_> = log.sent[first..]
+            .iter()
+            .filter(|(from, ..)| *from == reader_id)
+            .collect();
+        let asked: Vec<NodeId> = sent.iter().map(|(_, to, _)| *to).collect();
+        let faulted = sent.iter().find(|(.., fault)| fault.is_some()).map(|(_, to, _)| *to);
+        assert!(asked.iter().all(|replica| replicas.contains(replica)));
+        assert_eq!(
+            asked.len(),
+            asked.iter().collect::<BTreeSet<_>>().len(),
+            "a replica asked twice"
+        );
+        (elapsed_ms, asked, faulted)
     };
 
-    // An unversioned bucket's current version is one row: one quorum read.
-    let before = sent();
-    timed_read().await;
-    assert_eq!(
-        sent() - before,
-        2,
-        "a quorum read of one row asked other than two replicas"
-    );
+    let (_, asked, _) = read_with(None).await;
+    assert_eq!(asked.len(), 2, "a quorum read of one row asked {asked:?}");
 
-    // The first replica asked answers only after far longer than a hedge (and never
-    // times out here): the third is asked after one hedge delay.
-    let hedge_ms = super::metadata::META_READ_HEDGE_AFTER_MS;
-    let slow = cluster.node(replicas[0]).env().node_id();
-    cluster
-        .hub
-        .slow_meta_gets_ms
-        .lock()
-        .unwrap()
-        .insert(slow, 60 * hedge_ms);
-    let elapsed_ms = timed_read().await;
+    // A replica slower than the others, but not slow enough for a hedge, is waited for
+    // once; the reader measured it, and its next read asks the two quicker ones.
+    let lagging_ms = hedge_ms / 2;
+    let (elapsed_ms, asked, lagging) = read_with(Some(MetaGetFault::DelayMs(lagging_ms))).await;
+    assert!(
+        elapsed_ms >= lagging_ms,
+        "read took {elapsed_ms} ms, not waiting for the second replica"
+    );
+    assert_eq!(asked.len(), 2);
+    let lagging = lagging.unwrap();
+    let (elapsed_ms, asked, _) = read_with(None).await;
+    assert!(
+        !asked.contains(&lagging),
+        "the lagging replica was asked again: {asked:?}"
+    );
+    assert!(elapsed_ms < hedge_ms, "read took {elapsed_ms} ms");
+
+    // A replica that takes far longer than a hedge (and never times out here): the
+    // third is asked after one hedge delay, and the slow one counts as slow from then on.
+    let (elapsed_ms, asked, slow) = read_with(Some(MetaGetFault::DelayMs(60 * hedge_ms))).await;
     assert!(
         (hedge_ms..4 * hedge_ms).contains(&elapsed_ms),
         "read took {elapsed_ms} ms behind a replica {} ms slow",
         60 * hedge_ms
     );
-    cluster.hub.slow_meta_gets_ms.lock().unwrap().clear();
-
-    // A replica slower than the others, but not slow enough for a hedge, is waited for
-    // once; reads measure it, and the next read asks the quicker ones.
-    let lagging_ms = hedge_ms / 2;
-    let lagging = cluster.node(replicas[1]).env().node_id();
-    cluster
-        .hub
-        .slow_meta_gets_ms
-        .lock()
-        .unwrap()
-        .insert(lagging, lagging_ms);
-    let elapsed_ms = timed_read().await;
+    assert_eq!(asked.len(), 3);
+    let slow = slow.unwrap();
+    let (elapsed_ms, asked, _) = read_with(None).await;
     assert!(
-        elapsed_ms >= lagging_ms,
-        "read took {elapsed_ms} ms, not waiting for the second replica"
+        !asked.contains(&slow),
+        "the hung replica was asked first again: {asked:?}"
     );
-    let elapsed_ms = timed_read().await;
-    assert!(
-        elapsed_ms < lagging_ms,
-        "read took {elapsed_ms} ms: it asked the lagging replica again"
-    );
-    cluster.hub.slow_meta_gets_ms.lock().unwrap().clear();
+    assert!(elapsed_ms < hedge_ms, "read took {elapsed_ms} ms");
 
     // A replica that fails (the first asked) is replaced at once, without a hedge.
-    cluster.set_down(replicas[0], true);
-    let elapsed_ms = timed_read().await;
-    assert!(elapsed_ms < hedge_ms, "read took {elapsed_ms} ms around a down replica");
+    let (elapsed_ms, asked, failed) = read_with(Some(MetaGetFault::Fail)).await;
+    assert!(
+        elapsed_ms < hedge_ms,
+        "read took {elapsed_ms} ms around a failing replica"
+    );
+    assert_eq!(asked.len(), 3, "{asked:?}");
+    assert!(failed.is_some());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
