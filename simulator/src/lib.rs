@@ -14,7 +14,7 @@ pub mod world;
 
 use std::path::Path;
 
-pub use sim::{run, Outcome, Scenario};
+pub use sim::{run, Outcome, Scenario, Timers, PRODUCTION_SETTLE_MS};
 
 /// The scenarios shipped in `simulator/scenarios/`, built in so `bdr-sim` works from
 /// any folder.

@@ -118,6 +118,63 @@ pub struct Scenario {
     /// their stripes (the final checks count what is left).
     #[serde(default)]
     pub bucket_churn: bool,
+    /// The nodes' timers: the seeds' compressed ones (default) or a deployment's.
+    #[serde(default)]
+    pub timers: Timers,
+}
+
+/// The virtual time a run with [`Timers::Production`] needs healed before its checks: a
+/// shard written by a put that never committed is collected only after the write
+/// deadline plus the GC grace (an hour each), and found by a repair pass (every minute).
+pub const PRODUCTION_SETTLE_MS: u64 = 2 * 3_600_000 + 5 * 60_000;
+
+/// The intervals and grace periods the nodes run with.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Timers {
+    /// Maintenance 20 times as often as a deployment's and grace periods of seconds
+    /// (repair every 3 s, GC grace 5 s, down after 4 s), so that a run of a few virtual
+    /// minutes takes faults, repair, rebalancing and garbage collection through to the
+    /// end. Every virtual second then carries far more work than a deployment's does.
+    #[default]
+    Compressed,
+    /// `bdr-node`'s defaults (repair every minute, GC grace an hour, down after ten
+    /// minutes): what a deployed cluster does with each virtual second. A run needs a
+    /// settle phase of hours for garbage collection to finish before the checks.
+    Production,
+}
+
+impl Timers {
+    fn maintenance(self) -> MaintenanceConfig {
+        match self {
+            Timers::Compressed => MaintenanceConfig {
+                repair_interval_ms: 3_000,
+                repair_rate_bytes_per_s: 0,
+                scrub_interval_ms: 20_000,
+                scrub_rate_bytes_per_s: 0,
+                gc_grace_ms: 5_000,
+                write_deadline_ms: 10_000,
+            },
+            Timers::Production => MaintenanceConfig::DEFAULT,
+        }
+    }
+
+    fn membership(self) -> MembershipConfig {
+        match self {
+            Timers::Compressed => MembershipConfig {
+                down_after_ms: 4_000,
+                gossip_interval_ms: 500,
+                anti_entropy_interval_ms: 3_000,
+                tombstone_grace_ms: 3_600_000,
+            },
+            Timers::Production => MembershipConfig {
+                down_after_ms: bdr_node::config::DEFAULT_DOWN_AFTER_MS,
+                gossip_interval_ms: bdr_node::config::DEFAULT_GOSSIP_INTERVAL_MS,
+                anti_entropy_interval_ms: bdr_node::config::DEFAULT_ANTI_ENTROPY_INTERVAL_MS,
+                tombstone_grace_ms: bdr_node::config::DEFAULT_TOMBSTONE_GRACE_MS,
+            },
+        }
+    }
 }
 
 impl Default for Scenario {
@@ -149,6 +206,7 @@ impl Default for Scenario {
             node_replacement: false,
             versioning: true,
             bucket_churn: false,
+            timers: Timers::Compressed,
         }
     }
 }
@@ -301,26 +359,6 @@ impl ScratchHistory {
             })
             .map(|(generation, key, _)| (*generation, key.clone()))
             .collect()
-    }
-}
-
-fn maintenance_config() -> MaintenanceConfig {
-    MaintenanceConfig {
-        repair_interval_ms: 3_000,
-        repair_rate_bytes_per_s: 0,
-        scrub_interval_ms: 20_000,
-        scrub_rate_bytes_per_s: 0,
-        gc_grace_ms: 5_000,
-        write_deadline_ms: 10_000,
-    }
-}
-
-fn membership_config() -> MembershipConfig {
-    MembershipConfig {
-        down_after_ms: 4_000,
-        gossip_interval_ms: 500,
-        anti_entropy_interval_ms: 3_000,
-        tombstone_grace_ms: 3_600_000,
     }
 }
 
@@ -558,6 +596,7 @@ impl Shared {
         let env = Arc::clone(&self.envs[index]);
         let shared = Arc::clone(self);
         let spec = self.specs[index].clone();
+        let timers = self.scenario.timers;
         self.world.record(&[b"boot", env.id.as_bytes()]);
         self.world.executor.spawn(
             Some(env.id),
@@ -565,8 +604,8 @@ impl Shared {
                 let keys = DataKeys::from_root(&RootKey([7; 32]));
                 let node = match ClusterNode::start(
                     Arc::clone(&env),
-                    membership_config(),
-                    maintenance_config(),
+                    timers.membership(),
+                    timers.maintenance(),
                     spec,
                     Some(keys),
                 )
