@@ -1465,6 +1465,8 @@ impl Shared {
         let mut extra_of_live = 0usize;
         let mut first_garbage: Option<bdr_protocol::ids::StripeId> = None;
         let mut first_garbage_holder: Option<(String, u8)> = None;
+        // (stripe, shard, where it is, where it belongs)
+        let mut first_stand_in: Option<(String, u8, String, String)> = None;
         let mut found: std::collections::BTreeSet<(bdr_protocol::ids::StripeId, u8)> = Default::default();
         for env in &self.envs {
             for key in env.shards.list().await.unwrap_or_default() {
@@ -1476,6 +1478,15 @@ impl Shared {
                     extra += 1;
                     if live.contains_key(&key.stripe_id) {
                         extra_of_live += 1;
+                        if first_stand_in.is_none() {
+                            let home = wanted.get(&(key.stripe_id, key.index)).map(NodeId::short);
+                            first_stand_in = Some((
+                                key.stripe_id.short(),
+                                key.index,
+                                env.id.short(),
+                                home.unwrap_or_default(),
+                            ));
+                        }
                     } else if first_garbage.is_none() {
                         first_garbage = Some(key.stripe_id);
                         first_garbage_holder = Some((env.id.short(), key.index));
@@ -1547,7 +1558,8 @@ impl Shared {
             }
             self.fail(format!(
                 "{extra} shards remain that no live stripe needs there ({extra_of_live} stand-in copies of live \
-                 stripes, the rest garbage; first garbage stripe {:?} (node, shard) {first_garbage_holder:?} record{detail})",
+                 stripes, the rest garbage; first stand-in copy (stripe, shard, on, home) {first_stand_in:?}; \
+                 first garbage stripe {:?} (node, shard) {first_garbage_holder:?} record{detail})",
                 first_garbage.map(|stripe| stripe.short())
             ));
         }

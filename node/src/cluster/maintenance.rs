@@ -126,6 +126,14 @@ pub enum RemoveError {
 
 const REPAIR_PAUSED_KEY: &[u8] = b"maintenance/repair-paused";
 const SCRUB_CURSOR_KEY: &[u8] = b"maintenance/scrub-cursor";
+const SCRUB_DUE_KEY: &[u8] = b"maintenance/scrub-due-at";
+const TIDY_DUE_KEY: &[u8] = b"maintenance/tidy-due-at";
+/// Tidy passes (orphan shards, old copies of moved shards) come this many GC graces
+/// apart, or a scrub interval if that is shorter. Each looks up the record of every
+/// stripe the node holds a shard of, and what it deletes must be seen by two passes a
+/// grace apart, so the space comes back within two intervals (eight hours with the
+/// defaults) for a lookup per held stripe every four hours.
+const TIDY_INTERVAL_GRACES: u64 = 4;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MaintenanceConfig {
@@ -154,6 +162,13 @@ impl MaintenanceConfig {
         // Bounds one PUT or one part (S3 caps both at 5 GiB: 9 minutes at 10 MB/s).
         write_deadline_ms: 3_600_000,
     };
+
+    /// Time between the starts of tidy passes (see [`TIDY_INTERVAL_GRACES`]).
+    pub fn tidy_interval_ms(&self) -> u64 {
+        self.scrub_interval_ms
+            .min(self.gc_grace_ms.saturating_mul(TIDY_INTERVAL_GRACES))
+            .max(MAINTENANCE_TICK_MS)
+    }
 }
 
 /// Node-local maintenance records in the system tree (versioned like every record).
@@ -161,6 +176,31 @@ impl MaintenanceConfig {
 enum MaintenanceRecord {
     RepairPausedV1(bool),
     ScrubCursorV1(Option<(StripeId, u8)>),
+    /// When the next pass of a periodic kind (the key says which) is due, by this node's
+    /// clock: kept across restarts, so a node restarted more often than the interval
+    /// still runs its passes.
+    PassDueAtV1(u64),
+}
+
+/// When a periodic pass is first due after a start at `now_ms`: when it was due before
+/// the restart (saved as each pass began), or soon if a pass was cut short, but never
+/// sooner than `settle_ms` (gossip must first say who is up) and never later than one
+/// interval from now (the clock may have been set back). A node that never ran one
+/// waits a whole interval.
+fn first_pass_due_at_ms(
+    saved_due_at_ms: Option<u64>,
+    interrupted: bool,
+    now_ms: u64,
+    interval_ms: u64,
+    settle_ms: u64,
+) -> u64 {
+    let soonest_ms = now_ms + settle_ms.min(interval_ms);
+    let latest_ms = now_ms + interval_ms;
+    match (interrupted, saved_due_at_ms) {
+        (true, _) => soonest_ms,
+        (false, Some(due_at_ms)) => due_at_ms.clamp(soonest_ms, latest_ms),
+        (false, None) => latest_ms,
+    }
 }
 
 #[derive(Default)]
@@ -177,6 +217,7 @@ pub(crate) struct MaintenanceState {
     scrub_requested: bool,
     next_repair_at_ms: u64,
     next_scrub_at_ms: u64,
+    next_tidy_at_ms: u64,
     /// Maintainer: stripes seen unreferenced, and since when.
     unreferenced_since_ms: BTreeMap<StripeId, u64>,
     /// Maintainer: old copies of moved shards (also on their target), and since when.
@@ -483,7 +524,28 @@ impl<E: Env> ClusterNode<E> {
         // immediately: gossip must first say who is up.
         let settle_ms = self.membership_config().down_after_ms;
         state.next_repair_at_ms = now_ms + settle_ms.min(self.maintenance_config.repair_interval_ms);
-        state.next_scrub_at_ms = now_ms + self.maintenance_config.scrub_interval_ms;
+        let saved_due_at_ms = |key: &[u8]| match self.load_maintenance_record(key) {
+            Some(MaintenanceRecord::PassDueAtV1(due_at_ms)) => Some(due_at_ms),
+            _ => None,
+        };
+        let scrub_interrupted = matches!(
+            self.load_maintenance_record(SCRUB_CURSOR_KEY),
+            Some(MaintenanceRecord::ScrubCursorV1(Some(_)))
+        );
+        state.next_scrub_at_ms = first_pass_due_at_ms(
+            saved_due_at_ms(SCRUB_DUE_KEY),
+            scrub_interrupted,
+            now_ms,
+            self.maintenance_config.scrub_interval_ms,
+            settle_ms,
+        );
+        state.next_tidy_at_ms = first_pass_due_at_ms(
+            saved_due_at_ms(TIDY_DUE_KEY),
+            false,
+            now_ms,
+            self.maintenance_config.tidy_interval_ms(),
+            settle_ms,
+        );
     }
 
     fn load_maintenance_record(&self, key: &[u8]) -> Option<MaintenanceRecord> {
@@ -787,17 +849,45 @@ impl<E: Env> ClusterNode<E> {
         loop {
             self.env.sleep(MAINTENANCE_TICK_MS).await;
             let now_ms = self.env.now_ms();
-            let due = {
+            let next_due_at_ms = {
                 let mut state = self.maintenance.lock().expect("not poisoned");
                 let due = state.scrub_requested || now_ms >= state.next_scrub_at_ms;
                 if due {
                     state.scrub_requested = false;
                     state.next_scrub_at_ms = now_ms + self.maintenance_config.scrub_interval_ms;
                 }
-                due
+                due.then_some(state.next_scrub_at_ms)
             };
-            if due {
+            if let Some(next_due_at_ms) = next_due_at_ms {
+                self.save_maintenance_record(SCRUB_DUE_KEY, &MaintenanceRecord::PassDueAtV1(next_due_at_ms));
                 self.scrub_pass().await;
+            }
+        }
+    }
+
+    /// Tidies this node's shards every [`MaintenanceConfig::tidy_interval_ms`]. It used to
+    /// follow each scrub pass, a week apart by default and never on a node restarted
+    /// more often than that: the simulator at production timers found old copies of
+    /// moved shards still held hours after the cluster healed.
+    pub(crate) async fn tidy_loop(self: Arc<Self>) {
+        loop {
+            self.env.sleep(MAINTENANCE_TICK_MS).await;
+            // Orphans are judged against the cluster's records: not before joining it.
+            if !self.is_joined() {
+                continue;
+            }
+            let now_ms = self.env.now_ms();
+            let next_due_at_ms = {
+                let mut state = self.maintenance.lock().expect("not poisoned");
+                let due = now_ms >= state.next_tidy_at_ms;
+                if due {
+                    state.next_tidy_at_ms = now_ms + self.maintenance_config.tidy_interval_ms();
+                }
+                due.then_some(state.next_tidy_at_ms)
+            };
+            if let Some(next_due_at_ms) = next_due_at_ms {
+                self.save_maintenance_record(TIDY_DUE_KEY, &MaintenanceRecord::PassDueAtV1(next_due_at_ms));
+                self.tidy_local_shards().await;
             }
         }
     }
@@ -1992,9 +2082,6 @@ impl<E: Env> ClusterNode<E> {
             state.report.scrub_last_pass_completed_at_ms = self.env.now_ms();
         }
         drop(_pass);
-        // Orphans are rare (a writer that died mid-stripe, a copy placed while a view
-        // was stale): looking each local shard's record up once per scrub is enough.
-        self.tidy_local_shards().await;
     }
 }
 
@@ -2038,5 +2125,57 @@ mod tests {
         legacy_only.add(0, BTreeSet::from([stripe(1)]));
         legacy_only.add(9, BTreeSet::new());
         assert!(!legacy_only.needs_bucket(), "no stripe hangs on a generation");
+    }
+
+    #[test]
+    fn periodic_passes_keep_their_schedule_across_restarts() {
+        const HOUR_MS: u64 = 3_600_000;
+        const WEEK_MS: u64 = 7 * 24 * HOUR_MS;
+        let now_ms = 100 * WEEK_MS;
+        let settle_ms = 10 * 60_000;
+        // (saved due time, pass cut short, expected first due time)
+        let cases = [
+            // Never ran: a whole interval (a new node has nothing to scrub yet).
+            (None, false, now_ms + WEEK_MS),
+            // Restarted a day before the pass was due: still due then, not a week on
+            // (the old behaviour, under which a node restarted weekly never scrubbed).
+            (Some(now_ms + 24 * HOUR_MS), false, now_ms + 24 * HOUR_MS),
+            // Due while the node was down: as soon as gossip has settled.
+            (Some(now_ms - HOUR_MS), false, now_ms + settle_ms),
+            (Some(now_ms + 60_000), false, now_ms + settle_ms),
+            // A pass cut short by the restart resumes soon, whatever was saved.
+            (Some(now_ms + 6 * 24 * HOUR_MS), true, now_ms + settle_ms),
+            (None, true, now_ms + settle_ms),
+            // A clock set back leaves a due time far ahead: at most one interval.
+            (Some(now_ms + 30 * WEEK_MS), false, now_ms + WEEK_MS),
+        ];
+        for (saved_due_at_ms, interrupted, expected_ms) in cases {
+            assert_eq!(
+                first_pass_due_at_ms(saved_due_at_ms, interrupted, now_ms, WEEK_MS, settle_ms),
+                expected_ms,
+                "saved {saved_due_at_ms:?}, interrupted {interrupted}"
+            );
+        }
+        // An interval shorter than the settle time is not stretched by it.
+        assert_eq!(
+            first_pass_due_at_ms(None, true, now_ms, 5_000, settle_ms),
+            now_ms + 5_000
+        );
+    }
+
+    #[test]
+    fn tidy_passes_come_a_few_graces_apart_and_never_rarer_than_scrubs() {
+        assert_eq!(MaintenanceConfig::DEFAULT.tidy_interval_ms(), 4 * 3_600_000);
+        let often_scrubbed = MaintenanceConfig {
+            scrub_interval_ms: 20_000,
+            gc_grace_ms: 3_600_000,
+            ..MaintenanceConfig::DEFAULT
+        };
+        assert_eq!(often_scrubbed.tidy_interval_ms(), 20_000);
+        let no_grace = MaintenanceConfig {
+            gc_grace_ms: 0,
+            ..MaintenanceConfig::DEFAULT
+        };
+        assert_eq!(no_grace.tidy_interval_ms(), MAINTENANCE_TICK_MS);
     }
 }

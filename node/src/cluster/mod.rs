@@ -277,6 +277,8 @@ impl<E: Env> ClusterNode<E> {
         env.spawn("repair", Box::pin(async move { repairing.repair_loop().await }));
         let scrubbing = Arc::clone(&node);
         env.spawn("scrub", Box::pin(async move { scrubbing.scrub_loop().await }));
+        let tidying = Arc::clone(&node);
+        env.spawn("tidy", Box::pin(async move { tidying.tidy_loop().await }));
         Ok(node)
     }
 
