@@ -140,7 +140,9 @@ pub enum Timers {
     Compressed,
     /// `bdr-node`'s defaults (repair every minute, GC grace an hour, down after ten
     /// minutes): what a deployed cluster does with each virtual second. A run needs a
-    /// settle phase of hours for garbage collection to finish before the checks.
+    /// settle phase of hours before the checks (two for garbage collection, about nine
+    /// for stand-in copies left to tidy passes), and of more than a week with bit rot or
+    /// torn writes (found by the weekly scrub).
     Production,
 }
 
