@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use bdr_sim::durability::{self, run_durability, DurabilityArguments};
 use bdr_sim::world::MessageKindCount;
-use bdr_sim::{load_scenario, plots, run, Outcome, Scenario, Timers, PRODUCTION_SETTLE_MS};
+use bdr_sim::{load_scenario, plots, run, Outcome, Scenario, Timers};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -142,7 +142,7 @@ fn summary(outcome: &Outcome) -> String {
 /// Times `runs` runs of the benchmark scenario and prints the figure; false if a run
 /// failed its checks.
 fn bench(nodes: u32, seed: u64, runs: u32, timers: Timers) -> bool {
-    let mut scenario = Scenario {
+    let scenario = Scenario {
         name: format!("bench-{nodes}-nodes"),
         nodes,
         zones: 4.min(nodes),
@@ -153,12 +153,12 @@ fn bench(nodes: u32, seed: u64, runs: u32, timers: Timers) -> bool {
         clock_skew: false,
         bit_rot: false,
         disk_faults: false,
-        timers,
         ..Scenario::default()
     };
-    if timers == Timers::Production {
-        scenario.settle_ms = PRODUCTION_SETTLE_MS;
-    }
+    let scenario = match timers {
+        Timers::Production => scenario.at_production_timers(),
+        Timers::Compressed => scenario,
+    };
     let started = Instant::now();
     let mut virtual_ms = 0u64;
     let mut messages = 0u64;

@@ -128,6 +128,18 @@ pub struct Scenario {
 /// deadline plus the GC grace (an hour each), and found by a repair pass (every minute).
 pub const PRODUCTION_SETTLE_MS: u64 = 2 * 3_600_000 + 5 * 60_000;
 
+impl Scenario {
+    /// The same scenario at bdr-node's default timers, healed at least
+    /// [`PRODUCTION_SETTLE_MS`] so that its checks can pass.
+    pub fn at_production_timers(self) -> Scenario {
+        Scenario {
+            timers: Timers::Production,
+            settle_ms: self.settle_ms.max(PRODUCTION_SETTLE_MS),
+            ..self
+        }
+    }
+}
+
 /// The intervals and grace periods the nodes run with.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]

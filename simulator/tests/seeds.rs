@@ -191,9 +191,8 @@ fn unknown_scenarios_are_refused_clearly() {
 fn a_cluster_on_bdr_nodes_default_timers_passes_every_check() {
     // The seeds compress maintenance; a deployment's timers must pass the same checks
     // (here crashes and restarts under load, then hours healed until GC's grace ends).
-    let mut scenario = load_scenario("rolling-restart").unwrap();
-    scenario.timers = Timers::Production;
-    scenario.settle_ms = PRODUCTION_SETTLE_MS;
+    let scenario = load_scenario("rolling-restart").unwrap().at_production_timers();
+    assert_eq!(scenario.timers, Timers::Production);
     let outcome = run(3, &scenario);
     assert_all_pass(std::slice::from_ref(&outcome));
     assert!(outcome.acknowledged_writes > 0, "the workload wrote nothing");
@@ -201,4 +200,27 @@ fn a_cluster_on_bdr_nodes_default_timers_passes_every_check() {
         outcome.virtual_ms > PRODUCTION_SETTLE_MS,
         "the run stopped before its settle phase ended"
     );
+}
+
+#[test]
+fn a_scenario_file_with_unknown_timers_is_refused_clearly() {
+    let folder = std::env::temp_dir().join(format!("bdr-sim-timers-{}", std::process::id()));
+    std::fs::create_dir_all(&folder).unwrap();
+    let path = folder.join("fast.toml");
+    let text =
+        include_str!("../scenarios/production-timers.toml").replace("timers = \"production\"", "timers = \"fast\"");
+    assert!(text.contains("timers = \"fast\""));
+    std::fs::write(&path, text).unwrap();
+    let error = load_scenario(path.to_str().unwrap()).unwrap_err().to_string();
+    std::fs::remove_dir_all(&folder).unwrap();
+    assert!(
+        error.contains("fast.toml") && error.contains("unknown variant `fast`"),
+        "{error}"
+    );
+    // Both spellings the file format knows are accepted.
+    assert_eq!(
+        load_scenario("scenarios/production-timers.toml").unwrap().timers,
+        Timers::Production
+    );
+    assert_eq!(load_scenario("swarm").unwrap().timers, Timers::Compressed);
 }
