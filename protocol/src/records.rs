@@ -33,7 +33,7 @@ pub struct Lww<T> {
     pub value: Option<T>,
 }
 
-impl<T: Serialize + Clone> Lww<T> {
+impl<T: RegisterValue> Lww<T> {
     pub fn new(timestamp: HlcTimestamp, value: T) -> Lww<T> {
         Lww {
             timestamp,
@@ -45,26 +45,42 @@ impl<T: Serialize + Clone> Lww<T> {
         Lww { timestamp, value: None }
     }
 
-    /// Keeps the greater of the two registers; returns whether `self` changed.
-    ///
-    /// Equal timestamps with different values cannot come from correct nodes (the HLC
-    /// includes the node id), but a deterministic tie-break on the encoded value keeps
-    /// the merge a total function even for corrupt or hostile input.
+    /// Keeps the greater of the two registers; returns whether `self` changed. Registers
+    /// of equal timestamps meet by [`RegisterValue::merge_tied`].
     pub fn merge(&mut self, other: &Lww<T>) -> bool {
-        let take_other = match other.timestamp.cmp(&self.timestamp) {
-            std::cmp::Ordering::Greater => true,
-            std::cmp::Ordering::Less => false,
-            std::cmp::Ordering::Equal => {
-                let ours = postcard::to_allocvec(&self.value).expect("value encodes");
-                let theirs = postcard::to_allocvec(&other.value).expect("value encodes");
-                theirs > ours
+        match other.timestamp.cmp(&self.timestamp) {
+            std::cmp::Ordering::Greater => {
+                *self = other.clone();
+                true
             }
-        };
-        if take_other {
-            *self = other.clone();
+            std::cmp::Ordering::Less => false,
+            std::cmp::Ordering::Equal => T::merge_tied(&mut self.value, &other.value),
         }
-        take_other
     }
+}
+
+/// A value kept in an [`Lww`] register: how two values written at one timestamp meet.
+pub trait RegisterValue: Serialize + Clone + PartialEq {
+    /// Merges `theirs` into `ours`, both of one timestamp; returns whether `ours` changed.
+    /// It must be commutative, associative and idempotent, like the register's merge.
+    ///
+    /// By default equal timestamps with different values cannot come from correct nodes
+    /// (the HLC includes the node id), and a deterministic tie-break on the encoded value
+    /// keeps the merge a total function even for corrupt or hostile input.
+    fn merge_tied(ours: &mut Option<Self>, theirs: &Option<Self>) -> bool {
+        if ours == theirs {
+            return false;
+        }
+        let take_theirs = encoded(theirs) > encoded(ours);
+        if take_theirs {
+            ours.clone_from(theirs);
+        }
+        take_theirs
+    }
+}
+
+fn encoded<T: Serialize>(value: &T) -> Vec<u8> {
+    postcard::to_allocvec(value).expect("value encodes")
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -74,13 +90,13 @@ pub enum VersioningState {
     Suspended,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum RetentionMode {
     Governance,
     Compliance,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Retention {
     pub mode: RetentionMode,
     pub retain_until_ms: u64,
@@ -252,6 +268,105 @@ impl ObjectLock {
     }
 }
 
+/// When each of a version's lock settings last changed, and the newest deletes by id
+/// that found the version unlocked (V5).
+///
+/// A lock change rewrites the version at its register's timestamp, so any delete's
+/// tombstone (stamped later) still wins; two records of one timestamp merge field by
+/// field, each field keeping its newest change ([`Record`]'s [`RegisterValue`]). So a
+/// legal hold and a retention change made at once both stay, and no lock change can
+/// write a deleted version back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockChanges {
+    pub retention_stamp: HlcTimestamp,
+    pub legal_hold_stamp: HlcTimestamp,
+    /// The newest [`DELETION_MARKS_MAX`] marks, newest first. A set rather than one
+    /// slot: a delete that gives up withdraws only its own mark, never a concurrent
+    /// delete's that a lock change must wait for.
+    pub deletions: Vec<DeletionMark>,
+}
+
+impl LockChanges {
+    /// A version's lock as first written: set at the version's own stamp.
+    pub fn at(version_stamp: HlcTimestamp) -> LockChanges {
+        LockChanges {
+            retention_stamp: version_stamp,
+            legal_hold_stamp: version_stamp,
+            deletions: Vec::new(),
+        }
+    }
+
+    /// The newest of the stamps, for a change that must be stamped after all of them.
+    pub fn newest_stamp(&self) -> HlcTimestamp {
+        let deletion = self.deletions.iter().map(|mark| mark.stamp).max();
+        self.retention_stamp
+            .max(self.legal_hold_stamp)
+            .max(deletion.unwrap_or(HlcTimestamp::ZERO))
+    }
+
+    /// Whether a delete that marked the version may still write its tombstone, on a
+    /// clock that reads `now_ms`.
+    pub fn delete_may_be_in_progress(&self, now_ms: u64) -> bool {
+        self.deletions
+            .iter()
+            .any(|mark| !mark.withdrawn && mark.may_be_in_progress(now_ms))
+    }
+
+    /// Adds (or, withdrawn, updates) a mark, keeping the set's order and bound.
+    pub fn add_deletion(&mut self, mark: DeletionMark) {
+        merge_deletion_marks(&mut self.deletions, &[mark]);
+    }
+}
+
+/// Merges `theirs` into `ours`: the union by stamp (a mark withdrawn on either side is
+/// withdrawn), newest first, cut to the newest [`DELETION_MARKS_MAX`]. A join: the
+/// marks cut from one side's union are cut from every larger union too.
+fn merge_deletion_marks(ours: &mut Vec<DeletionMark>, theirs: &[DeletionMark]) -> bool {
+    let mut by_stamp: BTreeMap<HlcTimestamp, DeletionMark> = BTreeMap::new();
+    for mark in ours.iter().chain(theirs) {
+        let kept = by_stamp.entry(mark.stamp).or_insert(*mark);
+        *kept = (*kept).max(*mark);
+    }
+    let merged: Vec<DeletionMark> = by_stamp.into_values().rev().take(DELETION_MARKS_MAX).collect();
+    let changed = merged != *ours;
+    *ours = merged;
+    changed
+}
+
+/// How many deletion marks a version keeps; more deletes of one version at once than
+/// this could hide one from a lock change.
+pub const DELETION_MARKS_MAX: usize = 8;
+
+/// A delete by id that found the version unlocked and is about to write its tombstone.
+/// The deleter writes the mark and then reads the lock again; a lock change writes the
+/// lock and then reads for marks. Each writes before it reads, so one of two racing
+/// requests always sees the other: the delete gives up (and withdraws its mark), or the
+/// lock change waits for the delete to finish (see `ClusterNode::change_object_lock`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct DeletionMark {
+    pub stamp: HlcTimestamp,
+    /// When the delete began, on its gateway's clock.
+    pub began_at_ms: u64,
+    /// The delete gave up without writing its tombstone.
+    pub withdrawn: bool,
+}
+
+impl DeletionMark {
+    /// Whether the delete may still write its tombstone, on a clock that reads `now_ms`
+    /// (the rule of [`BucketIntentRecord::in_progress`]).
+    pub fn may_be_in_progress(&self, now_ms: u64) -> bool {
+        now_ms
+            < self
+                .began_at_ms
+                .saturating_add(DELETION_MARK_DEADLINE_MS)
+                .saturating_add(CLOCK_SKEW_ALLOWANCE_MS)
+    }
+}
+
+/// How long a delete by id may take from writing its [`DeletionMark`] to writing its
+/// tombstone, on its gateway's clock; past it the delete gives up.
+pub const DELETION_MARK_DEADLINE_MS: u64 = 5_000;
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ObjectVersionRecord {
     pub bucket: String,
@@ -277,6 +392,7 @@ pub struct ObjectVersionRecord {
     /// its record then names the old bucket and is never served by, nor kept alive for, a
     /// later bucket of the same name.
     pub bucket_created_at_ms: u64,
+    pub lock_changes: LockChanges,
 }
 
 impl ObjectVersionRecord {
@@ -380,6 +496,9 @@ pub struct StripeRecord {
     pub holders: Vec<NodeId>,
 }
 
+// Object versions are the common value and the largest; boxing them would add an
+// allocation to every decode to save stack space in a few short-lived places.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Record {
     Bucket(BucketRecord),
@@ -390,6 +509,103 @@ pub enum Record {
     MultipartPart(MultipartPartRecord),
     Stripe(StripeRecord),
     BucketIntent(BucketIntentRecord),
+}
+
+impl RegisterValue for Record {
+    /// Object versions of one timestamp that differ only in their lock (a lock change
+    /// keeps the register's timestamp: see [`LockChanges`]) merge field by field, each
+    /// field keeping its newest change. Any other difference is the default tie-break,
+    /// judged on the values without their locks, so the merge stays a lexicographic
+    /// join: commutative, associative and idempotent (property-tested below).
+    fn merge_tied(ours: &mut Option<Record>, theirs: &Option<Record>) -> bool {
+        if ours == theirs {
+            return false;
+        }
+        if let (Some(Record::ObjectVersion(ours)), Some(Record::ObjectVersion(theirs))) = (ours.as_mut(), theirs) {
+            if ours.same_apart_from_lock(theirs) {
+                return ours.merge_lock(theirs);
+            }
+        }
+        let take_theirs = match tie_base(theirs).cmp(&tie_base(ours)) {
+            std::cmp::Ordering::Greater => true,
+            std::cmp::Ordering::Less => false,
+            // Equal bases that were not the same version apart from lock: impossible,
+            // since the base encodes everything but the lock.
+            std::cmp::Ordering::Equal => encoded(theirs) > encoded(ours),
+        };
+        if take_theirs {
+            ours.clone_from(theirs);
+        }
+        take_theirs
+    }
+}
+
+/// What a tied merge orders values by before their locks: the encoded value with an
+/// object version's lock fields cleared.
+fn tie_base(value: &Option<Record>) -> Vec<u8> {
+    match value {
+        Some(Record::ObjectVersion(object)) => {
+            let mut without_lock = object.clone();
+            without_lock.lock = ObjectLock::default();
+            without_lock.lock_changes = LockChanges::at(HlcTimestamp::ZERO);
+            encoded(&Some(Record::ObjectVersion(without_lock)))
+        }
+        other => encoded(other),
+    }
+}
+
+impl ObjectVersionRecord {
+    /// Whether the two records are one version's, differing at most in their locks.
+    fn same_apart_from_lock(&self, other: &ObjectVersionRecord) -> bool {
+        let ObjectVersionRecord {
+            bucket,
+            key,
+            version_id,
+            version_stamp,
+            created_at_ms,
+            size_bytes,
+            etag,
+            content_type,
+            headers,
+            user_metadata,
+            checksums,
+            data,
+            lock: _,
+            bucket_created_at_ms,
+            lock_changes: _,
+        } = other;
+        self.bucket == *bucket
+            && self.key == *key
+            && self.version_id == *version_id
+            && self.version_stamp == *version_stamp
+            && self.created_at_ms == *created_at_ms
+            && self.size_bytes == *size_bytes
+            && self.etag == *etag
+            && self.content_type == *content_type
+            && self.headers == *headers
+            && self.user_metadata == *user_metadata
+            && self.checksums == *checksums
+            && self.data == *data
+            && self.bucket_created_at_ms == *bucket_created_at_ms
+    }
+
+    /// Keeps each lock field's newest change (equal stamps: the greater value); returns
+    /// whether `self` changed.
+    fn merge_lock(&mut self, other: &ObjectVersionRecord) -> bool {
+        let mut changed = false;
+        let theirs = (other.lock_changes.retention_stamp, other.lock.retention);
+        if theirs > (self.lock_changes.retention_stamp, self.lock.retention) {
+            (self.lock_changes.retention_stamp, self.lock.retention) = theirs;
+            changed = true;
+        }
+        let theirs = (other.lock_changes.legal_hold_stamp, other.lock.legal_hold);
+        if theirs > (self.lock_changes.legal_hold_stamp, self.lock.legal_hold) {
+            (self.lock_changes.legal_hold_stamp, self.lock.legal_hold) = theirs;
+            changed = true;
+        }
+        changed |= merge_deletion_marks(&mut self.lock_changes.deletions, &other.lock_changes.deletions);
+        changed
+    }
 }
 
 /// Longest partition key (a bucket name, an access key id, an upload id).
@@ -495,24 +711,98 @@ impl RowKey {
 
 /// The persisted envelope: the enum variant is the format version. V1 records predate
 /// versioning, Object Lock and standard headers; V2 object versions predate their bucket
-/// generation; V3 predates bucket deletion rows. All are read (and V1, V2 upgraded),
-/// never written. Variants are only ever appended: postcard encodes the variant's index.
+/// generation; V3 predates bucket deletion rows; V4 object versions predate their
+/// [`LockChanges`]. All are read (and upgraded), never written. Variants are only ever
+/// appended: postcard encodes the variant's index.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 enum StoredValue {
     V1(Lww<legacy::RecordV1>),
     V2(Lww<legacy::RecordV2>),
-    /// V4 only appended a variant to [`Record`], so V3 values decode as today's records.
-    V3(Lww<Record>),
-    V4(Lww<Record>),
+    /// V4 only appended a variant to V3's records, so V3 values decode as V4's.
+    V3(Lww<legacy::RecordV4>),
+    V4(Lww<legacy::RecordV4>),
+    V5(Lww<Record>),
 }
 
 /// The [`StoredValue`] variant index [`encode_stored_value`] writes (postcard's leading
 /// varint of the envelope).
-const STORED_VALUE_VERSION_CURRENT: u32 = 3;
+const STORED_VALUE_VERSION_CURRENT: u32 = 4;
 
 /// Record formats of earlier versions, kept to read what older nodes wrote.
 mod legacy {
     use super::*;
+
+    impl RegisterValue for RecordV1 {}
+    impl RegisterValue for RecordV2 {}
+    impl RegisterValue for RecordV4 {}
+
+    /// An object version as V3 and V4 wrote it: without its [`LockChanges`].
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct ObjectVersionRecordV4 {
+        pub bucket: String,
+        pub key: String,
+        pub version_id: String,
+        pub version_stamp: HlcTimestamp,
+        pub created_at_ms: u64,
+        pub size_bytes: u64,
+        pub etag: String,
+        pub content_type: Option<String>,
+        pub headers: StandardHeaders,
+        pub user_metadata: BTreeMap<String, String>,
+        pub checksums: BTreeMap<ChecksumAlgorithm, String>,
+        pub data: ObjectData,
+        pub lock: ObjectLock,
+        pub bucket_created_at_ms: u64,
+    }
+
+    /// V3's and V4's records: V5 changed only the object version. The other variants
+    /// share the current types, so a later change to any of them needs its own snapshot.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub enum RecordV4 {
+        Bucket(BucketRecord),
+        BucketGrant(BucketGrant),
+        AccessKey(AccessKeyRecord),
+        ObjectVersion(ObjectVersionRecordV4),
+        MultipartUpload(MultipartUploadRecord),
+        MultipartPart(MultipartPartRecord),
+        Stripe(StripeRecord),
+        BucketIntent(BucketIntentRecord),
+    }
+
+    /// A V4 object's lock settings date from the version itself: every later change is
+    /// stamped after it.
+    pub fn upgrade_v4(register: Lww<RecordV4>) -> Lww<Record> {
+        let value = register.value.map(|record| match record {
+            RecordV4::Bucket(bucket) => Record::Bucket(bucket),
+            RecordV4::BucketGrant(grant) => Record::BucketGrant(grant),
+            RecordV4::AccessKey(key) => Record::AccessKey(key),
+            RecordV4::ObjectVersion(object) => Record::ObjectVersion(ObjectVersionRecord {
+                bucket: object.bucket,
+                key: object.key,
+                version_id: object.version_id,
+                version_stamp: object.version_stamp,
+                created_at_ms: object.created_at_ms,
+                size_bytes: object.size_bytes,
+                etag: object.etag,
+                content_type: object.content_type,
+                headers: object.headers,
+                user_metadata: object.user_metadata,
+                checksums: object.checksums,
+                data: object.data,
+                lock: object.lock,
+                bucket_created_at_ms: object.bucket_created_at_ms,
+                lock_changes: LockChanges::at(object.version_stamp),
+            }),
+            RecordV4::MultipartUpload(upload) => Record::MultipartUpload(upload),
+            RecordV4::MultipartPart(part) => Record::MultipartPart(part),
+            RecordV4::Stripe(stripe) => Record::Stripe(stripe),
+            RecordV4::BucketIntent(intent) => Record::BucketIntent(intent),
+        });
+        Lww {
+            timestamp: register.timestamp,
+            value,
+        }
+    }
 
     #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
     pub struct ObjectVersionRecordV1 {
@@ -667,6 +957,7 @@ mod legacy {
                 data: object.data,
                 lock: object.lock,
                 bucket_created_at_ms: 0,
+                lock_changes: LockChanges::at(object.version_stamp),
             }),
             RecordV2::MultipartUpload(upload) => Record::MultipartUpload(upload),
             RecordV2::MultipartPart(part) => Record::MultipartPart(part),
@@ -688,7 +979,7 @@ pub enum RecordDecodeError {
 }
 
 pub fn encode_stored_value(register: &Lww<Record>) -> Vec<u8> {
-    postcard::to_allocvec(&StoredValue::V4(register.clone())).expect("records encode")
+    postcard::to_allocvec(&StoredValue::V5(register.clone())).expect("records encode")
 }
 
 /// Whether `bytes` are in the format [`encode_stored_value`] writes now (not an older
@@ -710,7 +1001,8 @@ pub fn decode_stored_value(bytes: &[u8]) -> Result<Lww<Record>, RecordDecodeErro
     match postcard::from_bytes::<StoredValue>(bytes) {
         Ok(StoredValue::V1(register)) => Ok(legacy::upgrade_v2(legacy::upgrade_v1(register))),
         Ok(StoredValue::V2(register)) => Ok(legacy::upgrade_v2(register)),
-        Ok(StoredValue::V3(register) | StoredValue::V4(register)) => Ok(register),
+        Ok(StoredValue::V3(register) | StoredValue::V4(register)) => Ok(legacy::upgrade_v4(register)),
+        Ok(StoredValue::V5(register)) => Ok(register),
         Err(error) => Err(RecordDecodeError::Corrupt(error.to_string())),
     }
 }
@@ -754,6 +1046,7 @@ mod tests {
             }),
             lock: ObjectLock::default(),
             bucket_created_at_ms: 1,
+            lock_changes: LockChanges::at(stamp(1, 0, 1)),
         }
     }
 
@@ -839,6 +1132,7 @@ mod tests {
                 data: old.data,
                 lock: old.lock,
                 bucket_created_at_ms: 0,
+                lock_changes: LockChanges::at(old.version_stamp),
             }
         );
         // Unknown means "the bucket of its name that exists", as before generations.
@@ -971,6 +1265,52 @@ mod tests {
     }
 
     #[test]
+    fn version_four_objects_still_decode_with_their_lock_set_at_the_version() {
+        // Pinned: what the V4 code (ObjectVersionRecord without its LockChanges, envelope
+        // variant 3) wrote for this held version. If this changes, old rows no longer decode.
+        let old = legacy::ObjectVersionRecordV4 {
+            bucket: "b".into(),
+            key: "k".into(),
+            version_id: "v".into(),
+            version_stamp: stamp(2, 1, 3),
+            created_at_ms: 4,
+            size_bytes: 1,
+            etag: "e".into(),
+            content_type: None,
+            headers: StandardHeaders::default(),
+            user_metadata: BTreeMap::new(),
+            checksums: BTreeMap::new(),
+            data: ObjectData::Inline { sealed: vec![9] },
+            lock: ObjectLock {
+                retention: None,
+                legal_hold: true,
+            },
+            bucket_created_at_ms: 7,
+        };
+        let register = Lww::new(stamp(5, 0, 1), legacy::RecordV4::ObjectVersion(old));
+        let written_by_v4 = hex::decode(
+            "030500010101010101010101010101010101010101010101010101010101010101010101030162016b017602010303\
+             030303030303030303030303030303030303030303030303030303030303040101650000000000000000000109000107",
+        )
+        .unwrap();
+        assert_eq!(
+            postcard::to_allocvec(&StoredValue::V4(register)).unwrap(),
+            written_by_v4
+        );
+        assert!(!stored_value_is_current(&written_by_v4));
+        let decoded = decode_stored_value(&written_by_v4).unwrap();
+        assert_eq!(decoded.timestamp, stamp(5, 0, 1));
+        let object = object_in(&decoded);
+        assert_eq!((object.version_id.as_str(), object.bucket_created_at_ms), ("v", 7));
+        assert!(object.lock.legal_hold);
+        assert_eq!(object.lock_changes, LockChanges::at(stamp(2, 1, 3)));
+        // Rewritten in the current format, it reads back the same.
+        let current = encode_stored_value(&decoded);
+        assert!(stored_value_is_current(&current));
+        assert_eq!(decode_stored_value(&current).unwrap(), decoded);
+    }
+
+    #[test]
     fn an_object_belongs_only_to_the_bucket_generation_it_was_written_in() {
         let mut record = object("k", 1);
         record.bucket_created_at_ms = 5;
@@ -1066,22 +1406,165 @@ mod tests {
         assert!(RowKey::partition_of(b"bucket") < METADATA_PARTITIONS);
     }
 
-    #[test]
-    fn later_write_wins_even_from_a_node_with_a_slower_clock_after_observing() {
-        let mut replica = Lww::new(stamp(100, 0, 1), object("k", 1));
-        // The second write's HLC observed the first, so it is greater despite a slow clock.
-        let second = Lww::new(stamp(100, 1, 2), object("k", 2));
-        assert!(replica.merge(&second));
-        assert!(!replica.merge(&Lww::new(stamp(100, 0, 1), object("k", 1))));
-        assert_eq!(replica.value.unwrap().size_bytes, 2);
+    fn object_register(timestamp: HlcTimestamp, object: ObjectVersionRecord) -> Lww<Record> {
+        Lww::new(timestamp, Record::ObjectVersion(object))
     }
 
-    fn arbitrary_register() -> impl Strategy<Value = Lww<ObjectVersionRecord>> {
-        // A tiny timestamp domain makes equal timestamps (the tie-break path) common.
-        (0u64..3, 0u32..2, 0u8..2, proptest::option::of(0u64..4)).prop_map(|(wall_ms, logical, node, size)| Lww {
-            timestamp: stamp(wall_ms, logical, node),
-            value: size.map(|size| object("k", size)),
-        })
+    fn object_in(register: &Lww<Record>) -> &ObjectVersionRecord {
+        match &register.value {
+            Some(Record::ObjectVersion(object)) => object,
+            other => panic!("not an object: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn later_write_wins_even_from_a_node_with_a_slower_clock_after_observing() {
+        let mut replica = object_register(stamp(100, 0, 1), object("k", 1));
+        // The second write's HLC observed the first, so it is greater despite a slow clock.
+        let second = object_register(stamp(100, 1, 2), object("k", 2));
+        assert!(replica.merge(&second));
+        assert!(!replica.merge(&object_register(stamp(100, 0, 1), object("k", 1))));
+        assert_eq!(object_in(&replica).size_bytes, 2);
+    }
+
+    #[test]
+    fn concurrent_lock_changes_both_stay_and_none_outlives_a_delete() {
+        let version = object_register(stamp(100, 0, 1), object("k", 1));
+        let retain = Retention {
+            mode: RetentionMode::Compliance,
+            retain_until_ms: 9_000,
+        };
+        // Two gateways change the lock at once, each from the version as first written,
+        // each keeping the register's timestamp and stamping only its field.
+        let mut held = object_in(&version).clone();
+        held.lock.legal_hold = true;
+        held.lock_changes.legal_hold_stamp = stamp(200, 0, 2);
+        let mut retained = object_in(&version).clone();
+        retained.lock.retention = Some(retain);
+        retained.lock_changes.retention_stamp = stamp(201, 0, 3);
+        let held = object_register(stamp(100, 0, 1), held);
+        let retained = object_register(stamp(100, 0, 1), retained);
+        for (first, second) in [(&held, &retained), (&retained, &held)] {
+            let mut replica = version.clone();
+            assert!(replica.merge(first));
+            assert!(replica.merge(second));
+            let lock = object_in(&replica).lock;
+            assert_eq!(
+                lock,
+                ObjectLock {
+                    retention: Some(retain),
+                    legal_hold: true
+                }
+            );
+        }
+        // A later lift of the hold wins over the hold, whatever the order.
+        let mut lifted = object_in(&held).clone();
+        lifted.lock.legal_hold = false;
+        lifted.lock_changes.legal_hold_stamp = stamp(300, 0, 3);
+        let lifted = object_register(stamp(100, 0, 1), lifted);
+        let mut replica = lifted.clone();
+        assert!(!replica.merge(&held));
+        assert!(!object_in(&replica).lock.legal_hold);
+        // A delete's tombstone is stamped after the version, so a lock change written
+        // at the version's timestamp never brings the version back.
+        let tombstone = Lww::tombstone(stamp(150, 0, 4));
+        for change in [&held, &retained, &lifted] {
+            let mut replica = tombstone.clone();
+            assert!(!replica.merge(change));
+            assert_eq!(replica, tombstone);
+        }
+    }
+
+    #[test]
+    fn deletion_marks_keep_the_newest_and_a_withdrawal_withdraws_only_its_own() {
+        let mark = |at, withdrawn| DeletionMark {
+            stamp: stamp(at, 0, 2),
+            began_at_ms: 1_000,
+            withdrawn,
+        };
+        let mut changes = LockChanges::at(stamp(1, 0, 1));
+        assert!(!changes.delete_may_be_in_progress(1_000));
+        changes.add_deletion(mark(10, false));
+        changes.add_deletion(mark(11, false));
+        assert!(changes.delete_may_be_in_progress(1_000));
+        assert_eq!(changes.newest_stamp(), stamp(11, 0, 2));
+        // The newer delete gives up; the older one may still write its tombstone.
+        changes.add_deletion(mark(11, true));
+        assert!(changes.delete_may_be_in_progress(1_000));
+        changes.add_deletion(mark(10, true));
+        assert!(!changes.delete_may_be_in_progress(1_000));
+        // A withdrawal is never undone by the mark it withdrew.
+        changes.add_deletion(mark(10, false));
+        assert_eq!(changes.deletions, vec![mark(11, true), mark(10, true)]);
+        // Only the newest marks are kept, newest first.
+        for at in 20..40 {
+            changes.add_deletion(mark(at, false));
+        }
+        let kept: Vec<u64> = changes.deletions.iter().map(|mark| mark.stamp.wall_ms).collect();
+        assert_eq!(kept, (32..40).rev().collect::<Vec<u64>>());
+        // A mark expires once its delete's deadline and the clock allowance have passed.
+        let expiry_ms = 1_000 + DELETION_MARK_DEADLINE_MS + CLOCK_SKEW_ALLOWANCE_MS;
+        assert!(mark(1, false).may_be_in_progress(expiry_ms - 1));
+        assert!(!mark(1, false).may_be_in_progress(expiry_ms));
+    }
+
+    fn arbitrary_lock_changes() -> impl Strategy<Value = (ObjectLock, LockChanges)> {
+        (
+            0u64..3,
+            proptest::option::of(0u64..2),
+            0u64..3,
+            any::<bool>(),
+            // More marks than a version keeps, so the cut is exercised too.
+            proptest::collection::vec((0u64..12, any::<bool>()), 0..10),
+        )
+            .prop_map(|(retention_at, retain_until_ms, hold_at, legal_hold, deletions)| {
+                let lock = ObjectLock {
+                    retention: retain_until_ms.map(|retain_until_ms| Retention {
+                        mode: RetentionMode::Governance,
+                        retain_until_ms,
+                    }),
+                    legal_hold,
+                };
+                let mut changes = LockChanges::at(stamp(0, 0, 1));
+                changes.retention_stamp = stamp(retention_at, 0, 1);
+                changes.legal_hold_stamp = stamp(hold_at, 0, 1);
+                for (at, withdrawn) in deletions {
+                    changes.add_deletion(DeletionMark {
+                        stamp: stamp(at, 0, 2),
+                        began_at_ms: 1,
+                        withdrawn,
+                    });
+                }
+                (lock, changes)
+            })
+    }
+
+    fn arbitrary_register() -> impl Strategy<Value = Lww<Record>> {
+        // Tiny domains make equal timestamps (the tie-break and field-merge paths) and
+        // versions differing only in their locks common.
+        (
+            0u64..2,
+            0u8..2,
+            proptest::option::of((0u64..3, arbitrary_lock_changes())),
+            any::<bool>(),
+        )
+            .prop_map(|(wall_ms, node, object_value, a_grant)| Lww {
+                timestamp: stamp(wall_ms, 0, node),
+                value: match (object_value, a_grant) {
+                    (Some((size_bytes, (lock, lock_changes))), _) => Some(Record::ObjectVersion(ObjectVersionRecord {
+                        lock,
+                        lock_changes,
+                        ..object("k", size_bytes)
+                    })),
+                    (None, true) => Some(Record::BucketGrant(BucketGrant {
+                        read: true,
+                        write: false,
+                        bucket_created_at_ms: 1,
+                        granted_at_ms: 1,
+                    })),
+                    (None, false) => None,
+                },
+            })
     }
 
     proptest! {
@@ -1089,10 +1572,14 @@ mod tests {
         fn lww_merge_is_commutative_associative_and_idempotent(
             a in arbitrary_register(), b in arbitrary_register(), c in arbitrary_register()
         ) {
-            let merged = |x: &Lww<ObjectVersionRecord>, y: &Lww<ObjectVersionRecord>| { let mut z = x.clone(); z.merge(y); z };
+            let merged = |x: &Lww<Record>, y: &Lww<Record>| { let mut z = x.clone(); z.merge(y); z };
             prop_assert_eq!(merged(&a, &b), merged(&b, &a));
             prop_assert_eq!(merged(&merged(&a, &b), &c), merged(&a, &merged(&b, &c)));
             prop_assert_eq!(merged(&a, &a), a.clone());
+            // `merge` says whether it changed anything.
+            let mut z = a.clone();
+            let changed = z.merge(&b);
+            prop_assert_eq!(changed, z != a);
         }
 
         #[test]

@@ -26,7 +26,7 @@ use bdr_protocol::ids::{NodeId, StripeId, ZoneName};
 use bdr_protocol::layout::Layout;
 use bdr_protocol::placement::{failures_tolerated, place, place_with};
 use bdr_protocol::records::{
-    AccessKeyRecord, BucketGrant, BucketIntentRecord, BucketRecord, ChecksumAlgorithm, Lww, Manifest,
+    AccessKeyRecord, BucketGrant, BucketIntentRecord, BucketRecord, ChecksumAlgorithm, LockChanges, Lww, Manifest,
     MultipartPartRecord, MultipartUploadRecord, ObjectData, ObjectLock, ObjectVersionRecord, Record, RowKey,
     StandardHeaders, StripeOwner, StripeRecord, StripeRef, VersioningState, BUCKET_INTENT_DEADLINE_MS,
     CLOCK_SKEW_ALLOWANCE_MS,
@@ -178,6 +178,8 @@ pub enum DataError {
     InvalidVersionId(String),
     #[error("object locked: {0}")]
     ObjectLocked(String),
+    #[error("{0}")]
+    VersionBusy(String),
     #[error("invalid bucket state: {0}")]
     InvalidBucketState(String),
     #[error("invalid Object Lock request: {0}")]
@@ -885,6 +887,7 @@ impl<E: Env> ClusterNode<E> {
             data,
             lock,
             bucket_created_at_ms: bucket.created_at_ms,
+            lock_changes: LockChanges::at(slot.stamp),
         };
         self.commit_version(&record).await?;
         Ok(record)
@@ -2257,6 +2260,7 @@ impl<E: Env> ClusterNode<E> {
             }),
             lock,
             bucket_created_at_ms: bucket_record.created_at_ms,
+            lock_changes: LockChanges::at(slot.stamp),
         };
         self.commit_version(&record).await?;
         // The upload is over; its part records and unlisted parts' shards are garbage.

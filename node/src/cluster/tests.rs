@@ -2100,6 +2100,149 @@ async fn object_lock_refuses_deletes_and_weaker_retention_until_it_ends() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_lock_changes_keep_each_other_and_a_racing_delete_either_wins_or_is_refused() {
+    let cluster = TestCluster::start(&SIX_NODES).await;
+    let options = super::data::BucketOptions {
+        object_lock_enabled: true,
+        ..Default::default()
+    };
+    let bucket = cluster
+        .node(0)
+        .create_bucket_with("vault", "owner", options)
+        .await
+        .unwrap();
+    let tomorrow_ms = cluster.node(0).env().now_ms() + 86_400_000;
+    let rounds = 8;
+
+    // A legal hold and a retention placed at once, through two gateways, both stay.
+    for round in 0..rounds {
+        let key = format!("both-{round}");
+        let version = put_version(cluster.node(0), "vault", &key, b"x", ObjectLock::default())
+            .await
+            .unwrap();
+        let id = version.version_id.as_str();
+        let retention = Retention {
+            mode: RetentionMode::Governance,
+            retain_until_ms: tomorrow_ms + round,
+        };
+        let (held, retained) = tokio::join!(
+            cluster
+                .node(1)
+                .change_object_lock(&bucket, &key, Some(id), LockChange::LegalHold(true), false),
+            cluster
+                .node(2)
+                .change_object_lock(&bucket, &key, Some(id), LockChange::Retention(Some(retention)), false),
+        );
+        held.unwrap();
+        retained.unwrap();
+        let both = ObjectLock {
+            retention: Some(retention),
+            legal_hold: true,
+        };
+        for reader in [3, 4] {
+            let record = cluster
+                .node(reader)
+                .object_version(&bucket, &key, Some(id))
+                .await
+                .unwrap();
+            assert_eq!(record.lock, both, "round {round}, read through node {reader}");
+        }
+    }
+
+    // A hold placed while the version is deleted by id: either the delete went first
+    // (and the hold learns the version is gone) or the hold did (and the delete is
+    // refused). Never both acknowledged, and never a deleted version written back.
+    let mut deletes_won = 0;
+    for round in 0..rounds {
+        let key = format!("race-{round}");
+        let version = put_version(cluster.node(0), "vault", &key, b"x", ObjectLock::default())
+            .await
+            .unwrap();
+        let id = version.version_id.as_str();
+        let (deleted, held) = tokio::join!(
+            cluster.node(1).delete_object_version(&bucket, &key, Some(id), false),
+            cluster
+                .node(2)
+                .change_object_lock(&bucket, &key, Some(id), LockChange::LegalHold(true), false),
+        );
+        let after = cluster.node(3).object_version(&bucket, &key, Some(id)).await;
+        match (deleted, held) {
+            (Ok(_), Err(DataError::NoSuchVersion)) => {
+                deletes_won += 1;
+                assert!(
+                    matches!(after, Err(DataError::NoSuchVersion)),
+                    "round {round}: {after:?}"
+                );
+            }
+            (Err(DataError::ObjectLocked(_)), Ok(record)) => {
+                assert!(record.lock.legal_hold, "round {round}");
+                assert!(after.unwrap().lock.legal_hold, "round {round}");
+            }
+            other => panic!("round {round}: {other:?}, then {after:?}"),
+        }
+    }
+    println!("deletes won {deletes_won} of {rounds} races");
+
+    // A delete that marked a version and then vanished (its gateway crashed) holds up
+    // a lock change until its time is surely up, and no longer; one that gave up does not.
+    let version = put_version(cluster.node(0), "vault", "crashed", b"x", ObjectLock::default())
+        .await
+        .unwrap();
+    let row = super::data::object_row_of(&version);
+    let register = cluster.node(1).meta_get(Table::Objects, &row).await.unwrap().unwrap();
+    let Some(Record::ObjectVersion(mut marked)) = register.value.clone() else {
+        panic!("not a version: {register:?}")
+    };
+    marked.lock_changes.add_deletion(bdr_protocol::records::DeletionMark {
+        stamp: HlcTimestamp {
+            wall_ms: register.timestamp.wall_ms + 1,
+            ..register.timestamp
+        },
+        began_at_ms: cluster.node(1).env().now_ms(),
+        withdrawn: false,
+    });
+    let abandoned = Lww::new(register.timestamp, Record::ObjectVersion(marked.clone()));
+    cluster
+        .node(1)
+        .meta_write_register(Table::Objects, &row, &abandoned)
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let id = Some(version.version_id.as_str());
+    let held = cluster
+        .node(2)
+        .change_object_lock(&bucket, "crashed", id, LockChange::LegalHold(true), false)
+        .await
+        .unwrap();
+    assert!(held.lock.legal_hold);
+    let waited_ms = started.elapsed().as_millis() as u64;
+    let wait_ms = super::versions::DELETION_MARK_WAIT_MS;
+    assert!((wait_ms..wait_ms + 5_000).contains(&waited_ms), "waited {waited_ms} ms");
+    // The same mark withdrawn no longer holds anything up.
+    let mut withdrawn = held.clone();
+    let mark = withdrawn.lock_changes.deletions[0];
+    withdrawn
+        .lock_changes
+        .add_deletion(bdr_protocol::records::DeletionMark {
+            withdrawn: true,
+            ..mark
+        });
+    let register = Lww::new(register.timestamp, Record::ObjectVersion(withdrawn));
+    cluster
+        .node(1)
+        .meta_write_register(Table::Objects, &row, &register)
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    cluster
+        .node(2)
+        .change_object_lock(&bucket, "crashed", id, LockChange::LegalHold(false), false)
+        .await
+        .unwrap();
+    assert!(started.elapsed().as_millis() < 2_000, "{:?}", started.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_listing_page_cut_inside_a_key_of_deleted_versions_still_lists_it() {
     let cluster = TestCluster::start(&SIX_NODES).await;
     let node = cluster.node(0);

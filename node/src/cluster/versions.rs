@@ -28,8 +28,8 @@ use std::sync::Arc;
 
 use bdr_protocol::hlc::HlcTimestamp;
 use bdr_protocol::records::{
-    version_id_of, BucketRecord, DefaultRetention, Lww, ObjectData, ObjectLock, ObjectVersionRecord, Record, Retention,
-    RetentionMode, StandardHeaders, VersioningState,
+    version_id_of, BucketRecord, DefaultRetention, DeletionMark, LockChanges, Lww, ObjectData, ObjectLock,
+    ObjectVersionRecord, Record, Retention, RetentionMode, StandardHeaders, VersioningState, DELETION_MARK_DEADLINE_MS,
 };
 use bdr_protocol::wire::Table;
 
@@ -37,6 +37,7 @@ use super::data::{
     bucket_row, is_row_of, marker_sort_key, object_row, object_row_of, split_marker_sort_key, validate_key,
     version_id_of_row, DataError, ObjectListing, COMMIT_DELETION_POLL_MS, COMMIT_DELETION_WAIT_MS, NULL_VERSION,
 };
+use super::metadata::ReplicasRead;
 use super::ClusterNode;
 use crate::env::Env;
 use bdr_protocol::records::RowKey;
@@ -89,6 +90,12 @@ pub enum LockChange {
 }
 
 /// A version id is "null" or one of ours (40 lowercase hex digits).
+/// How long a lock change that finds a [`DeletionMark`] waits for its delete at most:
+/// the delete's deadline, and as long again for its tombstone to land.
+pub const DELETION_MARK_WAIT_MS: u64 = 2 * DELETION_MARK_DEADLINE_MS;
+/// How often a lock change waiting for a delete reads the version again.
+pub const DELETION_MARK_POLL_MS: u64 = 100;
+
 pub fn validate_version_id(version_id: &str) -> Result<(), DataError> {
     let ours = version_id.len() == 40 && version_id.bytes().all(|byte| matches!(byte, b'0'..=b'9' | b'a'..=b'f'));
     if version_id == NULL_VERSION || ours {
@@ -108,6 +115,16 @@ fn object_of(register: Option<&Lww<Record>>) -> Option<&ObjectVersionRecord> {
 /// the same name).
 fn bucket_object_of<'a>(register: Option<&'a Lww<Record>>, bucket: &BucketRecord) -> Option<&'a ObjectVersionRecord> {
     object_of(register).filter(|record| record.belongs_to(bucket))
+}
+
+/// [`bucket_object_of`] with its register's timestamp, which lock changes and deletion
+/// marks are written at.
+fn bucket_version_at<'a>(
+    register: Option<&'a Lww<Record>>,
+    bucket: &BucketRecord,
+) -> Option<(HlcTimestamp, &'a ObjectVersionRecord)> {
+    let record = bucket_object_of(register, bucket)?;
+    Some((register?.timestamp, record))
 }
 
 /// The greater-stamped of two candidates for a key's current version.
@@ -288,6 +305,15 @@ impl<E: Env> ClusterNode<E> {
         Ok(VersionSlot { version_id, stamp })
     }
 
+    /// A fresh timestamp after `floor` and after every timestamp this node has seen.
+    fn stamp_after(&self, floor: HlcTimestamp) -> HlcTimestamp {
+        let now_ms = self.env.now_ms();
+        self.membership
+            .lock()
+            .expect("not poisoned")
+            .timestamp_after(now_ms, &floor)
+    }
+
     /// Commits a version to its row, stamped with its version stamp, and answers whether
     /// its bucket is still the one the write began in: a write that took long (a large
     /// body) may have outlived its bucket, and one of the same name created since must
@@ -367,6 +393,10 @@ impl<E: Env> ClusterNode<E> {
     /// row's tombstone when it is off) or one version by id (refused while it is
     /// locked; GOVERNANCE retention yields to `bypass_governance`). Deleting a version
     /// that does not exist succeeds, as in S3.
+    ///
+    /// In a bucket with Object Lock, a delete by id first marks the version (see
+    /// [`DeletionMark`]) and reads its lock again before writing the tombstone, so a
+    /// lock placed meanwhile either stops the delete or learns it came too late.
     pub async fn delete_object_version(
         self: &Arc<Self>,
         bucket: &BucketRecord,
@@ -378,27 +408,77 @@ impl<E: Env> ClusterNode<E> {
         if let Some(version_id) = version_id {
             validate_version_id(version_id)?;
             let row = object_row(&bucket.name, bucket.created_at_ms, key, version_id);
+            let deleted = |delete_marker| DeleteOutcome {
+                version_id: Some(version_id.to_string()),
+                delete_marker,
+            };
             let register = self.meta_get(Table::Objects, &row).await?;
             // A version an earlier bucket of the name left behind (at a versioned id) is
             // not this bucket's: like a missing one, there is nothing to delete (garbage
             // collection takes it).
-            let Some(existing) = bucket_object_of(register.as_ref(), bucket) else {
-                return Ok(DeleteOutcome {
-                    version_id: Some(version_id.to_string()),
-                    delete_marker: false,
-                });
+            let Some((timestamp, existing)) = bucket_version_at(register.as_ref(), bucket) else {
+                return Ok(deleted(false));
+            };
+            let refuse_locked = || {
+                DataError::ObjectLocked(format!(
+                    "version {version_id} of {key:?} is under retention or legal hold"
+                ))
             };
             if existing.lock.forbids_delete(self.env.now_ms(), bypass_governance) {
-                return Err(DataError::ObjectLocked(format!(
-                    "version {version_id} of {key:?} is under retention or legal hold"
-                )));
+                return Err(refuse_locked());
             }
             let delete_marker = existing.is_delete_marker();
+            // Only a version in a bucket with Object Lock can be locked meanwhile (delete
+            // markers never are).
+            if bucket.object_lock_enabled && !delete_marker {
+                let mut mark = DeletionMark {
+                    stamp: self.stamp_after(timestamp.max(existing.lock_changes.newest_stamp())),
+                    began_at_ms: self.env.now_ms(),
+                    withdrawn: false,
+                };
+                let mut marked = existing.clone();
+                marked.lock_changes.add_deletion(mark);
+                self.meta_write_register(
+                    Table::Objects,
+                    &row,
+                    &Lww::new(timestamp, Record::ObjectVersion(marked)),
+                )
+                .await?;
+                let register = self.meta_get(Table::Objects, &row).await?;
+                let Some((read_at, now_existing)) = bucket_version_at(register.as_ref(), bucket) else {
+                    return Ok(deleted(false));
+                };
+                let now_ms = self.env.now_ms();
+                // Lock changes that saw the mark wait for the tombstone only so long. The
+                // tombstone is written at once, stamped after what was just read.
+                let locked = now_existing.lock.forbids_delete(now_ms, bypass_governance);
+                let too_late = now_ms.saturating_sub(mark.began_at_ms) > DELETION_MARK_DEADLINE_MS;
+                if locked || too_late {
+                    // Withdrawn, the mark no longer holds up lock changes. Should this
+                    // write fail, they wait for the mark to expire instead.
+                    mark.withdrawn = true;
+                    let mut withdrawn = now_existing.clone();
+                    withdrawn.lock_changes.add_deletion(mark);
+                    let _ = self
+                        .meta_write_register(
+                            Table::Objects,
+                            &row,
+                            &Lww::new(read_at, Record::ObjectVersion(withdrawn)),
+                        )
+                        .await;
+                    return Err(match locked {
+                        true => refuse_locked(),
+                        false => DataError::VersionBusy(format!(
+                            "deleting version {version_id} of {key:?} took longer than {DELETION_MARK_DEADLINE_MS} ms; retry"
+                        )),
+                    });
+                }
+                self.meta_write_register(Table::Objects, &row, &Lww::tombstone(self.stamp_after(read_at)))
+                    .await?;
+                return Ok(deleted(false));
+            }
             self.meta_put(Table::Objects, &row, None).await?;
-            return Ok(DeleteOutcome {
-                version_id: Some(version_id.to_string()),
-                delete_marker,
-            });
+            return Ok(deleted(delete_marker));
         }
         if bucket.versioning == VersioningState::Unversioned {
             self.meta_put(
@@ -428,6 +508,7 @@ impl<E: Env> ClusterNode<E> {
             data: ObjectData::DeleteMarker,
             lock: ObjectLock::default(),
             bucket_created_at_ms: bucket.created_at_ms,
+            lock_changes: LockChanges::at(slot.stamp),
         };
         self.commit_version(&marker).await?;
         Ok(DeleteOutcome {
@@ -438,6 +519,13 @@ impl<E: Env> ClusterNode<E> {
 
     /// Sets a version's retention or legal hold. Retention under COMPLIANCE can only be
     /// extended; under GOVERNANCE, shortening or removing it needs `bypass_governance`.
+    ///
+    /// The change keeps the version's register timestamp and stamps only its own field
+    /// ([`LockChanges`]): a concurrent change of the other field stays, and a delete's
+    /// tombstone always wins, so no change writes a deleted version back. Written, the
+    /// lock is read again: a delete that marked the version meanwhile may not have seen
+    /// it, so the change waits for that delete to finish or to run out of time, and
+    /// answers NoSuchVersion if the version went.
     pub async fn change_object_lock(
         self: &Arc<Self>,
         bucket: &BucketRecord,
@@ -452,14 +540,29 @@ impl<E: Env> ClusterNode<E> {
                 bucket.name
             )));
         }
+        validate_key(key)?;
         // Only a version of this bucket is found, and the write keeps its generation.
-        let mut record = self.object_version(bucket, key, version_id).await?;
+        let version_id = match version_id {
+            Some(version_id) => version_id.to_string(),
+            None => self.object_version(bucket, key, None).await?.version_id,
+        };
+        validate_version_id(&version_id)?;
+        let row = object_row(&bucket.name, bucket.created_at_ms, key, &version_id);
+        let register = self.meta_get(Table::Objects, &row).await?;
+        let Some((timestamp, record)) = bucket_version_at(register.as_ref(), bucket) else {
+            return Err(DataError::NoSuchVersion);
+        };
+        let mut record = record.clone();
         if record.is_delete_marker() {
             return Err(DataError::InvalidLockRequest("a delete marker cannot be locked".into()));
         }
         let now_ms = self.env.now_ms();
+        let stamp = self.stamp_after(timestamp.max(record.lock_changes.newest_stamp()));
         match change {
-            LockChange::LegalHold(on) => record.lock.legal_hold = on,
+            LockChange::LegalHold(on) => {
+                record.lock.legal_hold = on;
+                record.lock_changes.legal_hold_stamp = stamp;
+            }
             LockChange::Retention(wanted) => {
                 if let Some(current) = record.lock.retention.filter(|current| current.retain_until_ms > now_ms) {
                     let weakens = match wanted {
@@ -483,15 +586,47 @@ impl<E: Env> ClusterNode<E> {
                     ));
                 }
                 record.lock.retention = wanted;
+                record.lock_changes.retention_stamp = stamp;
             }
         }
-        self.meta_put(
+        self.meta_write_register(
             Table::Objects,
-            &object_row_of(&record),
-            Some(Record::ObjectVersion(record.clone())),
+            &row,
+            &Lww::new(timestamp, Record::ObjectVersion(record)),
         )
         .await?;
-        Ok(record)
+        // A delete that missed this change began before now, so it writes its tombstone
+        // within DELETION_MARK_DEADLINE_MS of now or never; the wait allows as much again
+        // for that write to land.
+        let written_at_ms = self.env.now_ms();
+        loop {
+            let register = self.meta_get(Table::Objects, &row).await?;
+            let Some(now_record) = bucket_object_of(register.as_ref(), bucket) else {
+                return Err(DataError::NoSuchVersion);
+            };
+            let now_ms = self.env.now_ms();
+            if !now_record.lock_changes.delete_may_be_in_progress(now_ms) {
+                return Ok(now_record.clone());
+            }
+            if now_ms.saturating_sub(written_at_ms) > DELETION_MARK_WAIT_MS {
+                // The delete is over, but its tombstone may have reached only some
+                // replicas (its writer failed or crashed), and anti-entropy would spread
+                // it: every replica must answer.
+                let register = self
+                    .meta_get_from(Table::Objects, &row, ReplicasRead::All)
+                    .await
+                    .map_err(|error| {
+                        DataError::VersionBusy(format!(
+                            "a delete of version {version_id} of {key:?} raced this change and not every \
+                             replica can say whether it went ({error}); retry"
+                        ))
+                    })?;
+                return bucket_object_of(register.as_ref(), bucket)
+                    .cloned()
+                    .ok_or(DataError::NoSuchVersion);
+            }
+            self.env.sleep(DELETION_MARK_POLL_MS).await;
+        }
     }
 
     /// Turns versioning on or suspends it (a bucket never returns to unversioned, and one

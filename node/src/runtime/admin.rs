@@ -233,7 +233,8 @@ fn data_error_response(error: DataError) -> Response {
         DataError::BucketExists(_)
         | DataError::BucketNotEmpty(_)
         | DataError::BucketBeingDeleted(_)
-        | DataError::BucketBusy(_) => StatusCode::CONFLICT,
+        | DataError::BucketBusy(_)
+        | DataError::VersionBusy(_) => StatusCode::CONFLICT,
         DataError::InvalidBucketName(_)
         | DataError::InvalidBucketOptions
         | DataError::InvalidKey(_)

@@ -74,7 +74,9 @@ fn s3_error_of(error: DataError) -> S3Error {
         DataError::BucketNotEmpty(_) => S3ErrorCode::BucketNotEmpty,
         // S3's answer to a request that met a conflicting one in progress (409); retrying
         // learns whether the bucket went.
-        DataError::BucketBeingDeleted(_) | DataError::BucketBusy(_) => S3ErrorCode::OperationAborted,
+        DataError::BucketBeingDeleted(_) | DataError::BucketBusy(_) | DataError::VersionBusy(_) => {
+            S3ErrorCode::OperationAborted
+        }
         DataError::InvalidBucketName(_) => S3ErrorCode::InvalidBucketName,
         DataError::InvalidKey(_) => S3ErrorCode::KeyTooLongError,
         DataError::InvalidBucketOptions => S3ErrorCode::InvalidArgument,
