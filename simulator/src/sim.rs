@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use bdr_node::cluster::data::{BodyCheck, BucketOptions, DataError, DataKeys, ObjectWrite};
 use bdr_node::cluster::maintenance::MaintenanceConfig;
 use bdr_node::cluster::membership::MembershipConfig;
+use bdr_node::cluster::versions::LockChange;
 use bdr_node::cluster::{ClusterInbound, ClusterNode};
 use bdr_node::env::{Env, InboundHandler, ShardStore, Tree};
 use bdr_protocol::envelope::RootKey;
@@ -14,7 +15,7 @@ use bdr_protocol::erasure::{CodecId, StripeCodec};
 use bdr_protocol::ids::{NodeId, StripeId, ZoneName};
 use bdr_protocol::layout::{NodeRoles, NodeSpec, NodeStatus};
 use bdr_protocol::placement::place;
-use bdr_protocol::records::{RowKey, VersioningState, METADATA_PARTITIONS};
+use bdr_protocol::records::{Retention, RetentionMode, RowKey, VersioningState, METADATA_PARTITIONS};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
@@ -50,6 +51,14 @@ const SCRATCH_BUCKET: &str = "scratch";
 const SCRATCH_KEYS: u64 = 3;
 /// Objects a scratch bucket deletion lists and deletes before it deletes the bucket.
 const SCRATCH_LIST_LIMIT: u32 = 100;
+/// With `object_lock`, rolls (of 100) in this range go to the Object Lock bucket instead.
+const LOCK_ROLLS: std::ops::Range<u64> = 85..95;
+/// The bucket with Object Lock that `object_lock` writes, locks and deletes versions in.
+const LOCK_BUCKET: &str = "vault";
+const LOCK_KEYS: u64 = 3;
+/// The retention that `object_lock` places: GOVERNANCE (deletes here never bypass it),
+/// long enough to outlast any run.
+const LOCK_RETENTION_MS: u64 = 365 * 86_400_000;
 /// Parts uploaded per multipart upload, at most.
 const MULTIPART_PARTS_MAX: u64 = 3;
 /// Layout changes (drain, remove) are retried this often until they succeed.
@@ -118,6 +127,13 @@ pub struct Scenario {
     /// their stripes (the final checks count what is left).
     #[serde(default)]
     pub bucket_churn: bool,
+    /// A bucket with Object Lock where clients put versions, place legal holds and
+    /// retention, and delete versions by id, some of them racing one another through two
+    /// gateways. Holds are never lifted and retention never ends within a run, so a
+    /// version whose lock was acknowledged must be there, locked, at the end; one whose
+    /// delete was acknowledged must never come back; and no version may have both.
+    #[serde(default)]
+    pub object_lock: bool,
     /// The nodes' timers: the seeds' compressed ones (default) or a deployment's.
     #[serde(default)]
     pub timers: Timers,
@@ -220,6 +236,7 @@ impl Default for Scenario {
             node_replacement: false,
             versioning: true,
             bucket_churn: false,
+            object_lock: true,
             timers: Timers::Compressed,
         }
     }
@@ -236,6 +253,9 @@ pub struct Outcome {
     pub unavailable_operations: u64,
     /// Acknowledged versions read back by id at the end (0 when versioning was off).
     pub versions_checked: u64,
+    /// With `object_lock`: versions whose lock or delete by id was acknowledged, checked
+    /// at the end.
+    pub lock_versions_checked: u64,
     pub faults_injected: Vec<String>,
     /// What the disk faults did, summed over the nodes.
     pub disk_faults: DiskFaultCounters,
@@ -328,6 +348,9 @@ struct Shared {
     versioned: bool,
     /// Every acknowledged version: (key, version id, content hash).
     versions: Mutex<Vec<(String, String, [u8; 32])>>,
+    /// With `object_lock`: every version acknowledged into the Object Lock bucket and
+    /// what was acknowledged of its lock and deletion.
+    lock_versions: Mutex<Vec<LockedVersion>>,
     /// How buckets are made (the workload's and the scratch bucket).
     bucket_options: Option<BucketOptions>,
     /// Content hashes of every put attempted into the scratch bucket: a read there may
@@ -336,6 +359,16 @@ struct Shared {
     /// What happened to the scratch bucket, to check that no deletion of it was
     /// acknowledged while it held an acknowledged put.
     scratch_history: Mutex<ScratchHistory>,
+}
+
+/// A version in the Object Lock bucket and what was acknowledged of it.
+#[derive(Debug, Clone, Default)]
+struct LockedVersion {
+    key: String,
+    version_id: String,
+    hold_acknowledged: bool,
+    retention_acknowledged: bool,
+    delete_acknowledged: bool,
 }
 
 /// The scratch bucket's acknowledged puts and deletions, and every object delete tried
@@ -726,7 +759,9 @@ impl Shared {
         self.world.executor.spawn(
             Some(gateway_id),
             Box::pin(async move {
-                if roll >= BUCKET_CHURN_ROLL_FROM && shared.scenario.bucket_churn {
+                if LOCK_ROLLS.contains(&roll) && shared.scenario.object_lock {
+                    shared.lock_step(&gateway, value_seed).await;
+                } else if roll >= BUCKET_CHURN_ROLL_FROM && shared.scenario.bucket_churn {
                     shared.churn(&gateway, value_seed, length).await;
                 } else if roll < MULTIPART_ROLL_BELOW && shared.scenario.multipart {
                     shared.multipart(&gateway, &key, value_seed, max_length).await;
@@ -776,6 +811,171 @@ impl Shared {
             }),
         );
         receiver.await.ok()
+    }
+
+    /// One step in the Object Lock bucket, picked at random: put a version, place a legal
+    /// hold or a retention on a version written before, delete one by id, or place a hold
+    /// while another gateway deletes the version.
+    async fn lock_step(self: &Arc<Self>, gateway: &Arc<ClusterNode<SimEnv>>, value_seed: u64) {
+        let known = self.lock_versions.lock().expect("not poisoned").len() as u64;
+        let step = match known {
+            0 => 0,
+            _ => self.world.random_below(5),
+        };
+        if step == 0 {
+            let key = format!("v{}", self.world.random_below(LOCK_KEYS));
+            let write = ObjectWrite {
+                bucket: LOCK_BUCKET.into(),
+                key: key.clone(),
+                ..ObjectWrite::default()
+            };
+            let data = content(value_seed, (value_seed % 64) as usize);
+            let result = gateway.put_object(write, futures::io::Cursor::new(data)).await;
+            self.world
+                .record(&[b"lock-put", key.as_bytes(), &[result.is_ok() as u8]]);
+            match result {
+                Ok(record) => self.lock_versions.lock().expect("not poisoned").push(LockedVersion {
+                    key,
+                    version_id: record.version_id,
+                    ..LockedVersion::default()
+                }),
+                Err(_) => self.count("unavailable"),
+            }
+            return;
+        }
+        let index = self.world.random_below(known) as usize;
+        let (key, version_id) = {
+            let versions = self.lock_versions.lock().expect("not poisoned");
+            (versions[index].key.clone(), versions[index].version_id.clone())
+        };
+        let bucket = match gateway.bucket(LOCK_BUCKET).await {
+            Ok(Some(bucket)) => bucket,
+            _ => {
+                self.count("unavailable");
+                return;
+            }
+        };
+        let retention = Retention {
+            mode: RetentionMode::Governance,
+            retain_until_ms: gateway.env().now_ms().saturating_add(LOCK_RETENTION_MS),
+        };
+        let change = |step| match step {
+            2 => LockChange::Retention(Some(retention)),
+            _ => LockChange::LegalHold(true),
+        };
+        let (deleted, changed) = match step {
+            1 | 2 => {
+                let changed = gateway
+                    .change_object_lock(&bucket, &key, Some(&version_id), change(step), false)
+                    .await;
+                (None, Some(changed.map(|_| ())))
+            }
+            3 => {
+                let deleted = gateway
+                    .delete_object_version(&bucket, &key, Some(&version_id), false)
+                    .await;
+                (Some(deleted.map(|_| ())), None)
+            }
+            _ => {
+                // The race: the delete runs as a task of another node, the hold here.
+                let up = self.up_nodes();
+                let (_, other) = up[self.world.random_below(up.len() as u64) as usize].clone();
+                let delete = {
+                    let (deleter, bucket, key, version_id) =
+                        (Arc::clone(&other), bucket.clone(), key.clone(), version_id.clone());
+                    self.on_node(&other, async move {
+                        deleter
+                            .delete_object_version(&bucket, &key, Some(&version_id), false)
+                            .await
+                            .map(|_| ())
+                    })
+                };
+                let hold = gateway.change_object_lock(&bucket, &key, Some(&version_id), change(1), false);
+                let (deleted, held) = futures::join!(delete, hold);
+                // A delete whose node crashed has an unknown effect, like a failed one.
+                (
+                    Some(deleted.unwrap_or(Err(DataError::NoSuchBucket(LOCK_BUCKET.into())))),
+                    Some(held.map(|_| ())),
+                )
+            }
+        };
+        let ok = |result: &Option<Result<(), DataError>>| result.as_ref().is_some_and(Result::is_ok);
+        self.world.record(&[
+            b"lock-step",
+            key.as_bytes(),
+            version_id.as_bytes(),
+            &[step as u8, ok(&deleted) as u8, ok(&changed) as u8],
+        ]);
+        let mut versions = self.lock_versions.lock().expect("not poisoned");
+        let version = &mut versions[index];
+        version.delete_acknowledged |= ok(&deleted);
+        if ok(&changed) {
+            match step {
+                2 => version.retention_acknowledged = true,
+                _ => version.hold_acknowledged = true,
+            }
+        }
+    }
+
+    /// Every version of the Object Lock bucket whose lock or deletion was acknowledged:
+    /// a lock holds and a deletion stays, and never were both acknowledged.
+    async fn check_object_locks(&self, up: &[(usize, Arc<ClusterNode<SimEnv>>)]) {
+        let versions = self.lock_versions.lock().expect("not poisoned").clone();
+        let mut checked = 0;
+        for (position, version) in versions.iter().enumerate() {
+            let locked = version.hold_acknowledged || version.retention_acknowledged;
+            if !locked && !version.delete_acknowledged {
+                continue;
+            }
+            checked += 1;
+            let gateway = &up[position % up.len()].1;
+            let observed = match gateway.bucket(LOCK_BUCKET).await {
+                Ok(Some(bucket)) => {
+                    gateway
+                        .object_version(&bucket, &version.key, Some(&version.version_id))
+                        .await
+                }
+                Ok(None) => Err(DataError::NoSuchBucket(LOCK_BUCKET.into())),
+                Err(error) => Err(error),
+            };
+            let tag: &[u8] = match &observed {
+                Ok(record) if record.lock.legal_hold => b"held",
+                Ok(_) => b"present",
+                Err(DataError::NoSuchVersion) => b"absent",
+                Err(_) => b"unavailable",
+            };
+            self.world.record(&[
+                b"lock-check",
+                version.key.as_bytes(),
+                version.version_id.as_bytes(),
+                tag,
+            ]);
+            let name = format!("version {} of {}", version.version_id, version.key);
+            if locked && version.delete_acknowledged {
+                self.fail(format!(
+                    "{name}: both a lock and a delete by id were acknowledged ({version:?})"
+                ));
+            }
+            match observed {
+                Ok(record) => {
+                    if version.delete_acknowledged {
+                        self.fail(format!("{name} came back after its delete was acknowledged"));
+                    }
+                    if version.hold_acknowledged && !record.lock.legal_hold {
+                        self.fail(format!("{name} lost its acknowledged legal hold: {:?}", record.lock));
+                    }
+                    if version.retention_acknowledged && record.lock.retention.is_none() {
+                        self.fail(format!("{name} lost its acknowledged retention: {:?}", record.lock));
+                    }
+                }
+                Err(DataError::NoSuchVersion) if locked => {
+                    self.fail(format!("{name} is gone though its lock was acknowledged ({version:?})"));
+                }
+                Err(DataError::NoSuchVersion) => {}
+                Err(error) => self.fail(format!("{name} cannot be read after healing: {error}")),
+            }
+        }
+        self.count_by("lock_versions_checked", checked);
     }
 
     /// One step of the scratch bucket's life, picked at random: create it, put an
@@ -1698,6 +1898,9 @@ impl Shared {
             self.get(gateway, key, true).await;
         }
         self.check_versions(&up).await;
+        if self.scenario.object_lock {
+            self.check_object_locks(&up).await;
+        }
         if self.scenario.beyond_budget {
             self.check_loss_reported();
         }
@@ -1829,6 +2032,7 @@ pub fn run(seed: u64, scenario: &Scenario) -> Outcome {
         bucket_created: Mutex::new(false),
         versioned,
         versions: Mutex::new(Vec::new()),
+        lock_versions: Mutex::new(Vec::new()),
         bucket_options: StripeCodec::new(CodecId::DEFAULT, scenario.data_shards, scenario.parity_shards)
             .ok()
             .map(|codec| BucketOptions {
@@ -1887,6 +2091,25 @@ pub fn run(seed: u64, scenario: &Scenario) -> Outcome {
                     Err(error) => {
                         creator.fail(format!("cannot turn versioning on: {error}"));
                         return;
+                    }
+                }
+            }
+            if creator.scenario.object_lock {
+                let options = BucketOptions {
+                    object_lock_enabled: true,
+                    ..options
+                };
+                for attempt in 1..=BUCKET_CREATE_ATTEMPTS_MAX {
+                    match node.create_bucket_with(LOCK_BUCKET, "sim", options).await {
+                        Ok(_) => break,
+                        Err(DataError::BucketExists(_)) if attempt > 1 => break,
+                        Err(DataError::Meta(_) | DataError::BucketBusy(_)) if attempt < BUCKET_CREATE_ATTEMPTS_MAX => {
+                            creator.world.executor.sleep(BUCKET_CREATE_RETRY_MS).await;
+                        }
+                        Err(error) => {
+                            creator.fail(format!("cannot create the Object Lock bucket: {error}"));
+                            return;
+                        }
                     }
                 }
             }
@@ -1988,6 +2211,7 @@ pub fn run(seed: u64, scenario: &Scenario) -> Outcome {
         acknowledged_writes: counters.get("acknowledged_writes").copied().unwrap_or(0),
         unavailable_operations: counters.get("unavailable").copied().unwrap_or(0),
         versions_checked: counters.get("versions_checked").copied().unwrap_or(0),
+        lock_versions_checked: counters.get("lock_versions_checked").copied().unwrap_or(0),
         stripes_destroyed: counters.get("stripes_destroyed").copied().unwrap_or(0),
         detected_losses: counters.get("detected_losses").copied().unwrap_or(0),
         lost_stripes_reported: counters.get("lost_stripes_reported").copied().unwrap_or(0),
