@@ -318,14 +318,16 @@ impl LockChanges {
     }
 }
 
-/// Merges `theirs` into `ours`: the union by stamp (a mark withdrawn on either side is
-/// withdrawn), newest first, cut to the newest [`DELETION_MARKS_MAX`]. A join: the
-/// marks cut from one side's union are cut from every larger union too.
+/// Merges `theirs` into `ours`: the union by stamp (of two marks of one stamp, the later
+/// start, and withdrawn if either is), newest first, cut to the newest
+/// [`DELETION_MARKS_MAX`]. A join: the marks cut from one side's union are cut from every
+/// larger union too. The result is in normal form whatever the inputs' order or length.
 fn merge_deletion_marks(ours: &mut Vec<DeletionMark>, theirs: &[DeletionMark]) -> bool {
     let mut by_stamp: BTreeMap<HlcTimestamp, DeletionMark> = BTreeMap::new();
     for mark in ours.iter().chain(theirs) {
         let kept = by_stamp.entry(mark.stamp).or_insert(*mark);
-        *kept = (*kept).max(*mark);
+        kept.began_at_ms = kept.began_at_ms.max(mark.began_at_ms);
+        kept.withdrawn |= mark.withdrawn;
     }
     let merged: Vec<DeletionMark> = by_stamp.into_values().rev().take(DELETION_MARKS_MAX).collect();
     let changed = merged != *ours;
@@ -1002,7 +1004,15 @@ pub fn decode_stored_value(bytes: &[u8]) -> Result<Lww<Record>, RecordDecodeErro
         Ok(StoredValue::V1(register)) => Ok(legacy::upgrade_v2(legacy::upgrade_v1(register))),
         Ok(StoredValue::V2(register)) => Ok(legacy::upgrade_v2(register)),
         Ok(StoredValue::V3(register) | StoredValue::V4(register)) => Ok(legacy::upgrade_v4(register)),
-        Ok(StoredValue::V5(register)) => Ok(register),
+        Ok(StoredValue::V5(mut register)) => {
+            // Marks as merges leave them (ordered, one per stamp, bounded), whatever the
+            // bytes held: replicas holding the same odd bytes would otherwise never
+            // rewrite them, and readers scan every mark.
+            if let Some(Record::ObjectVersion(object)) = &mut register.value {
+                merge_deletion_marks(&mut object.lock_changes.deletions, &[]);
+            }
+            Ok(register)
+        }
         Err(error) => Err(RecordDecodeError::Corrupt(error.to_string())),
     }
 }
@@ -1502,6 +1512,32 @@ mod tests {
         }
         let kept: Vec<u64> = changes.deletions.iter().map(|mark| mark.stamp.wall_ms).collect();
         assert_eq!(kept, (32..40).rev().collect::<Vec<u64>>());
+        // One stamp with different starts: the later start, withdrawn if either is.
+        let mut changes = LockChanges::at(stamp(1, 0, 1));
+        let late_start = DeletionMark {
+            began_at_ms: 2_000,
+            ..mark(50, false)
+        };
+        changes.add_deletion(late_start);
+        changes.add_deletion(mark(50, true));
+        assert_eq!(
+            changes.deletions,
+            vec![DeletionMark {
+                withdrawn: true,
+                ..late_start
+            }]
+        );
+        // Odd stored bytes (unordered, too many marks) decode in the form merges leave.
+        let mut odd = object("k", 0);
+        odd.lock_changes.deletions = (0..20).map(|at| mark(at, false)).collect();
+        let decoded = decode_stored_value(&encode_stored_value(&object_register(stamp(1, 0, 1), odd))).unwrap();
+        let kept: Vec<u64> = object_in(&decoded)
+            .lock_changes
+            .deletions
+            .iter()
+            .map(|mark| mark.stamp.wall_ms)
+            .collect();
+        assert_eq!(kept, (12..20).rev().collect::<Vec<u64>>());
         // A mark expires once its delete's deadline and the clock allowance have passed.
         let expiry_ms = 1_000 + DELETION_MARK_DEADLINE_MS + CLOCK_SKEW_ALLOWANCE_MS;
         assert!(mark(1, false).may_be_in_progress(expiry_ms - 1));
@@ -1515,12 +1551,15 @@ mod tests {
             0u64..3,
             any::<bool>(),
             // More marks than a version keeps, so the cut is exercised too.
-            proptest::collection::vec((0u64..12, any::<bool>()), 0..10),
+            proptest::collection::vec((0u64..12, 0u64..2, any::<bool>()), 0..10),
         )
             .prop_map(|(retention_at, retain_until_ms, hold_at, legal_hold, deletions)| {
                 let lock = ObjectLock {
                     retention: retain_until_ms.map(|retain_until_ms| Retention {
-                        mode: RetentionMode::Governance,
+                        mode: match retain_until_ms {
+                            0 => RetentionMode::Governance,
+                            _ => RetentionMode::Compliance,
+                        },
                         retain_until_ms,
                     }),
                     legal_hold,
@@ -1528,13 +1567,24 @@ mod tests {
                 let mut changes = LockChanges::at(stamp(0, 0, 1));
                 changes.retention_stamp = stamp(retention_at, 0, 1);
                 changes.legal_hold_stamp = stamp(hold_at, 0, 1);
-                for (at, withdrawn) in deletions {
-                    changes.add_deletion(DeletionMark {
+                // Raw marks (any order, one stamp more than once), normalized as decoding does.
+                changes.deletions = deletions
+                    .into_iter()
+                    .map(|(at, began_at_ms, withdrawn)| DeletionMark {
                         stamp: stamp(at, 0, 2),
-                        began_at_ms: 1,
+                        began_at_ms,
                         withdrawn,
-                    });
-                }
+                    })
+                    .collect();
+                let register = Lww::new(
+                    stamp(0, 0, 1),
+                    Record::ObjectVersion(ObjectVersionRecord {
+                        lock_changes: changes,
+                        ..object("k", 0)
+                    }),
+                );
+                let decoded = decode_stored_value(&encode_stored_value(&register)).unwrap();
+                let changes = object_in(&decoded).lock_changes.clone();
                 (lock, changes)
             })
     }

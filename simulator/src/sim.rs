@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
-use bdr_node::cluster::data::{BodyCheck, BucketOptions, DataError, DataKeys, ObjectWrite};
+use bdr_node::cluster::data::{object_row, BodyCheck, BucketOptions, DataError, DataKeys, ObjectWrite};
 use bdr_node::cluster::maintenance::MaintenanceConfig;
 use bdr_node::cluster::membership::MembershipConfig;
 use bdr_node::cluster::versions::LockChange;
@@ -236,7 +236,7 @@ impl Default for Scenario {
             node_replacement: false,
             versioning: true,
             bucket_churn: false,
-            object_lock: true,
+            object_lock: false,
             timers: Timers::Compressed,
         }
     }
@@ -256,6 +256,10 @@ pub struct Outcome {
     /// With `object_lock`: versions whose lock or delete by id was acknowledged, checked
     /// at the end.
     pub lock_versions_checked: u64,
+    /// With `object_lock`: races of a lock and a delete by id that the delete won (the
+    /// lock was refused) and that the lock won (the delete was refused).
+    pub lock_races_delete_won: u64,
+    pub lock_races_lock_won: u64,
     pub faults_injected: Vec<String>,
     /// What the disk faults did, summed over the nodes.
     pub disk_faults: DiskFaultCounters,
@@ -859,6 +863,8 @@ impl Shared {
             mode: RetentionMode::Governance,
             retain_until_ms: gateway.env().now_ms().saturating_add(LOCK_RETENTION_MS),
         };
+        // The race places a hold or a retention, at random.
+        let race_change = 1 + self.world.random_below(2);
         let change = |step| match step {
             2 => LockChange::Retention(Some(retention)),
             _ => LockChange::LegalHold(true),
@@ -890,14 +896,20 @@ impl Shared {
                             .map(|_| ())
                     })
                 };
-                let hold = gateway.change_object_lock(&bucket, &key, Some(&version_id), change(1), false);
-                let (deleted, held) = futures::join!(delete, hold);
-                // A delete whose node crashed has an unknown effect, like a failed one.
-                (
-                    Some(deleted.unwrap_or(Err(DataError::NoSuchBucket(LOCK_BUCKET.into())))),
-                    Some(held.map(|_| ())),
-                )
+                let lock = gateway.change_object_lock(&bucket, &key, Some(&version_id), change(race_change), false);
+                let (deleted, locked) = futures::join!(delete, lock);
+                match (&deleted, &locked) {
+                    (Some(Ok(())), Err(_)) => self.count("lock_races_delete_won"),
+                    (Some(Err(_)), Ok(_)) => self.count("lock_races_lock_won"),
+                    _ => {}
+                }
+                // A delete whose node crashed (None) has an unknown effect, like a failed one.
+                (deleted, Some(locked.map(|_| ())))
             }
+        };
+        let step = match step {
+            4 => race_change,
+            _ => step,
         };
         let ok = |result: &Option<Result<(), DataError>>| result.as_ref().is_some_and(Result::is_ok);
         self.world.record(&[
@@ -921,6 +933,9 @@ impl Shared {
     /// a lock holds and a deletion stays, and never were both acknowledged.
     async fn check_object_locks(&self, up: &[(usize, Arc<ClusterNode<SimEnv>>)]) {
         let versions = self.lock_versions.lock().expect("not poisoned").clone();
+        // Every replica's rows, merged: what the cluster converges to, including a
+        // tombstone that reached one replica only.
+        let merged = self.merged_rows(bdr_protocol::wire::Table::Objects);
         let mut checked = 0;
         for (position, version) in versions.iter().enumerate() {
             let locked = version.hold_acknowledged || version.retention_acknowledged;
@@ -929,15 +944,34 @@ impl Shared {
             }
             checked += 1;
             let gateway = &up[position % up.len()].1;
-            let observed = match gateway.bucket(LOCK_BUCKET).await {
-                Ok(Some(bucket)) => {
-                    gateway
-                        .object_version(&bucket, &version.key, Some(&version.version_id))
-                        .await
-                }
-                Ok(None) => Err(DataError::NoSuchBucket(LOCK_BUCKET.into())),
-                Err(error) => Err(error),
-            };
+            let observed =
+                match gateway.bucket(LOCK_BUCKET).await {
+                    Ok(Some(bucket)) => {
+                        let read = gateway
+                            .object_version(&bucket, &version.key, Some(&version.version_id))
+                            .await;
+                        let row = object_row(LOCK_BUCKET, bucket.created_at_ms, &version.key, &version.version_id);
+                        let everywhere = row.encode().ok().and_then(|row| merged.get(&row)).and_then(|register| {
+                            match &register.value {
+                                Some(bdr_protocol::records::Record::ObjectVersion(record)) => Some(record.clone()),
+                                _ => None,
+                            }
+                        });
+                        match (read, everywhere) {
+                            (Ok(record), Some(everywhere)) if record == everywhere => Ok(record),
+                            (Err(DataError::NoSuchVersion), None) => Err(DataError::NoSuchVersion),
+                            (read, everywhere) => {
+                                self.fail(format!(
+                                "version {} of {}: a quorum read gives {read:?} but the replicas hold {everywhere:?}",
+                                version.version_id, version.key
+                            ));
+                                continue;
+                            }
+                        }
+                    }
+                    Ok(None) => Err(DataError::NoSuchBucket(LOCK_BUCKET.into())),
+                    Err(error) => Err(error),
+                };
             let tag: &[u8] = match &observed {
                 Ok(record) if record.lock.legal_hold => b"held",
                 Ok(_) => b"present",
@@ -2212,6 +2246,8 @@ pub fn run(seed: u64, scenario: &Scenario) -> Outcome {
         unavailable_operations: counters.get("unavailable").copied().unwrap_or(0),
         versions_checked: counters.get("versions_checked").copied().unwrap_or(0),
         lock_versions_checked: counters.get("lock_versions_checked").copied().unwrap_or(0),
+        lock_races_delete_won: counters.get("lock_races_delete_won").copied().unwrap_or(0),
+        lock_races_lock_won: counters.get("lock_races_lock_won").copied().unwrap_or(0),
         stripes_destroyed: counters.get("stripes_destroyed").copied().unwrap_or(0),
         detected_losses: counters.get("detected_losses").copied().unwrap_or(0),
         lost_stripes_reported: counters.get("lost_stripes_reported").copied().unwrap_or(0),

@@ -94,6 +94,14 @@ fn many_seeds_of_every_scenario_pass() {
         "too few multipart uploads: {multipart_completed} completed ({multipart_multiple} of several parts), \
          {multipart_aborted} aborted"
     );
+    let lock_versions: u64 = outcomes.iter().map(|outcome| outcome.lock_versions_checked).sum();
+    let deletes_won: u64 = outcomes.iter().map(|outcome| outcome.lock_races_delete_won).sum();
+    let locks_won: u64 = outcomes.iter().map(|outcome| outcome.lock_races_lock_won).sum();
+    assert!(
+        lock_versions > 20 && deletes_won > 0 && locks_won > 0,
+        "too little Object Lock work: {lock_versions} versions checked, races won by deletes \
+         {deletes_won} and by locks {locks_won}"
+    );
     let joined: u64 = outcomes.iter().map(|outcome| outcome.nodes_joined).sum();
     let removed: u64 = outcomes.iter().map(|outcome| outcome.nodes_removed).sum();
     let replacements = outcomes

@@ -178,7 +178,7 @@ pub enum DataError {
     InvalidVersionId(String),
     #[error("object locked: {0}")]
     ObjectLocked(String),
-    #[error("{0}")]
+    #[error("version busy: {0}")]
     VersionBusy(String),
     #[error("invalid bucket state: {0}")]
     InvalidBucketState(String),
@@ -354,7 +354,7 @@ pub(crate) fn validate_key(key: &str) -> Result<(), DataError> {
 /// (`null-` and 16 hex digits, still after every versioned id). Were it shared, a late
 /// write from a deleted bucket, stamped by a fast clock, would win the register over an
 /// acknowledged version of the bucket of the same name created since.
-pub(crate) fn object_row(bucket: &str, bucket_created_at_ms: u64, key: &str, version_id: &str) -> RowKey {
+pub fn object_row(bucket: &str, bucket_created_at_ms: u64, key: &str, version_id: &str) -> RowKey {
     let mut sort_key = key.as_bytes().to_vec();
     sort_key.push(0);
     sort_key.extend_from_slice(version_row_id(version_id, bucket_created_at_ms).as_bytes());

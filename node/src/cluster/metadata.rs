@@ -37,7 +37,7 @@ pub const METADATA_TIMEOUT_MS: u64 = 10_000;
 pub const META_READ_HEDGE_AFTER_MS: u64 = 500;
 /// Times a request refused for a layout mismatch is sent again after a gossip exchange
 /// with the replica (one exchange makes both hold the merge of their layouts).
-const LAYOUT_MISMATCH_RETRIES_MAX: u32 = 1;
+pub(crate) const LAYOUT_MISMATCH_RETRIES_MAX: u32 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetaError {

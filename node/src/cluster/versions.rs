@@ -37,7 +37,7 @@ use super::data::{
     bucket_row, is_row_of, marker_sort_key, object_row, object_row_of, split_marker_sort_key, validate_key,
     version_id_of_row, DataError, ObjectListing, COMMIT_DELETION_POLL_MS, COMMIT_DELETION_WAIT_MS, NULL_VERSION,
 };
-use super::metadata::ReplicasRead;
+use super::metadata::{ReplicasRead, LAYOUT_MISMATCH_RETRIES_MAX, METADATA_TIMEOUT_MS};
 use super::ClusterNode;
 use crate::env::Env;
 use bdr_protocol::records::RowKey;
@@ -89,13 +89,18 @@ pub enum LockChange {
     LegalHold(bool),
 }
 
-/// A version id is "null" or one of ours (40 lowercase hex digits).
-/// How long a lock change that finds a [`DeletionMark`] waits for its delete at most:
-/// the delete's deadline, and as long again for its tombstone to land.
-pub const DELETION_MARK_WAIT_MS: u64 = 2 * DELETION_MARK_DEADLINE_MS;
+/// How long a lock change that finds a live [`DeletionMark`] waits for its delete at
+/// most: the delete's deadline, then as long as its tombstone's replica writes may take
+/// (each try bounded by the metadata timeout, retried once after a layout change), and
+/// a margin for the last of them to be applied.
+pub const DELETION_MARK_WAIT_MS: u64 = DELETION_MARK_DEADLINE_MS
+    + (LAYOUT_MISMATCH_RETRIES_MAX as u64 + 1) * METADATA_TIMEOUT_MS
+    + DELETION_MARK_LANDING_MARGIN_MS;
+const DELETION_MARK_LANDING_MARGIN_MS: u64 = 5_000;
 /// How often a lock change waiting for a delete reads the version again.
 pub const DELETION_MARK_POLL_MS: u64 = 100;
 
+/// A version id is "null" or one of ours (40 lowercase hex digits).
 pub fn validate_version_id(version_id: &str) -> Result<(), DataError> {
     let ours = version_id.len() == 40 && version_id.bytes().all(|byte| matches!(byte, b'0'..=b'9' | b'a'..=b'f'));
     if version_id == NULL_VERSION || ours {
@@ -431,49 +436,7 @@ impl<E: Env> ClusterNode<E> {
             // Only a version in a bucket with Object Lock can be locked meanwhile (delete
             // markers never are).
             if bucket.object_lock_enabled && !delete_marker {
-                let mut mark = DeletionMark {
-                    stamp: self.stamp_after(timestamp.max(existing.lock_changes.newest_stamp())),
-                    began_at_ms: self.env.now_ms(),
-                    withdrawn: false,
-                };
-                let mut marked = existing.clone();
-                marked.lock_changes.add_deletion(mark);
-                self.meta_write_register(
-                    Table::Objects,
-                    &row,
-                    &Lww::new(timestamp, Record::ObjectVersion(marked)),
-                )
-                .await?;
-                let register = self.meta_get(Table::Objects, &row).await?;
-                let Some((read_at, now_existing)) = bucket_version_at(register.as_ref(), bucket) else {
-                    return Ok(deleted(false));
-                };
-                let now_ms = self.env.now_ms();
-                // Lock changes that saw the mark wait for the tombstone only so long. The
-                // tombstone is written at once, stamped after what was just read.
-                let locked = now_existing.lock.forbids_delete(now_ms, bypass_governance);
-                let too_late = now_ms.saturating_sub(mark.began_at_ms) > DELETION_MARK_DEADLINE_MS;
-                if locked || too_late {
-                    // Withdrawn, the mark no longer holds up lock changes. Should this
-                    // write fail, they wait for the mark to expire instead.
-                    mark.withdrawn = true;
-                    let mut withdrawn = now_existing.clone();
-                    withdrawn.lock_changes.add_deletion(mark);
-                    let _ = self
-                        .meta_write_register(
-                            Table::Objects,
-                            &row,
-                            &Lww::new(read_at, Record::ObjectVersion(withdrawn)),
-                        )
-                        .await;
-                    return Err(match locked {
-                        true => refuse_locked(),
-                        false => DataError::VersionBusy(format!(
-                            "deleting version {version_id} of {key:?} took longer than {DELETION_MARK_DEADLINE_MS} ms; retry"
-                        )),
-                    });
-                }
-                self.meta_write_register(Table::Objects, &row, &Lww::tombstone(self.stamp_after(read_at)))
+                self.delete_marked_version(bucket, &row, timestamp, existing, bypass_governance)
                     .await?;
                 return Ok(deleted(false));
             }
@@ -515,6 +478,75 @@ impl<E: Env> ClusterNode<E> {
             version_id: Some(marker.version_id),
             delete_marker: true,
         })
+    }
+
+    /// Deletes a version by id in a bucket with Object Lock: marks it, reads its lock
+    /// again and writes the tombstone only if the version is still unlocked, is still the
+    /// same version at the same register timestamp, still holds the mark, and the delete
+    /// is within its deadline. Every other way out withdraws the mark (best effort), so
+    /// lock changes need not wait it out; none does once the tombstone may have been sent.
+    async fn delete_marked_version(
+        self: &Arc<Self>,
+        bucket: &BucketRecord,
+        row: &RowKey,
+        timestamp: HlcTimestamp,
+        existing: &ObjectVersionRecord,
+        bypass_governance: bool,
+    ) -> Result<(), DataError> {
+        let name = format!("version {} of {:?}", existing.version_id, existing.key);
+        let mut mark = DeletionMark {
+            stamp: self.stamp_after(timestamp.max(existing.lock_changes.newest_stamp())),
+            began_at_ms: self.env.now_ms(),
+            withdrawn: false,
+        };
+        let mut marked = existing.clone();
+        marked.lock_changes.add_deletion(mark);
+        self.meta_write_register(Table::Objects, row, &Lww::new(timestamp, Record::ObjectVersion(marked)))
+            .await?;
+        let refusal = match self.meta_get(Table::Objects, row).await {
+            Err(error) => DataError::from(error),
+            Ok(register) => {
+                let Some((read_at, now_existing)) = bucket_version_at(register.as_ref(), bucket) else {
+                    return Ok(());
+                };
+                let now_ms = self.env.now_ms();
+                let same_version = read_at == timestamp && now_existing.version_stamp == existing.version_stamp;
+                let mark_kept = now_existing
+                    .lock_changes
+                    .deletions
+                    .iter()
+                    .any(|kept| kept.stamp == mark.stamp);
+                if now_existing.lock.forbids_delete(now_ms, bypass_governance) {
+                    DataError::ObjectLocked(format!("{name} is under retention or legal hold"))
+                } else if !same_version || !mark_kept {
+                    // A lock change may not have seen this delete: newer deletes pushed
+                    // its mark out, or the row holds another version now.
+                    DataError::VersionBusy(format!("{name} changed while it was being deleted; retry"))
+                } else if now_ms.saturating_sub(mark.began_at_ms) > DELETION_MARK_DEADLINE_MS {
+                    // Lock changes that saw the mark wait for the tombstone only so long.
+                    DataError::VersionBusy(format!(
+                        "deleting {name} took longer than {DELETION_MARK_DEADLINE_MS} ms; retry"
+                    ))
+                } else {
+                    // Written at once, stamped after what was just read.
+                    let tombstone = Lww::tombstone(self.stamp_after(read_at));
+                    self.meta_write_register(Table::Objects, row, &tombstone).await?;
+                    return Ok(());
+                }
+            }
+        };
+        mark.withdrawn = true;
+        let mut withdrawn = existing.clone();
+        withdrawn.lock_changes.add_deletion(mark);
+        // Should this write fail, lock changes wait for the mark to expire instead.
+        let _ = self
+            .meta_write_register(
+                Table::Objects,
+                row,
+                &Lww::new(timestamp, Record::ObjectVersion(withdrawn)),
+            )
+            .await;
+        Err(refusal)
     }
 
     /// Sets a version's retention or legal hold. Retention under COMPLIANCE can only be
@@ -595,6 +627,20 @@ impl<E: Env> ClusterNode<E> {
             &Lww::new(timestamp, Record::ObjectVersion(record)),
         )
         .await?;
+        // Two changes of one setting race last-writer-wins: the one that lost learns it
+        // here, unless it read before the other landed.
+        let still_ours = |now_record: &ObjectVersionRecord| {
+            let field_stamp = match change {
+                LockChange::LegalHold(_) => now_record.lock_changes.legal_hold_stamp,
+                LockChange::Retention(_) => now_record.lock_changes.retention_stamp,
+            };
+            match field_stamp == stamp {
+                true => Ok(now_record.clone()),
+                false => Err(DataError::VersionBusy(format!(
+                    "a later change of the same setting of version {version_id} of {key:?} replaced this one"
+                ))),
+            }
+        };
         // A delete that missed this change began before now, so it writes its tombstone
         // within DELETION_MARK_DEADLINE_MS of now or never; the wait allows as much again
         // for that write to land.
@@ -606,7 +652,7 @@ impl<E: Env> ClusterNode<E> {
             };
             let now_ms = self.env.now_ms();
             if !now_record.lock_changes.delete_may_be_in_progress(now_ms) {
-                return Ok(now_record.clone());
+                return still_ours(now_record);
             }
             if now_ms.saturating_sub(written_at_ms) > DELETION_MARK_WAIT_MS {
                 // The delete is over, but its tombstone may have reached only some
@@ -621,9 +667,10 @@ impl<E: Env> ClusterNode<E> {
                              replica can say whether it went ({error}); retry"
                         ))
                     })?;
-                return bucket_object_of(register.as_ref(), bucket)
-                    .cloned()
-                    .ok_or(DataError::NoSuchVersion);
+                return match bucket_object_of(register.as_ref(), bucket) {
+                    Some(now_record) => still_ours(now_record),
+                    None => Err(DataError::NoSuchVersion),
+                };
             }
             self.env.sleep(DELETION_MARK_POLL_MS).await;
         }
