@@ -939,12 +939,12 @@ mod legacy {
 
     /// A V2 object's bucket generation is unknown (0): it is served by whichever bucket
     /// of its name exists, as it was before generations were recorded.
-    pub fn upgrade_v2(register: Lww<RecordV2>) -> Lww<Record> {
+    pub fn upgrade_v2(register: Lww<RecordV2>) -> Lww<RecordV4> {
         let value = register.value.map(|record| match record {
-            RecordV2::Bucket(bucket) => Record::Bucket(bucket),
-            RecordV2::BucketGrant(grant) => Record::BucketGrant(grant),
-            RecordV2::AccessKey(key) => Record::AccessKey(key),
-            RecordV2::ObjectVersion(object) => Record::ObjectVersion(ObjectVersionRecord {
+            RecordV2::Bucket(bucket) => RecordV4::Bucket(bucket),
+            RecordV2::BucketGrant(grant) => RecordV4::BucketGrant(grant),
+            RecordV2::AccessKey(key) => RecordV4::AccessKey(key),
+            RecordV2::ObjectVersion(object) => RecordV4::ObjectVersion(ObjectVersionRecordV4 {
                 bucket: object.bucket,
                 key: object.key,
                 version_id: object.version_id,
@@ -959,11 +959,10 @@ mod legacy {
                 data: object.data,
                 lock: object.lock,
                 bucket_created_at_ms: 0,
-                lock_changes: LockChanges::at(object.version_stamp),
             }),
-            RecordV2::MultipartUpload(upload) => Record::MultipartUpload(upload),
-            RecordV2::MultipartPart(part) => Record::MultipartPart(part),
-            RecordV2::Stripe(stripe) => Record::Stripe(stripe),
+            RecordV2::MultipartUpload(upload) => RecordV4::MultipartUpload(upload),
+            RecordV2::MultipartPart(part) => RecordV4::MultipartPart(part),
+            RecordV2::Stripe(stripe) => RecordV4::Stripe(stripe),
         });
         Lww {
             timestamp: register.timestamp,
@@ -1001,8 +1000,8 @@ pub fn decode_stored_value(bytes: &[u8]) -> Result<Lww<Record>, RecordDecodeErro
         });
     }
     match postcard::from_bytes::<StoredValue>(bytes) {
-        Ok(StoredValue::V1(register)) => Ok(legacy::upgrade_v2(legacy::upgrade_v1(register))),
-        Ok(StoredValue::V2(register)) => Ok(legacy::upgrade_v2(register)),
+        Ok(StoredValue::V1(register)) => Ok(legacy::upgrade_v4(legacy::upgrade_v2(legacy::upgrade_v1(register)))),
+        Ok(StoredValue::V2(register)) => Ok(legacy::upgrade_v4(legacy::upgrade_v2(register))),
         Ok(StoredValue::V3(register) | StoredValue::V4(register)) => Ok(legacy::upgrade_v4(register)),
         Ok(StoredValue::V5(mut register)) => {
             // Marks as merges leave them (ordered, one per stamp, bounded), whatever the

@@ -817,6 +817,35 @@ impl Shared {
         receiver.await.ok()
     }
 
+    /// Creates a bucket for the workload, retrying while the metadata replicas finish the
+    /// handover of the layout the booting nodes just built (they refuse reads until
+    /// then), like a client. Setup is not under test: it may take as long as the cluster
+    /// needs to converge. False (and a failure) if it cannot.
+    async fn create_bucket_retrying(
+        &self,
+        node: &Arc<ClusterNode<SimEnv>>,
+        name: &str,
+        options: BucketOptions,
+    ) -> bool {
+        for attempt in 1..=BUCKET_CREATE_ATTEMPTS_MAX {
+            match node.create_bucket_with(name, "sim", options).await {
+                Ok(_) => {
+                    self.world.record(&[b"bucket-created", &attempt.to_le_bytes()]);
+                    return true;
+                }
+                Err(DataError::BucketExists(_)) if attempt > 1 => return true,
+                Err(DataError::Meta(_) | DataError::BucketBusy(_)) if attempt < BUCKET_CREATE_ATTEMPTS_MAX => {
+                    self.world.executor.sleep(BUCKET_CREATE_RETRY_MS).await;
+                }
+                Err(error) => {
+                    self.fail(format!("cannot create the bucket {name}: {error}"));
+                    return false;
+                }
+            }
+        }
+        false
+    }
+
     /// One step in the Object Lock bucket, picked at random: put a version, place a legal
     /// hold or a retention on a version written before, delete one by id, or place a hold
     /// while another gateway deletes the version.
@@ -2094,24 +2123,8 @@ pub fn run(seed: u64, scenario: &Scenario) -> Outcome {
             let Some((_, node)) = creator.up_nodes().first().cloned() else {
                 return;
             };
-            // Like a client, retry while the metadata replicas finish the handover of the
-            // layout the booting nodes just built (they refuse reads until then). Setup is
-            // not under test: it may take as long as the cluster needs to converge.
-            for attempt in 1..=BUCKET_CREATE_ATTEMPTS_MAX {
-                match node.create_bucket_with(BUCKET, "sim", options).await {
-                    Ok(_) => {
-                        creator.world.record(&[b"bucket-created", &attempt.to_le_bytes()]);
-                        break;
-                    }
-                    Err(DataError::BucketExists(_)) if attempt > 1 => break,
-                    Err(DataError::Meta(_) | DataError::BucketBusy(_)) if attempt < BUCKET_CREATE_ATTEMPTS_MAX => {
-                        creator.world.executor.sleep(BUCKET_CREATE_RETRY_MS).await;
-                    }
-                    Err(error) => {
-                        creator.fail(format!("cannot create the bucket: {error}"));
-                        return;
-                    }
-                }
+            if !creator.create_bucket_retrying(&node, BUCKET, options).await {
+                return;
             }
             for attempt in 1..=BUCKET_CREATE_ATTEMPTS_MAX {
                 if !creator.versioned {
@@ -2128,24 +2141,12 @@ pub fn run(seed: u64, scenario: &Scenario) -> Outcome {
                     }
                 }
             }
-            if creator.scenario.object_lock {
-                let options = BucketOptions {
-                    object_lock_enabled: true,
-                    ..options
-                };
-                for attempt in 1..=BUCKET_CREATE_ATTEMPTS_MAX {
-                    match node.create_bucket_with(LOCK_BUCKET, "sim", options).await {
-                        Ok(_) => break,
-                        Err(DataError::BucketExists(_)) if attempt > 1 => break,
-                        Err(DataError::Meta(_) | DataError::BucketBusy(_)) if attempt < BUCKET_CREATE_ATTEMPTS_MAX => {
-                            creator.world.executor.sleep(BUCKET_CREATE_RETRY_MS).await;
-                        }
-                        Err(error) => {
-                            creator.fail(format!("cannot create the Object Lock bucket: {error}"));
-                            return;
-                        }
-                    }
-                }
+            let lock_options = BucketOptions {
+                object_lock_enabled: true,
+                ..options
+            };
+            if creator.scenario.object_lock && !creator.create_bucket_retrying(&node, LOCK_BUCKET, lock_options).await {
+                return;
             }
             *creator.bucket_created.lock().expect("not poisoned") = true;
         }),
