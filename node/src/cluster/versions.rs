@@ -501,9 +501,15 @@ impl<E: Env> ClusterNode<E> {
         };
         let mut marked = existing.clone();
         marked.lock_changes.add_deletion(mark);
-        self.meta_write_register(Table::Objects, row, &Lww::new(timestamp, Record::ObjectVersion(marked)))
-            .await?;
-        let refusal = match self.meta_get(Table::Objects, row).await {
+        // A mark write that failed may still have reached a replica: it is withdrawn too.
+        let marked = self
+            .meta_write_register(Table::Objects, row, &Lww::new(timestamp, Record::ObjectVersion(marked)))
+            .await;
+        let read_again = match marked {
+            Ok(()) => self.meta_get(Table::Objects, row).await,
+            Err(error) => Err(error),
+        };
+        let refusal = match read_again {
             Err(error) => DataError::from(error),
             Ok(register) => {
                 let Some((read_at, now_existing)) = bucket_version_at(register.as_ref(), bucket) else {
