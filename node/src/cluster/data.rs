@@ -1540,12 +1540,7 @@ impl<E: Env> ClusterNode<E> {
         if !matches!(&current.value, Some(Record::Bucket(bucket)) if bucket.created_at_ms == generation) {
             return Err(DataError::NoSuchBucket(name.to_string()));
         }
-        let stamp = {
-            let now_ms = self.env.now_ms();
-            let mut membership = self.membership.lock().expect("not poisoned");
-            membership.timestamp_after(now_ms, &current.timestamp)
-        };
-        Ok(Lww::tombstone(stamp))
+        Ok(Lww::tombstone(self.stamp_after(current.timestamp)))
     }
 
     /// Deletes a bucket's grants and record without checking anything: what a deletion

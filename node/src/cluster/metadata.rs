@@ -751,6 +751,16 @@ impl<E: Env> ClusterNode<E> {
             .collect()
     }
 
+    /// A fresh timestamp after `floor` and after every timestamp this node has seen
+    /// (`HlcTimestamp::ZERO` for no floor).
+    pub(crate) fn stamp_after(&self, floor: HlcTimestamp) -> HlcTimestamp {
+        let now_ms = self.env.now_ms();
+        self.membership
+            .lock()
+            .expect("not poisoned")
+            .timestamp_after(now_ms, &floor)
+    }
+
     /// Writes a row (`None` writes a tombstone) with a timestamp above every value a
     /// quorum holds, and returns once a quorum of replicas made it durable.
     pub async fn meta_put(
@@ -760,14 +770,7 @@ impl<E: Env> ClusterNode<E> {
         value: Option<Record>,
     ) -> Result<HlcTimestamp, MetaError> {
         let current = self.meta_get(table, row).await?;
-        let timestamp = {
-            let now_ms = self.env.now_ms();
-            let mut membership = self.membership.lock().expect("not poisoned");
-            match &current {
-                Some(current) => membership.timestamp_after(now_ms, &current.timestamp),
-                None => membership.timestamp(now_ms),
-            }
-        };
+        let timestamp = self.stamp_after(current.as_ref().map_or(HlcTimestamp::ZERO, |current| current.timestamp));
         debug_assert!(current.as_ref().is_none_or(|current| current.timestamp < timestamp));
         let register = Lww { timestamp, value };
         self.meta_write_register(table, row, &register).await?;

@@ -295,28 +295,12 @@ impl<E: Env> ClusterNode<E> {
                 )));
             }
         }
-        let stamp = {
-            let now_ms = self.env.now_ms();
-            let mut membership = self.membership.lock().expect("not poisoned");
-            match &floor {
-                Some(floor) => membership.timestamp_after(now_ms, floor),
-                None => membership.timestamp(now_ms),
-            }
-        };
+        let stamp = self.stamp_after(floor.unwrap_or(HlcTimestamp::ZERO));
         let version_id = match versioned {
             true => version_id_of(&stamp),
             false => NULL_VERSION.to_string(),
         };
         Ok(VersionSlot { version_id, stamp })
-    }
-
-    /// A fresh timestamp after `floor` and after every timestamp this node has seen.
-    fn stamp_after(&self, floor: HlcTimestamp) -> HlcTimestamp {
-        let now_ms = self.env.now_ms();
-        self.membership
-            .lock()
-            .expect("not poisoned")
-            .timestamp_after(now_ms, &floor)
     }
 
     /// Commits a version to its row, stamped with its version stamp, and answers whether
@@ -424,13 +408,10 @@ impl<E: Env> ClusterNode<E> {
             let Some((timestamp, existing)) = bucket_version_at(register.as_ref(), bucket) else {
                 return Ok(deleted(false));
             };
-            let refuse_locked = || {
-                DataError::ObjectLocked(format!(
-                    "version {version_id} of {key:?} is under retention or legal hold"
-                ))
-            };
             if existing.lock.forbids_delete(self.env.now_ms(), bypass_governance) {
-                return Err(refuse_locked());
+                return Err(DataError::ObjectLocked(format!(
+                    "version {version_id} of {key:?} is under retention or legal hold"
+                )));
             }
             let delete_marker = existing.is_delete_marker();
             // Only a version in a bucket with Object Lock can be locked meanwhile (delete
