@@ -375,7 +375,8 @@ impl Env for SimEnv {
                         world_inner.executor.sleep(latency_ms).await;
                         let handler = world_inner.handlers.lock().expect("not poisoned").get(&to).cloned();
                         let Some(handler) = handler else { return };
-                        let Ok(request) = wire::decode_request(&encoded) else {
+                        // Decoded as the network decodes: shards share the frame's buffer.
+                        let Ok(request) = wire::decode_request_shared(&bytes::Bytes::from(encoded)) else {
                             return;
                         };
                         world_inner.record(&[
@@ -391,7 +392,7 @@ impl Env for SimEnv {
                         };
                         world_inner.executor.sleep(back_ms).await;
                         if let Ok(bytes) = wire::encode_response(&response) {
-                            if let Ok(response) = wire::decode_response(&bytes) {
+                            if let Ok(response) = wire::decode_response_shared(&bytes::Bytes::from(bytes)) {
                                 let _ = sender.send(response);
                             }
                         }

@@ -1195,8 +1195,10 @@ impl<E: Env> ClusterNode<E> {
                 Err(error) => Response::error(RemoteErrorKind::BadRequest, error.to_string()),
             },
             Request::GetShard { stripe_id, index } => match store.get(ShardKey { stripe_id, index }).await {
+                // The store's buffer goes out as it is (a direct read's aligned buffer
+                // would be copied to become a vector).
                 Ok(shard) => Response::Shard {
-                    shard: shard.into_bytes(),
+                    shard: shard.shared_bytes(),
                 },
                 Err(error) => store_error(error),
             },
@@ -1822,7 +1824,7 @@ impl<E: Env> ClusterNode<E> {
         {
             // A shard damaged in transit is as bad as one damaged on disk.
             Ok(Response::Shard { shard }) => {
-                Shard::from_vec(shard).map_err(|error| FetchError::Corrupt(error.to_string()))
+                Shard::from_shared(shard).map_err(|error| FetchError::Corrupt(error.to_string()))
             }
             Ok(Response::Error {
                 kind: RemoteErrorKind::Corrupt,

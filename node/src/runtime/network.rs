@@ -26,6 +26,7 @@ use std::time::Duration;
 use bdr_protocol::admission::ClusterSecret;
 use bdr_protocol::ids::NodeId;
 use bdr_protocol::wire::{self, Request, Response};
+use bytes::Bytes;
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, StreamExt};
 use libp2p::peer_store::{self, memory_store};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
@@ -207,7 +208,7 @@ impl NetworkHandle {
             Ok(Err(error)) => return Err(NetworkError::Unreachable(to.short(), error.to_string())),
             Err(_) => return Err(NetworkError::Timeout(to.short())),
         };
-        let response = wire::decode_response(&answer)
+        let response = wire::decode_response_shared(&Bytes::from(answer))
             .map_err(|error| NetworkError::Unreachable(to.short(), format!("undecodable response: {error}")))?;
         // Only a stream whose exchange completed goes back: one dropped mid-way (a caller's
         // timeout) may still carry the rest of an answer.
@@ -411,7 +412,7 @@ impl Inner {
         }
         // The opener closes or drops the stream when done; either ends this loop.
         while let Ok(body) = read_frame(&mut stream).await {
-            let request = match wire::decode_request(&body) {
+            let request = match wire::decode_request_shared(&Bytes::from(body)) {
                 Ok(Request::Admit { .. }) => {
                     tracing::debug!(peer = %node.short(), "a second admission on one stream");
                     return;
