@@ -223,6 +223,17 @@ impl DataKeys {
     }
 }
 
+/// What a reader checks of a shard that another node sent it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ReceivedShardCheck {
+    /// Its checksum: for work that writes what it read (repair, moves), which must never
+    /// give a damaged shard a fresh checksum.
+    Checksum,
+    /// Its header only (see [`Shard::from_authenticated_transport`]): for reads that check
+    /// the stripe end to end.
+    HeaderOnly,
+}
+
 pub(crate) enum FetchError {
     /// The shard exists but failed verification: skip it and have it repaired.
     Corrupt(String),
@@ -1187,7 +1198,9 @@ impl<E: Env> ClusterNode<E> {
             StoreError::Io(reason) => Response::error(RemoteErrorKind::Internal, reason),
         };
         match request {
-            Request::PutShard { shard } => match Shard::from_shared(shard) {
+            // Made (and checksummed) by the sender; a shard damaged since is found by this
+            // holder's reads, which verify, and repaired.
+            Request::PutShard { shard } => match Shard::from_authenticated_transport(shard) {
                 Ok(shard) => match store.put(shard).await {
                     Ok(()) => Response::ShardStored,
                     Err(error) => store_error(error),
@@ -1810,7 +1823,13 @@ impl<E: Env> ClusterNode<E> {
             .collect()
     }
 
-    pub(crate) async fn fetch_shard(&self, node: NodeId, stripe_id: StripeId, index: u8) -> Result<Shard, FetchError> {
+    pub(crate) async fn fetch_shard(
+        &self,
+        node: NodeId,
+        stripe_id: StripeId,
+        index: u8,
+        check: ReceivedShardCheck,
+    ) -> Result<Shard, FetchError> {
         if node == self.env.node_id() {
             return match self.env.shard_store().get(ShardKey { stripe_id, index }).await {
                 Ok(shard) => Ok(shard),
@@ -1822,10 +1841,12 @@ impl<E: Env> ClusterNode<E> {
             .shard_request(node, Request::GetShard { stripe_id, index }, SHARD_READ_TIMEOUT_MS)
             .await
         {
-            // A shard damaged in transit is as bad as one damaged on disk.
-            Ok(Response::Shard { shard }) => {
-                Shard::from_shared(shard).map_err(|error| FetchError::Corrupt(error.to_string()))
+            // A shard found damaged after its holder's check is as bad as one damaged on disk.
+            Ok(Response::Shard { shard }) => match check {
+                ReceivedShardCheck::Checksum => Shard::from_shared(shard),
+                ReceivedShardCheck::HeaderOnly => Shard::from_authenticated_transport(shard),
             }
+            .map_err(|error| FetchError::Corrupt(error.to_string())),
             Ok(Response::Error {
                 kind: RemoteErrorKind::Corrupt,
                 message,
@@ -1836,8 +1857,33 @@ impl<E: Env> ClusterNode<E> {
         }
     }
 
-    /// Reads one stripe from any k verified shards, nearest first.
+    /// Reads one stripe from any k shards, nearest first, and checks it end to end (its
+    /// AEAD and its id). Shards from other nodes are taken as their holders verified them
+    /// (see [`Shard::from_authenticated_transport`]); should the stripe then fail its
+    /// check, it is read again with every shard's checksum verified, which finds and goes
+    /// around a shard damaged after its holder's check.
     async fn read_stripe(&self, keys: &DataKeys, codec: StripeCodec, stripe: &StripeRef) -> Result<Vec<u8>, DataError> {
+        let shards = self
+            .gather_shards(codec, stripe, ReceivedShardCheck::HeaderOnly)
+            .await?;
+        match Self::open_stripe(keys, codec, stripe, &shards) {
+            Ok(plaintext) => Ok(plaintext),
+            Err(error) => {
+                tracing::warn!(stripe = %stripe.stripe_id.short(), %error, "stripe failed its end-to-end check; reading it again with every shard verified");
+                drop(shards);
+                let shards = self.gather_shards(codec, stripe, ReceivedShardCheck::Checksum).await?;
+                Self::open_stripe(keys, codec, stripe, &shards)
+            }
+        }
+    }
+
+    /// Any k shards of a stripe, nearest first, hedged around slow holders.
+    async fn gather_shards(
+        &self,
+        codec: StripeCodec,
+        stripe: &StripeRef,
+        check: ReceivedShardCheck,
+    ) -> Result<Vec<Shard>, DataError> {
         let layout = self.layout();
         let me = self.env.node_id();
         let my_zone = Self::zone_of(&layout, &me);
@@ -1886,7 +1932,8 @@ impl<E: Env> ClusterNode<E> {
                 }
                 pending_indexes.insert(index);
                 let stripe_id = stripe.stripe_id;
-                in_flight.push(async move { (index, node, self.fetch_shard(node, stripe_id, index as u8).await) });
+                in_flight
+                    .push(async move { (index, node, self.fetch_shard(node, stripe_id, index as u8, check).await) });
             }
             let arrived = {
                 let next = in_flight.next();
@@ -1946,9 +1993,18 @@ impl<E: Env> ClusterNode<E> {
                 ),
             });
         }
-        let shards: Vec<Shard> = obtained.into_values().collect();
+        Ok(obtained.into_values().collect())
+    }
+
+    /// Decodes, opens and checks a stripe from k of its shards.
+    fn open_stripe(
+        keys: &DataKeys,
+        codec: StripeCodec,
+        stripe: &StripeRef,
+        shards: &[Shard],
+    ) -> Result<Vec<u8>, DataError> {
         let sealed = codec
-            .decode(stripe.stripe_id, &shards)
+            .decode(stripe.stripe_id, shards)
             .map_err(|error| DataError::StripeUnreadable {
                 stripe: stripe.stripe_id.to_string(),
                 reason: error.to_string(),

@@ -39,6 +39,10 @@ struct Hub {
     refused_merges: Mutex<BTreeSet<(NodeId, Vec<u8>)>>,
     /// Reads of object version rows (by key or by prefix) answered, by every node.
     object_reads_served: AtomicU64,
+    /// Nodes whose shard answers arrive with a payload byte flipped, as if damaged after
+    /// their holder's check; and how many such answers were sent.
+    garbled_shard_answers: Mutex<BTreeSet<NodeId>>,
+    garbled_shard_answers_sent: AtomicU64,
 }
 
 #[derive(Default)]
@@ -152,6 +156,15 @@ impl Env for TestEnv {
             if hub.down.lock().unwrap().contains(&to) {
                 return Err(unreachable());
             }
+            let response = match response {
+                Response::Shard { shard } if hub.garbled_shard_answers.lock().unwrap().contains(&to) => {
+                    hub.garbled_shard_answers_sent.fetch_add(1, Ordering::Relaxed);
+                    let mut garbled = shard.to_vec();
+                    *garbled.last_mut().expect("a shard has a header") ^= 0x01;
+                    Response::Shard { shard: garbled.into() }
+                }
+                response => response,
+            };
             Ok(wire::decode_response(&wire::encode_response(&response).unwrap()).unwrap())
         })
     }
@@ -268,6 +281,12 @@ impl TestCluster {
     fn slow_shard_reads(&self, index: usize, delay_ms: u64) {
         let id = self.nodes[index].env().node_id();
         self.hub.slow_shard_reads_ms.lock().unwrap().insert(id, delay_ms);
+    }
+
+    /// Node `index`'s shard answers arrive damaged (a payload byte flipped).
+    fn garble_shard_answers(&self, index: usize) {
+        let id = self.nodes[index].env().node_id();
+        self.hub.garbled_shard_answers.lock().unwrap().insert(id);
     }
 
     /// Node `index` answers metadata scans only after `delay_ms` (0: at once).
@@ -598,6 +617,37 @@ async fn reads_hedge_around_a_node_slow_to_serve_shards() {
     assert!(
         elapsed_ms < 5 * super::data::SHARD_READ_HEDGE_AFTER_MS,
         "read took {elapsed_ms} ms behind a node {slow_ms} ms slow"
+    );
+}
+
+/// Readers take other nodes' shards without a checksum pass (their holders verified them
+/// and the transport authenticates them); a shard damaged after its holder's check makes
+/// the stripe fail its end-to-end check, and the stripe is read again with every shard
+/// verified, around the damaged ones. With too few undamaged shards the read fails; it
+/// never returns other bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_damaged_after_its_holders_check_is_found_end_to_end_and_read_around() {
+    let cluster = TestCluster::start(&SIX_NODES).await;
+    cluster.pause_repair();
+    cluster.node(0).create_bucket("backups", "owner").await.unwrap();
+    let data = pattern(3 * 4 * 1024 * 1024 + 5, 11);
+    put(cluster.node(0), "backups", "striped", &data).await.unwrap();
+    // Node 1 shares the reader's zone: every stripe asks it early.
+    cluster.garble_shard_answers(1);
+    let read = get(cluster.node(0), "backups", "striped").await.unwrap();
+    assert!(read == data, "a read around a damaged shard returned other bytes");
+    let garbled = cluster.hub.garbled_shard_answers_sent.load(Ordering::Relaxed);
+    assert!(garbled > 0, "no damaged shard was sent: the test tested nothing");
+    // Every other node damages its answers: only the reader's own shard is whole.
+    for index in 2..SIX_NODES.len() {
+        cluster.garble_shard_answers(index);
+    }
+    let error = get(cluster.node(0), "backups", "striped")
+        .await
+        .expect_err("a read of damaged shards returned bytes");
+    assert!(
+        error.to_string().contains("corrupt"),
+        "unexpected error for damaged shards: {error}"
     );
 }
 
