@@ -609,6 +609,132 @@ fn encode_bounded<T: Serialize>(frame: &T, size_bytes_estimate: usize) -> Result
     Ok(body)
 }
 
+/// A frame body in two parts, `head` then `tail`: the tail is a shard's bytes, shared
+/// with the message instead of copied into the body (that copy was 2.3% of a node's CPU
+/// in large PUTs). Their concatenation is exactly what [`encode_request`] or
+/// [`encode_response`] returns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrameParts {
+    pub head: Vec<u8>,
+    pub tail: Bytes,
+}
+
+impl FrameParts {
+    pub fn length_bytes(&self) -> u64 {
+        (self.head.len() + self.tail.len()) as u64
+    }
+
+    /// The body in one buffer (copies the tail).
+    pub fn concatenated(&self) -> Vec<u8> {
+        let mut body = Vec::with_capacity(self.head.len() + self.tail.len());
+        body.extend_from_slice(&self.head);
+        body.extend_from_slice(&self.tail);
+        body
+    }
+}
+
+/// Shards shorter than this are copied into the head: a second write costs more.
+const FRAME_TAIL_BYTES_MIN: usize = 4096;
+
+/// A postcard output that writes everything into a head, except one given shard's
+/// bytes, which it keeps as the tail when they are the last thing written (postcard
+/// hands a byte string's bytes over in one piece, after its length).
+struct SplitOutput {
+    head: Vec<u8>,
+    shard: Option<Bytes>,
+    tail: Option<Bytes>,
+}
+
+impl SplitOutput {
+    /// Anything written after the tail means it was not the last: it joins the head.
+    fn settle_tail(&mut self) {
+        if let Some(tail) = self.tail.take() {
+            self.head.extend_from_slice(&tail);
+        }
+    }
+}
+
+impl postcard::ser_flavors::Flavor for SplitOutput {
+    type Output = FrameParts;
+
+    fn try_push(&mut self, data: u8) -> postcard::Result<()> {
+        self.settle_tail();
+        self.head.push(data);
+        Ok(())
+    }
+
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        self.settle_tail();
+        let is_shard = self
+            .shard
+            .as_ref()
+            .is_some_and(|shard| shard.as_ptr() == data.as_ptr() && shard.len() == data.len());
+        match self.shard.take_if(|_| is_shard) {
+            Some(shard) => self.tail = Some(shard),
+            None => self.head.extend_from_slice(data),
+        }
+        Ok(())
+    }
+
+    fn finalize(self) -> postcard::Result<FrameParts> {
+        Ok(FrameParts {
+            head: self.head,
+            tail: self.tail.unwrap_or_default(),
+        })
+    }
+}
+
+fn encode_parts<T: Serialize>(frame: &T, shard: Option<&Bytes>) -> Result<FrameParts, WireError> {
+    let shard = shard.filter(|shard| shard.len() >= FRAME_TAIL_BYTES_MIN).cloned();
+    let output = SplitOutput {
+        head: Vec::with_capacity(FRAME_OVERHEAD_BYTES),
+        shard,
+        tail: None,
+    };
+    let parts =
+        postcard::serialize_with_flavor(frame, output).map_err(|error| WireError::Malformed(error.to_string()))?;
+    check_length(parts.length_bytes())?;
+    Ok(parts)
+}
+
+/// [`encode_request`] in two parts, a shard's bytes shared rather than copied.
+pub fn encode_request_parts(request: &Request) -> Result<FrameParts, WireError> {
+    let shard = match request {
+        Request::PutShard { shard } => Some(shard),
+        _ => None,
+    };
+    let frame = FrameRef {
+        version: WIRE_VERSION,
+        payload: request,
+    };
+    match shard {
+        Some(shard) => encode_parts(&frame, Some(shard)),
+        None => encode_request(request).map(|head| FrameParts {
+            head,
+            tail: Bytes::new(),
+        }),
+    }
+}
+
+/// [`encode_response`] in two parts, a shard's bytes shared rather than copied.
+pub fn encode_response_parts(response: &Response) -> Result<FrameParts, WireError> {
+    let shard = match response {
+        Response::Shard { shard } => Some(shard),
+        _ => None,
+    };
+    let frame = FrameRef {
+        version: WIRE_VERSION,
+        payload: response,
+    };
+    match shard {
+        Some(shard) => encode_parts(&frame, Some(shard)),
+        None => encode_response(response).map(|head| FrameParts {
+            head,
+            tail: Bytes::new(),
+        }),
+    }
+}
+
 /// The bytes of a request's large parts (the rest fits [`FRAME_OVERHEAD_BYTES`] or
 /// grows as needed).
 fn request_size_bytes_estimate(request: &Request) -> usize {
@@ -771,19 +897,8 @@ mod tests {
         assert_eq!(serde_json::from_str::<PeerHeartbeat>(&json).unwrap(), heartbeat);
     }
 
-    #[test]
-    fn requests_and_responses_round_trip() {
-        for request in sample_requests() {
-            let encoded = encode_request(&request).unwrap();
-            assert_eq!(decode_request(&encoded).unwrap(), request);
-            // The borrowing encoder writes exactly the owned frame's bytes.
-            let owned = RequestFrame {
-                version: WIRE_VERSION,
-                request: request.clone(),
-            };
-            assert_eq!(encoded, postcard::to_allocvec(&owned).unwrap());
-        }
-        for response in [
+    fn sample_responses() -> Vec<Response> {
+        vec![
             Response::ShardStored,
             Response::MetaValue { value: None },
             Response::MetaValue { value: Some(vec![1]) },
@@ -797,7 +912,22 @@ mod tests {
                 }],
             },
             Response::error(RemoteErrorKind::DiskFull, "no space"),
-        ] {
+        ]
+    }
+
+    #[test]
+    fn requests_and_responses_round_trip() {
+        for request in sample_requests() {
+            let encoded = encode_request(&request).unwrap();
+            assert_eq!(decode_request(&encoded).unwrap(), request);
+            // The borrowing encoder writes exactly the owned frame's bytes.
+            let owned = RequestFrame {
+                version: WIRE_VERSION,
+                request: request.clone(),
+            };
+            assert_eq!(encoded, postcard::to_allocvec(&owned).unwrap());
+        }
+        for response in sample_responses() {
             let encoded = encode_response(&response).unwrap();
             assert_eq!(decode_response(&encoded).unwrap(), response);
             let owned = ResponseFrame {
@@ -909,6 +1039,65 @@ mod tests {
             !within(&response, &copied),
             "a failed shared decode left its frame behind"
         );
+    }
+
+    /// Frames encoded in parts are the frames encoded whole, for every kind of message and
+    /// shards of every length around the tail's minimum; a shard's bytes become the tail
+    /// (shared, not copied) from that minimum on.
+    #[test]
+    fn frames_encoded_in_parts_concatenate_to_the_whole_frame() {
+        for request in sample_requests() {
+            let parts = encode_request_parts(&request).unwrap();
+            assert_eq!(parts.concatenated(), encode_request(&request).unwrap(), "{request:?}");
+        }
+        for response in sample_responses() {
+            let parts = encode_response_parts(&response).unwrap();
+            assert_eq!(
+                parts.concatenated(),
+                encode_response(&response).unwrap(),
+                "{response:?}"
+            );
+        }
+        for length in [
+            0usize,
+            1,
+            127,
+            128,
+            FRAME_TAIL_BYTES_MIN - 1,
+            FRAME_TAIL_BYTES_MIN,
+            70_000,
+            1 << 20,
+        ] {
+            let shard = Bytes::from((0..length).map(|index| (index * 7) as u8).collect::<Vec<u8>>());
+            let request = Request::PutShard { shard: shard.clone() };
+            let parts = encode_request_parts(&request).unwrap();
+            assert_eq!(
+                parts.concatenated(),
+                encode_request(&request).unwrap(),
+                "length {length}"
+            );
+            assert_eq!(parts.length_bytes(), encode_request(&request).unwrap().len() as u64);
+            let response = Response::Shard { shard: shard.clone() };
+            let response_parts = encode_response_parts(&response).unwrap();
+            assert_eq!(
+                response_parts.concatenated(),
+                encode_response(&response).unwrap(),
+                "length {length}"
+            );
+            for tail in [&parts.tail, &response_parts.tail] {
+                match length >= FRAME_TAIL_BYTES_MIN {
+                    true => assert_eq!(tail.as_ptr(), shard.as_ptr(), "length {length}: the shard was copied"),
+                    false => assert!(tail.is_empty(), "length {length}"),
+                }
+            }
+        }
+        let huge = Request::PutShard {
+            shard: Bytes::from(vec![0u8; FRAME_BYTES_MAX as usize + 1]),
+        };
+        assert!(matches!(
+            encode_request_parts(&huge),
+            Err(WireError::FrameTooLarge { .. })
+        ));
     }
 
     /// The shard response's shared bytes encode exactly as the `serde_bytes` vector they

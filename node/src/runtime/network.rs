@@ -79,18 +79,31 @@ async fn read_frame<T: AsyncRead + Unpin>(io: &mut T) -> io::Result<Vec<u8>> {
     Ok(body)
 }
 
-async fn write_frame<T: AsyncWrite + Unpin>(io: &mut T, body: &[u8]) -> io::Result<()> {
+/// Writes a frame whose body is `head` then `tail` (see [`wire::FrameParts`]): a shard's
+/// bytes go out from where they are, not copied into one buffer with the rest first.
+async fn write_frame<T: AsyncWrite + Unpin>(io: &mut T, head: &[u8], tail: &[u8]) -> io::Result<()> {
+    let body_bytes = head.len() + tail.len();
     let length =
-        u32::try_from(body.len()).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "frame too large"))?;
-    if body.len() <= COALESCED_FRAME_BYTES_MAX {
-        let mut frame = Vec::with_capacity(4 + body.len());
+        u32::try_from(body_bytes).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "frame too large"))?;
+    // Small pieces go in one write with the length prefix, which yamux sends as one frame.
+    if body_bytes <= COALESCED_FRAME_BYTES_MAX {
+        let mut frame = Vec::with_capacity(4 + body_bytes);
         frame.extend_from_slice(&length.to_le_bytes());
-        frame.extend_from_slice(body);
+        frame.extend_from_slice(head);
+        frame.extend_from_slice(tail);
         io.write_all(&frame).await?;
+        return io.flush().await;
+    }
+    if head.len() <= COALESCED_FRAME_BYTES_MAX {
+        let mut first = Vec::with_capacity(4 + head.len());
+        first.extend_from_slice(&length.to_le_bytes());
+        first.extend_from_slice(head);
+        io.write_all(&first).await?;
     } else {
         io.write_all(&length.to_le_bytes()).await?;
-        io.write_all(body).await?;
+        io.write_all(head).await?;
     }
+    io.write_all(tail).await?;
     io.flush().await
 }
 
@@ -188,7 +201,7 @@ impl NetworkHandle {
         let Some(peer) = self.inner.peer_of(&to) else {
             return Err(NetworkError::Unreachable(to.short(), "not an ed25519 node id".into()));
         };
-        let body = wire::encode_request(&request)
+        let body = wire::encode_request_parts(&request)
             .map_err(|error| NetworkError::Failed(to.short(), format!("cannot encode the request: {error}")))?;
         let streams = self.inner.streams_of(peer);
         let Ok(_queue_place) = streams.queue_places.try_acquire() else {
@@ -200,7 +213,7 @@ impl NetworkHandle {
             None => self.inner.open_admitted_stream(peer, to, &streams).await?,
         };
         let exchange = async {
-            write_frame(&mut stream, &body).await?;
+            write_frame(&mut stream, &body.head, &body.tail).await?;
             read_frame(&mut stream).await
         };
         let answer = match tokio::time::timeout(EXCHANGE_TIMEOUT, exchange).await {
@@ -338,7 +351,7 @@ impl Inner {
             proof: self.secret.prove(self.me, node),
         })
         .expect("an admission request is far below the frame bound");
-        write_frame(&mut stream, &admit)
+        write_frame(&mut stream, &admit, &[])
             .await
             .map_err(|error| OpenError::Dropped(error.to_string()))?;
         let answer = read_frame(&mut stream)
@@ -407,7 +420,7 @@ impl Inner {
             proof: self.secret.prove(self.me, node),
         })
         .expect("an admission answer is far below the frame bound");
-        if write_frame(&mut stream, &answer).await.is_err() {
+        if write_frame(&mut stream, &answer, &[]).await.is_err() {
             return;
         }
         // The opener closes or drops the stream when done; either ends this loop.
@@ -430,14 +443,14 @@ impl Inner {
                 Ok(_permit) => handler.handle(node, request).await,
                 Err(_) => Response::error(wire::RemoteErrorKind::Unavailable, "node overloaded"),
             };
-            let body = match wire::encode_response(&response) {
+            let body = match wire::encode_response_parts(&response) {
                 Ok(body) => body,
                 Err(error) => {
                     tracing::warn!(peer = %node.short(), %error, "cannot encode a response");
                     return;
                 }
             };
-            if write_frame(&mut stream, &body).await.is_err() {
+            if write_frame(&mut stream, &body.head, &body.tail).await.is_err() {
                 return;
             }
         }
@@ -626,7 +639,7 @@ mod tests {
     use futures::future::BoxFuture;
 
     /// Answers `GetShard` with the requested index in an error message, after a pause
-    /// that keeps concurrent requests overlapping.
+    /// that keeps concurrent requests overlapping, and `PutShard` with the shard it got.
     struct Echo {
         admitted: Mutex<Vec<NodeId>>,
     }
@@ -639,6 +652,7 @@ mod tests {
                     Request::GetShard { index, .. } => {
                         Response::error(wire::RemoteErrorKind::NotFound, format!("index {index}"))
                     }
+                    Request::PutShard { shard } => Response::Shard { shard },
                     other => Response::error(wire::RemoteErrorKind::BadRequest, format!("{other:?}")),
                 }
             })
@@ -712,6 +726,19 @@ mod tests {
             "50 sequential requests took {accepted_after_sequential} streams"
         );
 
+        // Shards of every size go out in parts (a frame's head, then the shard's bytes from
+        // where they are) and come back as slices of their frames, intact.
+        for length in [0usize, 100, 64 * 1024 - 20, 70_000, (1 << 20) + 3] {
+            let shard = bytes::Bytes::from((0..length).map(|index| (index * 31 % 251) as u8).collect::<Vec<u8>>());
+            match client
+                .request(server_identity.node_id, Request::PutShard { shard: shard.clone() })
+                .await
+            {
+                Ok(Response::Shard { shard: echoed }) => assert!(echoed == shard, "length {length}: other bytes"),
+                other => panic!("unexpected answer to a shard of {length} bytes: {other:?}"),
+            }
+        }
+
         // Concurrent requests each get their own answer, exactly once, over at most
         // STREAMS_PER_PEER_MAX streams.
         let answers = futures::future::join_all((0..200u32).map(|index| {
@@ -752,7 +779,9 @@ mod tests {
             .await
             .expect("a stream opens");
         let request = wire::encode_request(&get_shard(3)).expect("encodes");
-        write_frame(&mut raw, &request).await.expect("the request goes out");
+        write_frame(&mut raw, &request, &[])
+            .await
+            .expect("the request goes out");
         let answer = tokio::time::timeout(Duration::from_secs(5), read_frame(&mut raw)).await;
         assert!(
             matches!(answer, Ok(Err(_))),
