@@ -1194,7 +1194,7 @@ impl Shared {
         gateway: &Arc<ClusterNode<SimEnv>>,
         key: String,
         data: &[u8],
-        body: impl futures::AsyncRead + Send + Unpin,
+        body: impl futures::AsyncBufRead + Send + Unpin,
     ) -> Result<(), DataError> {
         let hash = *blake3::hash(data).as_bytes();
         self.scratch_attempts.lock().expect("not poisoned").insert(hash);

@@ -2377,7 +2377,7 @@ fn held_body(
     rest: Vec<u8>,
     waiting: futures::channel::oneshot::Sender<()>,
     release: futures::channel::oneshot::Receiver<()>,
-) -> impl futures::AsyncRead + Unpin + Send {
+) -> impl futures::AsyncBufRead + Unpin + Send {
     use futures::TryStreamExt;
     let chunks = futures::stream::once(async move { first }).chain(futures::stream::once(async move {
         let _ = waiting.send(());

@@ -402,7 +402,7 @@ impl<E: Env> Gateway<E> {
         &self,
         record: ObjectVersionRecord,
         range: std::ops::Range<u64>,
-    ) -> S3Result<impl futures::AsyncRead + Unpin + Send + 'static> {
+    ) -> S3Result<impl futures::AsyncBufRead + Unpin + Send + 'static> {
         let stream = self.cluster.read_object(record, range).map_err(s3_error_of)?;
         Ok(Box::pin(stream.map(io_chunk)).into_async_read())
     }
