@@ -684,11 +684,11 @@ impl postcard::ser_flavors::Flavor for SplitOutput {
     }
 }
 
-fn encode_parts<T: Serialize>(frame: &T, shard: Option<&Bytes>) -> Result<FrameParts, WireError> {
-    let shard = shard.filter(|shard| shard.len() >= FRAME_TAIL_BYTES_MIN).cloned();
+/// `frame` in two parts, `shard`'s bytes as the tail when long enough.
+fn encode_parts<T: Serialize>(frame: &T, shard: &Bytes) -> Result<FrameParts, WireError> {
     let output = SplitOutput {
         head: Vec::with_capacity(FRAME_OVERHEAD_BYTES),
-        shard,
+        shard: Some(shard.clone()).filter(|shard| shard.len() >= FRAME_TAIL_BYTES_MIN),
         tail: None,
     };
     let parts =
@@ -697,41 +697,39 @@ fn encode_parts<T: Serialize>(frame: &T, shard: Option<&Bytes>) -> Result<FrameP
     Ok(parts)
 }
 
+/// A frame encoded whole, as parts with no tail.
+fn whole(body: Vec<u8>) -> FrameParts {
+    FrameParts {
+        head: body,
+        tail: Bytes::new(),
+    }
+}
+
 /// [`encode_request`] in two parts, a shard's bytes shared rather than copied.
 pub fn encode_request_parts(request: &Request) -> Result<FrameParts, WireError> {
-    let shard = match request {
-        Request::PutShard { shard } => Some(shard),
-        _ => None,
-    };
-    let frame = FrameRef {
-        version: WIRE_VERSION,
-        payload: request,
-    };
-    match shard {
-        Some(shard) => encode_parts(&frame, Some(shard)),
-        None => encode_request(request).map(|head| FrameParts {
-            head,
-            tail: Bytes::new(),
-        }),
+    match request {
+        Request::PutShard { shard } => encode_parts(
+            &FrameRef {
+                version: WIRE_VERSION,
+                payload: request,
+            },
+            shard,
+        ),
+        _ => encode_request(request).map(whole),
     }
 }
 
 /// [`encode_response`] in two parts, a shard's bytes shared rather than copied.
 pub fn encode_response_parts(response: &Response) -> Result<FrameParts, WireError> {
-    let shard = match response {
-        Response::Shard { shard } => Some(shard),
-        _ => None,
-    };
-    let frame = FrameRef {
-        version: WIRE_VERSION,
-        payload: response,
-    };
-    match shard {
-        Some(shard) => encode_parts(&frame, Some(shard)),
-        None => encode_response(response).map(|head| FrameParts {
-            head,
-            tail: Bytes::new(),
-        }),
+    match response {
+        Response::Shard { shard } => encode_parts(
+            &FrameRef {
+                version: WIRE_VERSION,
+                payload: response,
+            },
+            shard,
+        ),
+        _ => encode_response(response).map(whole),
     }
 }
 
