@@ -922,12 +922,15 @@ impl<E: Env> ClusterNode<E> {
         let mut size_bytes = 0u64;
         let mut carry = first;
         loop {
-            let mut plaintext = std::mem::take(&mut carry);
-            fill(body, &mut plaintext, stripe_length).await?;
+            // Read behind room for the envelope's header: the stripe is sealed where it lies.
+            let mut buffer = envelope::sealing_buffer(stripe_length);
+            buffer.append(&mut carry);
+            fill(body, &mut buffer, envelope::HEADER_LENGTH_BYTES + stripe_length).await?;
+            let plaintext = &buffer[envelope::HEADER_LENGTH_BYTES..];
             if plaintext.is_empty() {
                 break;
             }
-            md5.update(&plaintext);
+            md5.update(plaintext);
             size_bytes += plaintext.len() as u64;
             let end_of_body = plaintext.len() < stripe_length;
             if in_flight.len() >= stripes_in_flight_max {
@@ -939,7 +942,7 @@ impl<E: Env> ClusterNode<E> {
             self.env.spawn(
                 "write-stripe",
                 Box::pin(async move {
-                    let _ = sender.send(node.write_stripe(codec, owner, started_at_ms, plaintext).await);
+                    let _ = sender.send(node.write_stripe(codec, owner, started_at_ms, buffer).await);
                 }),
             );
             in_flight.push_back(receiver);
@@ -984,25 +987,26 @@ impl<E: Env> ClusterNode<E> {
         layout.get(node).map(|entry| entry.zone.clone())
     }
 
-    /// Hashes, seals, encodes and stores one stripe durably.
+    /// Hashes, seals, encodes and stores one stripe durably: its plaintext is in
+    /// `sealing_buffer` after room for the envelope's header ([`envelope::sealing_buffer`]).
     async fn write_stripe(
         self: Arc<Self>,
         codec: StripeCodec,
         owner: StripeOwner,
         started_at_ms: u64,
-        plaintext: Vec<u8>,
+        sealing_buffer: Vec<u8>,
     ) -> Result<StripeRef, DataError> {
         let keys = self.data_keys()?;
         let nonce = self.random_nonce();
+        let plaintext = &sealing_buffer[envelope::HEADER_LENGTH_BYTES..];
         let plaintext_length_bytes = plaintext.len() as u64;
-        let stripe_id = StripeId::for_sealed_write(&keys.stripe_naming, &nonce, &plaintext);
-        let sealed = envelope::seal(
+        let stripe_id = StripeId::for_sealed_write(&keys.stripe_naming, &nonce, plaintext);
+        let sealed = envelope::seal_in_place(
             &keys.stripe_data,
             nonce,
             &envelope::stripe_binding(&stripe_id),
-            &plaintext,
+            sealing_buffer,
         );
-        drop(plaintext);
         let sealed_length_bytes = sealed.len() as u64;
         let shards = codec
             .encode(stripe_id, &sealed)
