@@ -358,8 +358,16 @@ mod tests {
             buffer.extend_from_slice(&plaintext);
             let capacity = buffer.capacity();
             let sealed = seal_in_place(&key(7), [3; 24], b"binding", buffer);
-            assert_eq!(sealed, seal(&key(7), [3; 24], b"binding", &plaintext), "length {length}");
-            assert_eq!(sealed.capacity(), capacity, "length {length}: the tag did not fit the buffer");
+            assert_eq!(
+                sealed,
+                seal(&key(7), [3; 24], b"binding", &plaintext),
+                "length {length}"
+            );
+            assert_eq!(
+                sealed.capacity(),
+                capacity,
+                "length {length}: the tag did not fit the buffer"
+            );
             assert_eq!(open(&key(7), b"binding", &sealed).unwrap(), plaintext);
         }
     }
