@@ -1874,7 +1874,18 @@ impl<E: Env> ClusterNode<E> {
             Err(error) => {
                 tracing::warn!(stripe = %stripe.stripe_id.short(), %error, "stripe failed its end-to-end check; reading it again with every shard verified");
                 drop(shards);
-                let shards = self.gather_shards(codec, stripe, ReceivedShardCheck::Checksum).await?;
+                // Should the second pass fail too, its error says what the first found.
+                let with_first = |second: DataError| match second {
+                    DataError::StripeUnreadable { stripe, reason } => DataError::StripeUnreadable {
+                        stripe,
+                        reason: format!("{reason}; before that: {error}"),
+                    },
+                    other => other,
+                };
+                let shards = self
+                    .gather_shards(codec, stripe, ReceivedShardCheck::Checksum)
+                    .await
+                    .map_err(with_first)?;
                 Self::open_stripe(keys, codec, stripe, &shards)
             }
         }
@@ -1977,7 +1988,8 @@ impl<E: Env> ClusterNode<E> {
                 }
                 Ok(_) => errors.push(format!("{}: shard {index} is not the one asked for", node.short())),
                 Err(FetchError::Corrupt(reason)) => {
-                    // The holder quarantined it; the stripe's maintainer rebuilds it.
+                    // Found by the holder's read (which quarantined it, for the stripe's
+                    // maintainer to rebuild) or, on a verified re-read, by this reader.
                     tracing::warn!(stripe = %stripe.stripe_id.short(), index, node = %node.short(), %reason, "corrupt shard skipped");
                     errors.push(format!("{} shard {index} corrupt: {reason}", node.short()));
                 }

@@ -1239,6 +1239,40 @@ async fn put_objects(cluster: &TestCluster, count: u8) -> Vec<(String, Vec<u8>)>
     objects
 }
 
+/// A bucket whose stripes are shorter than its inline threshold: the bytes a put reads to
+/// decide between inline and striped all land in the first stripe (they were once cut to
+/// the stripe's length, and the object lost the rest of them), and every length reads
+/// back whole, ranges included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stripes_shorter_than_the_inline_threshold_lose_no_bytes() {
+    let cluster = TestCluster::start(&SIX_NODES).await;
+    let options = super::data::BucketOptions {
+        stripe_length_bytes: 1000,
+        inline_threshold_bytes: 4000,
+        ..Default::default()
+    };
+    cluster
+        .node(0)
+        .create_bucket_with("backups", "owner", options)
+        .await
+        .unwrap();
+    for length in [999usize, 4000, 4001, 4999, 10_000] {
+        let key = format!("object-{length}");
+        let data = pattern(length, (length % 251) as u8);
+        put(cluster.node(0), "backups", &key, &data).await.unwrap();
+        let read = get(cluster.node(1), "backups", &key).await.unwrap();
+        assert!(read == data, "length {length}: read {} other bytes", read.len());
+        let range = (length as u64 / 3)..(length as u64 - 1);
+        let ranged = get_range(cluster.node(2), "backups", &key, Some(range.clone()))
+            .await
+            .unwrap();
+        assert!(
+            ranged[..] == data[range.start as usize..range.end as usize],
+            "length {length}: range {range:?} read other bytes"
+        );
+    }
+}
+
 async fn assert_all_readable(cluster: &TestCluster, reader: usize, objects: &[(String, Vec<u8>)]) {
     for (key, data) in objects {
         assert_eq!(&get(cluster.node(reader), "backups", key).await.unwrap(), data, "{key}");
