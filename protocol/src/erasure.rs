@@ -487,7 +487,13 @@ impl Shard {
 
     /// Parses and verifies a shard, keeping (sharing) `bytes` as its buffer. Never panics.
     pub fn from_shared(bytes: Bytes) -> Result<Shard, ShardDecodeError> {
-        let header = Shard::checked_header(&bytes, ChecksumCheck::Verify)?;
+        Shard::parse(bytes, ChecksumCheck::Verify)
+    }
+
+    /// Parses a shard, keeping (sharing) `bytes` as its buffer, with its checksum checked
+    /// or not as `check` says. Never panics.
+    pub fn parse(bytes: Bytes, check: ChecksumCheck) -> Result<Shard, ShardDecodeError> {
+        let header = Shard::checked_header(&bytes, check)?;
         Ok(Shard { header, bytes })
     }
 
@@ -499,8 +505,7 @@ impl Shard {
     /// transit by the transport's AEAD, and a stripe's AEAD and id check end to end
     /// whatever a node in between did. Never panics.
     pub fn from_authenticated_transport(bytes: Bytes) -> Result<Shard, ShardDecodeError> {
-        let header = Shard::checked_header(&bytes, ChecksumCheck::TrustTransport)?;
-        Ok(Shard { header, bytes })
+        Shard::parse(bytes, ChecksumCheck::TrustTransport)
     }
 
     /// Whether `bytes` match their checksum (what [`Shard::from_shared`] checks beyond
@@ -580,8 +585,12 @@ impl Shard {
 
 /// Whether parsing a shard hashes it against its checksum.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ChecksumCheck {
+pub enum ChecksumCheck {
+    /// Hash it: for a store's reads, and for work that rewrites what it read (repair,
+    /// moves), which must never give a damaged shard a fresh checksum.
     Verify,
+    /// Its header only (see [`Shard::from_authenticated_transport`]): for shards another
+    /// node sent, where the stripe is checked end to end or the holder's reads verify.
     TrustTransport,
 }
 

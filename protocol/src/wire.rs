@@ -633,7 +633,8 @@ impl FrameParts {
     }
 }
 
-/// Shards shorter than this are copied into the head: a second write costs more.
+/// Shards shorter than this are copied into the head (a second write costs more), and
+/// frames shorter than this are decoded by copying.
 const FRAME_TAIL_BYTES_MIN: usize = 4096;
 
 /// A postcard output that writes everything into a head, except one given shard's
@@ -780,7 +781,12 @@ pub fn decode_request(body: &[u8]) -> Result<Request, WireError> {
 
 /// [`decode_request`] of a frame that its shard may share (see [`frame_bytes`]).
 pub fn decode_request_shared(body: &Bytes) -> Result<Request, WireError> {
-    frame_bytes::sharing(body, || decode_request(body))
+    // A frame too short to hold a shard worth sharing is decoded by copying: sharing
+    // costs the buffer a reference count, which a metadata message does not repay.
+    match body.len() < FRAME_TAIL_BYTES_MIN {
+        true => decode_request(body),
+        false => frame_bytes::sharing(body, || decode_request(body)),
+    }
 }
 
 pub fn encode_response(response: &Response) -> Result<Vec<u8>, WireError> {
@@ -799,7 +805,10 @@ pub fn decode_response(body: &[u8]) -> Result<Response, WireError> {
 
 /// [`decode_response`] of a frame that its shard may share (see [`frame_bytes`]).
 pub fn decode_response_shared(body: &Bytes) -> Result<Response, WireError> {
-    frame_bytes::sharing(body, || decode_response(body))
+    match body.len() < FRAME_TAIL_BYTES_MIN {
+        true => decode_response(body),
+        false => frame_bytes::sharing(body, || decode_response(body)),
+    }
 }
 
 /// Checks a frame's length prefix before the body is read or allocated.

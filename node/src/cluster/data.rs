@@ -21,7 +21,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use bdr_protocol::envelope::{self, DerivedKey, KeyPurpose, RootKey, NONCE_LENGTH_BYTES};
-use bdr_protocol::erasure::{CodecId, Shard, StripeCodec};
+use bdr_protocol::erasure::{ChecksumCheck, CodecId, Shard, StripeCodec};
 use bdr_protocol::ids::{NodeId, StripeId, ZoneName};
 use bdr_protocol::layout::Layout;
 use bdr_protocol::placement::{failures_tolerated, place, place_with};
@@ -221,17 +221,6 @@ impl DataKeys {
             stripe_naming: root.derive(KeyPurpose::StripeNaming, 0).bytes,
         }
     }
-}
-
-/// What a reader checks of a shard that another node sent it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum ReceivedShardCheck {
-    /// Its checksum: for work that writes what it read (repair, moves), which must never
-    /// give a damaged shard a fresh checksum.
-    Checksum,
-    /// Its header only (see [`Shard::from_authenticated_transport`]): for reads that check
-    /// the stripe end to end.
-    HeaderOnly,
 }
 
 pub(crate) enum FetchError {
@@ -1831,7 +1820,7 @@ impl<E: Env> ClusterNode<E> {
         node: NodeId,
         stripe_id: StripeId,
         index: u8,
-        check: ReceivedShardCheck,
+        check: ChecksumCheck,
     ) -> Result<Shard, FetchError> {
         if node == self.env.node_id() {
             return match self.env.shard_store().get(ShardKey { stripe_id, index }).await {
@@ -1845,11 +1834,9 @@ impl<E: Env> ClusterNode<E> {
             .await
         {
             // A shard found damaged after its holder's check is as bad as one damaged on disk.
-            Ok(Response::Shard { shard }) => match check {
-                ReceivedShardCheck::Checksum => Shard::from_shared(shard),
-                ReceivedShardCheck::HeaderOnly => Shard::from_authenticated_transport(shard),
+            Ok(Response::Shard { shard }) => {
+                Shard::parse(shard, check).map_err(|error| FetchError::Corrupt(error.to_string()))
             }
-            .map_err(|error| FetchError::Corrupt(error.to_string())),
             Ok(Response::Error {
                 kind: RemoteErrorKind::Corrupt,
                 message,
@@ -1866,9 +1853,7 @@ impl<E: Env> ClusterNode<E> {
     /// check, it is read again with every shard's checksum verified, which finds and goes
     /// around a shard damaged after its holder's check.
     async fn read_stripe(&self, keys: &DataKeys, codec: StripeCodec, stripe: &StripeRef) -> Result<Vec<u8>, DataError> {
-        let shards = self
-            .gather_shards(codec, stripe, ReceivedShardCheck::HeaderOnly)
-            .await?;
+        let shards = self.gather_shards(codec, stripe, ChecksumCheck::TrustTransport).await?;
         match Self::open_stripe(keys, codec, stripe, &shards) {
             Ok(plaintext) => Ok(plaintext),
             Err(error) => {
@@ -1883,7 +1868,7 @@ impl<E: Env> ClusterNode<E> {
                     other => other,
                 };
                 let shards = self
-                    .gather_shards(codec, stripe, ReceivedShardCheck::Checksum)
+                    .gather_shards(codec, stripe, ChecksumCheck::Verify)
                     .await
                     .map_err(with_first)?;
                 Self::open_stripe(keys, codec, stripe, &shards)
@@ -1896,7 +1881,7 @@ impl<E: Env> ClusterNode<E> {
         &self,
         codec: StripeCodec,
         stripe: &StripeRef,
-        check: ReceivedShardCheck,
+        check: ChecksumCheck,
     ) -> Result<Vec<Shard>, DataError> {
         let layout = self.layout();
         let me = self.env.node_id();

@@ -46,7 +46,7 @@ use std::sync::Arc;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 
-use bdr_protocol::erasure::Shard;
+use bdr_protocol::erasure::{ChecksumCheck, Shard};
 use bdr_protocol::hlc::HlcTimestamp;
 use bdr_protocol::ids::{NodeId, StripeId};
 use bdr_protocol::layout::Layout;
@@ -61,7 +61,7 @@ use bdr_protocol::wire::{
 use serde::{Deserialize, Serialize};
 
 use super::data::{
-    bucket_row, object_row, part_row, stripe_row, upload_row, ReceivedShardCheck, NULL_VERSION, SHARD_READ_TIMEOUT_MS,
+    bucket_row, object_row, part_row, stripe_row, upload_row, NULL_VERSION, SHARD_READ_TIMEOUT_MS,
     SHARD_WRITE_TIMEOUT_MS,
 };
 use super::membership::Liveness;
@@ -1869,7 +1869,7 @@ impl<E: Env> ClusterNode<E> {
         task: &RepairTask,
     ) -> Result<Shard, String> {
         let shard = self
-            .fetch_shard(node, stripe_id, index, ReceivedShardCheck::Checksum)
+            .fetch_shard(node, stripe_id, index, ChecksumCheck::Verify)
             .await
             .map_err(|error| format!("{}: {error}", node.short()))?;
         let header = shard.header();

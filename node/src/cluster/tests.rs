@@ -1217,16 +1217,24 @@ fn node_index(cluster: &TestCluster, id: NodeId) -> usize {
         .unwrap()
 }
 
-async fn put_objects(cluster: &TestCluster, count: u8) -> Vec<(String, Vec<u8>)> {
-    let options = super::data::BucketOptions {
-        stripe_length_bytes: 128 * 1024,
-        ..Default::default()
-    };
+/// Creates bucket "backups" with `options` through node 0.
+async fn create_backups_bucket(cluster: &TestCluster, options: super::data::BucketOptions) {
     cluster
         .node(0)
         .create_bucket_with("backups", "owner", options)
         .await
         .unwrap();
+}
+
+async fn put_objects(cluster: &TestCluster, count: u8) -> Vec<(String, Vec<u8>)> {
+    create_backups_bucket(
+        cluster,
+        super::data::BucketOptions {
+            stripe_length_bytes: 128 * 1024,
+            ..Default::default()
+        },
+    )
+    .await;
     let mut objects = Vec::new();
     for index in 0..count {
         let key = format!("object-{index}");
@@ -1246,16 +1254,15 @@ async fn put_objects(cluster: &TestCluster, count: u8) -> Vec<(String, Vec<u8>)>
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stripes_shorter_than_the_inline_threshold_lose_no_bytes() {
     let cluster = TestCluster::start(&SIX_NODES).await;
-    let options = super::data::BucketOptions {
-        stripe_length_bytes: 1000,
-        inline_threshold_bytes: 4000,
-        ..Default::default()
-    };
-    cluster
-        .node(0)
-        .create_bucket_with("backups", "owner", options)
-        .await
-        .unwrap();
+    create_backups_bucket(
+        &cluster,
+        super::data::BucketOptions {
+            stripe_length_bytes: 1000,
+            inline_threshold_bytes: 4000,
+            ..Default::default()
+        },
+    )
+    .await;
     for length in [999usize, 4000, 4001, 4999, 10_000] {
         let key = format!("object-{length}");
         let data = pattern(length, (length % 251) as u8);
